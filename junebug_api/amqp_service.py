@@ -1,0 +1,331 @@
+"""The AMQP connection: reconnection, topology, confirmed publishing, consuming.
+
+:class:`AmqpService` keeps one connection to RabbitMQ open (Twisted's
+``ClientService`` reconnects with capped backoff), declares the vumi
+exchange and the connector's queues on every connect, publishes on a channel
+in confirm mode and consumes on another, with prefetch.
+
+``publish`` answers with a Deferred that fires once the broker confirmed the
+message (``basic.ack``), and fails with :class:`PublishFailed` on a nack, an
+unroutable message (``mandatory`` + ``basic.return``) or a lost connection.
+Consumers get each message as bytes with an :class:`Acker` to call when its
+work is done; an acker of a connection that died does nothing, since the
+broker has already put that message back on its queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.python.failure import Failure
+from txamqp.content import Content
+
+from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
+from .config import AmqpConfig
+from .log import logger
+
+log = logger(__name__)
+
+EXCHANGE = "vumi"
+PUBLISH_CHANNEL = 1
+CONSUME_CHANNEL = 2
+MAX_RECONNECT_DELAY = 30.0
+
+
+class PublishFailed(Exception):
+    """The broker did not take a message: down, nacked or unroutable."""
+
+
+@attrs.define(eq=False)
+class Acker:
+    """Acknowledges one delivery on the channel it came from."""
+
+    _connection: _Connection
+    _channel: Any
+    delivery_tag: int
+    redelivered: bool
+
+    def ack(self) -> None:
+        """Tell the broker this message is done (no-op if the channel is gone)."""
+        if self._connection.alive and not self._channel.closed:
+            self._channel.basic_ack(delivery_tag=self.delivery_tag, multiple=False)
+
+    def reject(self) -> None:
+        """Give the message back to its queue now (no-op if the channel is gone)."""
+        if self._connection.alive and not self._channel.closed:
+            self._channel.basic_reject(delivery_tag=self.delivery_tag, requeue=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._connection.alive and not self._channel.closed
+
+
+Consumer = Callable[[bytes, Acker], None]
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """One open AMQP connection and the state tied to its life."""
+
+    client: JunebugAMQPClient
+    publish_channel: Any
+    consume_channel: Any
+    opened_at: float
+    alive: bool = True
+    next_tag: int = 1
+    pending: OrderedDict[int, Deferred] = attrs.field(factory=OrderedDict)
+    returned: dict[str, int] = attrs.field(factory=dict)
+    failed_tags: dict[int, str] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class AmqpService(Service):
+    """Keeps the broker connection, publishes with confirms, runs consumers.
+
+    ``queues`` are declared (durable, bound to the vumi exchange by their own
+    name) on every connect; ``consumers`` maps a queue name to the callable
+    that gets its messages.
+    """
+
+    settings: AmqpConfig
+    queues: list[str]
+    consumers: dict[str, Consumer]
+    prefetch: int
+    _reactor: Any
+    heartbeat: int = 30
+    connection_name: str = "junebug-api"
+    _client_service: ClientService | None = attrs.field(default=None, init=False)
+    _connection: _Connection | None = attrs.field(default=None, init=False)
+    _last_error: str | None = attrs.field(default=None, init=False)
+    _stopping: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.name = "amqp"
+
+    # -- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        endpoint = HostnameEndpoint(
+            self._reactor, self.settings.hostname, self.settings.port, timeout=10
+        )
+        factory = JunebugAMQPFactory(self.settings.vhost, self.heartbeat, self._reactor)
+        self._client_service = ClientService(
+            endpoint,
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=MAX_RECONNECT_DELAY),
+            clock=self._reactor,
+            prepareConnection=self._prepare,
+        )
+        self._client_service.startService()
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        connection = self._connection
+        if connection is not None and connection.alive:
+            try:
+                await connection.client.close(within=2)
+            except Exception:  # the connection may already be gone
+                pass
+        if self._client_service is not None:
+            await self._client_service.stopService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def stop_consuming(self) -> None:
+        """Cancel every consumer, so no new message arrives (for shutdown)."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            return
+        for queue in self.consumers:
+            try:
+                await connection.consume_channel.basic_cancel(consumer_tag=queue)
+            except Exception as e:
+                log.warn("Could not cancel consumer {queue}: {error}", queue=queue, error=e)
+
+    # -- connecting -------------------------------------------------------
+
+    def _prepare(self, client: JunebugAMQPClient) -> Deferred:
+        return Deferred.fromCoroutine(self._setup(client)).addErrback(self._setup_failed, client)
+
+    def _setup_failed(self, failure: Failure, client: JunebugAMQPClient) -> Failure:
+        self._last_error = failure.getErrorMessage() or failure.type.__name__
+        log.error(
+            "Could not set up the AMQP connection to {host}:{port}: {error}",
+            host=self.settings.hostname,
+            port=self.settings.port,
+            error=self._last_error,
+        )
+        return failure
+
+    async def _setup(self, client: JunebugAMQPClient) -> None:
+        client = client.unwrapped()
+        await client.login(self.settings.username, self.settings.password)
+        publish_channel = await client.channel(PUBLISH_CHANNEL)
+        await publish_channel.channel_open()
+        await publish_channel.confirm_select()
+        consume_channel = await client.channel(CONSUME_CHANNEL)
+        await consume_channel.channel_open()
+        # global: the prefetch is shared by all consumers on this channel, so it
+        # caps the messages in work at once.
+        await consume_channel.basic_qos(prefetch_count=self.prefetch, global_=True)
+        await publish_channel.exchange_declare(exchange=EXCHANGE, type="direct", durable=True)
+        for queue in self.queues:
+            await publish_channel.queue_declare(queue=queue, durable=True)
+            await publish_channel.queue_bind(queue=queue, exchange=EXCHANGE, routing_key=queue)
+        connection = _Connection(client, publish_channel, consume_channel, opened_at=time.time())
+        client.on_confirm = lambda ch, tag, multiple, ok: self._confirmed(
+            connection, tag, multiple, ok
+        )
+        client.on_return = lambda ch, msg: self._returned(connection, msg)
+        client.on_lost = lambda reason: self._lost(connection, reason)
+        client.on_deliver = lambda ch, msg: self._deliver(connection, ch, msg)
+        self._connection = connection
+        for queue in self.consumers:
+            await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
+        self._last_error = None
+        log.info(
+            "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
+            host=self.settings.hostname,
+            port=self.settings.port,
+            vhost=self.settings.vhost,
+            queues=sorted(self.consumers),
+        )
+
+    def _lost(self, connection: _Connection, reason: Failure) -> None:
+        connection.alive = False
+        if self._connection is connection:
+            self._connection = None
+        pending = list(connection.pending.values())
+        connection.pending.clear()
+        for d in pending:
+            if not d.called:
+                d.errback(PublishFailed("AMQP connection lost before the broker confirmed"))
+        if not self._stopping:
+            self._last_error = reason.getErrorMessage()
+            log.warn("AMQP connection lost ({reason}); reconnecting", reason=self._last_error)
+
+    # -- publishing -------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.alive
+
+    def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None = None,
+        headers: dict[str, str | int] | None = None,
+    ) -> Deferred[None]:
+        """Publish ``body`` persistently to the vumi exchange; fires on confirm."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            return fail(PublishFailed("not connected to AMQP"))
+        properties: dict[str, Any] = {
+            "content-type": "application/json",
+            "delivery-mode": 2,
+        }
+        if message_id is not None:
+            properties["message-id"] = message_id
+        if headers:
+            properties["headers"] = headers
+        tag = connection.next_tag
+        connection.next_tag += 1
+        confirmed: Deferred[None] = Deferred()
+        connection.pending[tag] = confirmed
+        if message_id is not None:
+            connection.returned[message_id] = tag
+        connection.publish_channel.basic_publish(
+            exchange=EXCHANGE,
+            routing_key=routing_key,
+            mandatory=True,
+            content=Content(body, properties=properties),
+        )
+        if message_id is not None:
+            confirmed.addBoth(self._forget_id, connection, message_id, tag)
+        return confirmed
+
+    @staticmethod
+    def _forget_id(result: Any, connection: _Connection, message_id: str, tag: int) -> Any:
+        if connection.returned.get(message_id) == tag:
+            del connection.returned[message_id]
+        return result
+
+    def _returned(self, connection: _Connection, message: Any) -> None:
+        message_id = message.content.properties.get("message-id")
+        tag = connection.returned.get(message_id)
+        reason = f"{message.reply_code} {message.reply_text}"
+        if tag is None:
+            log.error(
+                "The broker returned message {message_id} to {routing_key}: {reason}",
+                message_id=message_id,
+                routing_key=message.routing_key,
+                reason=reason,
+            )
+            return
+        connection.failed_tags[tag] = f"unroutable ({reason})"
+
+    def _confirmed(self, connection: _Connection, tag: int, multiple: bool, ok: bool) -> None:
+        pending = connection.pending
+        if multiple:
+            done = []
+            while pending:
+                first = next(iter(pending))
+                if first > tag:
+                    break
+                done.append(pending.popitem(last=False))
+        else:
+            d = pending.pop(tag, None)
+            done = [] if d is None else [(tag, d)]
+        for done_tag, d in done:
+            failure = connection.failed_tags.pop(done_tag, None)
+            if d.called:
+                continue  # cancelled: the API client went away
+            if not ok:
+                d.errback(PublishFailed("the broker refused the message (basic.nack)"))
+            elif failure is not None:
+                d.errback(PublishFailed(failure))
+            else:
+                d.callback(None)
+
+    # -- consuming --------------------------------------------------------
+
+    def _deliver(self, connection: _Connection, channel: Any, message: Any) -> None:
+        consumer = self.consumers.get(message.consumer_tag)
+        acker = Acker(connection, channel, message.delivery_tag, message.redelivered)
+        if consumer is None:
+            acker.reject()
+            return
+        consumer(body_bytes(message), acker)
+
+    # -- health -----------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """The ``amqp`` component of ``/health``: state, broker, last error."""
+        connection = self._connection
+        status: dict[str, Any] = {
+            "health": "ok" if self.connected else "down",
+            "state": "open" if self.connected else "closed",
+            "host": f"{self.settings.hostname}:{self.settings.port}",
+            "vhost": self.settings.vhost,
+        }
+        if connection is not None and connection.alive:
+            status["connected_since"] = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.gmtime(connection.opened_at)
+            )
+            status["unconfirmed_publishes"] = len(connection.pending)
+        elif self._last_error:
+            status["error"] = self._last_error
+        return status

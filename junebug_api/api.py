@@ -1,0 +1,110 @@
+"""The HTTP API (Klein): ``POST <base_url_path>/messages`` and ``GET /health``.
+
+Routes, the request timeout and turning every error into Junebug's envelope
+live here; what a message becomes is :mod:`junebug_api.outbound`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+
+from .junebug_formats import (
+    ApiError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimedOut,
+    envelope,
+    error_envelope,
+)
+from .log import logger
+from .outbound import OutboundSender
+
+log = logger(__name__)
+
+HealthCheck = Callable[[], dict[str, Any]]
+
+
+class JunebugApi:
+    """The Klein app of one service instance."""
+
+    def __init__(
+        self,
+        sender: OutboundSender,
+        health: HealthCheck,
+        messages_path: str,
+        request_timeout: float,
+        clock: Any,
+    ) -> None:
+        self._sender = sender
+        self._health = health
+        self._timeout = request_timeout
+        self._clock = clock
+        self.app = Klein()
+        for path in (messages_path, messages_path + "/"):
+            self.app.route(path, methods=["POST"], strict_slashes=False)(self.post_message)
+        self.app.route("/health", methods=["GET"])(self.get_health)
+        self.app.handle_errors(WerkzeugNotFound)(self._not_found)
+        self.app.handle_errors(WerkzeugMethodNotAllowed)(self._not_allowed)
+
+    def resource(self) -> Any:
+        """The twisted.web resource that serves this API."""
+        return self.app.resource()
+
+    def post_message(self, request: IRequest) -> Deferred[bytes]:
+        body = request.content.read()
+        d = Deferred.fromCoroutine(self._sender.send(body))
+        d.addTimeout(self._timeout, self._clock)
+        d.addCallbacks(
+            lambda result: _answer(
+                request,
+                HTTPStatus.CREATED,
+                envelope(HTTPStatus.CREATED, "message submitted", result),
+            ),
+            lambda failure: self._error(request, failure),
+        )
+        return d
+
+    def _error(self, request: IRequest, failure: Any) -> bytes:
+        if failure.check(ApiError):
+            error = failure.value
+        elif failure.check(TimeoutError):
+            error = RequestTimedOut(f"request not handled within {self._timeout:g} s")
+            log.error("Outbound request timed out after {timeout} s", timeout=self._timeout)
+        elif failure.check(CancelledError):
+            return failure  # the client went away; nothing to answer
+        else:
+            log.failure("Unexpected error handling an outbound request", failure)
+            error = ApiError("internal error")
+            error.status = HTTPStatus.INTERNAL_SERVER_ERROR
+            error.description = "internal server error"
+        return _answer(request, error.status, error_envelope(error))
+
+    def get_health(self, request: IRequest) -> bytes:
+        health = self._health()
+        status = HTTPStatus.OK if health["health"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
+        return _answer(request, status, json.dumps(health).encode("utf-8"))
+
+    def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
+        return _answer(request, error.status, error_envelope(error))
+
+    def _not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        error = MethodNotAllowed(
+            f"method {request.method.decode('ascii', 'replace')} is not allowed here"
+        )
+        return _answer(request, error.status, error_envelope(error))
+
+
+def _answer(request: IRequest, status: HTTPStatus, body: bytes) -> bytes:
+    request.setResponseCode(status.value)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    return body

@@ -1,0 +1,187 @@
+"""Working off consumed messages: retry with backoff, dead-letter, then ack.
+
+A :class:`MessageWorker` runs its handler for each message of one queue. A
+message is acked only when the handler succeeded, or once the message sits on
+the queue's ``.failed`` dead-letter queue (published with a confirm): after
+the last attempt, on a permanent failure, or for a body that is no vumi
+message. While a message waits for its next attempt it keeps its prefetch
+slot, and others flow through the rest; if the process dies, the broker puts
+it back on the queue.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from .amqp_service import Acker, PublishFailed
+from .log import logger
+from .vumi_messages import generate_message_id, utc_timestamp
+
+log = logger(__name__)
+
+
+class HandlingFailed(Exception):
+    """A message could not be handled; ``retryable`` says if another try may help."""
+
+    def __init__(self, reason: str, *, retryable: bool, message_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.message_id = message_id
+
+
+Handler = Callable[[bytes], Awaitable[None]]
+Publish = Callable[..., Deferred]
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Exponential backoff with jitter, capped, for a bounded number of attempts."""
+
+    delay: float = 1.0
+    max_delay: float = 60.0
+    max_attempts: int = 10
+
+    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (from 1).
+
+        The ceiling doubles per attempt up to ``max_delay``; the wait is
+        between half the ceiling and the ceiling, so workers do not retry in
+        lockstep.
+        """
+        ceiling = min(self.max_delay, self.delay * 2 ** (attempt - 1))
+        return ceiling / 2 + rand() * ceiling / 2
+
+
+def _header_text(text: str, limit: int = 1000) -> str:
+    # txAMQP writes header strings with their character count as length: keep
+    # them ASCII so the frame stays intact.
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
+
+
+@attrs.define(eq=False)
+class MessageWorker:
+    """Handles the messages of ``queue``; parks failures on ``queue.failed``."""
+
+    queue: str
+    handler: Handler
+    publish: Publish
+    policy: RetryPolicy
+    _clock: Any
+    _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+
+    @property
+    def failed_queue(self) -> str:
+        return f"{self.queue}.failed"
+
+    def __call__(self, body: bytes, acker: Acker) -> None:
+        """Take one delivery (the AMQP consumer callback)."""
+        d = Deferred.fromCoroutine(self._process(body, acker))
+        self._in_flight.add(d)
+        d.addBoth(self._done, d)
+
+    def _done(self, result: Any, d: Deferred) -> None:
+        self._in_flight.discard(d)
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            log.failure("Unexpected error handling a {queue} message", result, queue=self.queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _process(self, body: bytes, acker: Acker) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.handler(body)
+            except HandlingFailed as e:
+                failure = e
+            except CancelledError:
+                raise
+            except Exception as e:
+                failure = HandlingFailed(f"{type(e).__name__}: {e}", retryable=True)
+            else:
+                acker.ack()
+                return
+            if not acker.alive:
+                return  # the broker has requeued it with its dead connection
+            if failure.retryable and attempt < self.policy.max_attempts:
+                delay = self.policy.backoff(attempt)
+                log.warn(
+                    "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
+                    " retrying in {delay:.1f} s",
+                    attempt=attempt,
+                    queue=self.queue,
+                    message_id=failure.message_id,
+                    reason=failure.reason,
+                    delay=delay,
+                )
+                await deferLater(self._clock, delay)
+                continue
+            await self._dead_letter(body, acker, failure, attempt)
+            return
+
+    async def _dead_letter(
+        self, body: bytes, acker: Acker, failure: HandlingFailed, attempts: int
+    ) -> None:
+        headers = {
+            "x-junebug-reason": _header_text(failure.reason),
+            "x-junebug-attempts": attempts,
+            "x-junebug-failed-at": utc_timestamp(),
+            "x-junebug-source-queue": self.queue,
+        }
+        message_id = failure.message_id or generate_message_id()
+        try:
+            await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
+        except PublishFailed as e:
+            log.error(
+                "Could not dead-letter {queue} message {message_id} ({error});"
+                " it goes back to its queue",
+                queue=self.queue,
+                message_id=failure.message_id,
+                error=e,
+            )
+            acker.reject()
+            return
+        acker.ack()
+        log.error(
+            "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
+            " {attempts} attempt(s): {reason}",
+            queue=self.queue,
+            message_id=failure.message_id,
+            failed_queue=self.failed_queue,
+            attempts=attempts,
+            reason=failure.reason,
+        )
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for messages in work; cancel the rest.
+
+        Cancelled messages stay unacked, so the broker requeues them when the
+        connection closes. Returns how many were cancelled.
+        """
+        pending = list(self._in_flight)
+        if not pending:
+            return 0
+        waiting = DeferredList(pending, consumeErrors=True)
+        timer = self._clock.callLater(timeout, waiting.cancel) if timeout > 0 else None
+        if timer is None:
+            waiting.cancel()
+        try:
+            await waiting
+        except CancelledError:
+            pass
+        if timer is not None and timer.active():
+            timer.cancel()
+        left = list(self._in_flight)
+        for d in left:
+            d.cancel()
+        return len(left)

@@ -1,0 +1,65 @@
+"""Events: from ``<connector>.event`` to the event URL of their message.
+
+The URL is the one stored when the outbound message was sent, else
+``default_event_url``; an event with neither is logged and dropped, as the
+spec says.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .consumer import HandlingFailed
+from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
+from .junebug_formats import junebug_event, to_json
+from .log import logger
+from .state_cache import EventInfo, StateCache
+from .vumi_messages import InvalidMessage, parse_event
+
+log = logger(__name__)
+
+
+@attrs.define(eq=False)
+class EventHandler:
+    """Finds where an event goes and POSTs it there as Junebug JSON."""
+
+    cache: StateCache
+    delivery: HttpDelivery
+    channel_id: str
+    default_url: str | None
+    default_auth_token: str | None = attrs.field(repr=False)
+    timeout: float
+
+    async def __call__(self, body: bytes) -> None:
+        try:
+            event = parse_event(body)
+        except InvalidMessage as e:
+            raise HandlingFailed(f"invalid event: {e}", retryable=False) from None
+        message_id = event["user_message_id"]
+        try:
+            info = await self.cache.fetch_event_info(message_id)
+        except Exception as e:
+            raise HandlingFailed(
+                f"state cache unavailable: {e}", retryable=True, message_id=message_id
+            ) from None
+        if info is None:
+            if self.default_url is None:
+                log.warn(
+                    "No event URL for {event_type} event {event_id} of message {message_id};"
+                    " dropped",
+                    event_type=event["event_type"],
+                    event_id=event.get("event_id"),
+                    message_id=message_id,
+                )
+                return
+            info = EventInfo(self.default_url, self.default_auth_token)
+        payload = to_json(junebug_event(event, self.channel_id))
+        try:
+            await self.delivery.post_json(info.url, payload, info.auth_token, self.timeout)
+        except DeliveryFailed as e:
+            raise HandlingFailed(
+                f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
+                retryable=e.retryable,
+                message_id=message_id,
+            ) from None
+        log.debug("Delivered event for message {message_id}", message_id=message_id)

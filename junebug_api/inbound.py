@@ -1,0 +1,51 @@
+"""Inbound messages: from ``<connector>.inbound`` to ``mo_message_url``.
+
+Each message is cached for replies, then POSTed to RapidPro as Junebug JSON.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .consumer import HandlingFailed
+from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
+from .junebug_formats import junebug_message, to_json
+from .log import logger
+from .state_cache import StateCache
+from .vumi_messages import InvalidMessage, parse_user_message
+
+log = logger(__name__)
+
+
+@attrs.define(eq=False)
+class InboundHandler:
+    """Caches an inbound message and POSTs it to ``mo_message_url``."""
+
+    cache: StateCache
+    delivery: HttpDelivery
+    url: str
+    auth_token: str | None = attrs.field(repr=False)
+    timeout: float
+
+    async def __call__(self, body: bytes) -> None:
+        try:
+            message = parse_user_message(body)
+        except InvalidMessage as e:
+            raise HandlingFailed(f"invalid inbound message: {e}", retryable=False) from None
+        message_id = message["message_id"]
+        try:
+            await self.cache.store_inbound(message)
+        except Exception as e:
+            raise HandlingFailed(
+                f"state cache unavailable: {e}", retryable=True, message_id=message_id
+            ) from None
+        payload = to_json(junebug_message(message, message["transport_name"]))
+        try:
+            await self.delivery.post_json(self.url, payload, self.auth_token, self.timeout)
+        except DeliveryFailed as e:
+            raise HandlingFailed(
+                f"POST to {safe_url(self.url)} failed: {e.reason}",
+                retryable=e.retryable,
+                message_id=message_id,
+            ) from None
+        log.debug("Delivered inbound message {message_id}", message_id=message_id)

@@ -1,0 +1,231 @@
+"""The Junebug side of the wire: request schema, errors, message translation.
+
+Turns a validated outbound request into a vumi message, vumi inbound messages
+and events into the JSON RapidPro expects, and API errors into Junebug's
+response envelope. Knows nothing of AMQP, HTTP servers or cache storage.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+import jsonschema
+
+from . import vumi_messages
+from .vumi_messages import VumiMessage
+
+_OPTIONAL_STRING = {"type": ["string", "null"]}
+
+OUTBOUND_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "to": _OPTIONAL_STRING,
+        "from": _OPTIONAL_STRING,
+        "group": _OPTIONAL_STRING,
+        "reply_to": _OPTIONAL_STRING,
+        "content": _OPTIONAL_STRING,
+        "event_url": _OPTIONAL_STRING,
+        "event_auth_token": _OPTIONAL_STRING,
+        "priority": {"type": ["integer", "string", "null"]},
+        "channel_data": {"type": ["object", "null"]},
+    },
+    "required": ["content"],
+    "additionalProperties": False,
+}
+
+_validator = jsonschema.Draft7Validator(OUTBOUND_SCHEMA)
+
+EVENT_TYPE_NAMES = {"ack": "submitted", "nack": "rejected"}
+DELIVERY_STATUS_NAMES = {
+    "pending": "delivery_pending",
+    "failed": "delivery_failed",
+    "delivered": "delivery_succeeded",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the API client in the Junebug envelope."""
+
+    status = HTTPStatus.BAD_REQUEST
+    description = "api usage error"
+    error_type = "ApiUsageError"
+
+    def __init__(self, message: str, errors: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [{"type": self.error_type, "message": message}]
+
+
+class JsonDecodeError(ApiError):
+    description = "json decode error"
+    error_type = "JsonDecodeError"
+
+
+class ApiUsageError(ApiError):
+    pass
+
+
+class MessageNotFound(ApiError):
+    description = "message not found"
+    error_type = "MessageNotFound"
+
+
+class ServiceUnavailable(ApiError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    description = "service unavailable"
+    error_type = "ServiceUnavailable"
+
+
+class RequestTimedOut(ApiError):
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    description = "request timed out"
+    error_type = "RequestTimeout"
+
+
+class NotFound(ApiError):
+    status = HTTPStatus.NOT_FOUND
+    description = "not found"
+    error_type = "NotFound"
+
+
+class MethodNotAllowed(ApiError):
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+    description = "method not allowed"
+    error_type = "MethodNotAllowed"
+
+
+def envelope(status: HTTPStatus, description: str, result: Any) -> bytes:
+    """Junebug's response envelope, as bytes."""
+    return json.dumps(
+        {
+            "status": status.value,
+            "code": status.phrase,
+            "description": description,
+            "result": result,
+        },
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def error_envelope(error: ApiError) -> bytes:
+    """The envelope for an API error."""
+    return envelope(error.status, error.description, {"errors": error.errors})
+
+
+def parse_outbound_request(body: bytes) -> dict[str, Any]:
+    """The JSON body of ``POST .../messages``, checked against the schema.
+
+    Raises JsonDecodeError for anything that is not JSON, and ApiUsageError
+    listing every schema error otherwise.
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise JsonDecodeError(str(e)) from None
+    errors = sorted(_validator.iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        raise ApiUsageError(
+            errors[0].message,
+            [
+                {
+                    "type": "invalid_body",
+                    "message": e.message,
+                    "schema_path": list(e.schema_path),
+                }
+                for e in errors
+            ],
+        )
+    if data.get("to") is None and data.get("reply_to") is None:
+        raise ApiUsageError('Either "to" or "reply_to" must be specified')
+    return data
+
+
+def _channel_fields(request: dict) -> tuple[dict, str | None, bool | None]:
+    """helper_metadata, session_event and continue_session from channel_data."""
+    helper_metadata = dict(request.get("channel_data") or {})
+    session_event = helper_metadata.pop("session_event", None)
+    continue_session = helper_metadata.pop("continue_session", None)
+    return helper_metadata, session_event, continue_session
+
+
+def outbound_message(
+    request: dict,
+    *,
+    connector_name: str,
+    transport_type: str,
+    default_from_addr: str | None,
+) -> VumiMessage:
+    """The vumi message for a request that is not a reply."""
+    from_addr = request.get("from")
+    if from_addr is None:
+        from_addr = default_from_addr
+    if from_addr is None:
+        raise ApiUsageError('"from" must be specified when not replying')
+    helper_metadata, session_event, _ = _channel_fields(request)
+    return vumi_messages.user_message(
+        to_addr=request["to"],
+        from_addr=from_addr,
+        transport_name=connector_name,
+        transport_type=transport_type,
+        content=request.get("content"),
+        helper_metadata=helper_metadata,
+        session_event=session_event,
+        group=request.get("group"),
+    )
+
+
+def reply_message(request: dict, inbound: VumiMessage) -> VumiMessage:
+    """The vumi reply for a request whose ``reply_to`` is ``inbound``."""
+    helper_metadata, session_event, continue_session = _channel_fields(request)
+    if session_event is None:
+        session_event = "close" if continue_session is False else "resume"
+    return vumi_messages.reply_to(
+        inbound,
+        content=request.get("content"),
+        session_event=session_event,
+        helper_metadata=helper_metadata,
+    )
+
+
+def junebug_message(message: VumiMessage, channel_id: str) -> dict[str, Any]:
+    """A vumi user message as Junebug JSON (inbound POSTs and 201 answers)."""
+    channel_data = dict(message.get("helper_metadata") or {})
+    if message.get("session_event") is not None:
+        channel_data["session_event"] = message["session_event"]
+    return {
+        "to": message.get("to_addr"),
+        "from": message.get("from_addr"),
+        "group": message.get("group"),
+        "message_id": message["message_id"],
+        "channel_id": channel_id,
+        "timestamp": message["timestamp"],
+        "reply_to": message.get("in_reply_to"),
+        "content": message.get("content"),
+        "channel_data": channel_data,
+    }
+
+
+def junebug_event(event: VumiMessage, channel_id: str) -> dict[str, Any]:
+    """A vumi event as Junebug JSON for the event URL."""
+    event_type = event["event_type"]
+    details: dict[str, Any] = {}
+    if event_type == "delivery_report":
+        name = DELIVERY_STATUS_NAMES[event["delivery_status"]]
+    else:
+        name = EVENT_TYPE_NAMES[event_type]
+        if event_type == "nack":
+            details = {"reason": event.get("nack_reason")}
+    return {
+        "event_type": name,
+        "message_id": event["user_message_id"],
+        "channel_id": channel_id,
+        "timestamp": event["timestamp"],
+        "event_details": details,
+    }
+
+
+def to_json(data: Any) -> bytes:
+    """Compact UTF-8 JSON for an HTTP body."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

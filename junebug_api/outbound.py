@@ -1,0 +1,101 @@
+"""Outbound messages: from a validated API request to ``<connector>.outbound``.
+
+Builds the vumi message (a reply when ``reply_to`` names a cached inbound),
+stores where its events go, and publishes it; the API answers 201 only once
+the broker confirmed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+
+from .amqp_service import PublishFailed
+from .junebug_formats import (
+    ApiUsageError,
+    MessageNotFound,
+    ServiceUnavailable,
+    junebug_message,
+    outbound_message,
+    parse_outbound_request,
+    reply_message,
+)
+from .log import logger
+from .state_cache import EventInfo, StateCache
+from .vumi_messages import VumiMessage, serialise
+
+log = logger(__name__)
+
+
+@attrs.define(eq=False)
+class OutboundSender:
+    """Turns ``POST .../messages`` bodies into published vumi messages."""
+
+    connector_name: str
+    transport_type: str
+    default_from_addr: str | None
+    allow_expired_replies: bool
+    cache: StateCache
+    publish: Callable[..., Deferred]
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.connector_name}.outbound"
+
+    async def send(self, body: bytes) -> dict[str, Any]:
+        """Publish the message a request body describes; its Junebug JSON."""
+        request = parse_outbound_request(body)
+        event_url = request.get("event_url")
+        if event_url is not None:
+            parts = urlsplit(event_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ApiUsageError('"event_url" must be an http:// or https:// URL')
+        message = await self._build(request)
+        message_id = message["message_id"]
+        if event_url is not None:
+            info = EventInfo(event_url, request.get("event_auth_token"))
+            await self._cache_call(self.cache.store_event_info(message_id, info))
+        try:
+            await self.publish(self.routing_key, serialise(message), message_id=message_id)
+        except PublishFailed as e:
+            log.error(
+                "Outbound message {message_id} not sent: {error}",
+                message_id=message_id,
+                error=e,
+            )
+            if event_url is not None:
+                try:
+                    await self.cache.delete_event_info(message_id)
+                except Exception:
+                    pass  # an orphaned entry only expires; it sends nothing
+            raise ServiceUnavailable(f"message not sent: {e}") from None
+        log.debug("Sent outbound message {message_id}", message_id=message_id)
+        return junebug_message(message, self.connector_name)
+
+    async def _build(self, request: dict) -> VumiMessage:
+        reply_to = request.get("reply_to")
+        if reply_to is not None:
+            inbound = await self._cache_call(self.cache.fetch_inbound(reply_to))
+            if inbound is not None:
+                return reply_message(request, inbound)
+            if request.get("to") is None or not self.allow_expired_replies:
+                raise MessageNotFound(f"Inbound message with id {reply_to} not found")
+        return outbound_message(
+            request,
+            connector_name=self.connector_name,
+            transport_type=self.transport_type,
+            default_from_addr=self.default_from_addr,
+        )
+
+    async def _cache_call(self, d: Deferred) -> Any:
+        try:
+            return await d
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.error("State cache unavailable: {error}", error=e)
+            raise ServiceUnavailable("state cache unavailable") from None

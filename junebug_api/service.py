@@ -1,0 +1,159 @@
+"""Builds the service tree from a config, and stops it in a safe order.
+
+``JunebugService`` holds: the AMQP service (connection, publisher,
+consumers), the HTTP endpoint service serving the Klein API, and the state
+cache. On stop (SIGTERM) it stops listening, stops consuming, lets messages
+in work finish for up to ``shutdown_timeout`` and only then closes the
+AMQP connection; anything unfinished stays unacked and goes back to its queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.web.server import Site
+
+from .amqp_service import AmqpService
+from .api import JunebugApi
+from .config import JunebugConfig, describe
+from .consumer import MessageWorker, RetryPolicy
+from .events import EventHandler
+from .http_delivery import HttpDelivery
+from .inbound import InboundHandler
+from .log import debug_enabled, logger, set_log_level
+from .outbound import OutboundSender
+from .state_cache import StateCache, make_state_cache
+
+log = logger(__name__)
+
+
+def queue_names(connector_name: str) -> dict[str, str]:
+    """The connector's queues, by role."""
+    return {
+        "outbound": f"{connector_name}.outbound",
+        "inbound": f"{connector_name}.inbound",
+        "event": f"{connector_name}.event",
+        "inbound_failed": f"{connector_name}.inbound.failed",
+        "event_failed": f"{connector_name}.event.failed",
+    }
+
+
+class _QuietSite(Site):
+    """A Site that writes access log lines only when debugging."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        if debug_enabled():
+            super().log(request)
+
+
+class JunebugService(MultiService):
+    """The whole service: API, AMQP, workers and state cache."""
+
+    def __init__(self, config: JunebugConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.cache: StateCache = make_state_cache(
+            config.state_cache_class,
+            config.state_cache_config,
+            clock=reactor,
+            connector_name=config.connector_name,
+        )
+        queues = queue_names(config.connector_name)
+        delivery = HttpDelivery.create(reactor, config.worker_concurrency)
+        policy = RetryPolicy(
+            config.delivery_retry_delay,
+            config.delivery_retry_max_delay,
+            config.delivery_max_attempts,
+        )
+        self.amqp = AmqpService(
+            config.amqp_settings,
+            queues=list(queues.values()),
+            consumers={},
+            prefetch=config.worker_concurrency,
+            reactor=reactor,
+            heartbeat=config.amqp_heartbeat,
+            connection_name=f"junebug-api {config.connector_name}",
+        )
+        inbound = InboundHandler(
+            self.cache,
+            delivery,
+            config.mo_message_url,
+            config.mo_message_url_auth_token,
+            config.mo_message_url_timeout,
+        )
+        events = EventHandler(
+            self.cache,
+            delivery,
+            config.connector_name,
+            config.default_event_url,
+            config.default_event_auth_token,
+            config.event_url_timeout,
+        )
+        self.workers = [
+            MessageWorker(queues["inbound"], inbound, self.amqp.publish, policy, reactor),
+            MessageWorker(queues["event"], events, self.amqp.publish, policy, reactor),
+        ]
+        self.amqp.consumers.update({w.queue: w for w in self.workers})
+        self.amqp.setServiceParent(self)
+
+        sender = OutboundSender(
+            config.connector_name,
+            config.transport_type,
+            config.default_from_addr,
+            config.allow_expired_replies,
+            self.cache,
+            self.amqp.publish,
+        )
+        api = JunebugApi(sender, self.health, config.messages_path, config.request_timeout, reactor)
+        site = _QuietSite(api.resource())
+        self.http = StreamServerEndpointService(
+            serverFromString(reactor, config.http_endpoint), site
+        )
+        self.http._raiseSynchronously = True
+        self.http.setServiceParent(self)
+
+    def startService(self) -> None:
+        set_log_level(self.config.log_level)
+        log.info("Starting junebug-api with config {config}", config=describe(self.config))
+        if self.config.middlewares:
+            log.warn("middlewares are not supported by junebug-api and are ignored")
+        super().startService()
+        log.info(
+            "Listening on {endpoint}; outbound messages at {path}",
+            endpoint=self.config.http_endpoint,
+            path=self.config.messages_path,
+        )
+
+    def health(self) -> dict[str, Any]:
+        """``/health``: ok only when every component is."""
+        components = {"amqp": self.amqp.health(), **self.cache.health()}
+        healthy = all(c.get("health") == "ok" for c in components.values())
+        return {"health": "ok" if healthy else "down", "components": components}
+
+    async def _stop(self) -> None:
+        await self.http.stopService()
+        await self.amqp.stop_consuming()
+        timeout = self.config.shutdown_timeout
+        cancelled = 0
+        for worker in self.workers:
+            cancelled += await worker.drain(timeout)
+        if cancelled:
+            log.warn(
+                "{count} message(s) still in work after {timeout} s go back to their queues",
+                count=cancelled,
+                timeout=timeout,
+            )
+        await self.amqp.stopService()
+        await self.cache.close()
+        self.running = 0
+        log.info("junebug-api stopped")
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,49 @@
+"""twistd's entry: ``Options`` and ``makeService`` for ``twistd junebug-api``.
+
+Every config option is also a command-line option (``--connector-name``,
+``--amqp-hostname``, ...). A config problem ends the process with one line
+on stderr and exit status 1, before anything starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from .config import ConfigError, JunebugConfig, load_config, option_names
+
+
+class Options(usage.Options):
+    """``twistd junebug-api`` options: ``--config`` plus one per config option."""
+
+    synopsis = "[--config FILE] [--OPTION VALUE ...]"
+    optParameters = [
+        ["config", "c", None, "YAML config file (default: $VUMI_CONFIG_FILE)."],
+        *[
+            [name.replace("_", "-"), None, None, f"Sets {dotted} (overrides file and env)."]
+            for dotted, name in option_names()
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        cli = {name: self[name.replace("_", "-")] for _, name in option_names()}
+        try:
+            self.config: JunebugConfig = load_config(self["config"], cli=cli)
+            from .state_cache import load_state_cache_class
+
+            cls = load_state_cache_class(self.config.state_cache_class)
+            cls.check_config(self.config.state_cache_config)
+        except ConfigError as e:
+            sys.stderr.write(f"junebug-api: config error: {e}\n")
+            raise SystemExit(1) from None
+
+
+def makeService(options: Options) -> Any:
+    """The service tree for the loaded config."""
+    from twisted.internet import reactor
+
+    from .service import JunebugService
+
+    return JunebugService(options.config, reactor)

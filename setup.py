@@ -1,0 +1,5 @@
+"""Packaging for junebug-api; the metadata lives in setup.cfg."""
+
+from setuptools import setup
+
+setup()

@@ -1,0 +1,259 @@
+"""Test helpers: the real service process, a RapidPro stand-in, a broker client.
+
+The broker client is pika (an AMQP implementation independent of the one
+under test), used synchronously: every call is short, and the service under
+test runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+import yaml
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+AMQP_PARAMS = pika.ConnectionParameters(
+    "127.0.0.1", 5672, "/", pika.PlainCredentials("guest", "guest")
+)
+UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` while the reactor runs until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.02)
+
+
+class Broker:
+    """A pika connection for publishing to, and reading from, the vumi queues."""
+
+    def __init__(self) -> None:
+        self.connection = pika.BlockingConnection(AMQP_PARAMS)
+        self.channel = self.connection.channel()
+        self.channel.exchange_declare("vumi", "direct", durable=True)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def declare(self, queue: str) -> None:
+        self.channel.queue_declare(queue, durable=True)
+        self.channel.queue_bind(queue, "vumi", routing_key=queue)
+
+    def delete(self, queue: str) -> None:
+        self.channel.queue_delete(queue)
+
+    def publish(self, routing_key: str, body: bytes | str | dict, **properties: Any) -> None:
+        if isinstance(body, dict):
+            body = json.dumps(body, ensure_ascii=False)
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.channel.basic_publish(
+            "vumi",
+            routing_key,
+            body,
+            pika.BasicProperties(
+                delivery_mode=2, content_type="application/json", **properties
+            ),
+        )
+
+    def get(self, queue: str) -> tuple[Any, bytes] | None:
+        method, props, body = self.channel.basic_get(queue, auto_ack=True)
+        return None if method is None else (props, body)
+
+    def count(self, queue: str) -> int:
+        return self.channel.queue_declare(queue, durable=True, passive=True).method.message_count
+
+    async def wait_get(self, queue: str, timeout: float = 10.0) -> tuple[Any, bytes]:
+        return await wait_for(lambda: self.get(queue), timeout, f"a message on {queue}")
+
+    async def wait_json(self, queue: str, timeout: float = 10.0) -> dict:
+        _, body = await self.wait_get(queue, timeout)
+        return json.loads(body)
+
+
+class RapidProSink(Resource):
+    """A stand-in RapidPro: records every POST, answers with scripted statuses."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict] = []
+        self.statuses: list[int] = []
+        self.delay: float = 0.0
+
+    def render_POST(self, request: Any) -> Any:  # noqa: N802
+        body = request.content.read()
+        record = {
+            "path": request.path.decode(),
+            "headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
+            "body": body,
+        }
+        try:
+            record["json"] = json.loads(body)
+        except ValueError:
+            record["json"] = None
+        self.requests.append(record)
+        status = self.statuses.pop(0) if self.statuses else 200
+        request.setResponseCode(status)
+        if self.delay:
+            deferLater(reactor, self.delay, lambda: None).addCallback(
+                lambda _: (request.write(b'{"ok": true}'), request.finish())
+            )
+            return NOT_DONE_YET
+        return b'{"ok": true}'
+
+    def at(self, path: str) -> list[dict]:
+        return [r for r in self.requests if r["path"] == path]
+
+
+def start_sink() -> tuple[RapidProSink, Any, str]:
+    """A RapidProSink listening on a free local port, and its base URL."""
+    sink = RapidProSink()
+    port = reactor.listenTCP(0, Site(sink), interface="127.0.0.1")
+    return sink, port, f"http://127.0.0.1:{port.getHost().port}"
+
+
+class ServiceProcess:
+    """``twistd -n junebug-api`` in a subprocess, started as an operator would."""
+
+    def __init__(self, tmp_path: Path, config: dict, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.config_path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.log_path = tmp_path / f"service-{uuid.uuid4().hex[:6]}.log"
+        self.port = int(str(config["http_bind"]).rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args = extra_args or []
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServiceProcess:
+        env = dict(os.environ, **(self.env or {}))
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "junebug-api",
+             "--config", str(self.config_path), *self.extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        return self
+
+    def wait_healthy(self, timeout: float = 20.0) -> ServiceProcess:
+        """Block until ``/health`` says ok (the reactor is not needed for this)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"service exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"service not healthy after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def inbound_message(connector: str, **fields: Any) -> dict:
+    """A vumi inbound user message as a vumi2 USSD transport publishes it."""
+    message = {
+        "to_addr": "8110",
+        "from_addr": "+27820000001",
+        "transport_name": connector,
+        "transport_type": "ussd",
+        "message_version": "20110921",
+        "message_type": "user_message",
+        "timestamp": "2026-11-26 13:23:18.965428",
+        "routing_metadata": {},
+        "helper_metadata": {"session_id": "abc"},
+        "message_id": uuid.uuid4().hex,
+        "in_reply_to": None,
+        "provider": "x",
+        "session_event": "new",
+        "content": "hello",
+        "transport_metadata": {"aat_ussd": {"provider": "x"}},
+        "group": None,
+        "to_addr_type": None,
+        "from_addr_type": None,
+    }
+    message.update(fields)
+    return message
+
+
+def event_message(user_message_id: str, event_type: str, **fields: Any) -> dict:
+    """A vumi event for an outbound message."""
+    event = {
+        "user_message_id": user_message_id,
+        "event_type": event_type,
+        "message_version": "20110921",
+        "message_type": "event",
+        "timestamp": "2026-11-26 13:23:18.966336",
+        "routing_metadata": {},
+        "helper_metadata": {},
+        "transport_metadata": {},
+        "event_id": uuid.uuid4().hex,
+        "sent_message_id": None,
+        "nack_reason": None,
+        "delivery_status": None,
+    }
+    event.update(fields)
+    return event
+
+
+def as_deferred(coro: Any) -> Deferred:
+    return Deferred.fromCoroutine(coro)
