@@ -300,6 +300,35 @@ class AmqpService(Service):
             else:
                 d.callback(None)
 
+    async def get(self, queue: str) -> tuple[bytes, dict[str, Any], Acker] | None:
+        """One message from ``queue`` (``basic.get``), unacked; None if empty."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            raise PublishFailed("not connected to AMQP")
+        channel = connection.consume_channel
+        reply = await channel.basic_get(queue=queue, no_ack=False)
+        if reply.method.name == "get-empty":
+            return None
+        acker = Acker(connection, channel, reply.delivery_tag, reply.redelivered)
+        return body_bytes(reply), dict(reply.content.properties), acker
+
+    async def count(self, queue: str) -> int:
+        """How many ready messages ``queue`` holds."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            raise PublishFailed("not connected to AMQP")
+        reply = await connection.publish_channel.queue_declare(
+            queue=queue, durable=True, passive=True
+        )
+        return reply.message_count
+
+    def when_connected(self, failures: int | None = None) -> Deferred[None]:
+        """Fires once connected and set up; fails after ``failures`` attempts."""
+        assert self._client_service is not None, "start the service first"
+        return self._client_service.whenConnected(failAfterFailures=failures).addCallback(
+            lambda _: None
+        )
+
     # -- consuming --------------------------------------------------------
 
     def _deliver(self, connection: _Connection, channel: Any, message: Any) -> None:

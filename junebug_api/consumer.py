@@ -76,6 +76,8 @@ class MessageWorker:
     policy: RetryPolicy
     _clock: Any
     _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+    _waiting: set[Deferred] = attrs.field(factory=set, init=False)
+    _stopping: bool = attrs.field(default=False, init=False)
 
     @property
     def failed_queue(self) -> str:
@@ -114,6 +116,8 @@ class MessageWorker:
             if not acker.alive:
                 return  # the broker has requeued it with its dead connection
             if failure.retryable and attempt < self.policy.max_attempts:
+                if self._stopping:
+                    return  # shutting down: unacked, it goes back to its queue
                 delay = self.policy.backoff(attempt)
                 log.warn(
                     "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
@@ -124,7 +128,12 @@ class MessageWorker:
                     reason=failure.reason,
                     delay=delay,
                 )
-                await deferLater(self._clock, delay)
+                wait = deferLater(self._clock, delay)
+                self._waiting.add(wait)
+                try:
+                    await wait
+                finally:
+                    self._waiting.discard(wait)
                 continue
             await self._dead_letter(body, acker, failure, attempt)
             return
@@ -165,12 +174,17 @@ class MessageWorker:
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for messages in work; cancel the rest.
 
-        Cancelled messages stay unacked, so the broker requeues them when the
-        connection closes. Returns how many were cancelled.
+        Messages waiting for a retry are given up at once, and those still in
+        work after ``timeout`` are cancelled: both stay unacked, so the broker
+        requeues them when the connection closes. Returns how many were given up.
         """
+        self._stopping = True
+        given_up = len(self._waiting)
+        for wait in list(self._waiting):
+            wait.cancel()
         pending = list(self._in_flight)
         if not pending:
-            return 0
+            return given_up
         waiting = DeferredList(pending, consumeErrors=True)
         timer = self._clock.callLater(timeout, waiting.cancel) if timeout > 0 else None
         if timer is None:
@@ -184,4 +198,4 @@ class MessageWorker:
         left = list(self._in_flight)
         for d in left:
             d.cancel()
-        return len(left)
+        return given_up + len(left)

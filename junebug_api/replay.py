@@ -1,0 +1,93 @@
+"""``junebug-api-replay``: move dead-lettered messages back to their queue.
+
+``junebug-api-replay --config FILE inbound|event [--limit N]`` takes messages
+from ``<connector>.inbound.failed`` (or ``.event.failed``) and publishes each,
+byte for byte, to ``<connector>.inbound`` (or ``.event``); a message is acked
+on the failed queue only after the broker confirmed its copy. It reads the
+same config sources as the service (file, environment, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from .config import ConfigError, load_config
+
+KINDS = ("inbound", "event")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="junebug-api-replay",
+        description="Move messages from a .failed queue back to its main queue.",
+    )
+    parser.add_argument("--config", "-c", help="YAML config file (default: $VUMI_CONFIG_FILE)")
+    parser.add_argument("kind", choices=KINDS, help="which queue: inbound or event")
+    parser.add_argument("--limit", type=int, default=None, help="move at most N messages")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 0:
+        parser.error("--limit must not be negative")
+    return args
+
+
+async def replay(amqp: Any, source: str, target: str, limit: int | None) -> int:
+    """Move up to ``limit`` messages from ``source`` to ``target``; how many moved."""
+    moved = 0
+    while limit is None or moved < limit:
+        got = await amqp.get(source)
+        if got is None:
+            break
+        body, properties, acker = got
+        await amqp.publish(target, body, message_id=properties.get("message-id"))
+        acker.ack()
+        moved += 1
+    return moved
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"junebug-api-replay: config error: {e}\n")
+        raise SystemExit(1) from None
+
+    from twisted.internet import task
+
+    from .amqp_service import AmqpService, PublishFailed
+
+    source = f"{config.connector_name}.{args.kind}.failed"
+    target = f"{config.connector_name}.{args.kind}"
+
+    async def run(reactor: Any) -> None:
+        amqp = AmqpService(
+            config.amqp_settings,
+            queues=[target, source],
+            consumers={},
+            prefetch=1,
+            reactor=reactor,
+            connection_name="junebug-api-replay",
+        )
+        amqp.startService()
+        try:
+            try:
+                await amqp.when_connected(failures=3)
+            except Exception as e:
+                sys.stderr.write(f"junebug-api-replay: cannot connect to AMQP: {e}\n")
+                raise SystemExit(1) from None
+            try:
+                moved = await replay(amqp, source, target, args.limit)
+            except PublishFailed as e:
+                sys.stderr.write(f"junebug-api-replay: stopped: {e}\n")
+                raise SystemExit(1) from None
+            left = await amqp.count(source)
+            print(f"moved {moved} message(s) from {source} to {target}; {left} left")
+        finally:
+            await amqp.stopService()
+
+    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

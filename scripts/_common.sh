@@ -1,0 +1,68 @@
+# Shared by scripts/run and scripts/test: a virtualenv with the project, and a
+# running RabbitMQ. Sourced, not run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${JUNEBUG_VENV:-$ROOT/.venv}"
+
+say() { printf 'junebug-api: %s\n' "$*" >&2; }
+
+setup_venv() {
+    local python="${PYTHON:-python3}"
+    if ! command -v "$python" >/dev/null 2>&1; then
+        say "Python 3.11 or newer is needed: install it (Debian: apt-get install python3 python3-venv)."
+        exit 1
+    fi
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        say "Python 3.11 or newer is needed; $python is $("$python" --version 2>&1)."
+        exit 1
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the virtualenv $VENV"
+        "$python" -m venv "$VENV"
+    fi
+    # Reinstall only when the packaging metadata changed since the last install.
+    local stamp="$VENV/.junebug-installed"
+    if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
+        say "installing junebug-api and its test tools into $VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+        "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+        touch "$stamp"
+    fi
+    # twistd lists plugins from a dropin cache; rebuild it now so a stale one
+    # (or one it cannot write later) never hides junebug-api.
+    "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+}
+
+port_open() {
+    "$VENV/bin/python" - "$1" "$2" <<'PY'
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+except OSError:
+    sys.exit(1)
+PY
+}
+
+ensure_rabbitmq() {
+    local host="${AMQP_TEST_HOST:-127.0.0.1}" port="${AMQP_TEST_PORT:-5672}"
+    if port_open "$host" "$port"; then
+        return 0
+    fi
+    if ! command -v rabbitmq-server >/dev/null 2>&1; then
+        say "RabbitMQ is not running on $host:$port and is not installed."
+        say "Install it (Debian/Ubuntu: apt-get install rabbitmq-server), or point AMQP_TEST_HOST/AMQP_TEST_PORT at one."
+        exit 1
+    fi
+    say "starting RabbitMQ (rabbitmq-server -detached)"
+    rabbitmq-server -detached
+    for _ in $(seq 1 120); do
+        if port_open "$host" "$port"; then
+            say "RabbitMQ is up"
+            return 0
+        fi
+        sleep 1
+    done
+    say "RabbitMQ did not start within 120 s; see its logs (rabbitmq-diagnostics status)."
+    exit 1
+}

@@ -1,0 +1,485 @@
+"""config.load_config: defaults, the three sources, validation, helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from junebug_api import config as config_module
+from junebug_api.config import (
+    DEFAULT_STATE_CACHE,
+    AmqpConfig,
+    ConfigError,
+    describe,
+    http_bind_to_endpoint,
+    load_config,
+    parse_amqp_url,
+)
+
+REQUIRED = {
+    "connector_name": "conn",
+    "mo_message_url": "http://rapidpro.example/c/jn/uuid/receive",
+    "http_bind": "127.0.0.1:8080",
+}
+
+
+def write_yaml(tmp_path: Path, data: dict, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def load(data: dict | None = None, tmp_path: Path | None = None, **kwargs):
+    """Load a config from a YAML file holding REQUIRED plus ``data``."""
+    assert tmp_path is not None
+    path = write_yaml(tmp_path, {**REQUIRED, **(data or {})})
+    return load_config(path, environ=kwargs.pop("environ", {}), cli=kwargs.pop("cli", None))
+
+
+# -- defaults and required options ------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = load_config(None, environ={}, cli=REQUIRED)
+    assert cfg.connector_name == "conn"
+    assert cfg.mo_message_url == REQUIRED["mo_message_url"]
+    assert cfg.mo_message_url_auth_token is None
+    assert cfg.default_event_url is None
+    assert cfg.default_event_auth_token is None
+    assert cfg.base_url_path == ""
+    assert cfg.transport_type == "sms"
+    assert cfg.default_from_addr is None
+    assert cfg.allow_expired_replies is False
+    assert cfg.state_cache_class == DEFAULT_STATE_CACHE
+    assert cfg.state_cache_config == {}
+    assert cfg.request_timeout == 240.0
+    assert cfg.mo_message_url_timeout == 10.0
+    assert cfg.event_url_timeout == 10.0
+    assert cfg.amqp == AmqpConfig(
+        hostname="127.0.0.1", port=5672, username="guest", password="guest", vhost="/"
+    )
+    assert cfg.amqp_url == ""
+    assert cfg.amqp_settings == cfg.amqp
+    assert cfg.worker_concurrency == 20
+    assert cfg.sentry_dsn is None
+    assert cfg.log_level == "INFO"
+    assert cfg.middlewares == []
+    assert cfg.delivery_retry_delay == 1.0
+    assert cfg.delivery_retry_max_delay == 60.0
+    assert cfg.delivery_max_attempts == 10
+    assert cfg.shutdown_timeout == 30.0
+    assert cfg.amqp_heartbeat == 30
+    assert cfg.messages_path == "/messages"
+    assert cfg.http_endpoint == "tcp:8080:interface=127.0.0.1"
+
+
+def test_messages_path_strips_trailing_slash() -> None:
+    cfg = load_config(None, environ={}, cli={**REQUIRED, "base_url_path": "/channels/abc/"})
+    assert cfg.messages_path == "/channels/abc/messages"
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_required_options(missing: str) -> None:
+    cli = {k: v for k, v in REQUIRED.items() if k != missing}
+    with pytest.raises(ConfigError, match=f"^{missing} is required$"):
+        load_config(None, environ={}, cli=cli)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_required_options_must_not_be_blank(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_config(None, environ={}, cli={**REQUIRED, name: "  "})
+
+
+def test_empty_file_is_empty_config(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+    cfg = load_config(str(path), environ={}, cli=REQUIRED)
+    assert cfg.connector_name == "conn"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "nope.yaml"), environ={}, cli=REQUIRED)
+
+
+def test_file_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(path), environ={}, cli=REQUIRED)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("connector_name: a\nfoo: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml line \d+"):
+        load_config(str(path), environ={}, cli=REQUIRED)
+
+
+# -- unknown keys and types --------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^unknown option redis_url$"):
+        load({"redis_url": "x"}, tmp_path)
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^unknown option amqp\.hostnme$"):
+        load({"amqp": {"hostnme": "rabbit"}}, tmp_path)
+
+
+def test_nested_block_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^amqp must be a mapping$"):
+        load({"amqp": "rabbit"}, tmp_path)
+
+
+def test_null_nested_block_means_defaults(tmp_path: Path) -> None:
+    assert load({"amqp": None}, tmp_path).amqp == AmqpConfig()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"allow_expired_replies": "yes"}, "allow_expired_replies must be true or false"),
+        ({"allow_expired_replies": 1}, "allow_expired_replies must be true or false"),
+        ({"worker_concurrency": 2.5}, "worker_concurrency must be an integer"),
+        ({"worker_concurrency": True}, "worker_concurrency must be an integer"),
+        ({"worker_concurrency": "20"}, "worker_concurrency must be an integer"),
+        ({"request_timeout": "soon"}, "request_timeout must be a number"),
+        ({"request_timeout": False}, "request_timeout must be a number"),
+        ({"connector_name": 123}, "connector_name must be a string"),
+        ({"transport_type": ["sms"]}, "transport_type must be a string"),
+        ({"state_cache_config": [1, 2]}, "state_cache_config must be a mapping"),
+        ({"state_cache_config": "x"}, "state_cache_config must be a mapping"),
+        ({"middlewares": {"a": 1}}, "middlewares must be a list"),
+        ({"amqp": {"port": "5672"}}, "amqp.port must be an integer"),
+        ({"amqp": {"hostname": 5}}, "amqp.hostname must be a string"),
+        ({"transport_type": None}, "transport_type must not be null"),
+    ],
+)
+def test_yaml_type_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load(data, tmp_path)
+
+
+def test_yaml_types_accepted(tmp_path: Path) -> None:
+    cfg = load(
+        {
+            "allow_expired_replies": True,
+            "request_timeout": 5,
+            "event_url_timeout": 2.5,
+            "worker_concurrency": 3,
+            "default_event_url": None,
+            "state_cache_config": {"timeout": 60},
+            "middlewares": [{"class": "x"}],
+        },
+        tmp_path,
+    )
+    assert cfg.allow_expired_replies is True
+    assert cfg.request_timeout == 5.0
+    assert isinstance(cfg.request_timeout, float)
+    assert cfg.event_url_timeout == 2.5
+    assert cfg.worker_concurrency == 3
+    assert cfg.default_event_url is None
+    assert cfg.state_cache_config == {"timeout": 60}
+    assert cfg.middlewares == [{"class": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"mo_message_url": "ftp://example.com/x"}, "mo_message_url must be an http"),
+        ({"default_event_url": "example.com/events"}, "default_event_url must be an http"),
+        ({"log_level": "LOUD"}, "log_level must be one of"),
+        ({"worker_concurrency": 0}, "worker_concurrency must be at least 1"),
+        ({"delivery_max_attempts": 0}, "delivery_max_attempts must be at least 1"),
+        ({"request_timeout": 0}, "request_timeout must be greater than 0"),
+        ({"delivery_retry_delay": -1}, "delivery_retry_delay must be greater than 0"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must not be negative"),
+        ({"amqp_heartbeat": -1}, "amqp_heartbeat must not be negative"),
+        ({"base_url_path": "channels/x"}, "base_url_path must start with '/'"),
+        ({"http_bind": "not a bind"}, "http_bind must be"),
+        ({"amqp_url": "http://rabbit/"}, "amqp_url must start with amqp://"),
+    ],
+)
+def test_semantic_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(data, tmp_path)
+
+
+# -- environment and command line ---------------------------------------------
+
+
+def test_environment_names_like_vumi2() -> None:
+    environ = {
+        "CONNECTOR_NAME": "from-env",
+        "MO_MESSAGE_URL": "https://rp.example/receive",
+        "HTTP_BIND": "9000",
+        "AMQP_HOSTNAME": "rabbit.example",
+        "AMQP_PORT": "5673",
+        "AMQP_VHOST": "/jb",
+        "ALLOW_EXPIRED_REPLIES": "yes",
+        "REQUEST_TIMEOUT": "2.5",
+        "WORKER_CONCURRENCY": "7",
+        "STATE_CACHE_CONFIG": '{"timeout": 30}',
+        "DEFAULT_FROM_ADDR": "+27000",
+        "UNRELATED": "ignored",
+    }
+    cfg = load_config(None, environ=environ)
+    assert cfg.connector_name == "from-env"
+    assert cfg.http_endpoint == "tcp:9000"
+    assert cfg.amqp.hostname == "rabbit.example"
+    assert cfg.amqp.port == 5673
+    assert isinstance(cfg.amqp.port, int)
+    assert cfg.amqp.vhost == "/jb"
+    assert cfg.allow_expired_replies is True
+    assert cfg.request_timeout == 2.5
+    assert cfg.worker_concurrency == 7
+    assert cfg.state_cache_config == {"timeout": 30}
+    assert cfg.default_from_addr == "+27000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("AMQP_PORT", "five", "AMQP_PORT must be an integer"),
+        ("REQUEST_TIMEOUT", "soon", "REQUEST_TIMEOUT must be a number"),
+        ("ALLOW_EXPIRED_REPLIES", "maybe", "ALLOW_EXPIRED_REPLIES must be true or false"),
+        ("STATE_CACHE_CONFIG", "{not json", "STATE_CACHE_CONFIG must be JSON"),
+        ("STATE_CACHE_CONFIG", "[1]", "STATE_CACHE_CONFIG must be a mapping"),
+    ],
+)
+def test_environment_type_errors(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(None, environ={name: value}, cli=REQUIRED)
+
+
+@pytest.mark.parametrize("text", ["", "null", "None"])
+def test_environment_null_for_optional(text: str) -> None:
+    cfg = load_config(None, environ={"DEFAULT_EVENT_AUTH_TOKEN": "t", "SENTRY_DSN": text}, cli=REQUIRED)
+    assert cfg.default_event_auth_token == "t"
+    # sentry_dsn is a str option: the text stays as given.
+    assert cfg.sentry_dsn == text
+
+
+def test_environment_prefix() -> None:
+    environ = {
+        "VUMI_CONFIG_PREFIX": "JB",
+        "JB_AMQP_PORT": "6000",
+        "JB_CONNECTOR_NAME": "prefixed",
+        "AMQP_PORT": "7000",  # without the prefix: not ours
+        "CONNECTOR_NAME": "unprefixed",
+    }
+    cfg = load_config(None, environ=environ, cli={k: v for k, v in REQUIRED.items() if k != "connector_name"})
+    assert cfg.amqp.port == 6000
+    assert cfg.connector_name == "prefixed"
+
+
+def test_vumi_config_file_used_when_path_is_none(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {**REQUIRED, "connector_name": "from-file"})
+    cfg = load_config(None, environ={"VUMI_CONFIG_FILE": path})
+    assert cfg.connector_name == "from-file"
+
+
+def test_explicit_path_wins_over_vumi_config_file(tmp_path: Path) -> None:
+    env_file = write_yaml(tmp_path, {**REQUIRED, "connector_name": "env-file"}, "env.yaml")
+    explicit = write_yaml(tmp_path, {**REQUIRED, "connector_name": "explicit"}, "explicit.yaml")
+    cfg = load_config(explicit, environ={"VUMI_CONFIG_FILE": env_file})
+    assert cfg.connector_name == "explicit"
+
+
+def test_precedence_file_env_cli(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        {
+            **REQUIRED,
+            "connector_name": "file",
+            "transport_type": "file",
+            "default_from_addr": "file",
+            "amqp": {"hostname": "file-host", "port": 1111, "username": "file-user"},
+        },
+    )
+    environ = {"TRANSPORT_TYPE": "env", "DEFAULT_FROM_ADDR": "env", "AMQP_PORT": "2222"}
+    cli = {"default_from_addr": "cli", "amqp_username": "cli-user", "transport_type": None}
+    cfg = load_config(path, environ=environ, cli=cli)
+    assert cfg.connector_name == "file"
+    assert cfg.transport_type == "env"  # cli None means "not given"
+    assert cfg.default_from_addr == "cli"
+    # The amqp block merges key by key across the sources.
+    assert cfg.amqp.hostname == "file-host"
+    assert cfg.amqp.port == 2222
+    assert cfg.amqp.username == "cli-user"
+
+
+def test_cli_type_error_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="^--amqp-port must be an integer"):
+        load_config(None, environ={}, cli={**REQUIRED, "amqp_port": "x"})
+
+
+def test_os_environ_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONNECTOR_NAME", "os-env")
+    monkeypatch.delenv("VUMI_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("VUMI_CONFIG_PREFIX", raising=False)
+    cli = {k: v for k, v in REQUIRED.items() if k != "connector_name"}
+    assert load_config(None, cli=cli).connector_name == "os-env"
+
+
+# -- amqp_url -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "amqp://user:p%40ss%2Fw%3Ard@rabbit.example:5673/%2F",
+            AmqpConfig(
+                hostname="rabbit.example",
+                port=5673,
+                username="user",
+                password="p@ss/w:rd",
+                vhost="/",
+            ),
+        ),
+        ("amqp://u:p@h/", AmqpConfig(hostname="h", username="u", password="p", vhost="/")),
+        ("amqp://u:p@h", AmqpConfig(hostname="h", username="u", password="p", vhost="/")),
+        (
+            "amqp://u%20x:p@h:1234/custom",
+            AmqpConfig(hostname="h", port=1234, username="u x", password="p", vhost="custom"),
+        ),
+        ("amqp://h/%2Fjb", AmqpConfig(hostname="h", vhost="/jb")),
+        ("amqp:///", AmqpConfig()),
+    ],
+)
+def test_parse_amqp_url(url: str, expected: AmqpConfig) -> None:
+    assert parse_amqp_url(url) == expected
+
+
+def test_parse_amqp_url_bad_port() -> None:
+    with pytest.raises(ConfigError, match="invalid port"):
+        parse_amqp_url("amqp://h:99999/")
+
+
+def test_amqp_url_wins_over_amqp(tmp_path: Path) -> None:
+    cfg = load(
+        {
+            "amqp": {"hostname": "block-host", "port": 1, "password": "block"},
+            "amqp_url": "amqp://url-user:url%23pass@url-host:5674/vh",
+        },
+        tmp_path,
+    )
+    assert cfg.amqp.hostname == "block-host"
+    assert cfg.amqp_settings == AmqpConfig(
+        hostname="url-host", port=5674, username="url-user", password="url#pass", vhost="vh"
+    )
+
+
+# -- http_bind ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bind", "endpoint"),
+    [
+        ("host.example:8080", "tcp:8080:interface=host.example"),
+        ("0.0.0.0:8080", "tcp:8080:interface=0.0.0.0"),
+        ("8080", "tcp:8080"),
+        (" 8080 ", "tcp:8080"),
+        (":8080", "tcp:8080"),
+        ("[::1]:8080", "tcp6:8080:interface=\\:\\:1"),
+        ("unix:/tmp/x.sock", "unix:/tmp/x.sock"),
+        ("tcp:8080:interface=127.0.0.1", "tcp:8080:interface=127.0.0.1"),
+        ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem"),
+    ],
+)
+def test_http_bind_to_endpoint(bind: str, endpoint: str) -> None:
+    assert http_bind_to_endpoint(bind) == endpoint
+
+
+@pytest.mark.parametrize("bind", ["localhost", "host:port", "[::1]", "a b:80"])
+def test_http_bind_invalid(bind: str) -> None:
+    with pytest.raises(ConfigError, match="http_bind must be"):
+        http_bind_to_endpoint(bind)
+
+
+def test_tcp6_endpoint_parses_in_twisted() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
+
+    endpoint = serverFromString(reactor, http_bind_to_endpoint("[::1]:8080"))
+    assert isinstance(endpoint, TCP6ServerEndpoint)
+    assert endpoint._interface == "::1"
+    assert endpoint._port == 8080
+
+
+# -- state cache aliases --------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", sorted(config_module.STATE_CACHE_ALIASES))
+def test_state_cache_aliases(alias: str) -> None:
+    cfg = load_config(None, environ={}, cli={**REQUIRED, "state_cache_class": alias})
+    assert cfg.state_cache_class == "junebug_api.state_cache.InMemoryStateCache"
+
+
+def test_other_state_cache_class_kept() -> None:
+    cfg = load_config(None, environ={}, cli={**REQUIRED, "state_cache_class": "my.Cache"})
+    assert cfg.state_cache_class == "my.Cache"
+
+
+# -- describe -----------------------------------------------------------------
+
+SECRETS = (
+    "amqpblocksecret",
+    "motokensecret",
+    "eventtokensecret",
+    "sentrykeysecret",
+    "mourlpasssecret",
+    "eventurlpasssecret",
+    "amqpurlpasssecret",
+    "cacheurlpasssecret",
+)
+
+
+def test_describe_masks_secrets(tmp_path: Path) -> None:
+    cfg = load(
+        {
+            "amqp": {"password": "amqpblocksecret"},
+            "mo_message_url_auth_token": "motokensecret",
+            "default_event_auth_token": "eventtokensecret",
+            "sentry_dsn": "https://sentrykeysecret@sentry.example/1",
+            "mo_message_url": "https://rpuser:mourlpasssecret@rp.example/c/jn/x/receive",
+            "default_event_url": "https://evuser:eventurlpasssecret@rp.example/events",
+            "amqp_url": "amqp://amqpuser:amqpurlpasssecret@rabbit.example/%2F",
+            "state_cache_config": {"url": "redis://:cacheurlpasssecret@redis:6379/0"},
+        },
+        tmp_path,
+    )
+    described = describe(cfg)
+    text = repr(described)
+    for secret in SECRETS:
+        assert secret not in text, secret
+    assert described["amqp"]["password"] == "***"
+    assert described["mo_message_url_auth_token"] == "***"
+    assert described["default_event_auth_token"] == "***"
+    assert described["sentry_dsn"] == "***"
+    assert described["mo_message_url"] == "https://rpuser:***@rp.example/c/jn/x/receive"
+    assert described["default_event_url"] == "https://evuser:***@rp.example/events"
+    assert described["amqp_url"] == "amqp://amqpuser:***@rabbit.example/%2F"
+    # The config itself is untouched.
+    assert cfg.mo_message_url_auth_token == "motokensecret"
+    assert cfg.amqp.password == "amqpblocksecret"
+
+
+def test_describe_leaves_unset_secrets_alone() -> None:
+    described = describe(load_config(None, environ={}, cli=REQUIRED))
+    assert described["mo_message_url_auth_token"] is None
+    assert described["sentry_dsn"] is None
+    assert described["mo_message_url"] == REQUIRED["mo_message_url"]
+    assert described["connector_name"] == "conn"
+
+
+def test_config_repr_hides_amqp_password(tmp_path: Path) -> None:
+    cfg = load({"amqp": {"password": "amqpblocksecret"}}, tmp_path)
+    assert "amqpblocksecret" not in repr(cfg)
