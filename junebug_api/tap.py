@@ -19,7 +19,7 @@ class Options(usage.Options):
     """``twistd junebug-api`` options: ``--config`` plus one per config option."""
 
     synopsis = "[--config FILE] [--OPTION VALUE ...]"
-    optParameters = [
+    optParameters = [  # noqa: RUF012 - twisted.python.usage reads this class attribute
         ["config", "c", None, "YAML config file (default: $VUMI_CONFIG_FILE)."],
         *[
             [name.replace("_", "-"), None, None, f"Sets {dotted} (overrides file and env)."]

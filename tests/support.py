@@ -82,9 +82,7 @@ class Broker:
             "vumi",
             routing_key,
             body,
-            pika.BasicProperties(
-                delivery_mode=2, content_type="application/json", **properties
-            ),
+            pika.BasicProperties(delivery_mode=2, content_type="application/json", **properties),
         )
 
     def get(self, queue: str) -> tuple[Any, bytes] | None:
@@ -113,11 +111,14 @@ class RapidProSink(Resource):
         self.statuses: list[int] = []
         self.delay: float = 0.0
 
-    def render_POST(self, request: Any) -> Any:  # noqa: N802
+    def render_POST(self, request: Any) -> Any:
         body = request.content.read()
         record = {
             "path": request.path.decode(),
-            "headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
+            "headers": {
+                k.decode().lower(): v[0].decode()
+                for k, v in request.requestHeaders.getAllRawHeaders()
+            },
             "body": body,
         }
         try:
@@ -148,8 +149,13 @@ def start_sink() -> tuple[RapidProSink, Any, str]:
 class ServiceProcess:
     """``twistd -n junebug-api`` in a subprocess, started as an operator would."""
 
-    def __init__(self, tmp_path: Path, config: dict, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: dict,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.config_path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -163,8 +169,16 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         env = dict(os.environ, **(self.env or {}))
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "junebug-api",
-             "--config", str(self.config_path), *self.extra_args],
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                f"--logfile={self.log_path}",
+                "junebug-api",
+                "--config",
+                str(self.config_path),
+                *self.extra_args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

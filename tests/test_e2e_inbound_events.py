@@ -71,27 +71,46 @@ async def test_events_go_to_their_event_url_mapped(make_service, broker, connect
     service = make_service()
     response = await treq.post(
         service.url + MESSAGES,
-        data=json.dumps({"to": "+1", "from": "2", "content": "x",
-                         "event_url": f"{sink.url}/event", "event_auth_token": "tok"}).encode(),
+        data=json.dumps(
+            {
+                "to": "+1",
+                "from": "2",
+                "content": "x",
+                "event_url": f"{sink.url}/event",
+                "event_auth_token": "tok",
+            }
+        ).encode(),
     )
     assert response.code == 201
     message_id = json.loads(await response.text())["result"]["message_id"]
     events = [
         (event_message(message_id, "ack", sent_message_id="smsc-1"), "submitted", {}),
-        (event_message(message_id, "nack", nack_reason="no credit"), "rejected",
-         {"reason": "no credit"}),
-        (event_message(message_id, "delivery_report", delivery_status="pending"),
-         "delivery_pending", {}),
-        (event_message(message_id, "delivery_report", delivery_status="failed"),
-         "delivery_failed", {}),
-        (event_message(message_id, "delivery_report", delivery_status="delivered"),
-         "delivery_succeeded", {}),
+        (
+            event_message(message_id, "nack", nack_reason="no credit"),
+            "rejected",
+            {"reason": "no credit"},
+        ),
+        (
+            event_message(message_id, "delivery_report", delivery_status="pending"),
+            "delivery_pending",
+            {},
+        ),
+        (
+            event_message(message_id, "delivery_report", delivery_status="failed"),
+            "delivery_failed",
+            {},
+        ),
+        (
+            event_message(message_id, "delivery_report", delivery_status="delivered"),
+            "delivery_succeeded",
+            {},
+        ),
     ]
-    for event, _, _ in events:
-        broker.publish(f"{connector}.event", event)
+    for vumi_event, _, _ in events:
+        broker.publish(f"{connector}.event", vumi_event)
     await wait_for(lambda: len(sink.at("/event")) == len(events), what="all event POSTs")
     received = {r["json"]["event_type"]: r for r in sink.at("/event")}
-    for event, name, details in events:
+    for _, name, details in events:
         request = received[name]
         assert request["headers"]["authorization"] == "Token tok"
         assert request["json"] == {
@@ -131,8 +150,9 @@ async def test_store_event_info_false_uses_default_url(make_service, broker, con
     )
     response = await treq.post(
         service.url + MESSAGES,
-        data=json.dumps({"to": "+1", "from": "2", "content": "x",
-                         "event_url": f"{sink.url}/event"}).encode(),
+        data=json.dumps(
+            {"to": "+1", "from": "2", "content": "x", "event_url": f"{sink.url}/event"}
+        ).encode(),
     )
     message_id = json.loads(await response.text())["result"]["message_id"]
     broker.publish(f"{connector}.event", event_message(message_id, "ack"))

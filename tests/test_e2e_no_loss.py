@@ -114,9 +114,16 @@ async def test_last_attempt_dead_letters_then_replay(
 
     def replay(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(Path(TWISTD).with_name("junebug-api-replay")), "--config",
-             str(service.config_path), "inbound", *args],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(Path(TWISTD).with_name("junebug-api-replay")),
+                "--config",
+                str(service.config_path),
+                "inbound",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     result = replay("--limit", "1")
@@ -153,6 +160,7 @@ async def test_broker_restart(make_service, broker, connector, sink):
     broker.close()
     rabbitmqctl("stop_app")
     try:
+
         async def health_code() -> int:
             response = await treq.get(service.url + "/health")
             await response.text()

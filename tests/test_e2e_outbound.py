@@ -26,16 +26,29 @@ async def test_non_reply_is_published_and_answered_201(make_service, broker, con
     service = make_service()
     code, answer = await post(
         service,
-        {"to": "+26612345678", "from": "8110", "content": UNICODE_TEXT,
-         "channel_data": {"foo": "bar"}},
+        {
+            "to": "+26612345678",
+            "from": "8110",
+            "content": UNICODE_TEXT,
+            "channel_data": {"foo": "bar"},
+        },
     )
     assert code == 201
     assert answer["status"] == 201
     assert answer["code"] == "Created"
     assert answer["description"] == "message submitted"
     result = answer["result"]
-    assert set(result) == {"to", "from", "group", "message_id", "channel_id", "timestamp",
-                           "reply_to", "content", "channel_data"}
+    assert set(result) == {
+        "to",
+        "from",
+        "group",
+        "message_id",
+        "channel_id",
+        "timestamp",
+        "reply_to",
+        "content",
+        "channel_data",
+    }
     assert result["to"] == "+26612345678"
     assert result["from"] == "8110"
     assert result["content"] == UNICODE_TEXT
@@ -61,10 +74,24 @@ async def test_non_reply_is_published_and_answered_201(make_service, broker, con
     assert message["transport_metadata"] == {}
     assert message["group"] is None
     assert list(message) == [
-        "to_addr", "from_addr", "transport_name", "transport_type", "message_version",
-        "message_type", "timestamp", "routing_metadata", "helper_metadata", "message_id",
-        "in_reply_to", "provider", "session_event", "content", "transport_metadata", "group",
-        "to_addr_type", "from_addr_type",
+        "to_addr",
+        "from_addr",
+        "transport_name",
+        "transport_type",
+        "message_version",
+        "message_type",
+        "timestamp",
+        "routing_metadata",
+        "helper_metadata",
+        "message_id",
+        "in_reply_to",
+        "provider",
+        "session_event",
+        "content",
+        "transport_metadata",
+        "group",
+        "to_addr_type",
+        "from_addr_type",
     ]
 
 
@@ -108,8 +135,11 @@ async def test_reply_to_cached_inbound(make_service, broker, connector, sink):
     await wait_for(lambda: sink.at("/inbound"), what="the inbound POST")
     code, answer = await post(
         service,
-        {"reply_to": inbound["message_id"], "content": "menu",
-         "channel_data": {"continue_session": True, "extra": 1}},
+        {
+            "reply_to": inbound["message_id"],
+            "content": "menu",
+            "channel_data": {"continue_session": True, "extra": 1},
+        },
     )
     assert code == 201, answer
     reply = await broker.wait_json(f"{connector}.outbound")
@@ -130,16 +160,22 @@ async def test_reply_to_cached_inbound(make_service, broker, connector, sink):
 
     code, _ = await post(
         service,
-        {"reply_to": inbound["message_id"], "content": "bye",
-         "channel_data": {"continue_session": False}},
+        {
+            "reply_to": inbound["message_id"],
+            "content": "bye",
+            "channel_data": {"continue_session": False},
+        },
     )
     assert code == 201
     assert (await broker.wait_json(f"{connector}.outbound"))["session_event"] == "close"
 
     code, _ = await post(
         service,
-        {"reply_to": inbound["message_id"], "content": "x",
-         "channel_data": {"continue_session": False, "session_event": "new"}},
+        {
+            "reply_to": inbound["message_id"],
+            "content": "x",
+            "channel_data": {"continue_session": False, "session_event": "new"},
+        },
     )
     assert code == 201
     assert (await broker.wait_json(f"{connector}.outbound"))["session_event"] == "new"
@@ -151,9 +187,14 @@ async def test_unknown_reply_to_is_not_found(make_service, broker, connector):
     code, answer = await post(service, {"reply_to": "nope", "content": "x"})
     assert code == 400
     assert answer == {
-        "status": 400, "code": "Bad Request", "description": "message not found",
-        "result": {"errors": [{"type": "MessageNotFound",
-                               "message": "Inbound message with id nope not found"}]},
+        "status": 400,
+        "code": "Bad Request",
+        "description": "message not found",
+        "result": {
+            "errors": [
+                {"type": "MessageNotFound", "message": "Inbound message with id nope not found"}
+            ]
+        },
     }
     code, _ = await post(service, {"reply_to": "nope", "to": "+1", "from": "2", "content": "x"})
     assert code == 400
@@ -163,7 +204,9 @@ async def test_unknown_reply_to_is_not_found(make_service, broker, connector):
 @pytest_twisted.ensureDeferred
 async def test_allow_expired_replies_sends_non_reply(make_service, broker, connector):
     service = make_service(allow_expired_replies=True)
-    code, answer = await post(service, {"reply_to": "gone", "to": "+1", "from": "2", "content": "x"})
+    code, answer = await post(
+        service, {"reply_to": "gone", "to": "+1", "from": "2", "content": "x"}
+    )
     assert code == 201, answer
     message = await broker.wait_json(f"{connector}.outbound")
     assert message["in_reply_to"] is None
@@ -178,16 +221,36 @@ async def test_bad_requests_get_the_junebug_envelope(make_service, broker, conne
     service = make_service()
     cases = [
         (b"{nope", "json decode error", "JsonDecodeError", None),
-        ({"to": "+1", "from": "2"}, "api usage error", "invalid_body",
-         "'content' is a required property"),
-        ({"to": "+1", "from": "2", "content": "x", "foo": 1}, "api usage error", "invalid_body",
-         "Additional properties are not allowed ('foo' was unexpected)"),
-        ({"content": "x", "from": "2"}, "api usage error", "ApiUsageError",
-         'Either "to" or "reply_to" must be specified'),
-        ({"to": "+1", "content": "x"}, "api usage error", "ApiUsageError",
-         '"from" must be specified when not replying'),
-        ({"to": 5, "from": "2", "content": "x"}, "api usage error", "invalid_body",
-         "5 is not of type 'string', 'null'"),
+        (
+            {"to": "+1", "from": "2"},
+            "api usage error",
+            "invalid_body",
+            "'content' is a required property",
+        ),
+        (
+            {"to": "+1", "from": "2", "content": "x", "foo": 1},
+            "api usage error",
+            "invalid_body",
+            "Additional properties are not allowed ('foo' was unexpected)",
+        ),
+        (
+            {"content": "x", "from": "2"},
+            "api usage error",
+            "ApiUsageError",
+            'Either "to" or "reply_to" must be specified',
+        ),
+        (
+            {"to": "+1", "content": "x"},
+            "api usage error",
+            "ApiUsageError",
+            '"from" must be specified when not replying',
+        ),
+        (
+            {"to": 5, "from": "2", "content": "x"},
+            "api usage error",
+            "invalid_body",
+            "5 is not of type 'string', 'null'",
+        ),
         ([1, 2], "api usage error", "invalid_body", "[1, 2] is not of type 'object'"),
     ]
     for body, description, error_type, message in cases:

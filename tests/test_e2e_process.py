@@ -32,23 +32,33 @@ def run_twistd(tmp_path: Path, config: dict | str | None, *args: str, env=None):
         path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
         command += ["--config", str(path)]
     return subprocess.run(
-        command + list(args), capture_output=True, text=True, timeout=30,
-        env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+        command + list(args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, **(env or {})),
+        stdin=subprocess.DEVNULL,
     )
 
 
 @pytest.mark.parametrize(
     ("config", "args", "expected"),
     [
-        ({k: v for k, v in BASE.items() if k != "connector_name"}, [],
-         "connector_name is required"),
+        (
+            {k: v for k, v in BASE.items() if k != "connector_name"},
+            [],
+            "connector_name is required",
+        ),
         ({**BASE, "colour": "blue"}, [], "unknown option colour"),
         ({**BASE, "amqp": {"port": "many"}}, [], "amqp.port must be an integer"),
         ({**BASE, "worker_concurrency": "x"}, [], "worker_concurrency must be an integer"),
         ({**BASE, "amqp": {"hots": "x"}}, [], "unknown option amqp.hots"),
         (BASE, ["--amqp-port", "x"], "--amqp-port must be an integer"),
-        ({**BASE, "state_cache_config": {"timeout": "soon"}}, [],
-         "state_cache_config.timeout must be of type float"),
+        (
+            {**BASE, "state_cache_config": {"timeout": "soon"}},
+            [],
+            "state_cache_config.timeout must be of type float",
+        ),
         ({**BASE, "state_cache_class": "no.such.Cache"}, [], "state_cache_class 'no.such.Cache'"),
         ({**BASE, "http_bind": "nonsense"}, [], "http_bind must be"),
         ({**BASE, "amqp_url": "http://x"}, [], "amqp_url must start with amqp://"),
@@ -69,7 +79,9 @@ def test_bad_config_exits_with_one_line(tmp_path, config, args, expected):
 def test_unreadable_config_file(tmp_path):
     result = subprocess.run(
         [TWISTD, "-n", "--pidfile=", "junebug-api", "--config", str(tmp_path / "missing.yaml")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -97,7 +109,9 @@ def test_fresh_dropin_cache_and_epoll_reactor():
             cache.unlink()
     result = subprocess.run(
         [TWISTD, "-r", "epoll", "junebug-api", "--help"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "--connector-name" in result.stdout
@@ -120,13 +134,22 @@ def _wait_health(url: str, timeout: float = 20) -> dict:
 def test_daemonises_with_pidfile_and_logfile(tmp_path, connector):
     port = free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({**BASE, "connector_name": connector,
-                                      "http_bind": f"127.0.0.1:{port}"}))
+    config.write_text(
+        yaml.safe_dump({**BASE, "connector_name": connector, "http_bind": f"127.0.0.1:{port}"})
+    )
     pidfile, logfile = tmp_path / "junebug.pid", tmp_path / "junebug.log"
     result = subprocess.run(
-        [TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "junebug-api",
-         "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        [
+            TWISTD,
+            f"--pidfile={pidfile}",
+            f"--logfile={logfile}",
+            "junebug-api",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     try:
@@ -141,6 +164,7 @@ def test_daemonises_with_pidfile_and_logfile(tmp_path, connector):
         time.sleep(0.05)
     assert not pidfile.exists()
     assert "Starting junebug-api" in logfile.read_text()
+
     def gone() -> bool:
         try:
             os.kill(pid, 0)
@@ -157,19 +181,35 @@ def test_env_file_and_cli_layering(tmp_path, connector):
     """VUMI_CONFIG_FILE, then prefixed env vars, then CLI options, later wins."""
     env_port, cli_port = free_port(), free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({**BASE, "connector_name": "from-file",
-                                      "base_url_path": "/file"}))
+    config.write_text(
+        yaml.safe_dump({**BASE, "connector_name": "from-file", "base_url_path": "/file"})
+    )
     service = ServiceProcess(
-        tmp_path, {**BASE, "http_bind": f"127.0.0.1:{cli_port}"},
+        tmp_path,
+        {**BASE, "http_bind": f"127.0.0.1:{cli_port}"},
         extra_args=["--http-bind", f"127.0.0.1:{cli_port}", "--base-url-path", "/cli"],
     )
     # Run without --config: the file comes from VUMI_CONFIG_FILE.
     process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", f"--logfile={service.log_path}", "junebug-api",
-         "--http-bind", f"127.0.0.1:{cli_port}", "--base-url-path", "/cli"],
-        env=dict(os.environ, VUMI_CONFIG_FILE=str(config), VUMI_CONFIG_PREFIX="JB",
-                 JB_CONNECTOR_NAME=connector, JB_HTTP_BIND=f"127.0.0.1:{env_port}",
-                 JB_BASE_URL_PATH="/env"),
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={service.log_path}",
+            "junebug-api",
+            "--http-bind",
+            f"127.0.0.1:{cli_port}",
+            "--base-url-path",
+            "/cli",
+        ],
+        env=dict(
+            os.environ,
+            VUMI_CONFIG_FILE=str(config),
+            VUMI_CONFIG_PREFIX="JB",
+            JB_CONNECTOR_NAME=connector,
+            JB_HTTP_BIND=f"127.0.0.1:{env_port}",
+            JB_BASE_URL_PATH="/env",
+        ),
         stdin=subprocess.DEVNULL,
     )
     service.process = process

@@ -1,0 +1,329 @@
+"""JunebugApi + OutboundSender over StubTreq, with a fake publish and a Clock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from junebug_api.amqp_service import PublishFailed
+from junebug_api.api import JunebugApi
+from junebug_api.outbound import OutboundSender
+from junebug_api.state_cache import EventInfo, InMemoryStateCache
+
+PATH = "/channels/x/messages"
+URL = "http://junebug.example" + PATH
+TIMEOUT = 30.0
+UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
+
+
+def result_of(d: Deferred) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class FakePublish:
+    def __init__(self, answer: Callable[[], Deferred] | None = None) -> None:
+        self.calls: list[tuple[str, bytes, dict[str, Any]]] = []
+        self.answer = answer or (lambda: succeed(None))
+        self.on_call: Callable[[str, bytes, dict[str, Any]], None] | None = None
+
+    def __call__(self, routing_key: str, body: bytes, **kwargs: Any) -> Deferred:
+        self.calls.append((routing_key, body, kwargs))
+        if self.on_call is not None:
+            self.on_call(routing_key, body, kwargs)
+        return self.answer()
+
+
+class Harness:
+    def __init__(
+        self,
+        publish: FakePublish | None = None,
+        health: dict | None = None,
+        allow_expired_replies: bool = False,
+        default_from_addr: str | None = "+27000000000",
+    ) -> None:
+        self.clock = Clock()
+        self.cache = InMemoryStateCache(self.clock)
+        self.publish = publish or FakePublish()
+        self.health = health or {"health": "ok", "components": {}}
+        sender = OutboundSender(
+            connector_name="conn",
+            transport_type="sms",
+            default_from_addr=default_from_addr,
+            allow_expired_replies=allow_expired_replies,
+            cache=self.cache,
+            publish=self.publish,
+        )
+        self.api = JunebugApi(sender, lambda: self.health, PATH, TIMEOUT, self.clock)
+        self.http = StubTreq(self.api.resource())
+
+    def request(self, method: str, url: str, body: Any = None) -> Deferred:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        return self.http.request(method, url, data=data)
+
+    def answer(self, d: Deferred) -> tuple[int, dict[str, Any], bytes]:
+        """Status, JSON body and content type of a response that has arrived."""
+        self.http.flush()
+        response = result_of(d)
+        content = self.http.content(response)
+        self.http.flush()
+        raw = result_of(content)
+        content_type = response.headers.getRawHeaders(b"Content-Type")
+        assert content_type == [b"application/json; charset=utf-8"]
+        return response.code, json.loads(raw), raw
+
+    def call(self, method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+        code, data, _ = self.answer(self.request(method, url, body))
+        return code, data
+
+    def post(self, body: Any) -> tuple[int, dict[str, Any]]:
+        return self.call("POST", URL, body)
+
+
+def test_post_message_201_and_publish() -> None:
+    h = Harness()
+    code, data = h.post(
+        {
+            "to": "+27820000001",
+            "from": "+27000000009",
+            "content": UNICODE_TEXT,
+            "group": "g",
+            "channel_data": {"session_event": "new", "extra": {"k": 1}},
+        }
+    )
+    assert code == 201
+    assert len(h.publish.calls) == 1
+    routing_key, body, kwargs = h.publish.calls[0]
+    assert routing_key == "conn.outbound"
+    assert isinstance(body, bytes)
+    message = json.loads(body.decode("utf-8"))
+    assert UNICODE_TEXT.encode("utf-8") in body  # UTF-8 on the wire, not \u escapes
+    assert kwargs == {"message_id": message["message_id"]}
+    assert message["to_addr"] == "+27820000001"
+    assert message["from_addr"] == "+27000000009"
+    assert message["content"] == UNICODE_TEXT
+    assert message["transport_name"] == "conn"
+    assert message["transport_type"] == "sms"
+    assert message["message_type"] == "user_message"
+    assert message["message_version"] == "20110921"
+    assert message["session_event"] == "new"
+    assert message["helper_metadata"] == {"extra": {"k": 1}}
+    assert message["group"] == "g"
+    assert message["in_reply_to"] is None
+    assert len(message["message_id"]) == 32
+    assert data == {
+        "status": 201,
+        "code": "Created",
+        "description": "message submitted",
+        "result": {
+            "to": "+27820000001",
+            "from": "+27000000009",
+            "group": "g",
+            "message_id": message["message_id"],
+            "channel_id": "conn",
+            "timestamp": message["timestamp"],
+            "reply_to": None,
+            "content": UNICODE_TEXT,
+            "channel_data": {"session_event": "new", "extra": {"k": 1}},
+        },
+    }
+
+
+def test_post_uses_default_from_addr_and_trailing_slash() -> None:
+    h = Harness()
+    code, _ = h.call("POST", URL + "/", {"to": "+2782", "content": "hi"})
+    assert code == 201
+    message = json.loads(h.publish.calls[0][1])
+    assert message["from_addr"] == "+27000000000"
+
+
+def test_post_without_from_and_without_default_is_400() -> None:
+    h = Harness(default_from_addr=None)
+    code, data = h.post({"to": "+2782", "content": "hi"})
+    assert code == 400
+    assert data["description"] == "api usage error"
+    assert h.publish.calls == []
+
+
+def test_event_url_is_stored_for_the_message() -> None:
+    h = Harness()
+    code, data = h.post(
+        {
+            "to": "+2782",
+            "content": "hi",
+            "event_url": "https://rp.example/events",
+            "event_auth_token": "tok",
+        }
+    )
+    assert code == 201
+    message_id = data["result"]["message_id"]
+    info = result_of(h.cache.fetch_event_info(message_id))
+    assert info == EventInfo("https://rp.example/events", "tok")
+
+
+def test_reply_to_cached_inbound() -> None:
+    h = Harness()
+    inbound = {
+        "message_id": "in-1",
+        "to_addr": "*120#",
+        "from_addr": "+27820000001",
+        "transport_name": "ussd_transport",
+        "transport_type": "ussd",
+        "transport_metadata": {"session_id": "s1"},
+        "provider": "mtn",
+    }
+    result_of(h.cache.store_inbound(inbound))
+    code, data = h.post(
+        {"reply_to": "in-1", "content": "bye", "channel_data": {"continue_session": False}}
+    )
+    assert code == 201
+    message = json.loads(h.publish.calls[0][1])
+    assert message["to_addr"] == "+27820000001"
+    assert message["from_addr"] == "*120#"
+    assert message["in_reply_to"] == "in-1"
+    assert message["transport_name"] == "ussd_transport"
+    assert message["transport_type"] == "ussd"
+    assert message["transport_metadata"] == {"session_id": "s1"}
+    assert message["provider"] == "mtn"
+    assert message["session_event"] == "close"
+    assert message["helper_metadata"] == {}
+    assert data["result"]["reply_to"] == "in-1"
+
+
+def test_reply_to_unknown_inbound_is_400() -> None:
+    h = Harness()
+    code, data = h.post({"reply_to": "gone", "content": "hi"})
+    assert code == 400
+    assert data["description"] == "message not found"
+    assert data["result"]["errors"] == [
+        {"type": "MessageNotFound", "message": "Inbound message with id gone not found"}
+    ]
+    assert h.publish.calls == []
+
+
+def test_expired_reply_with_to_when_allowed() -> None:
+    h = Harness(allow_expired_replies=True)
+    code, _ = h.post({"reply_to": "gone", "to": "+2782", "content": "hi"})
+    assert code == 201
+    message = json.loads(h.publish.calls[0][1])
+    assert message["to_addr"] == "+2782"
+    assert message["in_reply_to"] is None
+
+
+def test_publish_failed_is_503_and_event_info_deleted() -> None:
+    publish = FakePublish(lambda: fail(PublishFailed("broker down")))
+    h = Harness(publish=publish)
+    stored_during_publish = []
+    publish.on_call = lambda rk, body, kw: stored_during_publish.append(
+        result_of(h.cache.fetch_event_info(kw["message_id"]))
+    )
+    code, data = h.post(
+        {"to": "+2782", "content": "hi", "event_url": "http://rp.example/events"}
+    )
+    assert code == 503
+    assert data["status"] == 503
+    assert data["code"] == "Service Unavailable"
+    assert data["description"] == "service unavailable"
+    assert data["result"]["errors"] == [
+        {"type": "ServiceUnavailable", "message": "message not sent: broker down"}
+    ]
+    message_id = publish.calls[0][2]["message_id"]
+    # It was stored before publishing, and is gone again.
+    assert stored_during_publish == [EventInfo("http://rp.example/events", None)]
+    assert result_of(h.cache.fetch_event_info(message_id)) is None
+
+
+def test_publish_never_confirmed_is_504_after_request_timeout() -> None:
+    never: Deferred[None] = Deferred()
+    h = Harness(publish=FakePublish(lambda: never))
+    d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
+    answered: list[Any] = []
+    d.addBoth(lambda r: answered.append(r) or r)
+    h.http.flush()
+    assert answered == []
+    h.clock.advance(TIMEOUT - 1)
+    h.http.flush()
+    assert answered == []
+    assert len(h.publish.calls) == 1
+    h.clock.advance(1)
+    code, data, _ = h.answer(d)
+    assert code == 504
+    assert data["code"] == "Gateway Timeout"
+    assert data["description"] == "request timed out"
+    assert data["result"]["errors"] == [
+        {"type": "RequestTimeout", "message": "request not handled within 30 s"}
+    ]
+    assert never.called  # the publish wait was cancelled
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_event_url_not_http_is_400() -> None:
+    h = Harness()
+    for url in ("ftp://rp.example/events", "rp.example/events", "http://"):
+        code, data = h.post({"to": "+2782", "content": "hi", "event_url": url})
+        assert code == 400, url
+        assert data["description"] == "api usage error"
+        assert data["result"]["errors"] == [
+            {
+                "type": "ApiUsageError",
+                "message": '"event_url" must be an http:// or https:// URL',
+            }
+        ]
+    assert h.publish.calls == []
+
+
+def test_invalid_json_is_400() -> None:
+    h = Harness()
+    code, data = h.post(b"{not json")
+    assert code == 400
+    assert data["description"] == "json decode error"
+    assert data["result"]["errors"][0]["type"] == "JsonDecodeError"
+
+
+def test_schema_error_is_400() -> None:
+    h = Harness()
+    code, data = h.post({"to": "+2782", "content": 5})
+    assert code == 400
+    assert data["result"]["errors"][0]["type"] == "invalid_body"
+    assert data["result"]["errors"][0]["schema_path"] == ["properties", "content", "type"]
+
+
+def test_health_ok() -> None:
+    h = Harness(health={"health": "ok", "components": {"amqp": {"health": "ok"}}})
+    code, data = h.call("GET", "http://junebug.example/health")
+    assert code == 200
+    assert data == {"health": "ok", "components": {"amqp": {"health": "ok"}}}
+
+
+def test_health_down_is_503() -> None:
+    health = {"health": "down", "components": {"amqp": {"health": "down", "error": "x"}}}
+    h = Harness(health=health)
+    code, data = h.call("GET", "http://junebug.example/health")
+    assert code == 503
+    assert data == health
+
+
+def test_unknown_path_is_404_envelope() -> None:
+    h = Harness()
+    code, data = h.call("GET", "http://junebug.example/nope")
+    assert code == 404
+    assert data["description"] == "not found"
+    assert data["result"]["errors"][0]["type"] == "NotFound"
+
+
+def test_wrong_method_is_405_envelope() -> None:
+    h = Harness()
+    code, data = h.call("GET", URL)
+    assert code == 405
+    assert data["description"] == "method not allowed"
+    assert data["result"]["errors"][0]["message"] == "method GET is not allowed here"
