@@ -365,6 +365,7 @@ class Soak:
         self.process: subprocess.Popen | None = None
         self.started = time.monotonic()
         self.restarts: list[str] = []
+        self.healthy_at = 0.0  # when the service was last seen healthy after a restart
         self.dead: dict[str, set[str]] = {"inbound": set(), "event": set()}
         self.dead_unreadable = 0
         self.publisher: Publisher | None = None
@@ -467,10 +468,9 @@ class Soak:
 
     async def restart_broker(self, number: int, url: str) -> None:
         deadline = self.started + SEND_LIMIT
-        last_healthy = time.monotonic()
         threshold = number / (self.args.restarts + 1)
         while time.monotonic() < deadline and not self.sending_done():
-            if self.progress() >= threshold and time.monotonic() - last_healthy >= RESTART_GAP:
+            if self.progress() >= threshold and time.monotonic() - self.healthy_at >= RESTART_GAP:
                 break
             await sleep(0.05)
         at, progress = self.elapsed(), self.progress()
@@ -482,6 +482,7 @@ class Soak:
             await deferToThread(rabbitmqctl, "start_app")
         started = self.elapsed()
         recovery = await self.wait_healthy(url, HEALTH_LIMIT)
+        self.healthy_at = time.monotonic()
         self.restarts.append(
             f"restart {number}: at {at:.1f} s ({progress:.0%} sent), broker stopped by"
             f" {stopped:.1f} s, started by {started:.1f} s, service healthy {recovery:.1f} s later"
@@ -606,7 +607,10 @@ class Soak:
         ]
         lost_total = out_lost
         missing = self.missing(sink)
-        for kind, path, label in (("inbound", "/inbound", "inbound"), ("event", "/event", "events")):
+        for kind, path, label in (
+            ("inbound", "/inbound", "inbound"),
+            ("event", "/event", "events"),
+        ):
             confirmed = publisher.confirmed[kind]
             received = sink.ok[path]
             delivered = len(confirmed & set(received))
@@ -619,26 +623,34 @@ class Soak:
         header = ["stream", "sent", "delivered", "duplicates", "dead-lettered"]
         header += ["refused-then-retried", "lost"]
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-        line = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+
+        def line(cells: list[Any]) -> str:
+            return "  ".join(
+                f"{cell!s:<{w}}" if i == 0 else f"{cell!s:>{w}}"
+                for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
         print()
         print(
             f"junebug-api soak: {self.count} messages per stream, {self.args.restarts} broker"
             f" restart(s), RapidPro failure rate {self.args.fail_rate:g}, seed {self.args.seed}"
         )
-        print(line.format(*header))
-        print(line.format(*["-" * w for w in widths]))
+        print(line(header))
+        print(line(["-" * w for w in widths]))
         for row in rows:
-            print(line.format(*row))
+            print(line(row))
         print()
         for text in self.restarts:
             print(text)
         unsent = self.count - len(outbound.answered)
         unsent_in = self.count - len(publisher.confirmed["inbound"])
         unsent_ev = self.count - len(publisher.confirmed["event"])
+        matches = "equal" if outbound_count == len(outbound.answered) else "NOT equal"
         print(
-            f"outbound: {outbound_count} message(s) on {self.connector}.outbound for"
-            f" {len(outbound.answered)} 201 answer(s); refusals by kind: {dict(outbound.kinds)};"
-            f" {sum(1 for n in by_content.values() if n > 1)} content(s) queued more than once"
+            f"outbound: {outbound_count} message(s) on {self.connector}.outbound, {matches} to"
+            f" the {len(outbound.answered)} 201 answer(s); {out_extra} without a 201 (refused"
+            f" but published); {sum(1 for n in by_content.values() if n > 1)} content(s)"
+            f" queued more than once; refusals by kind: {dict(outbound.kinds)}"
         )
         print(
             f"publisher: {publisher.resent} publish(es) tried again after a broker error;"
@@ -653,7 +665,9 @@ class Soak:
         print(f"left on queues after settling (ready + unacked): {depths}")
         if self.dead_unreadable:
             print(f"dead letters without a readable id: {self.dead_unreadable}")
-        log = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        log = ""
+        if self.log_path.exists():
+            log = self.log_path.read_text(encoding="utf-8", errors="replace")
         print(
             f"service log {self.log_path}: {log.count('Traceback')} Traceback,"
             f" {log.count('Unhandled')} Unhandled"

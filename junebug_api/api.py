@@ -6,11 +6,14 @@ live here; what a message becomes is :mod:`junebug_api.outbound`'s business.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.web.iweb import IRequest
@@ -22,6 +25,7 @@ from .junebug_formats import (
     MethodNotAllowed,
     NotFound,
     RequestTimedOut,
+    Unauthorized,
     envelope,
     error_envelope,
 )
@@ -31,6 +35,45 @@ from .outbound import OutboundSender
 log = logger(__name__)
 
 HealthCheck = Callable[[], dict[str, Any]]
+
+
+@attrs.frozen
+class ApiCredentials:
+    """What a request to the messages API must carry, if anything.
+
+    Basic auth with ``username``/``password``, or ``Authorization: Token
+    <token>``; either or both may be set. Secrets are compared in constant time.
+    """
+
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    token: str | None = attrs.field(default=None, repr=False)
+
+    @property
+    def required(self) -> bool:
+        return self.token is not None or self.username is not None
+
+    def allow(self, authorization: bytes | None) -> bool:
+        """Whether an Authorization header value lets the request in."""
+        if not self.required:
+            return True
+        if not authorization:
+            return False
+        scheme, _, value = authorization.strip().partition(b" ")
+        scheme = scheme.lower()
+        value = value.strip()
+        if scheme == b"token" and self.token is not None:
+            return hmac.compare_digest(value, self.token.encode("utf-8"))
+        if scheme == b"basic" and self.username is not None:
+            try:
+                decoded = base64.b64decode(value, validate=True)
+            except ValueError:
+                return False
+            user, sep, password = decoded.partition(b":")
+            user_ok = hmac.compare_digest(user, self.username.encode("utf-8"))
+            password_ok = hmac.compare_digest(password, (self.password or "").encode("utf-8"))
+            return bool(sep) and user_ok and password_ok
+        return False
 
 
 class JunebugApi:
@@ -43,7 +86,9 @@ class JunebugApi:
         messages_path: str,
         request_timeout: float,
         clock: Any,
+        credentials: ApiCredentials | None = None,
     ) -> None:
+        self._credentials = credentials or ApiCredentials()
         self._sender = sender
         self._health = health
         self._timeout = request_timeout
@@ -59,7 +104,11 @@ class JunebugApi:
         """The twisted.web resource that serves this API."""
         return self.app.resource()
 
-    def post_message(self, request: IRequest) -> Deferred[bytes]:
+    def post_message(self, request: IRequest) -> Deferred[bytes] | bytes:
+        if not self._credentials.allow(request.getHeader(b"authorization")):
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
+            error = Unauthorized("missing or wrong credentials")
+            return _answer(request, error.status, error_envelope(error))
         body = request.content.read()
         d = Deferred.fromCoroutine(self._sender.send(body))
         d.addTimeout(self._timeout, self._clock)

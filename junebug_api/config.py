@@ -71,6 +71,14 @@ class JunebugConfig:
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
 
+    # Protecting the outbound API.
+    api_auth_username: str | None = None
+    api_auth_password: str | None = attrs.field(default=None, repr=False)
+    api_auth_token: str | None = attrs.field(default=None, repr=False)
+    max_request_size: int = 1024 * 1024
+    http_idle_timeout: float = 60.0
+    http_read_timeout: float = 30.0
+
     # Delivery of inbound messages and events to HTTP.
     delivery_retry_delay: float = 1.0
     delivery_retry_max_delay: float = 60.0
@@ -336,6 +344,15 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0")
+    if (config.api_auth_username is None) != (config.api_auth_password is None):
+        raise ConfigError("api_auth_username and api_auth_password must be set together")
+    if config.api_auth_token is not None and not config.api_auth_token:
+        raise ConfigError("api_auth_token must not be empty")
+    if config.max_request_size < 1:
+        raise ConfigError("max_request_size must be at least 1")
+    for name in ("http_idle_timeout", "http_read_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0")
     if config.shutdown_timeout < 0:
         raise ConfigError("shutdown_timeout must not be negative")
     if config.amqp_heartbeat < 0:
@@ -401,6 +418,8 @@ def http_bind_to_endpoint(bind: str) -> str:
 
 
 _SECRET_OPTIONS = {
+    "api_auth_password",
+    "api_auth_token",
     "mo_message_url_auth_token",
     "default_event_auth_token",
     "sentry_dsn",

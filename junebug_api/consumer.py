@@ -183,18 +183,18 @@ class MessageWorker:
         for wait in list(self._waiting):
             wait.cancel()
         pending = list(self._in_flight)
-        if not pending:
-            return given_up
-        waiting = DeferredList(pending, consumeErrors=True)
-        timer = self._clock.callLater(timeout, waiting.cancel) if timeout > 0 else None
-        if timer is None:
-            waiting.cancel()
-        try:
-            await waiting
-        except CancelledError:
-            pass
-        if timer is not None and timer.active():
-            timer.cancel()
+        if pending and timeout > 0:
+            waiter: Deferred[None] = Deferred()
+
+            def wake(_: Any = None) -> None:
+                if not waiter.called:
+                    waiter.callback(None)
+
+            DeferredList(pending, consumeErrors=True).addBoth(wake)
+            timer = self._clock.callLater(timeout, wake)
+            await waiter
+            if timer.active():
+                timer.cancel()
         left = list(self._in_flight)
         for d in left:
             d.cancel()

@@ -8,6 +8,8 @@ response envelope. Knows nothing of AMQP, HTTP servers or cache storage.
 from __future__ import annotations
 
 import json
+import math
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -72,6 +74,12 @@ class MessageNotFound(ApiError):
     error_type = "MessageNotFound"
 
 
+class Unauthorized(ApiError):
+    status = HTTPStatus.UNAUTHORIZED
+    description = "unauthorized"
+    error_type = "Unauthorized"
+
+
 class ServiceUnavailable(ApiError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     description = "service unavailable"
@@ -121,25 +129,50 @@ def parse_outbound_request(body: bytes) -> dict[str, Any]:
     listing every schema error otherwise.
     """
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as e:
         raise JsonDecodeError(str(e)) from None
-    errors = sorted(_validator.iter_errors(data), key=lambda e: list(e.path))
+    except RecursionError:
+        raise JsonDecodeError("the JSON is nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonDecodeError("the JSON contains an unpaired UTF-16 surrogate") from None
+    try:
+        errors = [
+            {
+                "type": "invalid_body",
+                "message": _shorten(e.message),
+                "schema_path": list(e.schema_path),
+            }
+            for e in sorted(_validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
+        ]
+    except RecursionError:
+        raise JsonDecodeError("the JSON is nested too deeply") from None
     if errors:
-        raise ApiUsageError(
-            errors[0].message,
-            [
-                {
-                    "type": "invalid_body",
-                    "message": e.message,
-                    "schema_path": list(e.schema_path),
-                }
-                for e in errors
-            ],
-        )
+        raise ApiUsageError(errors[0]["message"], errors)
     if data.get("to") is None and data.get("reply_to") is None:
         raise ApiUsageError('Either "to" or "reply_to" must be specified')
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _shorten(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _channel_fields(request: dict) -> tuple[dict, str | None, bool | None]:

@@ -13,18 +13,18 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.web.server import Site
 
 from .amqp_service import AmqpService
-from .api import JunebugApi
+from .api import ApiCredentials, JunebugApi
 from .config import JunebugConfig, describe
 from .consumer import MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
+from .http_server import ApiSite
 from .inbound import InboundHandler
-from .log import debug_enabled, logger, set_log_level
+from .log import logger, set_log_level
 from .outbound import OutboundSender
 from .state_cache import StateCache, make_state_cache
 
@@ -40,16 +40,6 @@ def queue_names(connector_name: str) -> dict[str, str]:
         "inbound_failed": f"{connector_name}.inbound.failed",
         "event_failed": f"{connector_name}.event.failed",
     }
-
-
-class _QuietSite(Site):
-    """A Site that writes access log lines only when debugging."""
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        if debug_enabled():
-            super().log(request)
 
 
 class JunebugService(MultiService):
@@ -111,8 +101,24 @@ class JunebugService(MultiService):
             self.cache,
             self.amqp.publish,
         )
-        api = JunebugApi(sender, self.health, config.messages_path, config.request_timeout, reactor)
-        site = _QuietSite(api.resource())
+        self.credentials = ApiCredentials(
+            config.api_auth_username, config.api_auth_password, config.api_auth_token
+        )
+        api = JunebugApi(
+            sender,
+            self.health,
+            config.messages_path,
+            config.request_timeout,
+            reactor,
+            self.credentials,
+        )
+        site = ApiSite(
+            api.resource(),
+            clock=reactor,
+            max_request_size=config.max_request_size,
+            read_timeout=config.http_read_timeout,
+            idle_timeout=config.http_idle_timeout,
+        )
         self.http = StreamServerEndpointService(
             serverFromString(reactor, config.http_endpoint), site
         )
@@ -122,6 +128,11 @@ class JunebugService(MultiService):
     def startService(self) -> None:
         set_log_level(self.config.log_level)
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
+        if not self.credentials.required:
+            log.warn(
+                "The messages API is open: anyone who can reach it can send messages."
+                " Set api_auth_username/api_auth_password or api_auth_token."
+            )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
         super().startService()
@@ -141,9 +152,8 @@ class JunebugService(MultiService):
         await self.http.stopService()
         await self.amqp.stop_consuming()
         timeout = self.config.shutdown_timeout
-        cancelled = 0
-        for worker in self.workers:
-            cancelled += await worker.drain(timeout)
+        drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
+        cancelled = sum(await gatherResults(drains))
         if cancelled:
             log.warn(
                 "{count} message(s) still in work after {timeout} s go back to their queues",

@@ -105,8 +105,7 @@ def test_content_header_with_every_table_type() -> None:
             ("bytes", b"x" + longstr(b"\x00\xffabc")),
             (
                 "array",
-                b"A"
-                + array([b"S" + longstr(b"a"), b"I" + struct.pack("!i", 7), b"t\x00", b"V"]),
+                b"A" + array([b"S" + longstr(b"a"), b"I" + struct.pack("!i", 7), b"t\x00", b"V"]),
             ),
             ("x-death", b"A" + array([b"F" + x_death])),
             ("timestamp", b"T" + struct.pack("!Q", 1_764_163_398)),

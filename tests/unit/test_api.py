@@ -227,9 +227,7 @@ def test_publish_failed_is_503_and_event_info_deleted() -> None:
     publish.on_call = lambda rk, body, kw: stored_during_publish.append(
         result_of(h.cache.fetch_event_info(kw["message_id"]))
     )
-    code, data = h.post(
-        {"to": "+2782", "content": "hi", "event_url": "http://rp.example/events"}
-    )
+    code, data = h.post({"to": "+2782", "content": "hi", "event_url": "http://rp.example/events"})
     assert code == 503
     assert data["status"] == 503
     assert data["code"] == "Service Unavailable"

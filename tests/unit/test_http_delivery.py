@@ -118,9 +118,7 @@ class InstantProducer:
         pass
 
 
-def post(
-    rapidpro: FakeRapidPro, url: str, body: bytes, token: str | None = None
-) -> Deferred[int]:
+def post(rapidpro: FakeRapidPro, url: str, body: bytes, token: str | None = None) -> Deferred[int]:
     agent = RequestTraversalAgent(rapidpro)
     delivery = HttpDelivery(HTTPClient(agent, data_to_body_producer=InstantProducer))
     d = Deferred.fromCoroutine(delivery.post_json(url, body, token, 10.0))
@@ -164,7 +162,20 @@ def test_no_auth_without_token_or_credentials() -> None:
     assert rapidpro.requests[0]["authorization"] is None
 
 
-@pytest.mark.parametrize(("code", "retryable"), [(500, True), (503, True), (408, True), (429, True), (502, True), (400, False), (404, False), (401, False), (302, False)])
+@pytest.mark.parametrize(
+    ("code", "retryable"),
+    [
+        (500, True),
+        (503, True),
+        (408, True),
+        (429, True),
+        (502, True),
+        (400, False),
+        (404, False),
+        (401, False),
+        (302, False),
+    ],
+)
 def test_non_2xx_raises_delivery_failed(code: int, retryable: bool) -> None:
     rapidpro = FakeRapidPro(code)
     d = post(rapidpro, "http://user:secretpass@rp.example/in", b"{}")

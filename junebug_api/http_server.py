@@ -1,0 +1,126 @@
+"""The HTTP server under the API: body size limit, slow and idle clients.
+
+twisted.web reads a whole request body into memory or a temporary file before
+a resource sees it. :class:`LimitedRequest` refuses a body larger than
+``max_request_size`` as soon as its Content-Length says so, or as soon as a
+chunked body grows past it, answering 413 in the Junebug envelope and closing
+the connection without storing the body. A request whose headers and body do
+not arrive within ``read_timeout`` gets 408; a connection idle for
+``idle_timeout`` is closed (twisted.web's own timeout).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from twisted.web.server import Request, Site
+
+from .junebug_formats import ApiError, error_envelope
+from .log import debug_enabled
+
+
+class RequestTooLarge(ApiError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    description = "request too large"
+    error_type = "RequestTooLarge"
+
+
+class RequestReadTimeout(ApiError):
+    status = HTTPStatus.REQUEST_TIMEOUT
+    description = "request timeout"
+    error_type = "RequestTimeout"
+
+
+class LimitedRequest(Request):
+    """A Request that enforces its site's size limit and read deadline."""
+
+    _refused = False
+    _received = 0
+    _deadline: Any = None
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        self._max_size = getattr(site, "max_request_size", None)
+        read_timeout = getattr(site, "read_timeout", None)
+        if read_timeout:
+            self._deadline = site.clock.callLater(read_timeout, self._read_timed_out)
+
+    def gotLength(self, length: int | None) -> None:
+        if self._max_size is not None and length is not None and length > self._max_size:
+            self.requestHeaders.removeHeader(b"Expect")  # no 100 Continue after our 413
+            self._refuse(RequestTooLarge(f"the body is larger than {self._max_size} bytes"))
+        super().gotLength(0 if self._refused else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._max_size is not None and self._received > self._max_size:
+            self._refuse(RequestTooLarge(f"the body is larger than {self._max_size} bytes"))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_deadline()
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._deadline = None
+        self._refuse(RequestReadTimeout("the request did not arrive in time"))
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer ``error`` at once, before the request is complete, and hang up."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        body = error_envelope(error)
+        status = error.status
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(head + body)
+            transport.loseConnection()
+
+
+class ApiSite(Site):
+    """The Site serving the API, with limits and access logs only when debugging."""
+
+    noisy = False
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        clock: Any,
+        max_request_size: int | None,
+        read_timeout: float | None,
+        idle_timeout: float | None,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        self.clock = clock
+        self.max_request_size = max_request_size
+        self.read_timeout = read_timeout
+
+    def log(self, request: Any) -> None:
+        if debug_enabled():
+            super().log(request)
