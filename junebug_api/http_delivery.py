@@ -18,7 +18,12 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.web._newclient import ResponseFailed
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 
@@ -51,9 +56,14 @@ def safe_url(url: str) -> str:
     return split_credentials(url)[0].decode("utf-8")
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 def make_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
     """The one persistent pool that every outgoing POST shares."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory  # no "Starting factory" line per connection
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False

@@ -160,7 +160,8 @@ class ServiceProcess:
         self.config_path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log_path = tmp_path / f"service-{uuid.uuid4().hex[:6]}.log"
-        self.port = int(str(config["http_bind"]).rsplit(":", 1)[1])
+        bind = str(config["http_bind"])
+        self.port = int(bind.split(":")[1] if bind.startswith("ssl:") else bind.rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args or []
         self.env = env
