@@ -63,12 +63,10 @@ def main() -> None:
     gc.collect()
     rss_after = rss_bytes()
     print(f"entries: {args.entries:,}")
-    print(
-        f"RSS growth per entry (key, value, slot): {(rss_after - rss_before) / args.entries:,.0f} bytes"
-    )
-    print(
-        f"store_inbound: {elapsed / args.entries * 1e6:.2f} us per entry (JSON of a message included)"
-    )
+    per_entry = (rss_after - rss_before) / args.entries
+    print(f"RSS growth per entry (key, value, slot): {per_entry:,.0f} bytes")
+    per_store = elapsed / args.entries * 1e6
+    print(f"store_inbound: {per_store:.2f} us per entry (JSON of a message included)")
     print(f"pending timers: {len(clock.getDelayedCalls())}")
     clock.advance(86400)
     print(
