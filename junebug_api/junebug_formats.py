@@ -87,8 +87,9 @@ class ServiceUnavailable(ApiError):
 
 
 class RequestTimedOut(ApiError):
-    status = HTTPStatus.GATEWAY_TIMEOUT
-    description = "request timed out"
+    # 503, not 504: the message was not sent, and the client may try again.
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    description = "service unavailable"
     error_type = "RequestTimeout"
 
 

@@ -135,6 +135,7 @@ class JunebugService(MultiService):
             )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
+        self.cache.start()
         super().startService()
         log.info(
             "Listening on {endpoint}; outbound messages at {path}",

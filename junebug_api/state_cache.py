@@ -49,6 +49,9 @@ class StateCache(Protocol):
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         """Forget the event info of an outbound message."""
 
+    def start(self) -> None:
+        """Open connections and start timers (called when the service starts)."""
+
     def health(self) -> dict[str, dict[str, Any]]:
         """Components for ``/health``, e.g. ``{"redis": {"health": "ok"}}``."""
 
@@ -56,7 +59,7 @@ class StateCache(Protocol):
         """Release connections and timers."""
 
 
-def _check_options(cls_name: str, config: dict, types: dict[str, type]) -> dict:
+def check_options(cls_name: str, config: dict, types: dict[str, type]) -> dict:
     if not isinstance(config, dict):
         raise ConfigError("state_cache_config must be a mapping")
     for key, value in config.items():
@@ -146,9 +149,9 @@ class InMemoryStateCache:
         self._event_info = ExpiringMap(clock, timeout)
 
     @classmethod
-    def check_config(cls, config: dict) -> dict:
+    def check_config(cls, config: dict, connector_name: str = "") -> dict:
         """The options with defaults filled in; ConfigError if any is wrong."""
-        options = _check_options(cls.__name__, config, cls.OPTIONS)
+        options = check_options(cls.__name__, config, cls.OPTIONS)
         timeout = options.get("timeout", 86400)
         if timeout <= 0:
             raise ConfigError("state_cache_config.timeout must be greater than 0")
@@ -158,7 +161,7 @@ class InMemoryStateCache:
     def from_config(
         cls, config: dict, *, clock: IReactorTime, connector_name: str
     ) -> InMemoryStateCache:
-        return cls(clock, **cls.check_config(config))
+        return cls(clock, **cls.check_config(config, connector_name))
 
     def store_inbound(self, message: VumiMessage) -> Deferred[None]:
         self._inbound.set(message["message_id"], reply_source(message))
@@ -184,6 +187,9 @@ class InMemoryStateCache:
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         self._event_info.delete(message_id)
         return succeed(None)
+
+    def start(self) -> None:
+        pass
 
     def health(self) -> dict[str, dict[str, Any]]:
         return {}
@@ -213,3 +219,13 @@ def make_state_cache(
     """Build the configured state cache, checking its options."""
     cls = load_state_cache_class(path)
     return cls.from_config(config, clock=clock, connector_name=connector_name)
+
+
+def __getattr__(name: str) -> Any:
+    # RedisStateCache lives in its own module so that txredisapi (which
+    # imports the reactor) loads only when a config names it.
+    if name == "RedisStateCache":
+        from .redis_state_cache import RedisStateCache
+
+        return RedisStateCache
+    raise AttributeError(name)

@@ -34,7 +34,7 @@ class Options(usage.Options):
             from .state_cache import load_state_cache_class
 
             cls = load_state_cache_class(self.config.state_cache_class)
-            cls.check_config(self.config.state_cache_config)
+            cls.check_config(self.config.state_cache_config, self.config.connector_name)
         except ConfigError as e:
             sys.stderr.write(f"junebug-api: config error: {e}\n")
             raise SystemExit(1) from None

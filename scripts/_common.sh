@@ -66,3 +66,25 @@ ensure_rabbitmq() {
     say "RabbitMQ did not start within 120 s; see its logs (rabbitmq-diagnostics status)."
     exit 1
 }
+
+ensure_redis() {
+    local host="${REDIS_TEST_HOST:-127.0.0.1}" port="${REDIS_TEST_PORT:-6379}"
+    if port_open "$host" "$port"; then
+        return 0
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        say "Redis is not running on $host:$port and is not installed."
+        say "Install it (Debian/Ubuntu: apt-get install redis-server)."
+        exit 1
+    fi
+    say "starting Redis (redis-server --daemonize yes --port $port)"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no
+    for _ in $(seq 1 30); do
+        if port_open "$host" "$port"; then
+            return 0
+        fi
+        sleep 1
+    done
+    say "Redis did not start within 30 s."
+    exit 1
+}

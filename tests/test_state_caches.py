@@ -1,0 +1,228 @@
+"""One suite, both state caches: what the service sees must not depend on which."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+import redis
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from junebug_api.config import ConfigError
+from junebug_api.state_cache import EventInfo, InMemoryStateCache, make_state_cache
+
+from .support import inbound_message, wait_for
+
+REDIS_URL = "redis://127.0.0.1:6379/9"
+
+
+class RedisKeys:
+    """The keys under one test prefix in the test database, removed afterwards."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.client = redis.Redis.from_url(REDIS_URL)
+
+    def keys(self) -> list[bytes]:
+        return sorted(self.client.scan_iter(match=f"{self.prefix}*"))
+
+    def ttl(self, key: bytes) -> int:
+        return self.client.ttl(key)
+
+    def clean(self) -> None:
+        for key in self.keys():
+            self.client.delete(key)
+        self.client.close()
+
+
+@pytest.fixture
+def redis_keys() -> Iterator[RedisKeys]:
+    keys = RedisKeys(f"jbtest:{uuid.uuid4().hex[:8]}:")
+    yield keys
+    keys.clean()
+
+
+class MemoryCase:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def make(self, **options: Any) -> Any:
+        return make_state_cache(
+            "junebug_api.state_cache.InMemoryStateCache",
+            options,
+            clock=self.clock,
+            connector_name="c",
+        )
+
+    async def expire(self, cache: Any, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+
+class RedisCase:
+    name = "redis"
+
+    def __init__(self, keys: RedisKeys) -> None:
+        self.keys = keys
+
+    def make(self, **options: Any) -> Any:
+        cache = make_state_cache(
+            "junebug_api.state_cache.RedisStateCache",
+            {"url": REDIS_URL, "key_prefix": self.keys.prefix, **options},
+            clock=reactor,
+            connector_name="c",
+        )
+        cache.start()
+        self.opened.append(cache)
+        return cache
+
+    async def expire(self, cache: Any, seconds: float) -> None:
+        # Redis expires on its own clock: wait until the keys are gone.
+        await wait_for(lambda: not self.keys.keys(), timeout=seconds + 3, what="expiry")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def case(request: Any, redis_keys: RedisKeys) -> Iterator[Any]:
+    if request.param == "memory":
+        yield MemoryCase()
+        return
+    redis_case = RedisCase(redis_keys)
+    redis_case.opened = []
+    yield redis_case
+    for cache in redis_case.opened:
+        cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbound_round_trip(case):
+    cache = case.make()
+    message = inbound_message("my-channel", transport_metadata={"aat": "Sawubona 👋 漢字"})
+    await cache.store_inbound(message)
+    stored = await cache.fetch_inbound(message["message_id"])
+    assert stored == {
+        "message_id": message["message_id"],
+        "to_addr": "8110",
+        "from_addr": "+27820000001",
+        "transport_name": "my-channel",
+        "transport_type": "ussd",
+        "transport_metadata": {"aat": "Sawubona 👋 漢字"},
+        "provider": "x",
+        "group": None,
+        "to_addr_type": None,
+        "from_addr_type": None,
+    }
+    assert await cache.fetch_inbound("unknown") is None
+    await cache.delete_inbound(message["message_id"])
+    assert await cache.fetch_inbound(message["message_id"]) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_info_round_trip(case):
+    cache = case.make()
+    await cache.store_event_info("m1", EventInfo("http://rp/e?x=1", "tök"))
+    await cache.store_event_info("m2", EventInfo("http://rp/e2", None))
+    assert await cache.fetch_event_info("m1") == EventInfo("http://rp/e?x=1", "tök")
+    assert await cache.fetch_event_info("m2") == EventInfo("http://rp/e2", None)
+    assert await cache.fetch_event_info("m3") is None
+    await cache.delete_event_info("m1")
+    assert await cache.fetch_event_info("m1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_event_info_false_stores_nothing(case):
+    cache = case.make(store_event_info=False)
+    await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
+    assert await cache.fetch_event_info("m1") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_expire_after_timeout(case):
+    cache = case.make(timeout=1)
+    message = inbound_message("c")
+    await cache.store_inbound(message)
+    await cache.store_event_info("m1", EventInfo("http://rp/e", None))
+    assert await cache.fetch_inbound(message["message_id"]) is not None
+    await case.expire(cache, 1)
+    assert await cache.fetch_inbound(message["message_id"]) is None
+    assert await cache.fetch_event_info("m1") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"colour": 1}, "unknown option state_cache_config.colour"),
+        ({"timeout": "x"}, "state_cache_config.timeout must be of type float"),
+        ({"timeout": 0}, "state_cache_config.timeout must be greater than 0"),
+        ({"store_event_info": "yes"}, "state_cache_config.store_event_info must be of type bool"),
+    ],
+)
+@pytest.mark.parametrize(
+    "path",
+    ["junebug_api.state_cache.InMemoryStateCache", "junebug_api.state_cache.RedisStateCache"],
+)
+def test_bad_options(path, options, error):
+    with pytest.raises(ConfigError, match=error):
+        make_state_cache(path, options, clock=Clock(), connector_name="c")
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://x", "must start with redis://"),
+        ("redis://x:notaport/0", "invalid port"),
+        ("redis://x:6379/zero", "database number"),
+    ],
+)
+def test_bad_redis_urls(url, error):
+    with pytest.raises(ConfigError, match=error):
+        make_state_cache(
+            "junebug_api.state_cache.RedisStateCache",
+            {"url": url},
+            clock=Clock(),
+            connector_name="c",
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_keys_ttl_and_prefix(redis_keys):
+    cache = RedisCase(redis_keys)
+    cache.opened = []
+    store = cache.make(timeout=3600)
+    try:
+        message = inbound_message("c")
+        await store.store_inbound(message)
+        await store.store_event_info("m1", EventInfo("http://rp/e", None))
+        keys = redis_keys.keys()
+        assert keys == sorted(
+            [
+                f"{redis_keys.prefix}inbound:{message['message_id']}".encode(),
+                f"{redis_keys.prefix}event:m1".encode(),
+            ]
+        )
+        for key in keys:
+            assert 3590 < redis_keys.ttl(key) <= 3600
+        # A compact value: only what a reply needs.
+        assert len(redis_keys.client.get(keys[1])) < 200
+    finally:
+        store.close()
+
+
+def test_default_key_prefix_names_the_connector():
+    cache = make_state_cache(
+        "junebug_api.state_cache.RedisStateCache", {}, clock=Clock(), connector_name="chan-1"
+    )
+    assert cache._prefix == b"junebug:chan-1:"
+
+
+def test_memory_is_the_default():
+    assert isinstance(
+        make_state_cache(
+            "junebug_api.state_cache.InMemoryStateCache", {}, clock=Clock(), connector_name="c"
+        ),
+        InMemoryStateCache,
+    )
