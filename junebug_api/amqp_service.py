@@ -26,7 +26,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
-from txamqp.content import Content
 
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig
@@ -46,26 +45,30 @@ class PublishFailed(Exception):
 
 @attrs.define(eq=False)
 class Acker:
-    """Acknowledges one delivery on the channel it came from."""
+    """Acknowledges one delivery on the connection it came from."""
 
     _connection: _Connection
-    _channel: Any
     delivery_tag: int
     redelivered: bool
 
     def ack(self) -> None:
-        """Tell the broker this message is done (no-op if the channel is gone)."""
-        if self._connection.alive and not self._channel.closed:
-            self._channel.basic_ack(delivery_tag=self.delivery_tag, multiple=False)
+        """Tell the broker this message is done (no-op if its connection is gone).
+
+        Acks are gathered for the rest of the reactor turn and sent as few
+        ``basic.ack`` frames as possible (``multiple`` for a run of tags).
+        """
+        if self._connection.alive:
+            self._connection.done(self.delivery_tag)
 
     def reject(self) -> None:
-        """Give the message back to its queue now (no-op if the channel is gone)."""
-        if self._connection.alive and not self._channel.closed:
-            self._channel.basic_reject(delivery_tag=self.delivery_tag, requeue=True)
+        """Give the message back to its queue now (no-op if the connection is gone)."""
+        if self._connection.alive:
+            self._connection.unacked.pop(self.delivery_tag, None)
+            self._connection.client.reject(CONSUME_CHANNEL, self.delivery_tag, requeue=True)
 
     @property
     def alive(self) -> bool:
-        return self._connection.alive and not self._channel.closed
+        return self._connection.alive
 
 
 Consumer = Callable[[bytes, Acker], None]
@@ -79,11 +82,42 @@ class _Connection:
     publish_channel: Any
     consume_channel: Any
     opened_at: float
+    clock: Any
     alive: bool = True
     next_tag: int = 1
     pending: OrderedDict[int, Deferred] = attrs.field(factory=OrderedDict)
     returned: dict[str, int] = attrs.field(factory=dict)
     failed_tags: dict[int, str] = attrs.field(factory=dict)
+    # Deliveries not yet acked, in arrival order; True once their work is done.
+    unacked: OrderedDict[int, bool] = attrs.field(factory=OrderedDict)
+    _flush_scheduled: bool = False
+
+    def done(self, tag: int) -> None:
+        if tag in self.unacked:
+            self.unacked[tag] = True
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.clock.callLater(0, self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Ack the finished deliveries: the leading run with one ``multiple``
+        ack, any others one by one."""
+        self._flush_scheduled = False
+        if not self.alive:
+            return
+        unacked = self.unacked
+        last, count = None, 0
+        while unacked:
+            tag, finished = next(iter(unacked.items()))
+            if not finished:
+                break
+            unacked.popitem(last=False)
+            last, count = tag, count + 1
+        if last is not None:
+            self.client.ack(CONSUME_CHANNEL, last, multiple=count > 1)
+        for tag in [tag for tag, finished in unacked.items() if finished]:
+            del unacked[tag]
+            self.client.ack(CONSUME_CHANNEL, tag)
 
 
 @attrs.define(eq=False)
@@ -184,13 +218,15 @@ class AmqpService(Service):
         for queue in self.queues:
             await publish_channel.queue_declare(queue=queue, durable=True)
             await publish_channel.queue_bind(queue=queue, exchange=EXCHANGE, routing_key=queue)
-        connection = _Connection(client, publish_channel, consume_channel, opened_at=time.time())
-        client.on_confirm = lambda ch, tag, multiple, ok: self._confirmed(
-            connection, tag, multiple, ok
+        connection = _Connection(
+            client, publish_channel, consume_channel, opened_at=time.time(), clock=self._reactor
         )
-        client.on_return = lambda ch, msg: self._returned(connection, msg)
+        client.on_confirm = lambda tag, multiple, ok: self._confirmed(connection, tag, multiple, ok)
+        client.on_return = lambda msg: self._returned(connection, msg)
         client.on_lost = lambda reason: self._lost(connection, reason)
-        client.on_deliver = lambda ch, msg: self._deliver(connection, ch, msg)
+        client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body: self._deliver(
+            connection, consumer_tag, tag, redelivered, body
+        )
         self._connection = connection
         for queue in self.consumers:
             await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
@@ -247,12 +283,7 @@ class AmqpService(Service):
         connection.pending[tag] = confirmed
         if message_id is not None:
             connection.returned[message_id] = tag
-        connection.publish_channel.basic_publish(
-            exchange=EXCHANGE,
-            routing_key=routing_key,
-            mandatory=True,
-            content=Content(body, properties=properties),
-        )
+        connection.client.publish(PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties)
         if message_id is not None:
             confirmed.addBoth(self._forget_id, connection, message_id, tag)
         return confirmed
@@ -309,7 +340,8 @@ class AmqpService(Service):
         reply = await channel.basic_get(queue=queue, no_ack=False)
         if reply.method.name == "get-empty":
             return None
-        acker = Acker(connection, channel, reply.delivery_tag, reply.redelivered)
+        connection.unacked[reply.delivery_tag] = False
+        acker = Acker(connection, reply.delivery_tag, reply.redelivered)
         return body_bytes(reply), dict(reply.content.properties), acker
 
     async def count(self, queue: str) -> int:
@@ -331,13 +363,21 @@ class AmqpService(Service):
 
     # -- consuming --------------------------------------------------------
 
-    def _deliver(self, connection: _Connection, channel: Any, message: Any) -> None:
-        consumer = self.consumers.get(message.consumer_tag)
-        acker = Acker(connection, channel, message.delivery_tag, message.redelivered)
+    def _deliver(
+        self,
+        connection: _Connection,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        body: bytes,
+    ) -> None:
+        connection.unacked[delivery_tag] = False
+        acker = Acker(connection, delivery_tag, redelivered)
+        consumer = self.consumers.get(consumer_tag)
         if consumer is None:
             acker.reject()
             return
-        consumer(body_bytes(message), acker)
+        consumer(body, acker)
 
     # -- health -----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from .junebug_formats import (
     ApiError,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     RequestTimedOut,
@@ -132,9 +133,7 @@ class JunebugApi:
             return failure  # the client went away; nothing to answer
         else:
             log.failure("Unexpected error handling an outbound request", failure)
-            error = ApiError("internal error")
-            error.status = HTTPStatus.INTERNAL_SERVER_ERROR
-            error.description = "internal server error"
+            error = InternalError("internal error")
         return _answer(request, error.status, error_envelope(error))
 
     def get_health(self, request: IRequest) -> bytes:

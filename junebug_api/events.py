@@ -12,7 +12,7 @@ import attrs
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_event, to_json
-from .log import logger
+from .log import debug_enabled, logger
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import InvalidMessage, parse_event
 
@@ -62,4 +62,5 @@ class EventHandler:
                 retryable=e.retryable,
                 message_id=message_id,
             ) from None
-        log.debug("Delivered event for message {message_id}", message_id=message_id)
+        if debug_enabled():
+            log.debug("Delivered event for message {message_id}", message_id=message_id)

@@ -10,7 +10,7 @@ import attrs
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_message, to_json
-from .log import logger
+from .log import debug_enabled, logger
 from .state_cache import StateCache
 from .vumi_messages import InvalidMessage, parse_user_message
 
@@ -48,4 +48,5 @@ class InboundHandler:
                 retryable=e.retryable,
                 message_id=message_id,
             ) from None
-        log.debug("Delivered inbound message {message_id}", message_id=message_id)
+        if debug_enabled():
+            log.debug("Delivered inbound message {message_id}", message_id=message_id)

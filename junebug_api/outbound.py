@@ -24,7 +24,7 @@ from .junebug_formats import (
     parse_outbound_request,
     reply_message,
 )
-from .log import logger
+from .log import debug_enabled, logger
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -73,7 +73,8 @@ class OutboundSender:
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
             raise ServiceUnavailable(f"message not sent: {e}") from None
-        log.debug("Sent outbound message {message_id}", message_id=message_id)
+        if debug_enabled():
+            log.debug("Sent outbound message {message_id}", message_id=message_id)
         return junebug_message(message, self.connector_name)
 
     async def _build(self, request: dict) -> VumiMessage:

@@ -44,8 +44,8 @@ def generate_message_id() -> str:
 
 
 def format_timestamp(when: datetime) -> str:
-    """``when`` in vumi's timestamp format."""
-    return when.strftime(TIMESTAMP_FORMAT)
+    """``when`` in vumi's timestamp format (isoformat is strftime's equal, faster)."""
+    return when.isoformat(" ", "microseconds")
 
 
 def utc_timestamp() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from junebug_api.junebug_formats import (
     ApiUsageError,
@@ -276,3 +278,36 @@ def test_envelope_is_utf8() -> None:
 
     raw = envelope(HTTPStatus.CREATED, "message submitted", {"content": "漢字"})
     assert "漢字".encode() in raw
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_fields = st.sampled_from(
+    [
+        "to",
+        "from",
+        "group",
+        "reply_to",
+        "content",
+        "event_url",
+        "event_auth_token",
+        "priority",
+        "channel_data",
+        "other",
+    ]
+)
+
+
+@given(st.one_of(_json, st.dictionaries(_fields, _json, max_size=6)))
+@settings(max_examples=500, deadline=None)
+def test_fast_schema_check_agrees_with_jsonschema(data) -> None:
+    """The quick check never calls valid what jsonschema would reject."""
+    from junebug_api.junebug_formats import _plainly_valid, _validator
+
+    if _plainly_valid(data):
+        assert list(_validator.iter_errors(data)) == []

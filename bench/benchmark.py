@@ -1,0 +1,1309 @@
+"""Throughput, latency, CPU and memory of junebug-api, with exactly-once checks.
+
+Not a test and not run by CI. Run it through its wrapper, which makes the
+virtualenv and installs nginx-light and wrk when they are missing::
+
+    bench/run [--quick] [--concurrency N] [--inbound N] [--events N] [--keep-tmp]
+
+Everything it starts lives in a temporary directory and talks over 127.0.0.1
+only; the shared RabbitMQ on 5672 is never touched:
+
+- its own RabbitMQ node (``jbbench-<random>@localhost``, free AMQP and
+  distribution ports, data, logs and pid file in the temporary directory, no
+  plugins, an empty config file so /etc/rabbitmq/rabbitmq.conf's listener on
+  5672 does not apply), pinned to core 1;
+- nginx (one worker, core 1) as the RapidPro sink: a front server that logs
+  every request body (``escape=json``) to bodies.log and proxies to a backend
+  server answering ``200 {}``;
+- the service, ``twistd -n junebug-api``, pinned to core 0; wrk on core 1.
+
+Phases: a bare twisted.web server (bench/bare_server.py) under wrk at 1, 16 and
+64 connections as the HTTP ceiling; outbound POSTs under wrk at the same
+connection counts (every answer must be 201, and ``bench.outbound`` must hold
+one message per 201); N pre-loaded inbound messages drained to nginx (each
+``message_id`` must arrive exactly once, as the expected Junebug JSON); N
+pre-loaded events drained the same way. It prints one table and writes it to
+bench/last-results.txt. The exit status is 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import pwd
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.spec
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "last-results.txt"
+POST_LUA = BENCH / "post.lua"
+BARE_SERVER = BENCH / "bare_server.py"
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+HOST = "127.0.0.1"
+SERVICE_CORE = "0"  # the service and the bare server
+OTHER_CORE = "1"  # RabbitMQ, nginx, wrk
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONNECTOR = "bench"
+BASE_PATH = "/channels/bench"
+TIMESTAMP = "2026-11-26 13:23:18.965428"
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+class BenchError(Exception):
+    """Something the benchmark needs did not work; the message says what."""
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", flush=True)
+
+
+def shout(text: str) -> None:
+    line = "!" * 78
+    print(f"{line}\n!!! {text}\n{line}", flush=True)
+
+
+def run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise BenchError("no free port found")
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def http_status(url: str, data: bytes | None = None) -> int | None:
+    request = urllib.request.Request(url, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with HTTP.open(request, timeout=2) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} unreadable)"
+
+
+# --- /proc --------------------------------------------------------------------
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies of each core."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if re.fullmatch(r"cpu\d+", name):
+            numbers = [int(v) for v in values[:8]]
+            total = sum(numbers)
+            times[name] = (total - numbers[3] - numbers[4], total)
+    return times
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def all_cpu_ticks() -> dict[int, tuple[int, str]]:
+    """Every process's CPU ticks and a short description of it."""
+    result = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ticks = cpu_ticks(int(entry.name))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        result[int(entry.name)] = (ticks, cmdline.strip()[:90])
+    return result
+
+
+@dataclass
+class Usage:
+    """CPU seconds of named processes, of wrk and busy share of each core."""
+
+    seconds: float
+    cpu: dict[str, float]
+    cores: dict[str, float]
+
+    def describe(self) -> str:
+        cores = ", ".join(f"{name} {busy:.0%}" for name, busy in sorted(self.cores.items()))
+        procs = ", ".join(
+            f"{name} {value / self.seconds:.0%}" for name, value in self.cpu.items() if value
+        )
+        return f"cores busy: {cores}; of one core: {procs}"
+
+
+class Meter:
+    """Measures CPU use between its creation and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.started = time.monotonic()
+        self.ticks = {name: cpu_ticks(pid) for name, pid in self.pids.items()}
+        self.cores = core_times()
+        self.children = self._children()
+
+    @staticmethod
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def stop(self) -> Usage:
+        seconds = time.monotonic() - self.started
+        cpu = {
+            name: (cpu_ticks(pid) - self.ticks[name]) / CLK_TCK for name, pid in self.pids.items()
+        }
+        cpu["wrk"] = self._children() - self.children
+        cores = {}
+        for name, (busy, total) in core_times().items():
+            busy0, total0 = self.cores.get(name, (busy, total))
+            cores[name] = (busy - busy0) / max(1, total - total0)
+        return Usage(seconds, cpu, cores)
+
+
+# --- RabbitMQ -----------------------------------------------------------------
+
+
+class RabbitNode:
+    """A RabbitMQ node of the benchmark's own, in the temporary directory."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "rabbitmq"
+        self.name = f"jbbench-{secrets.token_hex(4)}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.pid: int | None = None
+        self.launched = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            RABBITMQ_NODENAME=self.name,
+            RABBITMQ_NODE_IP_ADDRESS=HOST,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.dir / "log"),
+            RABBITMQ_PID_FILE=str(self.dir / "rabbitmq.pid"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
+            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
+        )
+
+    def ctl(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return run(["rabbitmqctl", "-n", self.name, *args], timeout, env=self.env)
+
+    def start(self) -> None:
+        for tool in ("rabbitmq-server", "rabbitmqctl"):
+            if shutil.which(tool) is None:
+                raise BenchError(f"{tool} not found: apt-get install rabbitmq-server")
+        self.dir.mkdir()
+        (self.dir / "enabled_plugins").write_text("")
+        (self.dir / "rabbitmq.conf").write_text("")
+        if os.geteuid() == 0:
+            # rabbitmq-server runs the node as the rabbitmq user (su), which needs
+            # to reach and write this directory.
+            user = pwd.getpwnam("rabbitmq")
+            for path in (self.dir, self.dir / "enabled_plugins", self.dir / "rabbitmq.conf"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        say(f"starting RabbitMQ node {self.name} on AMQP port {self.port} (core {OTHER_CORE})")
+        self.launched = True
+        started = run(
+            ["taskset", "-c", OTHER_CORE, "rabbitmq-server", "-detached"], 60, env=self.env
+        )
+        if started.returncode != 0:
+            raise BenchError(f"rabbitmq-server -detached failed: {started.stderr.strip()}")
+        # -detached returns before the node registers with epmd, and await_startup
+        # fails at once for a node epmd does not know: ask again until it answers.
+        deadline = time.monotonic() + 120
+        while True:
+            result = self.ctl("await_startup", "--timeout", "60")
+            if result.returncode == 0:
+                break
+            if time.monotonic() > deadline or "BOOT FAILED" in self._log():
+                raise BenchError(
+                    f"RabbitMQ node {self.name} did not start: {result.stdout}{result.stderr}"
+                    f"\n{self._log()[-3000:]}"
+                )
+            time.sleep(1)
+        self.pid = self._find_pid()
+        say(f"RabbitMQ node up (pid {self.pid})")
+
+    def _log(self) -> str:
+        return "".join(
+            p.read_text(errors="replace") for p in sorted((self.dir / "log").glob("*.log"))
+        )
+
+    def _find_pid(self) -> int | None:
+        try:
+            return int((self.dir / "rabbitmq.pid").read_text().strip())
+        except (OSError, ValueError):
+            pass
+        # No pid file yet: the node's beam is the process with our (random) node name.
+        marker = f"RABBITMQ_NODENAME={self.name}".encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if b"beam" in (entry / "cmdline").read_bytes() and marker in (
+                        entry / "environ"
+                    ).read_bytes().split(b"\0"):
+                        return int(entry.name)
+        return None
+
+    def stop(self) -> None:
+        if not self.launched:
+            return
+        say(f"stopping RabbitMQ node {self.name}")
+        pid = self.pid or self._find_pid()
+        try:
+            result = self.ctl("stop")
+            if result.returncode != 0:
+                say(f"rabbitmqctl stop: {(result.stdout + result.stderr).strip()[-300:]}")
+        except subprocess.TimeoutExpired:
+            say("rabbitmqctl stop timed out")
+        pid = pid or self._find_pid()
+        if pid is None:
+            return
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if Path(f"/proc/{pid}").exists():
+            say(f"RabbitMQ node still running after stop: killing its pid {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class Broker:
+    """A pika connection to the benchmark's node."""
+
+    def __init__(self, port: int) -> None:
+        self.params = pika.ConnectionParameters(
+            HOST,
+            port,
+            "/",
+            pika.PlainCredentials("guest", "guest"),
+            connection_attempts=3,
+            retry_delay=1,
+            socket_timeout=5,
+            blocked_connection_timeout=60,
+        )
+        self.connection = pika.BlockingConnection(self.params)
+        self.channel = self.connection.channel()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+    def declare(self, queue: str) -> None:
+        """The queue as the service declares it, bound to the vumi exchange."""
+        self.channel.exchange_declare("vumi", "direct", durable=True)
+        self.channel.queue_declare(queue, durable=True)
+        self.channel.queue_bind(queue, "vumi", routing_key=queue)
+
+    def count(self, queue: str) -> int:
+        return self.channel.queue_declare(queue, durable=True, passive=True).method.message_count
+
+    def purge(self, queue: str) -> None:
+        self.channel.queue_purge(queue)
+
+    def settled_count(self, queue: str, timeout: float = 15.0) -> int:
+        """The queue's count once it stopped changing for a second."""
+        deadline = time.monotonic() + timeout
+        last, stable = self.count(queue), 0
+        while stable < 4 and time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.count(queue)
+            stable = stable + 1 if now == last else 0
+            last = now
+        return last
+
+    def preload(self, queue: str, bodies: Iterable[bytes], n: int, timeout: float) -> float:
+        """Publish n persistent messages to the vumi exchange, at most 2000
+        unconfirmed at a time (publisher confirms, mandatory); the seconds taken."""
+        self.declare(queue)
+        source = iter(bodies)
+        window = 2000
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        state: dict[str, Any] = {"sent": 0, "confirmed": 0, "error": None, "channel": None}
+        unconfirmed: collections.deque[int] = collections.deque()
+
+        def fail(reason: str) -> None:
+            if state["error"] is None:
+                state["error"] = reason
+            if connection.is_open:
+                connection.close()
+            else:
+                connection.ioloop.stop()
+
+        def pump() -> None:
+            channel = state["channel"]
+            while state["sent"] < n and len(unconfirmed) < window:
+                channel.basic_publish("vumi", queue, next(source), props, mandatory=True)
+                state["sent"] += 1
+                unconfirmed.append(state["sent"])
+
+        def on_confirm(frame: Any) -> None:
+            method = frame.method
+            if isinstance(method, pika.spec.Basic.Nack):
+                fail(f"the broker nacked message {method.delivery_tag}")
+                return
+            if method.multiple:
+                while unconfirmed and unconfirmed[0] <= method.delivery_tag:
+                    unconfirmed.popleft()
+                    state["confirmed"] += 1
+            else:
+                unconfirmed.remove(method.delivery_tag)
+                state["confirmed"] += 1
+            if state["confirmed"] == n:
+                connection.close()
+            else:
+                pump()
+
+        def on_channel(channel: Any) -> None:
+            state["channel"] = channel
+            channel.add_on_return_callback(lambda *_: fail(f"a message to {queue} was unroutable"))
+            channel.add_on_close_callback(lambda _ch, reason: fail(f"channel closed: {reason}"))
+            channel.confirm_delivery(on_confirm, callback=lambda _frame: pump())
+
+        started = time.monotonic()
+        connection = pika.SelectConnection(
+            self.params,
+            on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+            on_open_error_callback=lambda _conn, error: fail(f"cannot connect: {error}"),
+            on_close_callback=lambda conn, _reason: conn.ioloop.stop(),
+        )
+        connection.ioloop.call_later(timeout, lambda: fail(f"not done after {timeout:g} s"))
+        connection.ioloop.start()
+        if state["confirmed"] != n:
+            raise BenchError(
+                f"pre-loading {queue}: {state['confirmed']} of {n} confirmed: {state['error']}"
+            )
+        return time.monotonic() - started
+
+
+# --- nginx ----------------------------------------------------------------------
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 10000000;
+    client_body_buffer_size 64k;
+    log_format bodies escape=json '$request_body';
+    upstream sink {{
+        server {host}:{backend};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen {host}:{port} backlog=1024;
+        location / {{
+            proxy_pass http://sink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            access_log {dir}/bodies.log bodies;
+        }}
+    }}
+    server {{
+        listen {host}:{backend} backlog=1024;
+        location / {{
+            default_type application/json;
+            return 200 '{{}}';
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """nginx as the RapidPro sink: every request body lands in bodies.log."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "nginx"
+        self.port = free_port()
+        self.backend = free_port()
+        self.bodies = self.dir / "bodies.log"
+        self.process: subprocess.Popen | None = None
+        self.worker: int | None = None
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        if not Path(self.binary).exists():
+            raise BenchError("nginx not found: apt-get install nginx-light (bench/run does)")
+        self.dir.mkdir()
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+        conf = self.dir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                user=user, dir=self.dir, host=HOST, port=self.port, backend=self.backend
+            )
+        )
+        args = [self.binary, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "err.log")]
+        check = run([*args, "-t"], 30)
+        if check.returncode != 0:
+            raise BenchError(f"nginx config test failed: {check.stderr.strip()}")
+        say(f"starting nginx on port {self.port} (core {OTHER_CORE})")
+        with open(self.dir / "stdout.log", "wb") as out:
+            self.process = subprocess.Popen(
+                ["taskset", "-c", OTHER_CORE, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while not (port_open(self.port) and port_open(self.backend)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"nginx did not start:\n{tail(self.dir / 'error.log')}")
+            time.sleep(0.1)
+        workers = children_of(self.process.pid)
+        self.worker = workers[0] if len(workers) == 1 else None
+        self._self_test()
+
+    def _self_test(self) -> None:
+        """A body with quotes, backslashes, control and non-ASCII characters must
+        come back from bodies.log unchanged."""
+        probe = {"probe": uuid.uuid4().hex, "text": 'a "q" \\ b\n\t\u0001 \u00e9 \U0001f44b'}
+        body = json.dumps(probe, ensure_ascii=False).encode()
+        status = http_status(self.url + "/probe", body)
+        if status != 200:
+            raise BenchError(f"nginx sink answered {status} to a test POST")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = self.read_lines(0)
+            if lines:
+                break
+            time.sleep(0.05)
+        decoded = [decode_body(line) for line in self.read_lines(0)]
+        if probe not in decoded:
+            raise BenchError(f"bodies.log does not give back the POSTed JSON: {decoded!r}")
+        say("nginx sink ok: bodies.log gives back the exact JSON POSTed")
+
+    def size(self) -> int:
+        try:
+            return self.bodies.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def read_lines(self, offset: int) -> list[bytes]:
+        with open(self.bodies, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        return data.split(b"\n")[:-1]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        say("stopping nginx")
+        self.process.send_signal(signal.SIGQUIT)  # graceful: flush and exit
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def decode_body(line: bytes) -> Any:
+    """The JSON body behind a bodies.log line: undo nginx's escape=json (JSON
+    string escaping), then parse the JSON."""
+    return json.loads(json.loads(b'"' + line + b'"'))
+
+
+class LineCounter:
+    """Counts bodies.log lines from an offset on, reading only what is new."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.position = offset
+        self.count = 0
+
+    def update(self) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(self.position)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        self.count += data.count(b"\n", 0, complete)
+        self.position += complete
+        return self.count
+
+
+# --- processes under test -------------------------------------------------------
+
+
+class Process:
+    """A long-running child (the service or the bare server) on the service core."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, health_path: str, out: Path) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.port = port
+        self.health_url = f"http://{HOST}:{port}{health_path}"
+        self.out = out
+        self.process: subprocess.Popen | None = None
+        self.launched_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> Process:
+        with open(self.out, "ab") as out:
+            self.launched_at = time.monotonic()
+            self.process = subprocess.Popen(
+                ["taskset", "-c", SERVICE_CORE, *self.cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with {self.process.returncode}:\n{tail(self.out)}"
+                )
+            if http_status(self.health_url) == 200:
+                return time.monotonic() - self.launched_at
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not healthy after {timeout:g} s:\n{tail(self.out)}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"{self.name} did not stop within {timeout:g} s of SIGTERM: killing it")
+            self.process.kill()
+            self.process.wait(10)
+
+
+def service_process(tmp: Path, rabbit: RabbitNode, nginx: Nginx, concurrency: int) -> Process:
+    port = free_port()
+    config = {
+        "connector_name": CONNECTOR,
+        "http_bind": f"{HOST}:{port}",
+        "base_url_path": BASE_PATH,
+        "mo_message_url": f"{nginx.url}/inbound",
+        "default_event_url": f"{nginx.url}/event",
+        "default_from_addr": "8110",
+        "amqp": {
+            "hostname": HOST,
+            "port": rabbit.port,
+            "username": "guest",
+            "password": "guest",
+            "vhost": "/",
+        },
+        "worker_concurrency": concurrency,
+        "log_level": "WARNING",
+        "shutdown_timeout": 10,
+    }
+    path = tmp / "service.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        f"--logfile={tmp / 'service.log'}",
+        "junebug-api",
+        "--config",
+        str(path),
+    ]
+    return Process("junebug-api", cmd, port, "/health", tmp / "service.out")
+
+
+def log_problems(path: Path, offset: int) -> list[str]:
+    """Error lines and tracebacks written to the service log after offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [
+        line
+        for line in text.splitlines()
+        if "#error]" in line or "#critical]" in line or "Traceback" in line
+    ]
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# --- wrk ------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rate: float
+    p50: float
+    p90: float
+    p99: float
+    created: int
+    non201: int
+    last_non201: int
+    socket_errors: int
+    output: str
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def run_wrk(url: str, connections: int, duration: int) -> WrkResult:
+    cmd = ["taskset", "-c", OTHER_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+    cmd += ["--latency", "-s", str(POST_LUA), url]
+    result = run(cmd, duration + 60)
+    out = result.stdout
+    if result.returncode != 0 or "Requests/sec" not in out:
+        raise BenchError(f"wrk failed ({result.returncode}): {out}{result.stderr}")
+    percentiles = {
+        int(m[1]): float(m[2]) * _UNITS_MS[m[3]]
+        for m in re.finditer(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
+    }
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", out)
+    lua = re.search(r"wrk-lua: status201=(\d+) non201=(\d+) last_non201=(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if done is None or lua is None or not {50, 90, 99} <= percentiles.keys():
+        raise BenchError(f"cannot parse the wrk output:\n{out}")
+    return WrkResult(
+        requests=int(done[1]),
+        seconds=float(done[2]) * _UNITS_MS[done[3]] / 1000,
+        rate=float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
+        p50=percentiles[50],
+        p90=percentiles[90],
+        p99=percentiles[99],
+        created=int(lua[1]),
+        non201=int(lua[2]),
+        last_non201=int(lua[3]),
+        socket_errors=sum(int(x) for x in errors.groups()) if errors else 0,
+        output=out,
+    )
+
+
+# --- results --------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    rate: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    cpu_ms: float | None = None
+    peak_mb: float | None = None
+    ceiling: float | None = None
+    status: str = "not run"
+    notes: list[str] = field(default_factory=list)
+
+
+def http_row(name: str, wrk: WrkResult, cpu_seconds: float, peak_kb: int) -> Row:
+    row = Row(name, "req/s", wrk.rate, wrk.p50, wrk.p90, wrk.p99)
+    row.cpu_ms = cpu_seconds * 1000 / max(1, wrk.requests)
+    row.peak_mb = peak_kb / 1024
+    row.status = "ok"
+    if wrk.non201 or wrk.socket_errors:
+        row.status = "not 201"
+        row.notes.append(
+            f"{wrk.non201} answer(s) not 201 (last {wrk.last_non201}),"
+            f" {wrk.socket_errors} socket error(s)"
+        )
+        shout(f"{name}: {wrk.non201} answer(s) not 201, {wrk.socket_errors} socket error(s)")
+    return row
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(rows: list[Row], extra: list[str]) -> str:
+    header = [
+        "row",
+        "rate",
+        "unit",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "CPU ms/op",
+        "peak RSS MiB",
+        "of ceiling",
+        "status",
+    ]
+    body = [
+        [
+            r.name,
+            fmt(r.rate, ",.0f"),
+            r.unit,
+            fmt(r.p50, ".2f"),
+            fmt(r.p90, ".2f"),
+            fmt(r.p99, ".2f"),
+            fmt(r.cpu_ms, ".3f"),
+            fmt(r.peak_mb, ".1f"),
+            fmt(r.ceiling, ".0%"),
+            r.status,
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    left = {0, 2, 9}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(cells) for cells in body]
+    return "\n".join([*out, *extra])
+
+
+# --- phases ---------------------------------------------------------------------
+
+
+def bare_phase(tmp: Path, connections: list[int], duration: int, warmup: int) -> list[Row]:
+    port = free_port()
+    bare = Process(
+        "bare twisted.web",
+        [sys.executable, str(BARE_SERVER), str(port)],
+        port,
+        "/",
+        tmp / "bare.out",
+    )
+    rows = []
+    try:
+        bare.start().wait_healthy(30)
+        url = f"http://{HOST}:{port}/channels/bench/messages"
+        run_wrk(url, 16, warmup)
+        for c in connections:
+            name = f"bare twisted.web @{c}"
+            say(f"{name}: wrk {duration} s")
+            reset_peak_rss(bare.pid)
+            meter = Meter({"bare": bare.pid})
+            wrk = run_wrk(url, c, duration)
+            usage = meter.stop()
+            row = http_row(name, wrk, usage.cpu["bare"], status_kb(bare.pid, "VmHWM"))
+            row.notes.append(usage.describe())
+            say(f"{name}: {wrk.rate:,.0f} req/s, p99 {wrk.p99:.2f} ms; {usage.describe()}")
+            rows.append(row)
+    finally:
+        bare.stop()
+    return rows
+
+
+def outbound_phase(
+    service: Process,
+    broker: Broker,
+    meter_pids: dict[str, int | None],
+    connections: list[int],
+    duration: int,
+    warmup: int,
+    ceilings: dict[int, float],
+) -> list[Row]:
+    queue = f"{CONNECTOR}.outbound"
+    url = f"http://{HOST}:{service.port}{BASE_PATH}/messages"
+    run_wrk(url, 16, warmup)
+    broker.settled_count(queue)
+    rows = []
+    for c in connections:
+        name = f"outbound @{c}"
+        broker.purge(queue)
+        say(f"{name}: wrk {duration} s")
+        reset_peak_rss(service.pid)
+        meter = Meter({"service": service.pid, **meter_pids})
+        wrk = run_wrk(url, c, duration)
+        usage = meter.stop()
+        peak = status_kb(service.pid, "VmHWM")
+        row = http_row(name, wrk, usage.cpu["service"], peak)
+        row.cpu_ms = usage.cpu["service"] * 1000 / max(1, wrk.created)
+        row.ceiling = wrk.rate / ceilings[c] if ceilings.get(c) else None
+        queued = broker.settled_count(queue)
+        # wrk counts a request only once its answer arrived; when the time is up
+        # each connection has one request in flight, which the service may still
+        # publish (the client is gone, but the message was sent to the broker).
+        extra = queued - wrk.created
+        if extra == 0:
+            row.notes.append(f"{queued} on {queue} = {wrk.created} answers 201")
+        elif 0 < extra <= c + wrk.socket_errors:
+            row.notes.append(
+                f"{queued} on {queue} = {wrk.created} answers 201 + {extra} request(s) in"
+                f" flight when wrk stopped (at most one per connection: {c}); not equal"
+            )
+            shout(
+                f"{name}: {queued} messages on {queue}, {wrk.created} answers 201: the"
+                f" {extra} extra are requests in flight when wrk stopped (<= {c} connections)"
+            )
+        else:
+            row.status = "lost" if extra < 0 else "count mismatch"
+            row.notes.append(f"{queued} on {queue} but {wrk.created} answers 201")
+            shout(f"{name}: COUNT MISMATCH: {queued} messages on {queue}, {wrk.created} x 201")
+        row.notes.append(usage.describe())
+        say(
+            f"{name}: {wrk.rate:,.0f} req/s, p50 {wrk.p50:.2f} p99 {wrk.p99:.2f} ms,"
+            f" {row.cpu_ms:.3f} CPU ms/req, {queued} queued for {wrk.created} x 201;"
+            f" {usage.describe()}"
+        )
+        rows.append(row)
+    broker.purge(queue)
+    return rows
+
+
+def inbound_body(message_id: str) -> bytes:
+    """A vumi inbound user message as a vumi2 USSD transport publishes it."""
+    return json.dumps(
+        {
+            "to_addr": "8110",
+            "from_addr": "+27820000001",
+            "transport_name": CONNECTOR,
+            "transport_type": "ussd",
+            "message_version": "20110921",
+            "message_type": "user_message",
+            "timestamp": TIMESTAMP,
+            "routing_metadata": {},
+            "helper_metadata": {"session_id": "abc"},
+            "message_id": message_id,
+            "in_reply_to": None,
+            "provider": "x",
+            "session_event": "new",
+            "content": "hello",
+            "transport_metadata": {"aat_ussd": {"provider": "x"}},
+            "group": None,
+            "to_addr_type": None,
+            "from_addr_type": None,
+        }
+    ).encode()
+
+
+def inbound_expected(message_id: str) -> dict:
+    """The Junebug JSON RapidPro must receive for inbound_body(message_id)."""
+    return {
+        "to": "8110",
+        "from": "+27820000001",
+        "group": None,
+        "message_id": message_id,
+        "channel_id": CONNECTOR,
+        "timestamp": TIMESTAMP,
+        "reply_to": None,
+        "content": "hello",
+        "channel_data": {"session_id": "abc", "session_event": "new"},
+    }
+
+
+def event_body(message_id: str) -> bytes:
+    """A vumi ack for outbound message message_id."""
+    return json.dumps(
+        {
+            "user_message_id": message_id,
+            "event_type": "ack",
+            "message_version": "20110921",
+            "message_type": "event",
+            "timestamp": TIMESTAMP,
+            "routing_metadata": {},
+            "helper_metadata": {},
+            "transport_metadata": {},
+            "event_id": uuid.uuid4().hex,
+            "sent_message_id": "smsc-" + message_id[:8],
+            "nack_reason": None,
+            "delivery_status": None,
+        }
+    ).encode()
+
+
+def event_expected(message_id: str) -> dict:
+    return {
+        "event_type": "submitted",
+        "message_id": message_id,
+        "channel_id": CONNECTOR,
+        "timestamp": TIMESTAMP,
+        "event_details": {},
+    }
+
+
+@dataclass
+class DrainResult:
+    row: Row
+    rss_after_kb: int
+
+
+def drain_phase(
+    name: str,
+    kind: str,
+    n: int,
+    make_body: Callable[[str], bytes],
+    expected: Callable[[str], dict],
+    service: Process,
+    broker: Broker,
+    nginx: Nginx,
+    meter_pids: dict[str, int | None],
+    log_path: Path,
+) -> DrainResult:
+    """Pre-load n messages on <connector>.<kind>, start the service, time how long
+    until nginx saw n bodies, then check each arrived exactly once, unchanged."""
+    queue = f"{CONNECTOR}.{kind}"
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    say(f"{name}: pre-loading {n:,} messages on {queue}")
+    seconds = broker.preload(queue, (make_body(i) for i in ids), n, timeout=max(120, n / 200))
+    queued = broker.count(queue)
+    say(f"{name}: pre-loaded in {seconds:.1f} s ({n / seconds:,.0f} msg/s); {queued:,} on {queue}")
+    if queued != n:
+        raise BenchError(f"{queue} holds {queued} messages after pre-loading {n}")
+    log_offset = file_size(log_path)
+    bodies_offset = nginx.size()
+    counter = LineCounter(nginx.bodies, bodies_offset)
+    row = Row(name, "msg/s")
+    meter = Meter(meter_pids)
+    service.start()
+    first_at = first_count = first_ticks = None
+    last_progress = time.monotonic()
+    last_report = time.monotonic()
+    last_count = 0
+    stall_limit = 60.0
+    while True:
+        count = counter.update()
+        now = time.monotonic()
+        if service.process is not None and service.process.poll() is not None:
+            raise BenchError(f"the service exited during {name}:\n{tail(service.out)}")
+        if count and first_at is None:
+            first_at, first_count, first_ticks = now, count, cpu_ticks(service.pid)
+        if count != last_count:
+            last_count, last_progress = count, now
+        if count >= n:
+            break
+        if now - last_progress > stall_limit:
+            shout(f"{name}: no progress for {stall_limit:g} s at {count:,} of {n:,}; giving up")
+            break
+        if now - last_report >= 5:
+            last_report = now
+            say(f"{name}: {count:,} of {n:,} delivered")
+        time.sleep(0.05)
+    done_at = time.monotonic()
+    done_ticks = cpu_ticks(service.pid)
+    usage = meter.stop()
+    time.sleep(2)  # anything still coming (a duplicate, a late retry) arrives now
+    rss_after = status_kb(service.pid, "VmRSS")
+    peak = status_kb(service.pid, "VmHWM")
+    row.peak_mb = peak / 1024
+    elapsed = done_at - service.launched_at
+    row.rate = min(count, n) / elapsed
+    if first_at is not None and done_at > first_at and count > first_count:
+        steady = (count - first_count) / (done_at - first_at)
+        row.cpu_ms = (done_ticks - first_ticks) / CLK_TCK * 1000 / (count - first_count)
+        row.notes.append(
+            f"first body {first_at - service.launched_at:.2f} s after the service started;"
+            f" {steady:,.0f} msg/s from then on (CPU ms/op measured over that window)"
+        )
+    row.notes.append(usage.describe())
+    service.stop()
+    left = broker.count(queue)
+    failed = broker.count(f"{queue}.failed")
+
+    lines = nginx.read_lines(bodies_offset)
+    seen: collections.Counter[str] = collections.Counter()
+    malformed = 0
+    wanted = set(ids)
+    for line in lines:
+        try:
+            body = decode_body(line)
+            message_id = body["message_id"]
+        except (ValueError, TypeError, KeyError):
+            malformed += 1
+            continue
+        if message_id not in wanted or body != expected(message_id):
+            malformed += 1
+            continue
+        seen[message_id] += 1
+    duplicates = sum(c - 1 for c in seen.values() if c > 1)
+    missing = n - len(seen)
+    problems = log_problems(log_path, log_offset)
+    status = []
+    if missing:
+        status.append("lost")
+    if duplicates:
+        status.append("duplicates")
+    if malformed or left or failed:
+        status.append("count mismatch")
+    row.status = " + ".join(status) or "ok"
+    check = (
+        f"{len(lines):,} bodies: {len(seen):,} distinct expected ids, {duplicates} duplicate(s),"
+        f" {missing} missing, {malformed} unexpected/malformed; {left} left on {queue},"
+        f" {failed} on {queue}.failed; {len(problems)} error line(s) in the service log"
+    )
+    row.notes.insert(0, check)
+    if row.status != "ok":
+        shout(f"{name}: {check}")
+    for line in problems[:5]:
+        say(f"{name}: service log: {line[:200]}")
+    say(
+        f"{name}: {row.rate:,.0f} msg/s from start, {fmt(row.cpu_ms, '.3f')} CPU ms/msg,"
+        f" peak RSS {row.peak_mb:.1f} MiB; {check}"
+    )
+    return DrainResult(row, rss_after)
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    twisted_version = importlib.metadata.version("twisted")
+    return (
+        f"machine: nproc {os.cpu_count()}, {model}; Python {platform.python_version()},"
+        f" Twisted {twisted_version}; load average at start {os.getloadavg()[0]:.2f}"
+    )
+
+
+def other_load(before: dict[int, tuple[int, str]], ours: set[int], seconds: float) -> str:
+    after = all_cpu_ticks()
+    used = []
+    for pid, (ticks, cmd) in after.items():
+        if pid in ours or pid == os.getpid() or pid not in before:
+            continue
+        delta = (ticks - before[pid][0]) / CLK_TCK
+        if delta >= 1:
+            used.append((delta, pid, cmd))
+    used.sort(reverse=True)
+    if not used:
+        return "other processes: none used a second of CPU during the run"
+    top = "; ".join(f"pid {pid} {delta:.0f} s ({cmd[:60]})" for delta, pid, cmd in used[:3])
+    return f"other processes' CPU during the {seconds:.0f} s run: {top}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 s wrk runs, 20,000 inbound")
+    parser.add_argument("--concurrency", type=int, default=20, help="worker_concurrency")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (15; --quick 5)")
+    parser.add_argument("--inbound", type=int, help="inbound messages (100,000; --quick 20,000)")
+    parser.add_argument("--events", type=int, default=20_000, help="events (20,000)")
+    parser.add_argument("--connections", default="1,16,64", help="wrk connection counts")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    duration = args.duration or (5 if args.quick else 15)
+    warmup = 1 if args.quick else 3
+    n_inbound = args.inbound or (20_000 if args.quick else 100_000)
+    n_events = args.events
+    connections = [int(c) for c in args.connections.split(",")]
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found (bench/run installs wrk)")
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("needs at least 2 cores (it pins to cores 0 and 1)")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    before = all_cpu_ticks()
+    machine = machine_line()
+    rows: list[Row] = []
+    extra: list[str] = []
+    ours: set[int] = set()
+    failed = False
+    tmp = Path(tempfile.mkdtemp(prefix="jbbench-"))
+    tmp.chmod(0o755)  # the RabbitMQ node runs as the rabbitmq user
+    say(f"temporary directory {tmp}")
+    with contextlib.ExitStack() as stack:
+        if args.keep_tmp:
+            stack.callback(say, f"kept {tmp}")
+        else:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        try:
+            rabbit = RabbitNode(tmp)
+            stack.callback(rabbit.stop)
+            rabbit.start()
+            nginx = Nginx(tmp)
+            stack.callback(nginx.stop)
+            nginx.start()
+            ours.update(p for p in (rabbit.pid, nginx.worker) if p)
+            if nginx.process:
+                ours.add(nginx.process.pid)
+            broker = Broker(rabbit.port)
+            stack.callback(broker.close)
+            meter_pids = {"rabbitmq": rabbit.pid, "nginx": nginx.worker}
+
+            bare_rows = bare_phase(tmp, connections, duration, warmup)
+            rows += bare_rows
+            ceilings = {c: r.rate for c, r in zip(connections, bare_rows, strict=True) if r.rate}
+            top = ceilings.get(max(connections))
+
+            service = service_process(tmp, rabbit, nginx, args.concurrency)
+            stack.callback(service.stop)
+            log_path = tmp / "service.log"
+            log_offset = file_size(log_path)
+            service.start()
+            took = service.wait_healthy()
+            ours.add(service.pid)
+            say(f"service healthy after {took:.1f} s (worker_concurrency {args.concurrency})")
+            rows += outbound_phase(
+                service, broker, meter_pids, connections, duration, warmup, ceilings
+            )
+            for line in log_problems(log_path, log_offset)[:5]:
+                say(f"outbound: service log: {line[:200]}")
+            service.stop()
+
+            service.start()
+            service.wait_healthy()
+            ours.add(service.pid)
+            time.sleep(1)
+            baseline_kb = status_kb(service.pid, "VmRSS")
+            say(f"fresh service with empty queues: VmRSS {baseline_kb / 1024:.1f} MiB")
+            service.stop()
+
+            for kind, n, name, make, expect in (
+                ("inbound", n_inbound, "inbound", inbound_body, inbound_expected),
+                ("event", n_events, "events", event_body, event_expected),
+            ):
+                result = drain_phase(
+                    name, kind, n, make, expect, service, broker, nginx, meter_pids, log_path
+                )
+                ours.add(service.pid)
+                result.row.ceiling = result.row.rate / top if result.row.rate and top else None
+                rows.append(result.row)
+                if kind == "inbound":
+                    per = (result.rss_after_kb - baseline_kb) * 1024 / n
+                    extra.append(
+                        f"RSS per cached inbound: {per:,.0f} bytes (VmRSS"
+                        f" {result.rss_after_kb / 1024:.1f} MiB after {n:,} delivered,"
+                        f" baseline {baseline_kb / 1024:.1f} MiB)"
+                    )
+        except BenchError as e:
+            shout(f"benchmark aborted: {e}")
+            failed = True
+        finally:
+            if rows:
+                extra.append(machine)
+                extra.append(other_load(before, ours, time.monotonic() - started))
+                notes = [f"  {r.name}: {note}" for r in rows for note in r.notes]
+                extra += ["notes:", *notes]
+                extra.append(
+                    "of ceiling: rate / bare twisted.web at the same connections (inbound,"
+                    " events: / bare @64); rates of inbound/events count from the service's"
+                    " start; peak RSS is VmHWM"
+                )
+                extra.append(f"total run time: {time.monotonic() - started:.0f} s")
+                table = render(rows, extra)
+                print("\n" + table, flush=True)
+                RESULTS.write_text(table + "\n")
+                say(f"written to {RESULTS.relative_to(ROOT)}")
+    failed = failed or any(r.status != "ok" for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        shout(str(e))
+        sys.exit(1)
