@@ -35,11 +35,6 @@ class RequestReadTimeout(ApiError):
 class LimitedRequest(Request):
     """A Request that enforces its site's size limit and read deadline."""
 
-    # The API reads JSON bodies whatever their Content-Type; twisted.web would
-    # otherwise parse that header with the (slow) email package on every POST,
-    # only to decode form bodies nobody reads.
-    _parsePOSTFormSubmission = False
-
     _refused = False
     _received = 0
     _deadline: Any = None
@@ -121,7 +116,12 @@ class ApiSite(Site):
         read_timeout: float | None,
         idle_timeout: float | None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        # The API reads JSON bodies whatever their Content-Type; twisted.web
+        # would otherwise parse that header with the (slow) email package on
+        # every POST, only to decode form bodies nobody reads.
+        super().__init__(
+            resource, parsePOSTFormSubmission=False, timeout=idle_timeout, reactor=clock
+        )
         self.clock = clock
         self.max_request_size = max_request_size
         self.read_timeout = read_timeout

@@ -136,7 +136,7 @@ def parse_outbound_request(body: bytes) -> dict[str, Any]:
     listing every schema error otherwise.
     """
     try:
-        data = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+        data = _decoder.decode(body.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as e:
         raise JsonDecodeError(str(e)) from None
     except RecursionError:
@@ -211,6 +211,10 @@ def _schema_errors(data: Any) -> list[dict]:
         ]
     except RecursionError:
         raise JsonDecodeError("the JSON is nested too deeply") from None
+
+
+# Built once: json.loads with hooks would build a decoder per request.
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _channel_fields(request: dict) -> tuple[dict, str | None, bool | None]:
