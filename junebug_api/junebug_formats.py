@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 
 from . import vumi_messages
-from .vumi_messages import VumiMessage
+from .vumi_messages import VumiMessage, compact_json
 
 _OPTIONAL_STRING = {"type": ["string", "null"]}
 
@@ -113,15 +113,14 @@ class MethodNotAllowed(ApiError):
 
 def envelope(status: HTTPStatus, description: str, result: Any) -> bytes:
     """Junebug's response envelope, as bytes."""
-    return json.dumps(
+    return compact_json(
         {
             "status": status.value,
             "code": status.phrase,
             "description": description,
             "result": result,
-        },
-        ensure_ascii=False,
-    ).encode("utf-8")
+        }
+    )
 
 
 def error_envelope(error: ApiError) -> bytes:
@@ -303,4 +302,4 @@ def junebug_event(event: VumiMessage, channel_id: str) -> dict[str, Any]:
 
 def to_json(data: Any) -> bytes:
     """Compact UTF-8 JSON for an HTTP body."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return compact_json(data)

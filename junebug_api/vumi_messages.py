@@ -8,6 +8,7 @@ and vumi2 transports (and their future fields) pass through untouched.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,10 @@ VumiMessage = dict[str, Any]
 
 MESSAGE_VERSION = "20110921"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+# Most peers send exactly this shape; such a timestamp needs no reparsing.
+_CANONICAL_TIMESTAMP = re.compile(
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]) ([01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}"
+)
 EVENT_TYPES = ("ack", "nack", "delivery_report")
 DELIVERY_STATUSES = ("pending", "failed", "delivered")
 
@@ -61,6 +66,8 @@ def normalise_timestamp(value: Any) -> str:
     """
     if not isinstance(value, str):
         raise InvalidMessage(f"timestamp must be a string, got {value!r}")
+    if _CANONICAL_TIMESTAMP.fullmatch(value):
+        return value
     text = value.strip().removesuffix("Z").replace("T", " ", 1)
     for fmt in (TIMESTAMP_FORMAT, "%Y-%m-%d %H:%M:%S"):
         try:
@@ -108,7 +115,8 @@ def parse_user_message(body: bytes) -> VumiMessage:
         _optional(data, name, str)
     for name in ("helper_metadata", "transport_metadata", "routing_metadata"):
         _optional(data, name, dict)
-    data["timestamp"] = normalise_timestamp(data.get("timestamp", utc_timestamp()))
+    timestamp = data.get("timestamp")
+    data["timestamp"] = utc_timestamp() if timestamp is None else normalise_timestamp(timestamp)
     return data
 
 
@@ -128,7 +136,8 @@ def parse_event(body: bytes) -> VumiMessage:
             f"got {data.get('delivery_status')!r}"
         )
     _optional(data, "nack_reason", str)
-    data["timestamp"] = normalise_timestamp(data.get("timestamp", utc_timestamp()))
+    timestamp = data.get("timestamp")
+    data["timestamp"] = utc_timestamp() if timestamp is None else normalise_timestamp(timestamp)
     return data
 
 
@@ -195,9 +204,18 @@ def reply_to(
     )
 
 
+# Built once: json.dumps with options builds an encoder per call.
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def compact_json(data: Any) -> bytes:
+    """``data`` as compact UTF-8 JSON (AMQP bodies and HTTP bodies alike)."""
+    return _encoder.encode(data).encode("utf-8")
+
+
 def serialise(message: VumiMessage) -> bytes:
     """The AMQP body of a message: compact UTF-8 JSON."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return compact_json(message)
 
 
 def reply_source(message: VumiMessage) -> bytes:

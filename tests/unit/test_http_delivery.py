@@ -7,15 +7,13 @@ import json
 from typing import Any
 
 import pytest
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from junebug_api.http_delivery import DeliveryFailed, HttpDelivery, safe_url, split_credentials
 
@@ -96,31 +94,9 @@ class FakeRapidPro(Resource):
         return b'{"ok": true}'
 
 
-@implementer(IBodyProducer)
-class InstantProducer:
-    """Writes the whole body at once, so no reactor has to run."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def post(rapidpro: FakeRapidPro, url: str, body: bytes, token: str | None = None) -> Deferred[int]:
     agent = RequestTraversalAgent(rapidpro)
-    delivery = HttpDelivery(HTTPClient(agent, data_to_body_producer=InstantProducer))
+    delivery = HttpDelivery(agent, Clock())
     d = Deferred.fromCoroutine(delivery.post_json(url, body, token, 10.0))
     agent.flush()
     return d
@@ -191,7 +167,7 @@ class FailingClient:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def post(self, *args: Any, **kwargs: Any) -> Deferred:
+    def request(self, *args: Any, **kwargs: Any) -> Deferred:
         return fail(self.error)
 
 
@@ -205,7 +181,7 @@ class FailingClient:
     ],
 )
 def test_transport_errors_are_retryable(error: Exception, reason: str) -> None:
-    delivery = HttpDelivery(FailingClient(error))
+    delivery = HttpDelivery(FailingClient(error), Clock())
     d = Deferred.fromCoroutine(
         delivery.post_json("http://user:secretpass@rp.example/in", b"{}", None, 1.5)
     )
