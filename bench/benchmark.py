@@ -4,6 +4,9 @@ Not a test and not run by CI. Run it through its wrapper, which makes the
 virtualenv and installs nginx-light and wrk when they are missing::
 
     bench/run [--quick] [--concurrency N] [--inbound N] [--events N] [--keep-tmp]
+              [--state-cache memory|redis] [--processes N] [--balancer]
+              [--phases outbound,inbound,events,bare] [--event-url]
+    bench/run --compare-scaling
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -16,17 +19,40 @@ only; the shared RabbitMQ on 5672 is never touched:
   every request body (``escape=json``) to bodies.log and proxies to a backend
   server answering ``200 {}``;
 - the service, ``twistd -n junebug-api``, pinned to core 0; wrk on core 1.
+  With ``--processes N`` it starts N service processes with the same
+  connector_name and config but each its own http_bind port, all of them on
+  core 0 (``taskset -c 0``): they share the one core a single process has, so
+  the comparison with one process is about the work, not about more CPU.
+  Outbound requests then go through a second nginx (one worker, core 1) that
+  balances over the processes (upstream keepalive 64), and the same balancer
+  in front of one process is measured too, so both figures pay for it
+  (``--balancer`` puts it in front of a single process as well).
 
-Phases: a bare twisted.web server (bench/bare_server.py) under wrk at 1, 16 and
-64 connections as the HTTP ceiling; outbound POSTs under wrk at the same
-connection counts, each after a short warm-up run (every answer must be 201,
-and ``bench.outbound`` must hold one message per 201: wrk does not count the
-request each connection has in flight when time is up, which the service may
-still publish, so up to one extra message per connection is reported, loudly,
-but not as a failure); N pre-loaded inbound messages drained to nginx (each
-``message_id`` must arrive exactly once, as the expected Junebug JSON); N
-pre-loaded events drained the same way. It prints one table and writes it to
-bench/last-results.txt. The exit status is 1 when a check failed.
+``--state-cache redis`` configures ``junebug_api.state_cache.RedisStateCache``
+with the shared Redis (redis://127.0.0.1:6379/15) and the key prefix
+``jbbench:<random>:``; only keys under that prefix are deleted at the end
+(SCAN MATCH + DEL), and the Redis round trip is measured on its own: SET+GET
+pairs from a Twisted script with txredisapi, one at a time and 50 in flight.
+
+Phases (``--phases``, default all): a bare twisted.web server
+(bench/bare_server.py) under wrk at 1, 16 and 64 connections as the HTTP
+ceiling; outbound POSTs under wrk at the same connection counts, each after a
+short warm-up run (every answer must be 201, and ``bench.outbound`` must hold
+one message per 201: wrk does not count the request each connection has in
+flight when time is up, which the service may still publish, so up to one
+extra message per connection is reported, loudly, but not as a failure); N
+pre-loaded inbound messages drained to nginx by all service processes (each
+``message_id`` must arrive exactly once, as the expected Junebug JSON; the
+rate counts from the first process's start); N pre-loaded events drained the
+same way. CPU per op is the sum over the service processes. It prints one
+table and writes it to bench/last-results.txt. The exit status is 1 when a
+check failed.
+
+``--compare-scaling`` runs, against one RabbitMQ node and sink: 1 process with
+the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
+outbound @64 (through the balancer, with ``event_url`` in every request so
+the cache is written) and inbound (20,000 messages), with --quick durations,
+then the Redis round trip, and prints one small table.
 """
 
 from __future__ import annotations
@@ -74,6 +100,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTOR = "bench"
 BASE_PATH = "/channels/bench"
 TIMESTAMP = "2026-11-26 13:23:18.965428"
+REDIS_URL = "redis://127.0.0.1:6379/15"  # the shared Redis; only our prefix is touched
+REDIS_CLASS = "junebug_api.state_cache.RedisStateCache"
+ALL_PHASES = ("outbound", "inbound", "events", "bare")
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 

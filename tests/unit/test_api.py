@@ -9,26 +9,18 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from junebug_api.amqp_service import PublishFailed
 from junebug_api.api import JunebugApi
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
 
+from .helpers import result_of
+
 PATH = "/channels/x/messages"
 URL = "http://junebug.example" + PATH
 TIMEOUT = 30.0
 UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
-
-
-def result_of(d: Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class FakePublish:

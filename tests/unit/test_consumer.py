@@ -8,22 +8,14 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from junebug_api.amqp_service import PublishFailed
 from junebug_api.consumer import HandlingFailed, MessageWorker, RetryPolicy
 
+from .helpers import result_of
+
 QUEUE = "conn.inbound"
 BODY = '{"message_id": "m-1", "content": "Sawubona 👋 ñ 漢字"}'.encode()
-
-
-def result_of(d: Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 # -- RetryPolicy ------------------------------------------------------------------

@@ -17,16 +17,9 @@ from twisted.web.resource import Resource
 
 from junebug_api.http_delivery import DeliveryFailed, HttpDelivery, safe_url, split_credentials
 
+from .helpers import result_of
+
 UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
-
-
-def result_of(d: Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def basic(user: str, password: str) -> bytes:

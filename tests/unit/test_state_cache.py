@@ -6,9 +6,7 @@ import re
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from junebug_api.config import ConfigError
 from junebug_api.state_cache import (
@@ -20,15 +18,7 @@ from junebug_api.state_cache import (
 )
 from junebug_api.vumi_messages import REPLY_SOURCE_FIELDS
 
-
-def result_of(d: Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
+from .helpers import result_of
 
 # -- ExpiringMap ----------------------------------------------------------------
 
