@@ -570,35 +570,13 @@ class Nginx:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
-        if not Path(self.binary).exists():
-            raise BenchError("nginx not found: apt-get install nginx-light (bench/run does)")
-        self.dir.mkdir()
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
-        conf = self.dir / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                user=user, dir=self.dir, host=HOST, port=self.port, backend=self.backend
-            )
+        conf = NGINX_CONF.format(
+            user=nginx_user(), dir=self.dir, host=HOST, port=self.port, backend=self.backend
         )
-        args = [self.binary, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "err.log")]
-        check = run([*args, "-t"], 30)
-        if check.returncode != 0:
-            raise BenchError(f"nginx config test failed: {check.stderr.strip()}")
         say(f"starting nginx on port {self.port} (core {OTHER_CORE})")
-        with open(self.dir / "stdout.log", "wb") as out:
-            self.process = subprocess.Popen(
-                ["taskset", "-c", OTHER_CORE, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 15
-        while not (port_open(self.port) and port_open(self.backend)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"nginx did not start:\n{tail(self.dir / 'error.log')}")
-            time.sleep(0.1)
-        workers = children_of(self.process.pid)
-        self.worker = workers[0] if len(workers) == 1 else None
+        self.process, self.worker = launch_nginx(
+            self.binary, self.dir, conf, [self.port, self.backend]
+        )
         self._self_test()
 
     def _self_test(self) -> None:
@@ -633,15 +611,118 @@ class Nginx:
         return data.split(b"\n")[:-1]
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        say("stopping nginx")
-        self.process.send_signal(signal.SIGQUIT)  # graceful: flush and exit
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        if self.process is not None and self.process.poll() is None:
+            say("stopping nginx")
+        stop_nginx(self.process)
+
+
+BALANCER_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 10000000;
+    client_body_buffer_size 64k;
+    upstream junebug {{
+{servers}
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen {host}:{port} backlog=1024;
+        location / {{
+            proxy_pass http://junebug;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream off;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_user() -> str:
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+
+
+def launch_nginx(
+    binary: str, directory: Path, conf_text: str, ports: list[int]
+) -> tuple[subprocess.Popen, int | None]:
+    """Start nginx with conf_text on core 1; its master process and its worker."""
+    if not Path(binary).exists():
+        raise BenchError("nginx not found: apt-get install nginx-light (bench/run does)")
+    directory.mkdir()
+    conf = directory / "nginx.conf"
+    conf.write_text(conf_text)
+    args = [binary, "-p", str(directory), "-c", str(conf), "-e", str(directory / "err.log")]
+    check = run([*args, "-t"], 30)
+    if check.returncode != 0:
+        raise BenchError(f"nginx config test failed: {check.stderr.strip()}")
+    with open(directory / "stdout.log", "wb") as out:
+        process = subprocess.Popen(
+            ["taskset", "-c", OTHER_CORE, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 15
+    while not all(port_open(port) for port in ports):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_nginx(process)
+            raise BenchError(f"nginx did not start:\n{tail(directory / 'error.log')}")
+        time.sleep(0.1)
+    workers = children_of(process.pid)
+    return process, workers[0] if len(workers) == 1 else None
+
+
+def stop_nginx(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGQUIT)  # graceful: flush and exit
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+class Balancer:
+    """A second nginx (one worker, core 1) balancing over service processes."""
+
+    def __init__(self, tmp: Path, name: str, ports: list[int]) -> None:
+        self.dir = tmp / f"balancer-{name}"
+        self.port = free_port()
+        self.ports = ports
+        self.process: subprocess.Popen | None = None
+        self.worker: int | None = None
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+    def start(self) -> Balancer:
+        servers = "\n".join(f"        server {HOST}:{port};" for port in self.ports)
+        conf = BALANCER_CONF.format(
+            user=nginx_user(), dir=self.dir, host=HOST, port=self.port, servers=servers
+        )
+        say(
+            f"starting the nginx balancer on port {self.port} (core {OTHER_CORE}) over"
+            f" {len(self.ports)} service process(es)"
+        )
+        self.process, self.worker = launch_nginx(self.binary, self.dir, conf, [self.port])
+        return self
+
+    def stop(self) -> None:
+        stop_nginx(self.process)
 
 
 def decode_body(line: bytes) -> Any:
@@ -713,10 +794,14 @@ class Process:
             time.sleep(0.05)
         raise BenchError(f"{self.name} not healthy after {timeout:g} s:\n{tail(self.out)}")
 
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -725,38 +810,134 @@ class Process:
             self.process.wait(10)
 
 
-def service_process(tmp: Path, rabbit: RabbitNode, nginx: Nginx, concurrency: int) -> Process:
-    port = free_port()
-    config = {
-        "connector_name": CONNECTOR,
-        "http_bind": f"{HOST}:{port}",
-        "base_url_path": BASE_PATH,
-        "mo_message_url": f"{nginx.url}/inbound",
-        "default_event_url": f"{nginx.url}/event",
-        "default_from_addr": "8110",
-        "amqp": {
-            "hostname": HOST,
-            "port": rabbit.port,
-            "username": "guest",
-            "password": "guest",
-            "vhost": "/",
-        },
-        "worker_concurrency": concurrency,
-        "log_level": "WARNING",
-        "shutdown_timeout": 10,
-    }
-    path = tmp / "service.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cmd = [
-        TWISTD,
-        "-n",
-        "--pidfile=",
-        f"--logfile={tmp / 'service.log'}",
-        "junebug-api",
-        "--config",
-        str(path),
-    ]
-    return Process("junebug-api", cmd, port, "/health", tmp / "service.out")
+class ServiceGroup:
+    """N service processes with one config but for http_bind, all on core 0."""
+
+    def __init__(self, processes: list[Process], logs: list[Path]) -> None:
+        self.processes = processes
+        self.logs = logs
+
+    def __len__(self) -> int:
+        return len(self.processes)
+
+    def subset(self, n: int) -> ServiceGroup:
+        return ServiceGroup(self.processes[:n], self.logs[:n])
+
+    @property
+    def ports(self) -> list[int]:
+        return [p.port for p in self.processes]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    @property
+    def launched_at(self) -> float:
+        return self.processes[0].launched_at
+
+    def names(self) -> dict[str, int]:
+        """Meter names of the running processes: service, or service1, service2..."""
+        if len(self.processes) == 1:
+            return {"service": self.processes[0].pid}
+        return {f"service{i}": p.pid for i, p in enumerate(self.processes, 1)}
+
+    def start(self) -> ServiceGroup:
+        for p in self.processes:
+            p.start()
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> float:
+        for p in self.processes:
+            p.wait_healthy(timeout)
+        return time.monotonic() - self.launched_at
+
+    def exited(self) -> Process | None:
+        for p in self.processes:
+            if p.process is not None and p.process.poll() is not None:
+                return p
+        return None
+
+    def stop(self) -> None:
+        for p in self.processes:
+            p.terminate()  # all shut down at once
+        for p in self.processes:
+            p.stop()
+
+    def cpu_ticks(self) -> int:
+        return sum(cpu_ticks(pid) for pid in self.pids)
+
+    def reset_peak_rss(self) -> None:
+        for pid in self.pids:
+            reset_peak_rss(pid)
+
+    def peak_kb(self) -> int:
+        """The largest VmHWM of the processes."""
+        return max(status_kb(pid, "VmHWM") for pid in self.pids)
+
+    def rss_kb(self) -> int:
+        """The sum of the processes' VmRSS."""
+        return sum(status_kb(pid, "VmRSS") for pid in self.pids)
+
+    def log_offsets(self) -> list[int]:
+        return [file_size(log) for log in self.logs]
+
+    def log_problems(self, offsets: list[int]) -> list[str]:
+        return [
+            line
+            for log, offset in zip(self.logs, offsets, strict=True)
+            for line in log_problems(log, offset)
+        ]
+
+
+def service_group(
+    tmp: Path,
+    tag: str,
+    n: int,
+    rabbit: RabbitNode,
+    nginx: Nginx,
+    concurrency: int,
+    cache: dict[str, Any] | None,
+) -> ServiceGroup:
+    """n service processes, identical but for http_bind; cache: the
+    state_cache_class and state_cache_config (None: the in-memory default)."""
+    processes, logs = [], []
+    for i in range(1, n + 1):
+        port = free_port()
+        config = {
+            "connector_name": CONNECTOR,
+            "http_bind": f"{HOST}:{port}",
+            "base_url_path": BASE_PATH,
+            "mo_message_url": f"{nginx.url}/inbound",
+            "default_event_url": f"{nginx.url}/event",
+            "default_from_addr": "8110",
+            "amqp": {
+                "hostname": HOST,
+                "port": rabbit.port,
+                "username": "guest",
+                "password": "guest",
+                "vhost": "/",
+            },
+            "worker_concurrency": concurrency,
+            "log_level": "WARNING",
+            "shutdown_timeout": 10,
+            **(cache or {}),
+        }
+        path = tmp / f"service-{tag}-{i}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = tmp / f"service-{tag}-{i}.log"
+        cmd = [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            "junebug-api",
+            "--config",
+            str(path),
+        ]
+        out = tmp / f"service-{tag}-{i}.out"
+        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out))
+        logs.append(log)
+    return ServiceGroup(processes, logs)
 
 
 def log_problems(path: Path, offset: int) -> list[str]:
