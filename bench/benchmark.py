@@ -983,9 +983,9 @@ class WrkResult:
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
 
 
-def run_wrk(url: str, connections: int, duration: int) -> WrkResult:
+def run_wrk(url: str, connections: int, duration: int, script: Path = POST_LUA) -> WrkResult:
     cmd = ["taskset", "-c", OTHER_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
-    cmd += ["--latency", "-s", str(POST_LUA), url]
+    cmd += ["--latency", "-s", str(script), url]
     result = run(cmd, duration + 60)
     out = result.stdout
     if result.returncode != 0 or "Requests/sec" not in out:
@@ -1127,30 +1127,34 @@ def bare_phase(tmp: Path, connections: list[int], duration: int, warmup: int) ->
 
 
 def outbound_phase(
-    service: Process,
+    group: ServiceGroup,
+    url: str,
+    tag: str,
     broker: Broker,
     meter_pids: dict[str, int | None],
     connections: list[int],
     duration: int,
     warmup: int,
     ceilings: dict[int, float],
+    script: Path,
 ) -> list[Row]:
+    """wrk against url (a service process, or the balancer in front of group)."""
     queue = f"{CONNECTOR}.outbound"
-    url = f"http://{HOST}:{service.port}{BASE_PATH}/messages"
-    run_wrk(url, 16, warmup)
+    run_wrk(url, 16, warmup, script)
     broker.settled_count(queue)
     rows = []
     for c in connections:
-        name = f"outbound @{c}"
+        name = f"outbound @{c}{tag}"
         broker.purge(queue)
-        say(f"{name}: wrk {duration} s")
-        reset_peak_rss(service.pid)
-        meter = Meter({"service": service.pid, **meter_pids})
-        wrk = run_wrk(url, c, duration)
+        say(f"{name}: wrk {duration} s against {url}")
+        group.reset_peak_rss()
+        meter = Meter({**group.names(), **meter_pids})
+        wrk = run_wrk(url, c, duration, script)
         usage = meter.stop()
-        peak = status_kb(service.pid, "VmHWM")
-        row = http_row(name, wrk, usage.cpu["service"], peak)
-        row.cpu_ms = usage.cpu["service"] * 1000 / max(1, wrk.created)
+        peak = group.peak_kb()
+        service_cpu = sum(usage.cpu[key] for key in group.names())
+        row = http_row(name, wrk, service_cpu, peak)
+        row.cpu_ms = service_cpu * 1000 / max(1, wrk.created)
         row.ceiling = wrk.rate / ceilings[c] if ceilings.get(c) else None
         queued = broker.settled_count(queue)
         # wrk counts a request only once its answer arrived; when the time is up
@@ -1267,14 +1271,14 @@ def drain_phase(
     n: int,
     make_body: Callable[[str], bytes],
     expected: Callable[[str], dict],
-    service: Process,
+    group: ServiceGroup,
     broker: Broker,
     nginx: Nginx,
     meter_pids: dict[str, int | None],
-    log_path: Path,
 ) -> DrainResult:
-    """Pre-load n messages on <connector>.<kind>, start the service, time how long
-    until nginx saw n bodies, then check each arrived exactly once, unchanged."""
+    """Pre-load n messages on <connector>.<kind>, start the service processes,
+    time how long until nginx saw n bodies, then check each arrived exactly
+    once, unchanged."""
     queue = f"{CONNECTOR}.{kind}"
     ids = [uuid.uuid4().hex for _ in range(n)]
     say(f"{name}: pre-loading {n:,} messages on {queue}")
@@ -1283,13 +1287,14 @@ def drain_phase(
     say(f"{name}: pre-loaded in {seconds:.1f} s ({n / seconds:,.0f} msg/s); {queued:,} on {queue}")
     if queued != n:
         raise BenchError(f"{queue} holds {queued} messages after pre-loading {n}")
-    log_offset = file_size(log_path)
+    log_offsets = group.log_offsets()
     bodies_offset = nginx.size()
     counter = LineCounter(nginx.bodies, bodies_offset)
     row = Row(name, "msg/s")
     meter = Meter(meter_pids)
-    service.start()
-    meter.add("service", service.pid)
+    group.start()
+    for key, pid in group.names().items():
+        meter.add(key, pid)
     first_at = first_count = first_ticks = None
     last_progress = time.monotonic()
     last_report = time.monotonic()
@@ -1298,10 +1303,11 @@ def drain_phase(
     while True:
         count = counter.update()
         now = time.monotonic()
-        if service.process is not None and service.process.poll() is not None:
-            raise BenchError(f"the service exited during {name}:\n{tail(service.out)}")
+        gone = group.exited()
+        if gone is not None:
+            raise BenchError(f"{gone.name} exited during {name}:\n{tail(gone.out)}")
         if count and first_at is None:
-            first_at, first_count, first_ticks = now, count, cpu_ticks(service.pid)
+            first_at, first_count, first_ticks = now, count, group.cpu_ticks()
         if count != last_count:
             last_count, last_progress = count, now
         if count >= n:
@@ -1314,23 +1320,23 @@ def drain_phase(
             say(f"{name}: {count:,} of {n:,} delivered")
         time.sleep(0.05)
     done_at = time.monotonic()
-    done_ticks = cpu_ticks(service.pid)
+    done_ticks = group.cpu_ticks()
     usage = meter.stop()
     time.sleep(2)  # anything still coming (a duplicate, a late retry) arrives now
-    rss_after = status_kb(service.pid, "VmRSS")
-    peak = status_kb(service.pid, "VmHWM")
-    row.peak_mb = peak / 1024
-    elapsed = done_at - service.launched_at
+    rss_after = group.rss_kb()
+    row.peak_mb = group.peak_kb() / 1024
+    elapsed = done_at - group.launched_at
     row.rate = min(count, n) / elapsed
     if first_at is not None and done_at > first_at and count > first_count:
         steady = (count - first_count) / (done_at - first_at)
         row.cpu_ms = (done_ticks - first_ticks) / CLK_TCK * 1000 / (count - first_count)
         row.notes.append(
-            f"first body {first_at - service.launched_at:.2f} s after the service started;"
-            f" {steady:,.0f} msg/s from then on (CPU ms/op measured over that window)"
+            f"first body {first_at - group.launched_at:.2f} s after the first service process"
+            f" started; {steady:,.0f} msg/s from then on (CPU ms/op, summed over"
+            f" {len(group)} process(es), measured over that window)"
         )
     row.notes.append(usage.describe())
-    service.stop()
+    group.stop()
     left = broker.count(queue)
     failed = broker.count(f"{queue}.failed")
 
@@ -1351,7 +1357,7 @@ def drain_phase(
         seen[message_id] += 1
     duplicates = sum(c - 1 for c in seen.values() if c > 1)
     missing = n - len(seen)
-    problems = log_problems(log_path, log_offset)
+    problems = group.log_problems(log_offsets)
     status = []
     if missing:
         status.append("lost")

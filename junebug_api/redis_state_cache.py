@@ -58,7 +58,8 @@ class RedisStateCache:
     ``redis://127.0.0.1:6379/0``), ``timeout`` (seconds an entry lives,
     default 86400), ``store_event_info`` (default true), ``key_prefix``
     (default ``junebug:<connector_name>:``), ``operation_timeout`` (seconds,
-    default 5), ``pool_size`` (connections, default 10).
+    default 5), ``pool_size`` (connections, default 10), ``tls_ca_file`` (PEM
+    certificate(s) to trust for ``rediss://`` instead of the system's).
     """
 
     OPTIONS: ClassVar[dict[str, type]] = {
@@ -68,6 +69,7 @@ class RedisStateCache:
         "key_prefix": str,
         "operation_timeout": float,
         "pool_size": int,
+        "tls_ca_file": str,
     }
 
     def __init__(
@@ -80,7 +82,9 @@ class RedisStateCache:
         store_event_info: bool = True,
         operation_timeout: float = 5.0,
         pool_size: int = 10,
+        tls_ca_file: str | None = None,
     ) -> None:
+        self._tls_ca_file = tls_ca_file
         self._clock = clock
         self._url = url
         self._connection_args = parse_redis_url(url)
@@ -106,6 +110,7 @@ class RedisStateCache:
             "key_prefix": options.get("key_prefix", f"junebug:{connector_name}:"),
             "operation_timeout": options.get("operation_timeout", 5.0),
             "pool_size": options.get("pool_size", 10),
+            "tls_ca_file": options.get("tls_ca_file"),
         }
         parse_redis_url(result["url"])
         for name in ("timeout", "operation_timeout"):
@@ -113,6 +118,14 @@ class RedisStateCache:
                 raise ConfigError(f"state_cache_config.{name} must be greater than 0")
         if result["pool_size"] < 1:
             raise ConfigError("state_cache_config.pool_size must be at least 1")
+        if result["tls_ca_file"] is not None:
+            try:
+                with open(result["tls_ca_file"], "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise ConfigError(
+                    f"state_cache_config.tls_ca_file cannot be read: {e.strerror}"
+                ) from None
         return result
 
     @classmethod
@@ -126,7 +139,6 @@ class RedisStateCache:
     def start(self) -> None:
         """Open the connection pool (it reconnects by itself) and start pinging."""
         import txredisapi
-        from twisted.internet.ssl import optionsForClientTLS
 
         args = dict(self._connection_args)
         tls = args.pop("tls")
@@ -136,12 +148,22 @@ class RedisStateCache:
             charset="utf-8",
             convertNumbers=False,
             connectTimeout=self._operation_timeout,
-            ssl_context_factory=optionsForClientTLS(args["host"]) if tls else False,
+            ssl_context_factory=self._tls_options(args["host"]) if tls else False,
             **args,
         )
         self._pinger.start(HEALTH_INTERVAL, now=True).addErrback(
             lambda f: log.failure("Redis health check stopped", f)
         )
+
+    def _tls_options(self, host: str) -> Any:
+        """Client TLS that checks the server's certificate and name."""
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        if self._tls_ca_file is None:
+            return optionsForClientTLS(host)
+        with open(self._tls_ca_file, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        return optionsForClientTLS(host, trustRoot=trust)
 
     async def _stop(self) -> None:
         if self._pinger.running:

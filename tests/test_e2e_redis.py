@@ -178,3 +178,63 @@ async def test_redis_going_away_and_coming_back(make_service, broker, connector,
         await wait_for(lambda: True)
     code, answer = await post(service, {"reply_to": waiting["message_id"], "content": "r"})
     assert code == 201, answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_with_own_ca(tmp_path):
+    """rediss:// to a TLS-only redis-server whose certificate the test made."""
+    from twisted.internet import reactor
+
+    from junebug_api.state_cache import EventInfo, make_state_cache
+
+    from .test_e2e_security import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        cache = make_state_cache(
+            "junebug_api.state_cache.RedisStateCache",
+            {
+                "url": f"rediss://127.0.0.1:{port}/0",
+                "tls_ca_file": str(cert),
+                "key_prefix": "jbtest-tls:",
+            },
+            clock=reactor,
+            connector_name="c",
+        )
+        cache.start()
+        try:
+            await wait_for(
+                lambda: cache.health()["redis"]["health"] == "ok",
+                timeout=15,
+                what="a TLS connection",
+            )
+            await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
+            assert await cache.fetch_event_info("m1") == EventInfo("http://rp/e", "t")
+        finally:
+            await cache.close()
+    finally:
+        server.terminate()
+        server.wait(10)
