@@ -1383,6 +1383,157 @@ def drain_phase(
     return DrainResult(row, rss_after)
 
 
+# --- Redis ----------------------------------------------------------------------
+
+
+class RedisKeys:
+    """The shared Redis, seen only through the benchmark's key prefix."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+
+        self.url = url
+        self.prefix = prefix
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+    def check(self) -> None:
+        try:
+            self.client.ping()
+        except Exception as e:
+            raise BenchError(f"Redis at {self.url} does not answer: {e}") from None
+
+    def count(self, kind: str = "") -> int:
+        return sum(1 for _ in self.client.scan_iter(match=f"{self.prefix}{kind}*", count=1000))
+
+    def delete(self) -> int:
+        """Delete every key under the prefix (SCAN MATCH + DEL); how many."""
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += self.client.delete(*batch)
+                batch = []
+        if batch:
+            deleted += self.client.delete(*batch)
+        return deleted
+
+    def cleanup(self) -> None:
+        try:
+            deleted = self.delete()
+            left = self.count()
+        except Exception as e:
+            shout(f"could not delete the keys under {self.prefix} in {self.url}: {e}")
+            return
+        say(f"Redis: deleted {deleted:,} key(s) under {self.prefix}; {left} left")
+
+
+def redis_server_pid() -> int | None:
+    """The shared redis-server's pid, for its CPU share (None if not visible)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().startswith(b"redis-server"):
+                    return int(entry.name)
+    return None
+
+
+REDIS_RTT_SCRIPT = '''\
+"""SET+GET pairs against Redis with txredisapi, as RedisStateCache makes them
+(a pool of 10 connections, SET with EX). Written and run by bench/benchmark.py:
+    python redis_rtt.py URL PREFIX N IN_FLIGHT
+prints one JSON line: wall and CPU seconds, one pair at a time and N_IN_FLIGHT
+pairs in flight."""
+
+import json
+import resource
+import sys
+import time
+
+import txredisapi
+from twisted.internet import defer, task
+
+from junebug_api.redis_state_cache import parse_redis_url
+
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def pairs(redis, keys, value, in_flight):
+    keys = iter(keys)
+
+    async def worker():
+        for key in keys:
+            await redis.set(key, value, expire=600)
+            got = await redis.get(key)
+            if got not in (value, value.encode()):
+                raise RuntimeError(f"GET {key} gave {got!r}")
+
+    started, cpu0 = time.monotonic(), cpu()
+    await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(worker()) for _ in range(in_flight)], consumeErrors=True
+    )
+    return time.monotonic() - started, cpu() - cpu0
+
+
+async def main(reactor, url, prefix, n, in_flight):
+    args = parse_redis_url(url)
+    args.pop("tls")
+    redis = await txredisapi.ConnectionPool(
+        poolsize=10, reconnect=False, charset="utf-8", convertNumbers=False, **args
+    )
+    value = "x" * 300  # about a cached inbound
+    await pairs(redis, [f"{prefix}rtt:warm:{i}" for i in range(500)], value, 1)
+    sequential = await pairs(redis, [f"{prefix}rtt:seq:{i}" for i in range(n)], value, 1)
+    concurrent = await pairs(
+        redis, [f"{prefix}rtt:con:{i}" for i in range(n)], value, in_flight
+    )
+    await redis.disconnect()
+    print(json.dumps({"sequential": sequential, "concurrent": concurrent}), flush=True)
+
+
+url, prefix, n, in_flight = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+task.react(lambda reactor: defer.ensureDeferred(main(reactor, url, prefix, n, in_flight)))
+'''
+
+
+def redis_round_trips(
+    tmp: Path, redis: RedisKeys, n: int = 10_000, in_flight: int = 50
+) -> list[str]:
+    """Time n SET+GET pairs one at a time and n with in_flight pairs in flight,
+    from a Twisted script on the service core; lines for the report."""
+    script = tmp / "redis_rtt.py"
+    script.write_text(REDIS_RTT_SCRIPT)
+    say(f"Redis round trips: {n:,} SET+GET pairs one at a time, then {in_flight} in flight")
+    cmd = ["taskset", "-c", SERVICE_CORE, sys.executable, str(script), redis.url, redis.prefix]
+    result = run([*cmd, str(n), str(in_flight)], 300, cwd=ROOT)
+    try:
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise BenchError(
+            f"the Redis round-trip script failed ({result.returncode}):"
+            f" {result.stdout}{result.stderr[-2000:]}"
+        ) from None
+    lines = [
+        f"Redis round trip (txredisapi, pool of 10 as the service, 300-byte values, client"
+        f" on core {SERVICE_CORE}, {redis.url}):"
+    ]
+    for key, label in (
+        ("sequential", f"{n:,} SET+GET pairs one at a time"),
+        ("concurrent", f"{n:,} SET+GET pairs, {in_flight} in flight"),
+    ):
+        wall, cpu = data[key]
+        trips = 2 * n
+        lines.append(
+            f"  {label}: {wall * 1e6 / trips:.1f} us per round trip wall"
+            f" ({wall * 1e6 / n:.1f} us per pair, {trips / wall:,.0f} commands/s),"
+            f" client CPU {cpu * 1e6 / trips:.1f} us per round trip"
+        )
+    return lines
+
+
 # --- main -----------------------------------------------------------------------
 
 
@@ -1415,6 +1566,229 @@ def other_load(before: dict[int, tuple[int, str]], ours: set[int], seconds: floa
     return f"CPU of other processes alive at the end, during the {seconds:.0f} s run: {top}"
 
 
+@dataclass
+class Setup:
+    """One configuration of the service under test."""
+
+    key: str  # in file names
+    label: str  # in the scaling table
+    processes: int
+    cache: str  # memory or redis
+    balancer: bool  # outbound through the nginx balancer
+
+    def tag(self, processes: int | None = None, outbound: bool = False) -> str:
+        """The suffix of row names; none for one process, memory, no balancer."""
+        n = self.processes if processes is None else processes
+        if n == 1 and self.cache == "memory" and not self.balancer:
+            return ""
+        lb = ", lb" if outbound and self.balancer else ""
+        return f" [{n}p {self.cache}{lb}]"
+
+
+@dataclass
+class Context:
+    """What every configuration shares."""
+
+    tmp: Path
+    stack: contextlib.ExitStack
+    rabbit: RabbitNode
+    nginx: Nginx
+    broker: Broker
+    meter_pids: dict[str, int | None]
+    ours: set[int]
+    redis: RedisKeys | None
+    phases: set[str]
+    connections: list[int]
+    duration: int
+    warmup: int
+    n_inbound: int
+    n_events: int
+    concurrency: int
+    script: Path
+    ceilings: dict[int, float]
+    single_via_balancer: bool  # with N > 1, also 1 process through the balancer
+
+
+@dataclass
+class SetupResult:
+    setup: Setup
+    rows: list[Row] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    outbound: dict[int, list[Row]] = field(default_factory=dict)  # by process count
+    inbound: Row | None = None
+
+
+def run_setup(ctx: Context, setup: Setup) -> SetupResult:
+    result = SetupResult(setup)
+    cache = None
+    if setup.cache == "redis":
+        assert ctx.redis is not None
+        cache = {
+            "state_cache_class": REDIS_CLASS,
+            "state_cache_config": {"url": ctx.redis.url, "key_prefix": ctx.redis.prefix},
+        }
+    group = service_group(
+        ctx.tmp, setup.key, setup.processes, ctx.rabbit, ctx.nginx, ctx.concurrency, cache
+    )
+    ctx.stack.callback(group.stop)
+    say(
+        f"=== {setup.processes} service process(es), {setup.cache} state cache, all on core"
+        f" {SERVICE_CORE} (taskset -c {SERVICE_CORE})"
+        + (", outbound through the nginx balancer" if setup.balancer else "")
+    )
+    top = ctx.ceilings.get(max(ctx.connections)) if ctx.connections else None
+
+    if "outbound" in ctx.phases:
+        groups = [group]
+        if setup.balancer and setup.processes > 1 and ctx.single_via_balancer:
+            groups.insert(0, group.subset(1))
+        for g in groups:
+            g.start()
+            took = g.wait_healthy()
+            ctx.ours.update(g.pids)
+            say(
+                f"{len(g)} service process(es) healthy after {took:.1f} s"
+                f" (worker_concurrency {ctx.concurrency} each)"
+            )
+            balancer = None
+            meter_pids = dict(ctx.meter_pids)
+            url = f"http://{HOST}:{g.ports[0]}{BASE_PATH}/messages"
+            try:
+                if setup.balancer:
+                    balancer = Balancer(ctx.tmp, f"{setup.key}-{len(g)}", g.ports).start()
+                    ctx.ours.update(p for p in (balancer.worker, balancer.process.pid) if p)
+                    meter_pids["balancer"] = balancer.worker
+                    url = balancer.url(f"{BASE_PATH}/messages")
+                offsets = g.log_offsets()
+                rows = outbound_phase(
+                    g,
+                    url,
+                    setup.tag(len(g), outbound=True),
+                    ctx.broker,
+                    meter_pids,
+                    ctx.connections,
+                    ctx.duration,
+                    ctx.warmup,
+                    ctx.ceilings,
+                    ctx.script,
+                )
+                for line in g.log_problems(offsets)[:5]:
+                    say(f"outbound: service log: {line[:200]}")
+            finally:
+                if balancer is not None:
+                    balancer.stop()
+                g.stop()
+            result.outbound[len(g)] = rows
+            result.rows += rows
+        if ctx.redis is not None and setup.cache == "redis":
+            events = ctx.redis.count("event:")
+            rows[-1].notes.append(f"Redis: {events:,} event-info keys under the prefix")
+
+    drains = [
+        (kind, n, name, make, expect)
+        for kind, n, name, make, expect in (
+            ("inbound", ctx.n_inbound, "inbound", inbound_body, inbound_expected),
+            ("event", ctx.n_events, "events", event_body, event_expected),
+        )
+        if name in ctx.phases
+    ]
+    baseline_kb = 0
+    if "inbound" in ctx.phases:
+        group.start()
+        group.wait_healthy()
+        ctx.ours.update(group.pids)
+        time.sleep(1)
+        baseline_kb = group.rss_kb()
+        say(f"fresh service process(es) with empty queues: VmRSS {baseline_kb / 1024:.1f} MiB")
+        group.stop()
+    for kind, n, name, make, expect in drains:
+        if ctx.redis is not None and setup.cache == "redis" and kind == "inbound":
+            before = ctx.redis.count("inbound:")
+        drained = drain_phase(
+            name + setup.tag(),
+            kind,
+            n,
+            make,
+            expect,
+            group,
+            ctx.broker,
+            ctx.nginx,
+            ctx.meter_pids,
+        )
+        ctx.ours.update(group.pids)
+        row = drained.row
+        row.ceiling = row.rate / top if row.rate and top else None
+        result.rows.append(row)
+        if kind == "inbound":
+            result.inbound = row
+            per = (drained.rss_after_kb - baseline_kb) * 1024 / n
+            where = " (the cache is in Redis)" if setup.cache == "redis" else ""
+            result.extra.append(
+                f"RSS per cached inbound{setup.tag()}: {per:,.0f} bytes{where} (VmRSS"
+                f" {drained.rss_after_kb / 1024:.1f} MiB after {n:,} delivered, baseline"
+                f" {baseline_kb / 1024:.1f} MiB; summed over {len(group)} process(es))"
+            )
+            if ctx.redis is not None and setup.cache == "redis":
+                stored = ctx.redis.count("inbound:") - before
+                row.notes.append(
+                    f"Redis: {stored:,} new inbound keys under the prefix (one per message: {n:,})"
+                )
+                if stored != n:
+                    shout(f"{row.name}: {stored:,} inbound keys in Redis for {n:,} messages")
+    if ctx.redis is not None and setup.cache == "redis":
+        ctx.redis.cleanup()
+    return result
+
+
+def render_scaling(results: list[SetupResult], connections: int) -> str:
+    header = [
+        "configuration",
+        f"outbound req/s @{connections}",
+        "p99 ms",
+        "out CPU ms/req",
+        "inbound msg/s",
+        "in CPU ms/msg",
+        "checks",
+    ]
+    body = []
+    for r in results:
+        out_rows = r.outbound.get(r.setup.processes) or [None]
+        out = out_rows[-1]
+        status = {row.status for row in r.rows} or {"not run"}
+        body.append(
+            [
+                r.setup.label,
+                fmt(out.rate if out else None, ",.0f"),
+                fmt(out.p99 if out else None, ".1f"),
+                fmt(out.cpu_ms if out else None, ".3f"),
+                fmt(r.inbound.rate if r.inbound else None, ",.0f"),
+                fmt(r.inbound.cpu_ms if r.inbound else None, ".3f"),
+                " + ".join(sorted(status)),
+            ]
+        )
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in (0, 6) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def event_url_script(tmp: Path, nginx: Nginx) -> Path:
+    """post.lua with an event_url in every request, so the cache is written."""
+    text = POST_LUA.read_text()
+    old = """wrk.body = '{"to": "+27820000001", "from": "8110", "content": "hello"}'"""
+    if old not in text:
+        raise BenchError(f"{POST_LUA} has no wrk.body line to add event_url to")
+    new = old[:-2] + f', "event_url": "{nginx.url}/event"}}\''
+    script = tmp / "post-event-url.lua"
+    script.write_text(text.replace(old, new))
+    return script
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 s wrk runs, 20,000 inbound")
@@ -1424,12 +1798,59 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20_000, help="events (20,000)")
     parser.add_argument("--connections", default="1,16,64", help="wrk connection counts")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--state-cache", choices=("memory", "redis"), default="memory", help="(memory)"
+    )
+    parser.add_argument("--processes", type=int, default=1, help="service processes (1)")
+    parser.add_argument(
+        "--balancer", action="store_true", help="outbound through nginx even with 1 process"
+    )
+    parser.add_argument(
+        "--phases", default=",".join(ALL_PHASES), help="subset of outbound,inbound,events,bare"
+    )
+    parser.add_argument(
+        "--event-url",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="event_url in every outbound request (default: only with --compare-scaling)",
+    )
+    parser.add_argument(
+        "--compare-scaling",
+        action="store_true",
+        help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
+    )
     args = parser.parse_args()
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not phases or not phases <= set(ALL_PHASES):
+        parser.error(f"--phases: a subset of {','.join(ALL_PHASES)}")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.compare_scaling:
+        args.quick = True
+        phases = {"outbound", "inbound"}
+        connections = [64]
+        setups = [
+            Setup("mem1", "1 process, memory cache", 1, "memory", True),
+            Setup("redis1", "1 process, Redis cache", 1, "redis", True),
+            Setup("redis2", "2 processes, Redis cache", 2, "redis", True),
+        ]
+        event_url = args.event_url is not False
+    else:
+        connections = [int(c) for c in args.connections.split(",")]
+        setups = [
+            Setup(
+                "main",
+                f"{args.processes} process(es), {args.state_cache} cache",
+                args.processes,
+                args.state_cache,
+                args.balancer or args.processes > 1,
+            )
+        ]
+        event_url = bool(args.event_url)
     duration = args.duration or (5 if args.quick else 15)
     warmup = 1 if args.quick else 3
     n_inbound = args.inbound or (20_000 if args.quick else 100_000)
     n_events = args.events
-    connections = [int(c) for c in args.connections.split(",")]
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found (bench/run installs wrk)")
@@ -1441,6 +1862,7 @@ def main() -> int:
     before = all_cpu_ticks()
     machine = machine_line()
     rows: list[Row] = []
+    results: list[SetupResult] = []
     extra: list[str] = []
     ours: set[int] = set()
     failed = False
@@ -1453,6 +1875,12 @@ def main() -> int:
         else:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         try:
+            redis = None
+            if any(s.cache == "redis" for s in setups):
+                redis = RedisKeys(REDIS_URL, f"jbbench:{secrets.token_hex(4)}:")
+                redis.check()
+                stack.callback(redis.cleanup)
+                say(f"Redis {REDIS_URL}, key prefix {redis.prefix} (deleted at the end)")
             rabbit = RabbitNode(tmp)
             stack.callback(rabbit.stop)
             rabbit.start()
@@ -1465,68 +1893,81 @@ def main() -> int:
             broker = Broker(rabbit.port)
             stack.callback(broker.close)
             meter_pids = {"rabbitmq": rabbit.pid, "nginx": nginx.worker}
+            if redis is not None:
+                meter_pids["redis-server"] = redis_server_pid()
 
-            bare_rows = bare_phase(tmp, connections, duration, warmup)
-            rows += bare_rows
-            ceilings = {c: r.rate for c, r in zip(connections, bare_rows, strict=True) if r.rate}
-            top = ceilings.get(max(connections))
+            ceilings: dict[int, float] = {}
+            if "bare" in phases:
+                bare_rows = bare_phase(tmp, connections, duration, warmup)
+                rows += bare_rows
+                ceilings = {
+                    c: r.rate for c, r in zip(connections, bare_rows, strict=True) if r.rate
+                }
 
-            service = service_process(tmp, rabbit, nginx, args.concurrency)
-            stack.callback(service.stop)
-            log_path = tmp / "service.log"
-            log_offset = file_size(log_path)
-            service.start()
-            took = service.wait_healthy()
-            ours.add(service.pid)
-            say(f"service healthy after {took:.1f} s (worker_concurrency {args.concurrency})")
-            rows += outbound_phase(
-                service, broker, meter_pids, connections, duration, warmup, ceilings
+            ctx = Context(
+                tmp=tmp,
+                stack=stack,
+                rabbit=rabbit,
+                nginx=nginx,
+                broker=broker,
+                meter_pids=meter_pids,
+                ours=ours,
+                redis=redis,
+                phases=phases,
+                connections=connections,
+                duration=duration,
+                warmup=warmup,
+                n_inbound=n_inbound,
+                n_events=n_events,
+                concurrency=args.concurrency,
+                script=event_url_script(tmp, nginx) if event_url else POST_LUA,
+                ceilings=ceilings,
+                single_via_balancer=not args.compare_scaling,
             )
-            for line in log_problems(log_path, log_offset)[:5]:
-                say(f"outbound: service log: {line[:200]}")
-            service.stop()
-
-            service.start()
-            service.wait_healthy()
-            ours.add(service.pid)
-            time.sleep(1)
-            baseline_kb = status_kb(service.pid, "VmRSS")
-            say(f"fresh service with empty queues: VmRSS {baseline_kb / 1024:.1f} MiB")
-            service.stop()
-
-            for kind, n, name, make, expect in (
-                ("inbound", n_inbound, "inbound", inbound_body, inbound_expected),
-                ("event", n_events, "events", event_body, event_expected),
-            ):
-                result = drain_phase(
-                    name, kind, n, make, expect, service, broker, nginx, meter_pids, log_path
-                )
-                ours.add(service.pid)
-                result.row.ceiling = result.row.rate / top if result.row.rate and top else None
-                rows.append(result.row)
-                if kind == "inbound":
-                    per = (result.rss_after_kb - baseline_kb) * 1024 / n
-                    extra.append(
-                        f"RSS per cached inbound: {per:,.0f} bytes (VmRSS"
-                        f" {result.rss_after_kb / 1024:.1f} MiB after {n:,} delivered,"
-                        f" baseline {baseline_kb / 1024:.1f} MiB)"
-                    )
+            for setup in setups:
+                result = run_setup(ctx, setup)
+                results.append(result)
+                rows += result.rows
+                extra += result.extra
+            if redis is not None and (args.compare_scaling or "outbound" in phases):
+                extra += redis_round_trips(tmp, redis)
         except BenchError as e:
             shout(f"benchmark aborted: {e}")
             failed = True
         finally:
             if rows:
+                processes = max(s.processes for s in setups)
+                extra.append(
+                    f"pinning: every service process on core {SERVICE_CORE} (taskset -c"
+                    f" {SERVICE_CORE}; {processes} process(es) share that one core); RabbitMQ"
+                    f" node, nginx sink, nginx balancer and wrk on core {OTHER_CORE}; the shared"
+                    " Redis is not pinned"
+                )
+                if any(s.balancer for s in setups):
+                    extra.append(
+                        "outbound through the nginx balancer (one worker, upstream keepalive 64)"
+                        " in front of every process count measured"
+                    )
+                if event_url:
+                    extra.append(
+                        "outbound requests carry an event_url, so each writes event info to the"
+                        " state cache"
+                    )
                 extra.append(machine)
                 extra.append(other_load(before, ours, time.monotonic() - started))
                 notes = [f"  {r.name}: {note}" for r in rows for note in r.notes]
                 extra += ["notes:", *notes]
                 extra.append(
                     "of ceiling: rate / bare twisted.web at the same connections (inbound,"
-                    " events: / bare @64); rates of inbound/events count from the service's"
-                    " start; peak RSS is VmHWM"
+                    " events: / bare @64); rates of inbound/events count from the first service"
+                    " process's start; CPU ms/op is summed over the service processes; peak RSS"
+                    " is the largest VmHWM of them"
                 )
                 extra.append(f"total run time: {time.monotonic() - started:.0f} s")
-                table = render(rows, extra)
+                if args.compare_scaling:
+                    table = render_scaling(results, connections[0]) + "\n" + "\n".join(extra)
+                else:
+                    table = render(rows, extra)
                 print("\n" + table, flush=True)
                 RESULTS.write_text(table + "\n")
                 say(f"written to {RESULTS.relative_to(ROOT)}")

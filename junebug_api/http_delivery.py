@@ -162,6 +162,14 @@ class HttpDelivery:
         )
         return cls(agent, reactor)
 
+    async def _post(self, url: bytes, headers: Headers, body: bytes) -> Any:
+        """The request and the reading of its answer, under one timeout."""
+        response = await self._agent.request(b"POST", url, headers, _BytesProducer(body))
+        finished: Deferred[None] = Deferred()
+        response.deliverBody(_Discard(finished))
+        await finished
+        return response
+
     async def post_json(self, url: str, body: bytes, auth_token: str | None, timeout: float) -> int:
         """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed."""
         clean_url, basic = split_credentials(url)
@@ -176,13 +184,8 @@ class HttpDelivery:
         elif basic is not None:
             headers.setRawHeaders(b"Authorization", [basic])
         try:
-            requesting = self._agent.request(b"POST", clean_url, headers, _BytesProducer(body))
-            requesting.addTimeout(timeout, self._clock)
-            response = await requesting
-            reading: Deferred[None] = Deferred()
-            response.deliverBody(_Discard(reading))
-            reading.addTimeout(timeout, self._clock)
-            await reading
+            posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
+            response = await posting.addTimeout(timeout, self._clock)
         except (TimeoutError, CancelledError):
             raise DeliveryFailed(f"timed out after {timeout:g} s", retryable=True) from None
         except (ConnectError, DNSLookupError, ConnectionClosed) as e:

@@ -183,3 +183,33 @@ def test_transport_errors_are_retryable(error: Exception, reason: str) -> None:
     assert info.value.retryable is True
     assert info.value.reason.startswith(reason)
     assert "secretpass" not in info.value.reason
+
+
+class HangingAgent:
+    """An agent whose request never gets an answer; it records cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred:
+        def cancel(d: Deferred) -> None:
+            self.cancelled = True
+
+        return Deferred(cancel)
+
+
+def test_no_answer_times_out_once_and_cancels_the_request() -> None:
+    clock = Clock()
+    agent = HangingAgent()
+    delivery = HttpDelivery(agent, clock)
+    d = Deferred.fromCoroutine(delivery.post_json("http://rp.example/in", b"{}", None, 7.0))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(6.9)
+    assert not d.called
+    clock.advance(0.2)
+    with pytest.raises(DeliveryFailed) as info:
+        result_of(d)
+    assert info.value.retryable is True
+    assert info.value.reason == "timed out after 7 s"
+    assert agent.cancelled
+    assert clock.getDelayedCalls() == []
