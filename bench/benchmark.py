@@ -95,6 +95,7 @@ BARE_SERVER = BENCH / "bare_server.py"
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 HOST = "127.0.0.1"
 SERVICE_CORE = "0"  # the service and the bare server
+SPREAD = False  # set by --spread
 OTHER_CORE = "1"  # RabbitMQ, nginx, wrk
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTOR = "bench"
@@ -755,7 +756,16 @@ class LineCounter:
 class Process:
     """A long-running child (the service or the bare server) on the service core."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, health_path: str, out: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        health_path: str,
+        out: Path,
+        core: str | None = None,
+    ) -> None:
+        self.core = core or SERVICE_CORE
         self.name = name
         self.cmd = cmd
         self.port = port
@@ -773,7 +783,7 @@ class Process:
         with open(self.out, "ab") as out:
             self.launched_at = time.monotonic()
             self.process = subprocess.Popen(
-                ["taskset", "-c", SERVICE_CORE, *self.cmd],
+                ["taskset", "-c", self.core, *self.cmd],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -935,7 +945,9 @@ def service_group(
             str(path),
         ]
         out = tmp / f"service-{tag}-{i}.out"
-        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out))
+        # --spread: process i on core (i - 1) % 2, so two processes get both cores.
+        core = str((i - 1) % 2) if SPREAD else SERVICE_CORE
+        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out, core))
         logs.append(log)
     return ServiceGroup(processes, logs)
 
@@ -1491,7 +1503,18 @@ async def main(reactor, url, prefix, n, in_flight):
         redis, [f"{prefix}rtt:con:{i}" for i in range(n)], value, in_flight
     )
     await redis.disconnect()
-    print(json.dumps({"sequential": sequential, "concurrent": concurrent}), flush=True)
+    # The same pairs with the blocking redis-py client: what any client pays here.
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(url)
+    started, cpu0 = time.monotonic(), cpu()
+    for i in range(n):
+        client.set(f"{prefix}rtt:py:{i}", value, ex=600)
+        client.get(f"{prefix}rtt:py:{i}")
+    blocking = (time.monotonic() - started, cpu() - cpu0)
+    client.close()
+    result = {"sequential": sequential, "concurrent": concurrent, "redis-py": blocking}
+    print(json.dumps(result), flush=True)
 
 
 url, prefix, n, in_flight = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -1523,6 +1546,7 @@ def redis_round_trips(
     for key, label in (
         ("sequential", f"{n:,} SET+GET pairs one at a time"),
         ("concurrent", f"{n:,} SET+GET pairs, {in_flight} in flight"),
+        ("redis-py", f"for reference, blocking redis-py, {n:,} pairs one at a time"),
     ):
         wall, cpu = data[key]
         trips = 2 * n
@@ -1803,6 +1827,11 @@ def main() -> int:
     )
     parser.add_argument("--processes", type=int, default=1, help="service processes (1)")
     parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="pin service process i to core (i-1) %% 2 instead of all to core 0",
+    )
+    parser.add_argument(
         "--balancer", action="store_true", help="outbound through nginx even with 1 process"
     )
     parser.add_argument(
@@ -1820,6 +1849,8 @@ def main() -> int:
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
     )
     args = parser.parse_args()
+    global SPREAD
+    SPREAD = args.spread
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not phases or not phases <= set(ALL_PHASES):
         parser.error(f"--phases: a subset of {','.join(ALL_PHASES)}")
@@ -1874,8 +1905,8 @@ def main() -> int:
             stack.callback(say, f"kept {tmp}")
         else:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        redis: RedisKeys | None = None
         try:
-            redis = None
             if any(s.cache == "redis" for s in setups):
                 redis = RedisKeys(REDIS_URL, f"jbbench:{secrets.token_hex(4)}:")
                 redis.check()
@@ -1937,13 +1968,25 @@ def main() -> int:
         finally:
             if rows:
                 processes = max(s.processes for s in setups)
-                extra.append(
-                    f"pinning: every service process on core {SERVICE_CORE} (taskset -c"
-                    f" {SERVICE_CORE}; {processes} process(es) share that one core); RabbitMQ"
-                    f" node, nginx sink, nginx balancer and wrk on core {OTHER_CORE}; the shared"
-                    " Redis is not pinned"
+                balanced = any(s.balancer for s in setups)
+                shared = (
+                    f"{processes} process(es) share that one core"
+                    if processes > 1
+                    else "one process"
                 )
-                if any(s.balancer for s in setups):
+                where = (
+                    "service process i on core (i-1) % 2 (--spread)"
+                    if SPREAD
+                    else f"every service process on core {SERVICE_CORE} (taskset -c"
+                    f" {SERVICE_CORE}; {shared})"
+                )
+                extra.append(
+                    f"pinning: {where}; RabbitMQ node, nginx sink"
+                    + (", nginx balancer" if balanced else "")
+                    + f" and wrk on core {OTHER_CORE}"
+                    + ("; the shared Redis is not pinned" if redis is not None else "")
+                )
+                if balanced:
                     extra.append(
                         "outbound through the nginx balancer (one worker, upstream keepalive 64)"
                         " in front of every process count measured"
