@@ -10,7 +10,9 @@ txAMQP 0.8.2 has three problems this module mends, in our subclasses only:
   header such as ``x-death`` kills the connection. Our client decodes frames
   itself: bodies stay bytes, tables take every 0-9-1 type;
 - its stock delegate has no handler for the broker's ``basic.ack``/``nack``
-  (publisher confirms) and queues deliveries instead of handing them over.
+  (publisher confirms), and its per-frame Deferred machinery is slow: our
+  client handles deliveries, acks and nacks itself and writes publishes and
+  acks as bytes.
 
 Publishing non-ASCII ``str`` corrupts frames in txAMQP; callers publish bytes.
 """
@@ -158,19 +160,14 @@ def decode_frame(amqp_spec: Any, data: bytes) -> Frame:
 
 
 class JunebugDelegate(TwistedDelegate):
-    """Hands deliveries, confirms and returns to the client's callbacks."""
+    """txAMQP's delegate, for the methods the client's fast path leaves to it.
 
-    def basic_deliver(self, channel: Any, message: Message) -> None:
-        self.client.deliver(channel, message)
-
-    def basic_ack(self, channel: Any, message: Message) -> None:
-        self.client.confirmed(channel, message.delivery_tag, message.multiple, True)
-
-    def basic_nack(self, channel: Any, message: Message) -> None:
-        self.client.confirmed(channel, message.delivery_tag, message.multiple, False)
+    ``basic.deliver``, ``basic.ack`` and ``basic.nack`` never get here (see
+    :meth:`JunebugAMQPClient._frame_received`).
+    """
 
     def basic_return_(self, channel: Any, message: Message) -> None:
-        self.client.returned(channel, message)
+        self.client.on_return(message)
 
     def basic_cancel(self, channel: Any, message: Message) -> None:
         # The broker cancels a consumer whose queue was deleted: start over.
@@ -421,22 +418,6 @@ class JunebugAMQPClient(AMQClient):
         self.transport.write(_frame(_FRAME_METHOD, channel, payload))
 
     # -- the rest -----------------------------------------------------------
-
-    def confirmed(self, channel: Any, tag: int, multiple: bool, ok: bool) -> None:
-        self.on_confirm(tag, multiple, ok)
-
-    def returned(self, channel: Any, message: Message) -> None:
-        self.on_return(message)
-
-    def deliver(self, channel: Any, message: Message) -> None:
-        # Only reached for deliveries that took txAMQP's path (none in practice).
-        self.on_delivery(
-            channel.id,
-            message.consumer_tag,
-            message.delivery_tag,
-            message.redelivered,
-            body_bytes(message),
-        )
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
         log.error(
