@@ -166,6 +166,31 @@ class JunebugDelegate(TwistedDelegate):
     :meth:`JunebugAMQPClient._frame_received`).
     """
 
+    def connection_start(self, channel: Any, message: Message) -> None:
+        # Written by hand: txAMQP encodes booleans in tables as integers, and
+        # the broker only honours capabilities given as booleans.
+        properties = {
+            "product": "junebug-api",
+            "connection_name": self.client.connection_name,
+            "capabilities": {
+                "publisher_confirms": True,
+                "basic.nack": True,
+                "consumer_cancel_notify": True,
+            },
+        }
+        response = self.client.response
+        if isinstance(response, str):
+            response = response.encode("utf-8")
+        payload = (
+            struct.pack("!HH", 10, 11)
+            + encode_table(properties)
+            + _shortstr(self.client.mechanism)
+            + struct.pack("!I", len(response))
+            + response
+            + _shortstr(self.client.locale)
+        )
+        self.client.transport.write(_frame(_FRAME_METHOD, 0, payload))
+
     def basic_return_(self, channel: Any, message: Message) -> None:
         self.client.on_return(message)
 
@@ -192,17 +217,22 @@ def _shortstr(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-def encode_table(table: dict[str, str | int]) -> bytes:
-    """An AMQP field table of strings and integers, lengths counted in bytes."""
+def encode_table(table: dict[str, Any]) -> bytes:
+    """An AMQP field table of strings, integers, booleans and tables, with
+    lengths counted in bytes (txAMQP counts characters)."""
     parts = []
     for key, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise TypeError(f"header {key!r}: only str and int values are supported")
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            parts.append(_shortstr(key) + b"t" + bytes((1 if value else 0,)))
+        elif isinstance(value, int):
+            parts.append(_shortstr(key) + b"l" + struct.pack("!q", value))
+        elif isinstance(value, str):
             data = value.encode("utf-8")
             parts.append(_shortstr(key) + b"S" + struct.pack("!I", len(data)) + data)
+        elif isinstance(value, dict):
+            parts.append(_shortstr(key) + b"F" + encode_table(value))
         else:
-            parts.append(_shortstr(key) + b"l" + struct.pack("!q", value))
+            raise TypeError(f"field {key!r}: {type(value).__name__} values are not supported")
     payload = b"".join(parts)
     return struct.pack("!I", len(payload)) + payload
 
@@ -246,8 +276,9 @@ class JunebugAMQPClient(AMQClient):
     ``on_return(message)`` and ``on_lost(reason)``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connection_name: str = "junebug-api", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.connection_name = connection_name
         self.on_delivery: Callable[[int, str, int, bool, bytes], None] = lambda *a: None
         self.on_confirm: Callable[[int, bool, bool], None] = lambda *a: None
         self.on_return: Callable[[Message], None] = lambda msg: None
@@ -372,6 +403,20 @@ class JunebugAMQPClient(AMQClient):
         mandatory: bool = True,
     ) -> None:
         """Write one ``basic.publish`` with its content, as one write."""
+        data = self.encode_publish(channel, exchange, routing_key, body, properties, mandatory)
+        self.transport.write(data)
+
+    def encode_publish(
+        self,
+        channel: int,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: dict[str, Any],
+        mandatory: bool = True,
+    ) -> bytes:
+        """The frames of one ``basic.publish`` with its content; ValueError or
+        TypeError for properties AMQP cannot carry."""
         key = (channel, exchange, routing_key)
         method = self._publish_methods.get(key)
         if method is None:
@@ -401,11 +446,12 @@ class JunebugAMQPClient(AMQClient):
             channel,
             struct.pack("!HHQH", _BASIC, 0, len(body), flags) + b"".join(encoded),
         )
-        chunk = self.MAX_LENGTH - 8
+        # frame_max 0 means no limit; a body frame then carries the whole body.
+        chunk = self.MAX_LENGTH - 8 if self.MAX_LENGTH > 8 else max(len(body), 1)
         bodies = [
             _frame(_FRAME_BODY, channel, body[i : i + chunk]) for i in range(0, len(body), chunk)
         ]
-        self.transport.write(b"".join([method, header, *bodies]))
+        return b"".join([method, header, *bodies])
 
     def ack(self, channel: int, delivery_tag: int, multiple: bool = False) -> None:
         """Write a ``basic.ack``."""
@@ -443,10 +489,13 @@ class JunebugAMQPFactory(Factory):
 
     noisy = False
 
-    def __init__(self, vhost: str, heartbeat: int, clock: Any) -> None:
+    def __init__(
+        self, vhost: str, heartbeat: int, clock: Any, connection_name: str = "junebug-api"
+    ) -> None:
         self.vhost = vhost
         self.heartbeat = heartbeat
         self.clock = clock
+        self.connection_name = connection_name
 
     def buildProtocol(self, addr: Any) -> JunebugAMQPClient:
         return JunebugAMQPClient(
@@ -455,6 +504,7 @@ class JunebugAMQPFactory(Factory):
             load_spec(),
             heartbeat=self.heartbeat,
             clock=self.clock,
+            connection_name=self.connection_name,
         )
 
 

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig
 from .log import logger
+from .vumi_messages import generate_message_id
 
 log = logger(__name__)
 
@@ -140,6 +141,7 @@ class AmqpService(Service):
     _connection: _Connection | None = attrs.field(default=None, init=False)
     _last_error: str | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    _consuming: bool = attrs.field(default=True, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.name = "amqp"
@@ -149,10 +151,13 @@ class AmqpService(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._consuming = True
         endpoint = HostnameEndpoint(
             self._reactor, self.settings.hostname, self.settings.port, timeout=10
         )
-        factory = JunebugAMQPFactory(self.settings.vhost, self.heartbeat, self._reactor)
+        factory = JunebugAMQPFactory(
+            self.settings.vhost, self.heartbeat, self._reactor, self.connection_name
+        )
         self._client_service = ClientService(
             endpoint,
             factory,
@@ -164,8 +169,10 @@ class AmqpService(Service):
 
     async def _stop(self) -> None:
         self._stopping = True
+        self._consuming = False
         connection = self._connection
         if connection is not None and connection.alive:
+            connection.flush_acks()  # before connection.close, or the broker drops them
             try:
                 await connection.client.close(within=2)
             except Exception:  # the connection may already be gone
@@ -178,7 +185,11 @@ class AmqpService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def stop_consuming(self) -> None:
-        """Cancel every consumer, so no new message arrives (for shutdown)."""
+        """Cancel every consumer, so no new message arrives (for shutdown).
+
+        A connection opened after this does not consume either.
+        """
+        self._consuming = False
         connection = self._connection
         if connection is None or not connection.alive:
             return
@@ -228,8 +239,9 @@ class AmqpService(Service):
             connection, consumer_tag, tag, redelivered, body
         )
         self._connection = connection
-        for queue in self.consumers:
-            await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
+        if self._consuming:
+            for queue in self.consumers:
+                await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
         self._last_error = None
         log.info(
             "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
@@ -269,23 +281,31 @@ class AmqpService(Service):
         connection = self._connection
         if connection is None or not connection.alive:
             return fail(PublishFailed("not connected to AMQP"))
+        # The message-id property tells a basic.return which publish it is
+        # about; a peer's id too long for an AMQP short string is replaced.
+        if message_id is None or len(message_id.encode("utf-8")) > 255:
+            message_id = generate_message_id()
         properties: dict[str, Any] = {
             "content-type": "application/json",
             "delivery-mode": 2,
+            "message-id": message_id,
         }
-        if message_id is not None:
-            properties["message-id"] = message_id
         if headers:
             properties["headers"] = headers
+        client = connection.client
+        try:
+            frames = client.encode_publish(PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties)
+        except (TypeError, ValueError) as e:
+            return fail(PublishFailed(f"cannot encode the message: {e}"))
+        # The tag is the broker's count of publishes on this channel: take it
+        # only for frames that are certainly written.
         tag = connection.next_tag
         connection.next_tag += 1
         confirmed: Deferred[None] = Deferred()
         connection.pending[tag] = confirmed
-        if message_id is not None:
-            connection.returned[message_id] = tag
-        connection.client.publish(PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties)
-        if message_id is not None:
-            confirmed.addBoth(self._forget_id, connection, message_id, tag)
+        connection.returned[message_id] = tag
+        client.transport.write(frames)
+        confirmed.addBoth(self._forget_id, connection, message_id, tag)
         return confirmed
 
     @staticmethod

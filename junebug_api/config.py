@@ -428,13 +428,15 @@ _SECRET_OPTIONS = {
 
 
 def redact_url(url: str) -> str:
-    """A URL with any password in it replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL with its user info (a user name may be an API key) as ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if "@" not in parts.netloc:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    return parts._replace(netloc=f"***@{netloc}").geturl()
 
 
 def describe(config: JunebugConfig) -> dict:

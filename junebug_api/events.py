@@ -8,6 +8,7 @@ spec says.
 from __future__ import annotations
 
 import attrs
+from twisted.internet.defer import CancelledError
 
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
@@ -38,6 +39,8 @@ class EventHandler:
         message_id = event["user_message_id"]
         try:
             info = await self.cache.fetch_event_info(message_id)
+        except CancelledError:
+            raise
         except Exception as e:
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id

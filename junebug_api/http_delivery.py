@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -186,7 +186,7 @@ class HttpDelivery:
         try:
             posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
             response = await posting.addTimeout(timeout, self._clock)
-        except (TimeoutError, CancelledError):
+        except TimeoutError:  # addTimeout turns its own cancellation into this
             raise DeliveryFailed(f"timed out after {timeout:g} s", retryable=True) from None
         except (ConnectError, DNSLookupError, ConnectionClosed) as e:
             raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None

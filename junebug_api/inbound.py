@@ -6,6 +6,7 @@ Each message is cached for replies, then POSTed to RapidPro as Junebug JSON.
 from __future__ import annotations
 
 import attrs
+from twisted.internet.defer import CancelledError
 
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
@@ -35,6 +36,8 @@ class InboundHandler:
         message_id = message["message_id"]
         try:
             await self.cache.store_inbound(message)
+        except CancelledError:
+            raise
         except Exception as e:
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id

@@ -50,10 +50,8 @@ class OutboundSender:
         """Publish the message a request body describes; its Junebug JSON."""
         request = parse_outbound_request(body)
         event_url = request.get("event_url")
-        if event_url is not None:
-            parts = urlsplit(event_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ApiUsageError('"event_url" must be an http:// or https:// URL')
+        if event_url is not None and not _is_http_url(event_url):
+            raise ApiUsageError('"event_url" must be an http:// or https:// URL')
         message = await self._build(request)
         message_id = message["message_id"]
         if event_url is not None:
@@ -100,3 +98,12 @@ class OutboundSender:
         except Exception as e:
             log.error("State cache unavailable: {error}", error=e)
             raise ServiceUnavailable("state cache unavailable") from None
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -14,7 +14,7 @@ import json
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
@@ -148,6 +148,9 @@ class RedisStateCache:
             charset="utf-8",
             convertNumbers=False,
             connectTimeout=self._operation_timeout,
+            # Drops a connection that stops answering (a half-open socket), so
+            # the pool reconnects instead of waiting on it.
+            replyTimeout=self._operation_timeout,
             ssl_context_factory=self._tls_options(args["host"]) if tls else False,
             **args,
         )
@@ -188,6 +191,8 @@ class RedisStateCache:
         return d
 
     def _failed(self, failure: Any) -> Any:
+        if failure.check(CancelledError):
+            return failure  # the caller gave up (e.g. its client left): no news of Redis
         self._healthy = False
         self._last_error = failure.getErrorMessage() or failure.type.__name__
         return failure

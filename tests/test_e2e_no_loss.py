@@ -227,3 +227,22 @@ async def test_sigterm_with_deliveries_in_flight(make_service, broker, connector
         what="every message delivered at least once",
     )
     await wait_for(lambda: broker.count(f"{connector}.inbound") == 0, what="all acked")
+    # What finished during the drain was acked before the connection closed:
+    # nothing is delivered twice.
+    delivered = [r["json"]["message_id"] for r in sink.requests]
+    assert len(delivered) == len(set(delivered)) == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleted_inbound_queue_is_redeclared_and_consumed(
+    make_service, broker, connector, sink
+):
+    """The broker's basic.cancel (consumer_cancel_notify) makes the service start over."""
+    service = make_service()
+    broker.delete(f"{connector}.inbound")
+    await wait_for(lambda: "cancelled consumer" in service.log(), what="the cancel notice")
+    await wait_for(lambda: service.log().count("Connected to AMQP") == 2, what="the reconnect")
+    inbound = inbound_message(connector)
+    broker.publish(f"{connector}.inbound", inbound)
+    [request] = await wait_for(lambda: sink.at("/inbound"), what="the inbound POST")
+    assert request["json"]["message_id"] == inbound["message_id"]

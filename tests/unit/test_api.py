@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -317,3 +318,20 @@ def test_wrong_method_is_405_envelope() -> None:
     assert code == 405
     assert data["description"] == "method not allowed"
     assert data["result"]["errors"][0]["message"] == "method GET is not allowed here"
+
+
+@pytest.mark.parametrize(
+    "event_url", ["http://[x/", "http://rp.example:port/e", "ftp://rp/e", "/e"]
+)
+def test_bad_event_urls_are_400(event_url: str) -> None:
+    h = Harness()
+    d = h.request(
+        "POST", URL, {"to": "+2782", "from": "8110", "content": "hi", "event_url": event_url}
+    )
+    h.http.flush()
+    code, data, _ = h.answer(d)
+    assert code == 400
+    assert (
+        data["result"]["errors"][0]["message"] == '"event_url" must be an http:// or https:// URL'
+    )
+    assert h.publish.calls == []

@@ -469,9 +469,9 @@ def test_describe_masks_secrets(tmp_path: Path) -> None:
     assert described["mo_message_url_auth_token"] == "***"
     assert described["default_event_auth_token"] == "***"
     assert described["sentry_dsn"] == "***"
-    assert described["mo_message_url"] == "https://rpuser:***@rp.example/c/jn/x/receive"
-    assert described["default_event_url"] == "https://evuser:***@rp.example/events"
-    assert described["amqp_url"] == "amqp://amqpuser:***@rabbit.example/%2F"
+    assert described["mo_message_url"] == "https://***@rp.example/c/jn/x/receive"
+    assert described["default_event_url"] == "https://***@rp.example/events"
+    assert described["amqp_url"] == "amqp://***@rabbit.example/%2F"
     # The config itself is untouched.
     assert cfg.mo_message_url_auth_token == "motokensecret"
     assert cfg.amqp.password == "amqpblocksecret"
@@ -488,3 +488,11 @@ def test_describe_leaves_unset_secrets_alone() -> None:
 def test_config_repr_hides_amqp_password(tmp_path: Path) -> None:
     cfg = load({"amqp": {"password": "amqpblocksecret"}}, tmp_path)
     assert "amqpblocksecret" not in repr(cfg)
+
+
+def test_redact_url_hides_a_lone_user_name_too() -> None:
+    from junebug_api.config import redact_url
+
+    assert redact_url("https://APIKEY123@rp.example/x") == "https://***@rp.example/x"
+    assert redact_url("https://rp.example/x") == "https://rp.example/x"
+    assert redact_url("http://[broken/") == "***"

@@ -169,7 +169,6 @@ class FailingClient:
     [
         (ConnectionRefusedError("nope"), "connection failed: ConnectionRefusedError"),
         (DNSLookupError("nope"), "connection failed: DNSLookupError"),
-        (CancelledError(), "timed out after 1.5 s"),
         (ResponseNeverReceived([Failure(ConnectionLost("gone"))]), "no response: "),
     ],
 )
@@ -213,3 +212,14 @@ def test_no_answer_times_out_once_and_cancels_the_request() -> None:
     assert info.value.reason == "timed out after 7 s"
     assert agent.cancelled
     assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_delivery_is_not_a_failed_attempt() -> None:
+    """A cancel from outside (shutdown) propagates; it is no DeliveryFailed to retry."""
+    agent = HangingAgent()
+    delivery = HttpDelivery(agent, Clock())
+    d = Deferred.fromCoroutine(delivery.post_json("http://rp.example/in", b"{}", None, 7.0))
+    d.cancel()
+    with pytest.raises(CancelledError):
+        result_of(d)
+    assert agent.cancelled

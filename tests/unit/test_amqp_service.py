@@ -1,0 +1,101 @@
+"""AmqpService bookkeeping: confirm tags, returns, batched acks; no broker."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
+from junebug_api.amqp_service import AmqpService, PublishFailed, _Connection
+from junebug_api.config import AmqpConfig
+
+from .helpers import result_of
+
+
+def connected_service() -> tuple[AmqpService, _Connection, StringTransport, Clock]:
+    clock = Clock()
+    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    transport.clear()
+    service = AmqpService(AmqpConfig(), [], {}, 10, clock)
+    connection = _Connection(client, None, None, opened_at=0.0, clock=clock)
+    service._connection = connection
+    return service, connection, transport, clock
+
+
+def frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, channel, payload) of every frame in ``data``."""
+    out, offset = [], 0
+    while offset < len(data):
+        kind, channel, size = struct.unpack_from("!BHI", data, offset)
+        out.append((kind, channel, data[offset + 7 : offset + 7 + size]))
+        assert data[offset + 7 + size] == 0xCE
+        offset += 8 + size
+    return out
+
+
+def test_confirms_resolve_their_own_publish_and_multiple_covers_earlier() -> None:
+    service, connection, _, _ = connected_service()
+    first = service.publish("q", b"1", message_id="a")
+    second = service.publish("q", b"2", message_id="b")
+    third = service.publish("q", b"3", message_id="c")
+    assert list(connection.pending) == [1, 2, 3]
+    service._confirmed(connection, 2, True, True)
+    assert result_of(first) is None
+    assert result_of(second) is None
+    assert not third.called
+    service._confirmed(connection, 3, False, False)
+    with pytest.raises(PublishFailed, match=r"basic\.nack"):
+        result_of(third)
+
+
+def test_a_too_long_message_id_is_replaced_and_keeps_tags_in_step() -> None:
+    service, connection, transport, _ = connected_service()
+    long_id = "x" * 300
+    d = service.publish("q", "Sawubona 👋".encode(), message_id=long_id)
+    _, header, body = frames(transport.value())
+    assert body[2] == "Sawubona 👋".encode()
+    assert long_id.encode() not in header[2]
+    assert list(connection.pending) == [1]
+    service._confirmed(connection, 1, False, True)
+    assert result_of(d) is None
+
+
+def test_unencodable_headers_fail_without_taking_a_tag() -> None:
+    service, connection, transport, _ = connected_service()
+    bad = service.publish("q", b"x", headers={"h": 1.5})
+    with pytest.raises(PublishFailed, match="cannot encode"):
+        result_of(bad)
+    assert transport.value() == b""
+    good = service.publish("q", b"y", message_id="m")
+    assert list(connection.pending) == [1]
+    service._confirmed(connection, 1, False, True)
+    assert result_of(good) is None
+
+
+def test_acks_are_batched_with_multiple_for_a_leading_run() -> None:
+    _, connection, transport, clock = connected_service()
+    for tag in (1, 2, 3, 4, 5):
+        connection.unacked[tag] = False
+    for tag in (2, 1, 3, 5):
+        connection.done(tag)
+    assert transport.value() == b""  # gathered until the end of the reactor turn
+    clock.advance(0)
+    acks = [struct.unpack("!HHQB", payload) for _, _, payload in frames(transport.value())]
+    assert acks == [(60, 80, 3, 1), (60, 80, 5, 0)]
+    assert list(connection.unacked) == [4]
+
+
+def test_lost_connection_fails_pending_publishes() -> None:
+    from twisted.python.failure import Failure
+
+    service, connection, _, _ = connected_service()
+    d = service.publish("q", b"x", message_id="m")
+    service._lost(connection, Failure(ConnectionError("gone")))
+    with pytest.raises(PublishFailed, match="connection lost"):
+        result_of(d)
+    assert not service.connected
