@@ -268,8 +268,9 @@ class JunebugAMQPClient(AMQClient):
     copies its whole input buffer per frame. This client parses its input once;
     ``basic.deliver`` (with its content), ``basic.ack`` and ``basic.nack`` go
     straight to the callbacks below, and publishes and acks are written as
-    ready-made bytes. Everything else (connection set-up, channel methods,
-    ``basic.return``, ``basic.get``) still takes txAMQP's path.
+    ready-made bytes (:meth:`encode_publish`, :meth:`ack`). Everything else
+    (connection set-up, channel methods, ``basic.return``, ``basic.get``)
+    still takes txAMQP's path.
 
     The connection's owner sets ``on_delivery(channel_id, consumer_tag,
     delivery_tag, redelivered, body)``, ``on_confirm(tag, multiple, ok)``,
@@ -392,19 +393,6 @@ class JunebugAMQPClient(AMQClient):
         super().check_heartbeat()
 
     # -- output -------------------------------------------------------------
-
-    def publish(
-        self,
-        channel: int,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        properties: dict[str, Any],
-        mandatory: bool = True,
-    ) -> None:
-        """Write one ``basic.publish`` with its content, as one write."""
-        data = self.encode_publish(channel, exchange, routing_key, body, properties, mandatory)
-        self.transport.write(data)
 
     def encode_publish(
         self,
