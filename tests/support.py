@@ -54,6 +54,11 @@ async def wait_for(
         await deferLater(reactor, 0.02)
 
 
+async def pause(seconds: float = 0.05) -> None:
+    """Let the reactor run for a moment (between polls of something remote)."""
+    await deferLater(reactor, seconds)
+
+
 class Broker:
     """A pika connection for publishing to, and reading from, the vumi queues."""
 

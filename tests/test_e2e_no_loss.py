@@ -13,7 +13,7 @@ import treq
 from twisted.internet import reactor
 from twisted.web.server import Site
 
-from .support import TWISTD, Broker, event_message, free_port, inbound_message, wait_for
+from .support import TWISTD, Broker, event_message, free_port, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 
@@ -183,7 +183,7 @@ async def test_broker_restart(make_service, broker, connector, sink):
     deadline = time.monotonic() + 40
     while (await treq.get(service.url + "/health")).code != 200:
         assert time.monotonic() < deadline, "service did not reconnect"
-        await wait_for(lambda: True)
+        await pause()
     fresh = Broker()
     try:
         code, answer = await post_message(service, content="after")

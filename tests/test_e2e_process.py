@@ -16,7 +16,7 @@ import pytest_twisted
 import treq
 import yaml
 
-from .support import TWISTD, ServiceProcess, free_port
+from .support import TWISTD, ServiceProcess, free_port, pause
 
 BASE = {
     "connector_name": "jbtest-config",
@@ -226,7 +226,6 @@ def test_env_file_and_cli_layering(tmp_path, connector):
 async def test_health_down_and_503_without_broker(make_service):
     dead_port = free_port()
     service = make_service(wait=False, amqp={"port": dead_port})
-    from .support import wait_for
 
     async def health():
         try:
@@ -241,7 +240,7 @@ async def test_health_down_and_503_without_broker(make_service):
         if answer is not None:
             code, body = answer
             break
-        await wait_for(lambda: True)
+        await pause()
     assert code == 503
     assert body["health"] == "down"
     assert body["components"]["amqp"]["health"] == "down"

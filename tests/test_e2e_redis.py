@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 import treq
 
-from .support import event_message, free_port, inbound_message, wait_for
+from .support import event_message, free_port, inbound_message, pause, wait_for
 from .test_state_caches import REDIS_URL, RedisKeys
 
 MESSAGES = "/channels/test-channel/messages"
@@ -149,7 +149,7 @@ async def test_redis_going_away_and_coming_back(make_service, broker, connector,
     deadline = time.monotonic() + 20
     while (answer := await health())[0] != 503:
         assert time.monotonic() < deadline, answer
-        await wait_for(lambda: True)
+        await pause()
     code, body = answer
     assert body["components"]["redis"]["health"] == "down"
     assert body["components"]["amqp"]["health"] == "ok"
@@ -175,7 +175,7 @@ async def test_redis_going_away_and_coming_back(make_service, broker, connector,
     deadline = time.monotonic() + 20
     while (answer := await health())[0] != 200:
         assert time.monotonic() < deadline, answer
-        await wait_for(lambda: True)
+        await pause()
     code, answer = await post(service, {"reply_to": waiting["message_id"], "content": "r"})
     assert code == 201, answer
 
