@@ -37,7 +37,7 @@ def _tune_garbage_collector() -> None:
 
     Every request and message makes short-lived Deferreds, dicts and frames;
     with the default thresholds (700, 10, 10) the collector ran so often that
-    it cost a third of the CPU under load (benchmark: outbound 1,137 -> 1,515
+    it cost over a quarter of the CPU under load (benchmark: outbound 1,137 -> 1,515
     requests/s, inbound 1,237 -> 1,778 messages/s). Objects that live from
     start-up on are frozen out of every collection.
     """
