@@ -296,3 +296,81 @@ async def test_health(make_service):
     assert health["health"] == "ok"
     assert health["components"]["amqp"]["health"] == "ok"
     assert health["components"]["amqp"]["state"] == "open"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_spec_example_request(make_service, broker, connector):
+    """The spec's example (its trailing comma removed), with allow_expired_replies:
+    uuid-1234 is unknown, so the message goes out as a non-reply to "to"."""
+    service = make_service(allow_expired_replies=True)
+    code, answer = await post(
+        service,
+        {
+            "to": "+26612345678",
+            "from": "8110",
+            "reply_to": "uuid-1234",
+            "event_url": "http://example.com/events/msg-1234",
+            "content": "Hello world!",
+            "channel_data": {"continue_session": True},
+        },
+    )
+    assert code == 201, answer
+    assert answer["status"] == 201
+    assert answer["description"] == "message submitted"
+    assert answer["result"]["message_id"]
+    message = await broker.wait_json(f"{connector}.outbound")
+    assert message["to_addr"] == "+26612345678"
+    assert message["from_addr"] == "8110"
+    assert message["content"] == "Hello world!"
+    assert message["in_reply_to"] is None
+    assert message["helper_metadata"] == {}
+
+
+def test_unix_socket_http_bind(make_service, tmp_path, broker, connector):
+    import socket as socket_module
+    import time
+
+    path = tmp_path / "junebug.sock"
+    service = make_service(wait=False, http_bind=f"unix:{path}")
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert service.process.poll() is None, service.log()
+        assert time.monotonic() < deadline, service.log()
+        time.sleep(0.05)
+
+    def exchange(request: bytes) -> bytes:
+        with socket_module.socket(socket_module.AF_UNIX) as s:
+            s.connect(str(path))
+            s.sendall(request)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer
+
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    while not exchange(health).startswith(b"HTTP/1.1 200 "):
+        assert time.monotonic() < deadline, service.log()
+        time.sleep(0.05)
+    body = json.dumps({"to": "+1", "from": "2", "content": "over a unix socket"}).encode()
+    answer = exchange(
+        (
+            f"POST {MESSAGES} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        + body
+    )
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert b'"description":"message submitted"' in answer  # (a chunked body)
+    message = await_sync_json(broker, f"{connector}.outbound")
+    assert message["content"] == "over a unix socket"
+
+
+def await_sync_json(broker, queue: str, timeout: float = 10.0) -> dict:
+    """The next message on ``queue``, polled without the reactor."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (got := broker.get(queue)) is None:
+        assert time.monotonic() < deadline, f"nothing on {queue}"
+        time.sleep(0.05)
+    return json.loads(got[1])
