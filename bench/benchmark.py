@@ -512,7 +512,8 @@ class Broker:
 
 # --- nginx ----------------------------------------------------------------------
 
-NGINX_CONF = """\
+# The part of every nginx config here: one worker, files in the run's folder.
+NGINX_HEAD = """\
 {user}worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -528,6 +529,11 @@ http {{
     keepalive_timeout 300s;
     keepalive_requests 10000000;
     client_body_buffer_size 64k;
+"""
+
+NGINX_CONF = (
+    NGINX_HEAD
+    + """\
     log_format bodies escape=json '$request_body';
     upstream sink {{
         server {host}:{backend};
@@ -552,6 +558,7 @@ http {{
     }}
 }}
 """
+)
 
 
 class Nginx:
@@ -617,22 +624,9 @@ class Nginx:
         stop_nginx(self.process)
 
 
-BALANCER_CONF = """\
-{user}worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    access_log off;
-    keepalive_timeout 300s;
-    keepalive_requests 10000000;
-    client_body_buffer_size 64k;
+BALANCER_CONF = (
+    NGINX_HEAD
+    + """\
     upstream junebug {{
 {servers}
         keepalive 64;
@@ -649,6 +643,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def nginx_user() -> str:
