@@ -16,12 +16,15 @@ from typing import Any
 import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from .junebug_formats import (
     ApiError,
+    ApiUsageError,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -30,6 +33,7 @@ from .junebug_formats import (
     envelope,
     error_envelope,
 )
+from .klein_resource import KleinAppResource
 from .log import logger
 from .outbound import OutboundSender
 
@@ -97,13 +101,11 @@ class JunebugApi:
         self.app = Klein()
         for path in (messages_path, messages_path + "/"):
             self.app.route(path, methods=["POST"], strict_slashes=False)(self.post_message)
-        self.app.route("/health", methods=["GET"])(self.get_health)
-        self.app.handle_errors(WerkzeugNotFound)(self._not_found)
-        self.app.handle_errors(WerkzeugMethodNotAllowed)(self._not_allowed)
+        self.app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
 
-    def resource(self) -> Any:
+    def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
-        return self.app.resource()
+        return KleinAppResource(self.app, self._error)
 
     def post_message(self, request: IRequest) -> Deferred[bytes] | bytes:
         if not self._credentials.allow(request.getHeader(b"authorization")):
@@ -113,43 +115,43 @@ class JunebugApi:
         body = request.content.read()
         d = Deferred.fromCoroutine(self._sender.send(body))
         d.addTimeout(self._timeout, self._clock)
-        d.addCallbacks(
-            lambda result: _answer(
-                request,
-                HTTPStatus.CREATED,
-                envelope(HTTPStatus.CREATED, "message submitted", result),
-            ),
-            lambda failure: self._error(request, failure),
-        )
+        d.addCallback(_created, request)
         return d
-
-    def _error(self, request: IRequest, failure: Any) -> bytes:
-        if failure.check(ApiError):
-            error = failure.value
-        elif failure.check(TimeoutError):
-            error = RequestTimedOut(f"request not handled within {self._timeout:g} s")
-            log.error("Outbound request timed out after {timeout} s", timeout=self._timeout)
-        elif failure.check(CancelledError):
-            return failure  # the client went away; nothing to answer
-        else:
-            log.failure("Unexpected error handling an outbound request", failure)
-            error = InternalError("internal error")
-        return _answer(request, error.status, error_envelope(error))
 
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
         status = HTTPStatus.OK if health["health"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
         return _answer(request, status, json.dumps(health).encode("utf-8"))
 
-    def _not_found(self, request: IRequest, failure: Any) -> bytes:
-        error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
+    def _error(self, request: IRequest, failure: Failure) -> bytes | Failure:
+        """The envelope answering a failed request (routing errors included)."""
+        if failure.check(ApiError):
+            error = failure.value
+        elif failure.check(WerkzeugNotFound):
+            error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
+        elif failure.check(WerkzeugMethodNotAllowed):
+            allowed = failure.value.valid_methods or []
+            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+            error = MethodNotAllowed(
+                f"method {request.method.decode('ascii', 'replace')} is not allowed here"
+            )
+        elif failure.check(HTTPException):
+            error = ApiUsageError(failure.value.description or "bad request")
+        elif failure.check(TimeoutError):
+            error = RequestTimedOut(f"request not handled within {self._timeout:g} s")
+            log.error("Outbound request timed out after {timeout} s", timeout=self._timeout)
+        elif failure.check(CancelledError):
+            return failure  # the client went away; nothing to answer
+        else:
+            log.failure("Unexpected error handling a request", failure)
+            error = InternalError("internal error")
         return _answer(request, error.status, error_envelope(error))
 
-    def _not_allowed(self, request: IRequest, failure: Any) -> bytes:
-        error = MethodNotAllowed(
-            f"method {request.method.decode('ascii', 'replace')} is not allowed here"
-        )
-        return _answer(request, error.status, error_envelope(error))
+
+def _created(result: dict[str, Any], request: IRequest) -> bytes:
+    return _answer(
+        request, HTTPStatus.CREATED, envelope(HTTPStatus.CREATED, "message submitted", result)
+    )
 
 
 def _answer(request: IRequest, status: HTTPStatus, body: bytes) -> bytes:

@@ -320,6 +320,38 @@ def test_wrong_method_is_405_envelope() -> None:
     assert data["result"]["errors"][0]["message"] == "method GET is not allowed here"
 
 
+def test_wrong_method_names_the_allowed_ones() -> None:
+    h = Harness()
+    d = h.request("DELETE", "http://junebug.example/health")
+    h.http.flush()
+    response = result_of(d)
+    assert response.code == 405
+    assert response.headers.getRawHeaders(b"Allow") == [b"GET, HEAD"]
+
+
+def test_health_with_trailing_slash() -> None:
+    h = Harness()
+    code, data = h.call("GET", "http://junebug.example/health/")
+    assert code == 200
+    assert data["health"] == "ok"
+
+
+def test_path_that_is_not_utf8_is_400_envelope() -> None:
+    h = Harness()
+    code, data = h.call("POST", "http://junebug.example/channels/%ff/messages", {})
+    assert code == 400
+    assert data["result"]["errors"] == [
+        {"type": "ApiUsageError", "message": "the URL path is not UTF-8"}
+    ]
+
+
+def test_unexpected_error_is_500_envelope() -> None:
+    h = Harness(publish=FakePublish(lambda: fail(ZeroDivisionError())))
+    code, data = h.post({"to": "+2782", "from": "8110", "content": "hi"})
+    assert code == 500
+    assert data["result"]["errors"][0]["type"] == "InternalError"
+
+
 @pytest.mark.parametrize(
     "event_url", ["http://[x/", "http://rp.example:port/e", "ftp://rp/e", "/e"]
 )

@@ -1,0 +1,97 @@
+"""Serves a Klein app on twisted.web without a reference cycle per request.
+
+Klein's own resource keeps every request in a reference cycle: its error
+handler is a closure that refers to itself and to the request (klein pull
+request 101, open since 2016). Each finished request, with its headers, body
+and adapters (about 40 objects), then waits for Python's cyclic garbage
+collector instead of being freed at once. Under load that ran the collector
+about ten times a second (10% of the CPU) and promoted requests still in flight
+into an older generation, whose collections stalled the reactor for 100-180 ms
+at a time: the outbound p99.
+
+:class:`KleinAppResource` routes with the same Klein app (its werkzeug URL map
+and its endpoints) and hands the endpoint's result, or any failure, on without
+closures, so a finished request is freed as soon as twisted.web lets go of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import BadRequest
+
+from .log import logger
+
+log = logger(__name__)
+
+#: Turns a failure (a werkzeug ``HTTPException`` for routing errors) into the
+#: body to answer; the handler sets the status and headers. A returned Failure
+#: means there is nothing to answer (the client has gone).
+ErrorHandler = Callable[[IRequest, Failure], "bytes | Failure"]
+
+
+class KleinAppResource(Resource):
+    """The twisted.web resource for a :class:`klein.Klein` app at the site's root.
+
+    An endpoint returns bytes or a Deferred that fires with bytes; routing
+    errors and exceptions go to ``on_error``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: Klein, on_error: ErrorHandler) -> None:
+        super().__init__()
+        self._app = app
+        self._on_error = on_error
+
+    def render(self, request: IRequest) -> bytes | int:
+        try:
+            path = b"/" + b"/".join(request.postpath)
+            try:
+                path_info = path.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("the URL path is not UTF-8") from None
+            urls = self._app.url_map.bind(
+                "", path_info=path_info, default_method=request.method.decode("ascii")
+            )
+            endpoint, arguments = urls.match()
+            result = self._app.execute_endpoint(endpoint, request, **arguments)
+        except Exception:
+            result = self._on_error(request, Failure())
+        if not isinstance(result, Deferred):
+            return result
+        request.notifyFinish().addErrback(_client_gone, result)
+        result.addErrback(self._failed, request)
+        result.addCallback(_write, request)
+        result.addErrback(_unwritten, request)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: IRequest) -> bytes | Failure:
+        return self._on_error(request, failure)
+
+
+def _client_gone(reason: Failure, result: Deferred) -> None:
+    """The connection closed before the answer: stop working on it."""
+    result.cancel()
+
+
+def _write(body: bytes, request: Any) -> None:
+    # After a disconnect, twisted.web refuses finish(); there is no one to answer.
+    if not request._disconnected:
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+def _unwritten(failure: Failure, request: Any) -> None:
+    if not failure.check(CancelledError):
+        log.failure(
+            "Could not answer {method} {path}", failure, method=request.method, path=request.path
+        )
