@@ -362,16 +362,22 @@ class RabbitNode:
         result = self.ctl("version")
         return result.stdout.strip() if result.returncode == 0 else "unknown"
 
-    def lazy_queues(self) -> None:
-        """Keep every queue's messages on disk, as classic queues do from RabbitMQ 3.12.
+    def lazy_outbound_queue(self) -> None:
+        """Keep the outbound queue's messages on disk, as classic queues do from RabbitMQ 3.12.
 
-        Nothing consumes bench.outbound, so it grows to some 60,000 messages per
-        run. A 3.10 classic queue keeps them in its process's heap, and the
-        Erlang collections of that heap delayed publisher confirms by up to
-        200 ms: the outbound p99 measured the broker, not the service.
+        Nothing consumes the outbound queue here (a transport would), so it
+        grows to some 60,000 messages a run. A 3.10 classic queue keeps them in
+        its process's heap, and the Erlang collections of that heap delayed
+        publisher confirms by up to 200 ms: the outbound p99 measured the
+        broker, not the service. The inbound and event queues keep the default.
         """
         result = self.ctl(
-            "set_policy", "lazy", ".*", '{"queue-mode":"lazy"}', "--apply-to", "queues"
+            "set_policy",
+            "lazy-outbound",
+            f"^{CONNECTOR}\\.outbound$",
+            '{"queue-mode":"lazy"}',
+            "--apply-to",
+            "queues",
         )
         if result.returncode != 0:
             raise BenchError(f"rabbitmqctl set_policy: {(result.stdout + result.stderr).strip()}")
@@ -1860,8 +1866,8 @@ def main() -> int:
         "--lazy-queues",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="a queue-mode=lazy policy on the benchmark's node, as RabbitMQ 3.12+ always has"
-        " (default: on)",
+        help="a queue-mode=lazy policy on the unconsumed outbound queue, as RabbitMQ 3.12+"
+        " always has (default: on)",
     )
     parser.add_argument(
         "--compare-scaling",
@@ -1936,11 +1942,12 @@ def main() -> int:
             stack.callback(rabbit.stop)
             rabbit.start()
             if args.lazy_queues:
-                rabbit.lazy_queues()
+                rabbit.lazy_outbound_queue()
             extra.append(
                 f"RabbitMQ {rabbit.version()}, "
                 + (
-                    "policy queue-mode=lazy on every queue (--no-lazy-queues: without)"
+                    f"policy queue-mode=lazy on {CONNECTOR}.outbound, which nothing consumes"
+                    " (--no-lazy-queues: without)"
                     if args.lazy_queues
                     else "no queue policy (--no-lazy-queues)"
                 )
