@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import pytest
 
+from junebug_api import vumi_messages
 from junebug_api.vumi_messages import (
     InvalidMessage,
     normalise_timestamp,
@@ -205,3 +207,13 @@ def test_reply_source_round_trip() -> None:
     assert source["message_id"] == "in-1"
     assert source["transport_metadata"] == {"s": UNICODE_TEXT}
     assert "content" not in source
+
+
+def test_generated_message_ids_are_version_4_uuids() -> None:
+    ids = {vumi_messages.generate_message_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for message_id in ids:
+        parsed = uuid.UUID(message_id)
+        assert parsed.hex == message_id
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
