@@ -5,7 +5,7 @@ virtualenv and installs nginx-light and wrk when they are missing::
 
     bench/run [--quick] [--concurrency N] [--inbound N] [--events N] [--keep-tmp]
               [--state-cache memory|redis] [--processes N] [--balancer]
-              [--phases outbound,inbound,events,bare] [--event-url]
+              [--phases outbound,inbound,events,bare] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
@@ -14,7 +14,9 @@ only; the shared RabbitMQ on 5672 is never touched:
 - its own RabbitMQ node (``jbbench-<random>@localhost``, free AMQP and
   distribution ports, data, logs and pid file in the temporary directory, no
   plugins, an empty config file so /etc/rabbitmq/rabbitmq.conf's listener on
-  5672 does not apply), pinned to core 1;
+  5672 does not apply), pinned to core 1, with a ``queue-mode: lazy`` policy
+  on ``bench.outbound``, which nothing consumes during a run (see
+  ``RabbitNode.lazy_outbound_queue``; ``--no-lazy-queues`` leaves it out);
 - nginx (one worker, core 1) as the RapidPro sink: a front server that logs
   every request body (``escape=json``) to bodies.log and proxies to a backend
   server answering ``200 {}``;
@@ -366,7 +368,7 @@ class RabbitNode:
         """Keep the outbound queue's messages on disk, as classic queues do from RabbitMQ 3.12.
 
         Nothing consumes the outbound queue here (a transport would), so it
-        grows to some 60,000 messages a run. A 3.10 classic queue keeps them in
+        grows by tens of thousands of messages a run. A 3.10 classic queue keeps them in
         its process's heap, and the Erlang collections of that heap delayed
         publisher confirms by up to 200 ms: the outbound p99 measured the
         broker, not the service. The inbound and event queues keep the default.
