@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from klein import Klein
@@ -21,6 +22,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
 
 from .junebug_formats import (
     ApiError,
@@ -135,6 +137,8 @@ class JunebugApi:
             error = MethodNotAllowed(
                 f"method {request.method.decode('ascii', 'replace')} is not allowed here"
             )
+        elif failure.check(RequestRedirect):
+            return _redirect(request, failure.value)
         elif failure.check(HTTPException):
             error = ApiUsageError(failure.value.description or "bad request")
         elif failure.check(TimeoutError):
@@ -146,6 +150,25 @@ class JunebugApi:
             log.failure("Unexpected error handling a request", failure)
             error = InternalError("internal error")
         return _answer(request, error.status, error_envelope(error))
+
+
+def _redirect(request: IRequest, redirect: RequestRedirect) -> bytes:
+    """werkzeug's answer to a path with repeated slashes: the same path with single ones.
+
+    The URL map is bound without a host, so only the path of werkzeug's URL
+    means anything; the request's query string is kept.
+    """
+    location = urlsplit(redirect.new_url).path.encode("ascii")
+    query = request.uri.partition(b"?")[2]
+    if query:
+        location += b"?" + query
+    request.setHeader(b"Location", location)
+    status = HTTPStatus(redirect.code)
+    return _answer(
+        request,
+        status,
+        envelope(status, "use the path with single slashes", {"location": location.decode()}),
+    )
 
 
 def _created(result: dict[str, Any], request: IRequest) -> bytes:

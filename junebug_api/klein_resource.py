@@ -17,16 +17,18 @@ closures, so a finished request is freed as soon as twisted.web lets go of it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadRequest
 
+from .junebug_formats import InternalError, error_envelope
 from .log import logger
 
 log = logger(__name__)
@@ -41,7 +43,10 @@ class KleinAppResource(Resource):
     """The twisted.web resource for a :class:`klein.Klein` app at the site's root.
 
     An endpoint returns bytes or a Deferred that fires with bytes; routing
-    errors and exceptions go to ``on_error``.
+    errors and exceptions go to ``on_error``. Every request still connected
+    gets an answer: when neither the endpoint nor ``on_error`` gives one, a
+    500 in the Junebug envelope (or, once the answer has begun, a closed
+    connection).
     """
 
     isLeaf = True
@@ -53,25 +58,31 @@ class KleinAppResource(Resource):
 
     def render(self, request: IRequest) -> bytes | int:
         try:
-            path = b"/" + b"/".join(request.postpath)
-            try:
-                path_info = path.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest("the URL path is not UTF-8") from None
-            urls = self._app.url_map.bind(
-                "", path_info=path_info, default_method=request.method.decode("ascii")
-            )
-            endpoint, arguments = urls.match()
-            result = self._app.execute_endpoint(endpoint, request, **arguments)
+            result = self._endpoint_result(request)
         except Exception:
-            result = self._on_error(request, Failure())
-        if not isinstance(result, Deferred):
+            result = fail()
+        if isinstance(result, bytes):
             return result
-        request.notifyFinish().addErrback(_client_gone, result)
+        if isinstance(result, Deferred):
+            request.notifyFinish().addErrback(_client_gone, result)
+        else:
+            result = fail(TypeError(f"the endpoint returned {type(result).__name__}, not bytes"))
         result.addErrback(self._failed, request)
         result.addCallback(_write, request)
         result.addErrback(_unwritten, request)
         return NOT_DONE_YET
+
+    def _endpoint_result(self, request: IRequest) -> Any:
+        path = b"/" + b"/".join(request.postpath)
+        try:
+            path_info = path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the URL path is not UTF-8") from None
+        urls = self._app.url_map.bind(
+            "", path_info=path_info, default_method=request.method.decode("ascii")
+        )
+        endpoint, arguments = urls.match()
+        return self._app.execute_endpoint(endpoint, request, **arguments)
 
     def _failed(self, failure: Failure, request: IRequest) -> bytes | Failure:
         return self._on_error(request, failure)
@@ -84,14 +95,32 @@ def _client_gone(reason: Failure, result: Deferred) -> None:
 
 def _write(body: bytes, request: Any) -> None:
     # After a disconnect, twisted.web refuses finish(); there is no one to answer.
-    if not request._disconnected:
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+    if request._disconnected:
+        return
+    if not isinstance(body, bytes):
+        raise TypeError(f"the answer is {type(body).__name__}, not bytes")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 def _unwritten(failure: Failure, request: Any) -> None:
-    if not failure.check(CancelledError):
-        log.failure(
-            "Could not answer {method} {path}", failure, method=request.method, path=request.path
-        )
+    """Nothing (or not all) was answered: log why, and answer what can be."""
+    if request._disconnected and failure.check(CancelledError):
+        return  # the client went away, and the endpoint stopped
+    log.failure(
+        "Could not answer {method} {path}", failure, method=request.method, path=request.path
+    )
+    if request._disconnected or request.finished:
+        return
+    if request.startedWriting:
+        request.loseConnection()
+        return
+    request.setResponseCode(HTTPStatus.INTERNAL_SERVER_ERROR.value)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(_INTERNAL_ERROR))
+    request.write(_INTERNAL_ERROR)
+    request.finish()
+
+
+_INTERNAL_ERROR = error_envelope(InternalError("internal error"))

@@ -282,9 +282,26 @@ async def test_unknown_path_and_method(make_service):
     response = await treq.get(service.url + MESSAGES)
     assert response.code == 405
     assert json.loads(await response.text())["status"] == 405
+    assert response.headers.getRawHeaders(b"Allow") == [b"POST"]
     response = await treq.post(service.url + "/nowhere", data=b"{}")
     assert response.code == 404
     assert json.loads(await response.text())["description"] == "not found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_repeated_slashes_redirect_to_a_path_that_works(make_service, broker, connector):
+    service = make_service()
+    url = service.url + MESSAGES.replace("/messages", "//messages")
+    body = json.dumps({"to": "+1", "from": "2", "content": "via 308"}).encode()
+    response = await treq.post(url, data=body, allow_redirects=False)
+    assert response.code == 308
+    assert response.headers.getRawHeaders(b"Location") == [MESSAGES.encode()]
+    await response.text()
+    assert broker.count(f"{connector}.outbound") == 0
+    code, answer = await post(service, body, MESSAGES)  # what a client following it sends
+    assert code == 201, answer
+    message = await broker.wait_json(f"{connector}.outbound")
+    assert message["content"] == "via 308"
 
 
 @pytest_twisted.ensureDeferred

@@ -336,6 +336,20 @@ def test_health_with_trailing_slash() -> None:
     assert data["health"] == "ok"
 
 
+def test_repeated_slashes_redirect_to_the_path_with_single_ones() -> None:
+    h = Harness()
+    url = "http://junebug.example/channels//x/messages?a=1&b=%20"
+    d = h.http.request("POST", url, data=b"{}", allow_redirects=False)
+    h.http.flush()
+    response = result_of(d)
+    assert response.code == 308
+    location = "/channels/x/messages?a=1&b=%20"
+    assert response.headers.getRawHeaders(b"Location") == [location.encode()]
+    body = json.loads(result_of(h.http.content(response)))
+    assert body["result"] == {"location": location}
+    assert h.publish.calls == []
+
+
 def test_path_that_is_not_utf8_is_400_envelope() -> None:
     h = Harness()
     code, data = h.call("POST", "http://junebug.example/channels/%ff/messages", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +32,11 @@ class App:
         self.klein.route("/now", methods=["POST"])(self.now)
         self.klein.route("/later", methods=["POST"])(self.later)
         self.klein.route("/broken", methods=["GET"])(self.broken)
-        self.klein.route("/async", methods=["GET"])(lambda request: succeed(b"async"))
+        self.klein.route("/async", methods=["GET"])(self.fired)
+        self.klein.route("/partial", methods=["POST"])(self.partial)
+        self.klein.route("/none", methods=["GET"])(self.nothing)
+        self.error_handler_raises = False
+        self.error_handler_gives_up = False
 
     def now(self, request: Any) -> bytes:
         self.requests.append(weakref.ref(request))
@@ -51,8 +56,23 @@ class App:
     def broken(self, request: Any) -> bytes:
         raise RuntimeError("boom")
 
+    def fired(self, request: Any) -> Deferred[bytes]:
+        return succeed(b"async")
+
+    def nothing(self, request: Any) -> None:
+        return None
+
+    def partial(self, request: Any) -> Deferred[bytes]:
+        request.write(b"partial")
+        self.pending = Deferred()
+        return self.pending
+
     def on_error(self, request: Any, failure: Failure) -> bytes | Failure:
         self.errors.append(failure)
+        if self.error_handler_raises:
+            raise ZeroDivisionError("the error handler failed")
+        if self.error_handler_gives_up:
+            return failure
         if failure.check(RuntimeError):
             request.setResponseCode(500)
         else:
@@ -173,7 +193,16 @@ def test_client_gone_but_the_endpoint_answers_anyway(app: App) -> None:
     assert [e for e in events if "log_failure" in e] == []
 
 
-def test_a_failure_to_answer_is_logged(app: App) -> None:
+def assert_internal_error(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ")
+    assert b"\r\nContent-Type: application/json; charset=utf-8\r\n" in head
+    assert json.loads(body)["result"]["errors"] == [
+        {"type": "InternalError", "message": "internal error"}
+    ]
+
+
+def test_an_answer_that_is_not_bytes_is_a_logged_500(app: App) -> None:
     client = Client(app)
     client.send("POST", b"/later")
     assert app.pending is not None
@@ -182,6 +211,49 @@ def test_a_failure_to_answer_is_logged(app: App) -> None:
     [event] = [e for e in events if "log_failure" in e]
     assert event["log_format"] == "Could not answer {method} {path}"
     assert event["path"] == b"/later"
+    assert_internal_error(client.answer())
+
+
+def test_an_endpoint_result_that_is_not_bytes_goes_to_the_handler(app: App) -> None:
+    client = Client(app)
+    client.send("GET", b"/none")
+    assert client.answer().endswith(b"\r\n\r\nerror:TypeError")
+
+
+@pytest.mark.parametrize("path", [b"/broken", b"/nowhere"])
+def test_an_error_handler_that_raises_still_answers(app: App, path: bytes) -> None:
+    app.error_handler_raises = True
+    client = Client(app)
+    with capturedLogs() as events:
+        client.send("GET", path)
+    assert_internal_error(client.answer())
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(ZeroDivisionError)
+
+
+def test_an_error_handler_that_gives_up_while_the_client_waits_still_answers(app: App) -> None:
+    app.error_handler_gives_up = True
+    client = Client(app)
+    client.send("POST", b"/later")
+    assert app.pending is not None
+    with capturedLogs() as events:
+        app.pending.cancel()  # cancelled by something other than a disconnect
+    assert_internal_error(client.answer())
+    assert [e["log_failure"].type.__name__ for e in events if "log_failure" in e] == [
+        "CancelledError"
+    ]
+
+
+def test_a_failure_after_the_answer_began_closes_the_connection(app: App) -> None:
+    app.error_handler_raises = True
+    client = Client(app)
+    client.send("POST", b"/partial")
+    assert app.pending is not None
+    assert not client.transport.disconnecting
+    with capturedLogs():
+        app.pending.errback(RuntimeError("late"))
+    assert client.transport.disconnecting
+    assert client.answer().endswith(b"partial\r\n")
 
 
 @pytest.mark.usefixtures("no_cycle_collector")
