@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from typing import Any
@@ -10,9 +11,11 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from junebug_api.amqp_service import PublishFailed
 from junebug_api.api import JunebugApi
+from junebug_api.http_server import ApiSite
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
 
@@ -381,3 +384,38 @@ def test_bad_event_urls_are_400(event_url: str) -> None:
         data["result"]["errors"][0]["message"] == '"event_url" must be an http:// or https:// URL'
     )
     assert h.publish.calls == []
+
+
+def test_requests_leave_no_cyclic_garbage() -> None:
+    """A finished request is freed at once, not left for the cycle collector.
+
+    Each request pinned in a cycle used to cost about 40 objects of cyclic
+    garbage and, under load, collector pauses of 100 ms and more. werkzeug's
+    URL matcher still leaves one small cycle per request: its recursive
+    closure, with the cells and the set it holds (8 objects).
+    """
+    h = Harness()
+    site = ApiSite(
+        h.api.resource(), clock=h.clock, max_request_size=1000, read_timeout=5, idle_timeout=60
+    )
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = json.dumps({"to": "+2782", "from": "8110", "content": "hi"}).encode()
+    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        PATH.encode(),
+        len(body),
+        body,
+    )
+    channel.dataReceived(request)  # warm up: first-use caches are not garbage
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(100):
+            channel.dataReceived(request)
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert transport.value().count(b"HTTP/1.1 201 Created") == 101
+    assert len(h.publish.calls) == 101
+    assert garbage <= 8 * 100
