@@ -25,6 +25,7 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
 from .junebug_formats import (
+    JSON_CONTENT_TYPE,
     ApiError,
     ApiUsageError,
     InternalError,
@@ -179,5 +180,5 @@ def _created(result: dict[str, Any], request: IRequest) -> bytes:
 
 def _answer(request: IRequest, status: HTTPStatus, body: bytes) -> bytes:
     request.setResponseCode(status.value)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
     return body

@@ -33,6 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from .junebug_formats import JSON_CONTENT_TYPE
+
 RETRYABLE_STATUSES = frozenset({408, 429})
 
 
@@ -175,7 +177,7 @@ class HttpDelivery:
         clean_url, basic = split_credentials(url)
         headers = Headers(
             {
-                b"Content-Type": [b"application/json; charset=utf-8"],
+                b"Content-Type": [JSON_CONTENT_TYPE],
                 b"Accept": [b"application/json"],
             }
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.web.server import Request, Site
 
-from .junebug_formats import ApiError, error_envelope
+from .junebug_formats import JSON_CONTENT_TYPE, ApiError, error_envelope
 from .log import debug_enabled
 
 
@@ -91,7 +91,7 @@ class LimitedRequest(Request):
         status = error.status
         head = (
             f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Type: {JSON_CONTENT_TYPE.decode()}\r\n"
             f"Content-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode("ascii")

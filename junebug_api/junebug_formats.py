@@ -111,6 +111,10 @@ class MethodNotAllowed(ApiError):
     error_type = "MethodNotAllowed"
 
 
+#: The Content-Type of every JSON body the service sends, answers and POSTs alike.
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+
 def envelope(status: HTTPStatus, description: str, result: Any) -> bytes:
     """Junebug's response envelope, as bytes."""
     return compact_json(

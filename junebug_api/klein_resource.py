@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadRequest
 
-from .junebug_formats import InternalError, error_envelope
+from .junebug_formats import JSON_CONTENT_TYPE, InternalError, error_envelope
 from .log import logger
 
 log = logger(__name__)
@@ -117,7 +117,7 @@ def _unwritten(failure: Failure, request: Any) -> None:
         request.loseConnection()
         return
     request.setResponseCode(HTTPStatus.INTERNAL_SERVER_ERROR.value)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
     request.setHeader(b"Content-Length", b"%d" % len(_INTERNAL_ERROR))
     request.write(_INTERNAL_ERROR)
     request.finish()
