@@ -88,6 +88,7 @@ from typing import Any
 import pika
 import pika.spec
 import yaml
+from cache_memory import TIMESTAMP, inbound
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -102,7 +103,6 @@ OTHER_CORE = "1"  # RabbitMQ, nginx, wrk
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTOR = "bench"
 BASE_PATH = "/channels/bench"
-TIMESTAMP = "2026-11-26 13:23:18.965428"
 REDIS_URL = "redis://127.0.0.1:6379/15"  # the shared Redis; only our prefix is touched
 REDIS_CLASS = "junebug_api.state_cache.RedisStateCache"
 ALL_PHASES = ("outbound", "inbound", "events", "bare")
@@ -1227,28 +1227,7 @@ def outbound_phase(
 
 def inbound_body(message_id: str) -> bytes:
     """A vumi inbound user message as a vumi2 USSD transport publishes it."""
-    return json.dumps(
-        {
-            "to_addr": "8110",
-            "from_addr": "+27820000001",
-            "transport_name": CONNECTOR,
-            "transport_type": "ussd",
-            "message_version": "20110921",
-            "message_type": "user_message",
-            "timestamp": TIMESTAMP,
-            "routing_metadata": {},
-            "helper_metadata": {"session_id": "abc"},
-            "message_id": message_id,
-            "in_reply_to": None,
-            "provider": "x",
-            "session_event": "new",
-            "content": "hello",
-            "transport_metadata": {"aat_ussd": {"provider": "x"}},
-            "group": None,
-            "to_addr_type": None,
-            "from_addr_type": None,
-        }
-    ).encode()
+    return json.dumps(inbound(message_id, transport_name=CONNECTOR)).encode()
 
 
 def inbound_expected(message_id: str) -> dict:

@@ -25,15 +25,19 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def inbound(message_id: str) -> dict:
+TIMESTAMP = "2026-11-26 13:23:18.965428"
+
+
+def inbound(message_id: str, transport_name: str = "my-channel") -> dict:
+    """A vumi inbound user message as a vumi2 USSD transport publishes it."""
     return {
         "to_addr": "8110",
         "from_addr": "+27820000001",
-        "transport_name": "my-channel",
+        "transport_name": transport_name,
         "transport_type": "ussd",
         "message_version": "20110921",
         "message_type": "user_message",
-        "timestamp": "2026-11-26 13:23:18.965428",
+        "timestamp": TIMESTAMP,
         "routing_metadata": {},
         "helper_metadata": {"session_id": "abc"},
         "message_id": message_id,
