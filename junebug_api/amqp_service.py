@@ -46,11 +46,12 @@ class PublishFailed(Exception):
 
 @attrs.define(eq=False)
 class Acker:
-    """Acknowledges one delivery on the connection it came from."""
+    """Acknowledges one delivery on the connection (and AMQP channel) it came from."""
 
     _connection: _Connection
     delivery_tag: int
     redelivered: bool
+    channel: int = CONSUME_CHANNEL
 
     def ack(self) -> None:
         """Tell the broker this message is done (no-op if its connection is gone).
@@ -59,13 +60,13 @@ class Acker:
         ``basic.ack`` frames as possible (``multiple`` for a run of tags).
         """
         if self._connection.alive:
-            self._connection.done(self.delivery_tag)
+            self._connection.done(self.delivery_tag, self.channel)
 
     def reject(self) -> None:
         """Give the message back to its queue now (no-op if the connection is gone)."""
         if self._connection.alive:
-            self._connection.unacked.pop(self.delivery_tag, None)
-            self._connection.client.reject(CONSUME_CHANNEL, self.delivery_tag, requeue=True)
+            self._connection.unacked_on(self.channel).pop(self.delivery_tag, None)
+            self._connection.client.reject(self.channel, self.delivery_tag, requeue=True)
 
     @property
     def alive(self) -> bool:
@@ -89,36 +90,55 @@ class _Connection:
     pending: OrderedDict[int, Deferred] = attrs.field(factory=OrderedDict)
     returned: dict[str, int] = attrs.field(factory=dict)
     failed_tags: dict[int, str] = attrs.field(factory=dict)
-    # Deliveries not yet acked, in arrival order; True once their work is done.
-    unacked: OrderedDict[int, bool] = attrs.field(factory=OrderedDict)
+    # Per AMQP channel: deliveries not yet acked, in arrival order; True once
+    # their work is done (delivery tags count per channel).
+    unacked_by_channel: dict[int, OrderedDict[int, bool]] = attrs.field(factory=dict)
+    # The AMQP channel each consumer (by queue) has to itself.
+    consumer_channels: dict[str, Any] = attrs.field(factory=dict)
+    _dirty: set[int] = attrs.field(factory=set)
     _flush_scheduled: bool = False
 
-    def done(self, tag: int) -> None:
-        if tag in self.unacked:
-            self.unacked[tag] = True
+    @property
+    def unacked(self) -> OrderedDict[int, bool]:
+        """The unacked deliveries of the shared consume channel (``basic.get``)."""
+        return self.unacked_on(CONSUME_CHANNEL)
+
+    def unacked_on(self, channel: int) -> OrderedDict[int, bool]:
+        unacked = self.unacked_by_channel.get(channel)
+        if unacked is None:
+            unacked = self.unacked_by_channel[channel] = OrderedDict()
+        return unacked
+
+    def done(self, tag: int, channel: int = CONSUME_CHANNEL) -> None:
+        unacked = self.unacked_on(channel)
+        if tag in unacked:
+            unacked[tag] = True
+            self._dirty.add(channel)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.clock.callLater(0, self.flush_acks)
 
     def flush_acks(self) -> None:
-        """Ack the finished deliveries: the leading run with one ``multiple``
-        ack, any others one by one."""
+        """Ack the finished deliveries of every channel: the leading run with
+        one ``multiple`` ack, any others one by one."""
         self._flush_scheduled = False
         if not self.alive:
             return
-        unacked = self.unacked
-        last, count = None, 0
-        while unacked:
-            tag, finished = next(iter(unacked.items()))
-            if not finished:
-                break
-            unacked.popitem(last=False)
-            last, count = tag, count + 1
-        if last is not None:
-            self.client.ack(CONSUME_CHANNEL, last, multiple=count > 1)
-        for tag in [tag for tag, finished in unacked.items() if finished]:
-            del unacked[tag]
-            self.client.ack(CONSUME_CHANNEL, tag)
+        dirty, self._dirty = self._dirty, set()
+        for channel in dirty:
+            unacked = self.unacked_on(channel)
+            last, count = None, 0
+            while unacked:
+                tag, finished = next(iter(unacked.items()))
+                if not finished:
+                    break
+                unacked.popitem(last=False)
+                last, count = tag, count + 1
+            if last is not None:
+                self.client.ack(channel, last, multiple=count > 1)
+            for tag in [tag for tag, finished in unacked.items() if finished]:
+                del unacked[tag]
+                self.client.ack(channel, tag)
 
 
 @attrs.define(eq=False)
@@ -127,7 +147,10 @@ class AmqpService(Service):
 
     ``queues`` are declared (durable, bound to the vumi exchange by their own
     name) on every connect; ``consumers`` maps a queue name to the callable
-    that gets its messages.
+    that gets its messages. Each consumer has an AMQP channel of its own with
+    its own prefetch (``queue_prefetch[queue]``, else ``prefetch``), so the
+    messages one consumer holds never use up another's: one channel's slow
+    RapidPro does not hold back the others.
     """
 
     settings: AmqpConfig
@@ -137,6 +160,7 @@ class AmqpService(Service):
     _reactor: Any
     heartbeat: int = 30
     connection_name: str = "junebug-api"
+    queue_prefetch: dict[str, int] = attrs.field(factory=dict)
     _client_service: ClientService | None = attrs.field(default=None, init=False)
     _connection: _Connection | None = attrs.field(default=None, init=False)
     _last_error: str | None = attrs.field(default=None, init=False)
@@ -193,9 +217,9 @@ class AmqpService(Service):
         connection = self._connection
         if connection is None or not connection.alive:
             return
-        for queue in self.consumers:
+        for queue, channel in list(connection.consumer_channels.items()):
             try:
-                await connection.consume_channel.basic_cancel(consumer_tag=queue)
+                await channel.basic_cancel(consumer_tag=queue)
             except Exception as e:
                 log.warn("Could not cancel consumer {queue}: {error}", queue=queue, error=e)
 
@@ -220,10 +244,10 @@ class AmqpService(Service):
         publish_channel = await client.channel(PUBLISH_CHANNEL)
         await publish_channel.channel_open()
         await publish_channel.confirm_select()
+        # The shared consume channel serves basic.get (replay); consumers get
+        # channels of their own below.
         consume_channel = await client.channel(CONSUME_CHANNEL)
         await consume_channel.channel_open()
-        # global: the prefetch is shared by all consumers on this channel, so it
-        # caps the messages in work at once.
         await consume_channel.basic_qos(prefetch_count=self.prefetch, global_=True)
         await publish_channel.exchange_declare(exchange=EXCHANGE, type="direct", durable=True)
         for queue in self.queues:
@@ -236,12 +260,11 @@ class AmqpService(Service):
         client.on_return = lambda msg: self._returned(connection, msg)
         client.on_lost = lambda reason: self._lost(connection, reason)
         client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body: self._deliver(
-            connection, consumer_tag, tag, redelivered, body
+            connection, channel, consumer_tag, tag, redelivered, body
         )
         self._connection = connection
         if self._consuming:
-            for queue in self.consumers:
-                await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
+            await self._start_consumers(client, connection)
         self._last_error = None
         log.info(
             "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
@@ -250,6 +273,17 @@ class AmqpService(Service):
             vhost=self.settings.vhost,
             queues=sorted(self.consumers),
         )
+
+    async def _start_consumers(self, client: JunebugAMQPClient, connection: _Connection) -> None:
+        """One AMQP channel per consumer, each with its own prefetch
+        (``basic.qos`` per consumer), then ``basic.consume`` on it."""
+        for number, queue in enumerate(self.consumers, start=CONSUME_CHANNEL + 1):
+            channel = await client.channel(number)
+            await channel.channel_open()
+            prefetch = self.queue_prefetch.get(queue, self.prefetch)
+            await channel.basic_qos(prefetch_count=prefetch, global_=False)
+            await channel.basic_consume(queue=queue, consumer_tag=queue)
+            connection.consumer_channels[queue] = channel
 
     def _lost(self, connection: _Connection, reason: Failure) -> None:
         connection.alive = False
@@ -386,13 +420,14 @@ class AmqpService(Service):
     def _deliver(
         self,
         connection: _Connection,
+        channel: int,
         consumer_tag: str,
         delivery_tag: int,
         redelivered: bool,
         body: bytes,
     ) -> None:
-        connection.unacked[delivery_tag] = False
-        acker = Acker(connection, delivery_tag, redelivered)
+        connection.unacked_on(channel)[delivery_tag] = False
+        acker = Acker(connection, delivery_tag, redelivered, channel)
         consumer = self.consumers.get(consumer_tag)
         if consumer is None:
             acker.reject()

@@ -1,7 +1,13 @@
-"""The HTTP API (Klein): ``POST <base_url_path>/messages`` and ``GET /health``.
+"""The HTTP API (Klein): old Junebug's message and channel routes, and ``GET /health``.
 
-Routes, the request timeout and turning every error into Junebug's envelope
-live here; what a message becomes is :mod:`junebug_api.outbound`'s business.
+Per channel: ``POST <messages path>`` (``/channels/<id>/messages``, or
+``<base_url_path>/messages`` for the top-level connector), ``GET <messages
+path>/<message_id>`` (message status), ``GET /channels/<id>`` (settings and
+status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
+Channels are set in the config file, so old Junebug's create, modify, delete
+and restart answer 405. Routes, the request timeout and turning every error
+into Junebug's envelope live here; what a message becomes is the channel's
+business (:mod:`junebug_api.channel`, :mod:`junebug_api.outbound`).
 """
 
 from __future__ import annotations
@@ -9,9 +15,9 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -28,17 +34,19 @@ from .junebug_formats import (
     JSON_CONTENT_TYPE,
     ApiError,
     ApiUsageError,
+    ChannelNotFound,
+    ChannelsReadOnly,
     InternalError,
     MethodNotAllowed,
     NotFound,
     RequestTimedOut,
+    ServiceUnavailable,
     Unauthorized,
     envelope,
     error_envelope,
 )
 from .klein_resource import KleinAppResource
 from .log import logger
-from .outbound import OutboundSender
 
 log = logger(__name__)
 
@@ -84,42 +92,170 @@ class ApiCredentials:
         return False
 
 
+class ApiChannel(Protocol):
+    """What the API needs of a channel (:class:`junebug_api.channel.Channel`)."""
+
+    id: str
+    credentials: ApiCredentials
+
+    @property
+    def messages_path(self) -> str: ...
+
+    async def send(self, body: bytes) -> dict[str, Any]: ...
+
+    async def message_status(self, message_id: str) -> dict[str, Any]: ...
+
+    def info(self, amqp_health: dict[str, Any]) -> dict[str, Any]: ...
+
+    def logs(self, n: int) -> list[dict[str, Any]]: ...
+
+
+_READ_ONLY = "channels are set in the config file; junebug-api cannot {what} them over HTTP"
+
+
 class JunebugApi:
     """The Klein app of one service instance."""
 
     def __init__(
         self,
-        sender: OutboundSender,
+        channels: Iterable[ApiChannel],
         health: HealthCheck,
-        messages_path: str,
         request_timeout: float,
         clock: Any,
+        amqp_health: HealthCheck | None = None,
         credentials: ApiCredentials | None = None,
     ) -> None:
+        self._channels = {c.id: c for c in channels}
         self._credentials = credentials or ApiCredentials()
-        self._sender = sender
         self._health = health
+        self._amqp_health = amqp_health or (lambda: health()["components"].get("amqp", {}))
         self._timeout = request_timeout
         self._clock = clock
-        self.app = Klein()
-        for path in (messages_path, messages_path + "/"):
-            self.app.route(path, methods=["POST"], strict_slashes=False)(self.post_message)
-        self.app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
+        self.app = app = Klein()
+        channel_path = "/channels/<channel_id>"
+        for channel in self._channels.values():
+            path = channel.messages_path
+            if path == f"/channels/{channel.id}/messages":
+                continue  # served by the /channels/<channel_id> routes below
+            for p in (path, path + "/"):
+                app.route(p, methods=["POST"], strict_slashes=False)(self._static(channel))
+            app.route(path + "/<message_id>", methods=["GET"], strict_slashes=False)(
+                self._static_status(channel)
+            )
+        for p in (f"{channel_path}/messages", f"{channel_path}/messages/"):
+            app.route(p, methods=["POST"], strict_slashes=False)(self.post_channel_message)
+        app.route(f"{channel_path}/messages/<message_id>", methods=["GET"], strict_slashes=False)(
+            self.get_message_status
+        )
+        app.route("/channels/", methods=["GET"], strict_slashes=False)(self.list_channels)
+        app.route("/channels/", methods=["POST"], strict_slashes=False)(self._read_only("create"))
+        app.route(channel_path, methods=["GET"], strict_slashes=False)(self.get_channel)
+        app.route(channel_path, methods=["POST", "PUT", "PATCH"], strict_slashes=False)(
+            self._read_only("modify")
+        )
+        app.route(channel_path, methods=["DELETE"], strict_slashes=False)(self._read_only("delete"))
+        app.route(f"{channel_path}/restart", methods=["POST"], strict_slashes=False)(
+            self._read_only("restart")
+        )
+        app.route(f"{channel_path}/logs", methods=["GET"], strict_slashes=False)(self.get_logs)
+        app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
 
     def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
         return KleinAppResource(self.app, self._error)
 
-    def post_message(self, request: IRequest) -> Deferred[bytes] | bytes:
-        if not self._credentials.allow(request.getHeader(b"authorization")):
-            request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
-            error = Unauthorized("missing or wrong credentials")
+    # -- helpers ------------------------------------------------------------
+
+    def _channel(self, channel_id: str) -> ApiChannel:
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            raise ChannelNotFound(f"channel {channel_id!r} not found")
+        return channel
+
+    def _static(self, channel: ApiChannel) -> Callable[[IRequest], Any]:
+        def post(request: IRequest) -> Deferred[bytes] | bytes:
+            return self._post(channel, request)
+
+        # Klein names endpoints after their function; each must be unique.
+        post.__name__ = f"post_message_{channel.id}"
+        return post
+
+    def _static_status(self, channel: ApiChannel) -> Callable[..., Any]:
+        def status(request: IRequest, message_id: str) -> Deferred[bytes] | bytes:
+            return self._status(channel, request, message_id)
+
+        status.__name__ = f"message_status_{channel.id}"
+        return status
+
+    def _read_only(self, what: str) -> Callable[..., bytes]:
+        def refuse(request: IRequest, channel_id: str | None = None) -> bytes:
+            request.setHeader(b"Allow", b"GET")
+            error = ChannelsReadOnly(_READ_ONLY.format(what=what))
             return _answer(request, error.status, error_envelope(error))
+
+        refuse.__name__ = f"read_only_{what}"
+        return refuse
+
+    @staticmethod
+    def _refused(request: IRequest) -> bytes:
+        request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
+        error = Unauthorized("missing or wrong credentials")
+        return _answer(request, error.status, error_envelope(error))
+
+    # -- routes ---------------------------------------------------------------
+
+    def post_channel_message(self, request: IRequest, channel_id: str) -> Deferred[bytes] | bytes:
+        return self._post(self._channel(channel_id), request)
+
+    def _post(self, channel: ApiChannel, request: IRequest) -> Deferred[bytes] | bytes:
+        if not channel.credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
         body = request.content.read()
-        d = Deferred.fromCoroutine(self._sender.send(body))
+        d = Deferred.fromCoroutine(channel.send(body))
         d.addTimeout(self._timeout, self._clock)
         d.addCallback(_created, request)
         return d
+
+    def get_message_status(
+        self, request: IRequest, channel_id: str, message_id: str
+    ) -> Deferred[bytes] | bytes:
+        return self._status(self._channel(channel_id), request, message_id)
+
+    def _status(
+        self, channel: ApiChannel, request: IRequest, message_id: str
+    ) -> Deferred[bytes] | bytes:
+        if not channel.credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
+        d = Deferred.fromCoroutine(_cache_answer(channel.message_status(message_id)))
+        d.addTimeout(self._timeout, self._clock)
+        d.addCallback(_ok, request, "message status")
+        return d
+
+    def list_channels(self, request: IRequest) -> bytes:
+        if not self._credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
+        return _ok(sorted(self._channels), request, "channels listed")
+
+    def get_channel(self, request: IRequest, channel_id: str) -> bytes:
+        channel = self._channel(channel_id)
+        if not channel.credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
+        return _ok(channel.info(self._amqp_health()), request, "channel found")
+
+    def get_logs(self, request: IRequest, channel_id: str) -> bytes:
+        channel = self._channel(channel_id)
+        if not channel.credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
+        values = request.args.get(b"n")
+        n = None
+        if values:
+            try:
+                n = int(values[0])
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise ApiUsageError("n must be a whole number of log records, 0 or more")
+        return _ok(channel.logs(n), request, "logs retrieved")
 
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
@@ -170,6 +306,21 @@ def _redirect(request: IRequest, redirect: RequestRedirect) -> bytes:
         status,
         envelope(status, "use the path with single slashes", {"location": location.decode()}),
     )
+
+
+async def _cache_answer(status: Any) -> dict[str, Any]:
+    """A message status, or 503 when the state cache cannot answer."""
+    try:
+        return await status
+    except (CancelledError, ApiError):
+        raise
+    except Exception as e:
+        log.error("State cache unavailable: {error}", error=e)
+        raise ServiceUnavailable("state cache unavailable") from None
+
+
+def _ok(result: Any, request: IRequest, description: str) -> bytes:
+    return _answer(request, HTTPStatus.OK, envelope(HTTPStatus.OK, description, result))
 
 
 def _created(result: dict[str, Any], request: IRequest) -> bytes:

@@ -47,8 +47,10 @@ class JunebugConfig:
     """Every option of the service; see the README's config reference."""
 
     # The Junebug message API options (the spec's names and defaults).
-    connector_name: str
-    mo_message_url: str
+    # connector_name and mo_message_url are required unless ``channels`` is
+    # set (see _check_semantics).
+    connector_name: str | None = None
+    mo_message_url: str | None = None
     mo_message_url_auth_token: str | None = None
     default_event_url: str | None = None
     default_event_auth_token: str | None = None
@@ -85,6 +87,14 @@ class JunebugConfig:
     delivery_max_attempts: int = 10
     shutdown_timeout: float = 30.0
     amqp_heartbeat: int = 30
+
+    # Many channels in one process (old Junebug); see junebug_api/channel_config.py.
+    channels: dict = attrs.field(factory=dict)
+    character_limit: int | None = None
+    metric_window: float = 10.0
+    max_logs: int = 100
+    outbound_message_ttl: float = 172800.0
+    store_message_events: bool = True
 
     @property
     def amqp_settings(self) -> AmqpConfig:
@@ -317,14 +327,24 @@ def load_config(
     data = _merge(data, options_from_environment(environ))
     data = _merge(data, options_from_cli(cli or {}))
     config = _build(JunebugConfig, data)
-    return _check_semantics(config)
+    config = _check_semantics(config)
+    from .channel_config import resolve_channels
+
+    resolve_channels(config)  # raises ConfigError naming the channel and option
+    return config
 
 
 def _check_semantics(config: JunebugConfig) -> JunebugConfig:
+    if not config.channels:
+        for name in ("connector_name", "mo_message_url"):
+            if getattr(config, name) is None:
+                raise ConfigError(f"{name} is required")
     for name in ("connector_name", "mo_message_url", "http_bind"):
-        if not getattr(config, name).strip():
+        value = getattr(config, name)
+        if value is not None and not value.strip():
             raise ConfigError(f"{name} must not be empty")
-    _check_url("mo_message_url", config.mo_message_url)
+    if config.mo_message_url is not None:
+        _check_url("mo_message_url", config.mo_message_url)
     if config.default_event_url is not None:
         _check_url("default_event_url", config.default_event_url)
     if config.log_level.upper() not in LOG_LEVELS:
@@ -359,6 +379,14 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         raise ConfigError("amqp_heartbeat must not be negative")
     if config.base_url_path and not config.base_url_path.startswith("/"):
         raise ConfigError("base_url_path must start with '/'")
+    if config.character_limit is not None and config.character_limit < 0:
+        raise ConfigError("character_limit must not be negative")
+    if config.metric_window <= 0:
+        raise ConfigError("metric_window must be greater than 0")
+    if config.max_logs < 1:
+        raise ConfigError("max_logs must be at least 1")
+    if config.outbound_message_ttl <= 0:
+        raise ConfigError("outbound_message_ttl must be greater than 0")
     config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
     config.http_endpoint  # noqa: B018 - checks http_bind
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
@@ -451,9 +479,37 @@ def describe(config: JunebugConfig) -> dict:
     for name in ("mo_message_url", "default_event_url", "amqp_url"):
         if plain.get(name):
             plain[name] = redact_url(plain[name])
+    if isinstance(plain.get("channels"), dict):
+        plain["channels"] = {
+            channel_id: _describe_channel(entry) for channel_id, entry in plain["channels"].items()
+        }
     if isinstance(plain.get("state_cache_config"), dict):
         cache = dict(plain["state_cache_config"])
         if isinstance(cache.get("url"), str):
             cache["url"] = redact_url(cache["url"])
         plain["state_cache_config"] = cache
+    return plain
+
+
+_SECRET_CHANNEL_OPTIONS = {
+    "api_auth_password",
+    "api_auth_token",
+    "mo_message_url_auth_token",
+    "mo_url_auth_token",
+    "default_event_auth_token",
+}
+
+
+def _describe_channel(entry: Any) -> Any:
+    """A ``channels:`` entry with its secrets masked, for the log."""
+    if not isinstance(entry, dict):
+        return entry
+    plain = dict(entry)
+    for key, value in plain.items():
+        if key in _SECRET_CHANNEL_OPTIONS and value:
+            plain[key] = "***"
+        elif key in ("mo_message_url", "mo_url", "default_event_url", "status_url") and isinstance(
+            value, str
+        ):
+            plain[key] = redact_url(value)
     return plain

@@ -7,6 +7,8 @@ spec says.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import attrs
 from twisted.internet.defer import CancelledError
 
@@ -15,7 +17,7 @@ from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_event, to_json
 from .log import debug_enabled, logger
 from .state_cache import EventInfo, StateCache
-from .vumi_messages import InvalidMessage, parse_event
+from .vumi_messages import InvalidMessage, VumiMessage, parse_event
 
 log = logger(__name__)
 
@@ -30,14 +32,20 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    #: Called with each parsed event before it is delivered (message status);
+    #: a failure there is retried like a state cache failure.
+    on_event: Callable[[VumiMessage], Awaitable[None]] | None = None
 
-    async def __call__(self, body: bytes) -> None:
+    async def __call__(self, body: bytes) -> VumiMessage:
+        """Deliver one event; the parsed event (for the caller's counting)."""
         try:
             event = parse_event(body)
         except InvalidMessage as e:
             raise HandlingFailed(f"invalid event: {e}", retryable=False) from None
         message_id = event["user_message_id"]
         try:
+            if self.on_event is not None:
+                await self.on_event(event)
             info = await self.cache.fetch_event_info(message_id)
         except CancelledError:
             raise
@@ -53,8 +61,9 @@ class EventHandler:
                     event_type=event["event_type"],
                     event_id=event.get("event_id"),
                     message_id=message_id,
+                    channel=self.channel_id,
                 )
-                return
+                return event
             info = EventInfo(self.default_url, self.default_auth_token)
         payload = to_json(junebug_event(event, self.channel_id))
         try:
@@ -67,3 +76,4 @@ class EventHandler:
             ) from None
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)
+        return event

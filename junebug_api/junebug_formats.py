@@ -111,6 +111,26 @@ class MethodNotAllowed(ApiError):
     error_type = "MethodNotAllowed"
 
 
+class ChannelNotFound(ApiError):
+    status = HTTPStatus.NOT_FOUND
+    description = "channel not found"
+    error_type = "ChannelNotFound"
+
+
+class MessageTooLong(ApiError):
+    description = "message too long"
+    error_type = "MessageTooLong"
+
+
+class ChannelsReadOnly(ApiError):
+    """Old Junebug's channel create/modify/delete/restart: channels are set in
+    the config file here."""
+
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+    description = "method not allowed"
+    error_type = "MethodNotAllowed"
+
+
 #: The Content-Type of every JSON body the service sends, answers and POSTs alike.
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 

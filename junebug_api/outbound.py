@@ -18,6 +18,7 @@ from .amqp_service import PublishFailed
 from .junebug_formats import (
     ApiUsageError,
     MessageNotFound,
+    MessageTooLong,
     ServiceUnavailable,
     junebug_message,
     outbound_message,
@@ -41,6 +42,10 @@ class OutboundSender:
     allow_expired_replies: bool
     cache: StateCache
     publish: Callable[..., Deferred]
+    #: Longer content gets 400 MessageTooLong (old Junebug); None: no limit.
+    character_limit: int | None = None
+    #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
+    channel_id: str | None = None
 
     @property
     def routing_key(self) -> str:
@@ -49,6 +54,9 @@ class OutboundSender:
     async def send(self, body: bytes) -> dict[str, Any]:
         """Publish the message a request body describes; its Junebug JSON."""
         request = parse_outbound_request(body)
+        limit = self.character_limit
+        if limit is not None and len(request.get("content") or "") > limit:
+            raise MessageTooLong(f"message content is longer than {limit} characters")
         event_url = request.get("event_url")
         if event_url is not None and not _is_http_url(event_url):
             raise ApiUsageError('"event_url" must be an http:// or https:// URL')
@@ -64,6 +72,7 @@ class OutboundSender:
                 "Outbound message {message_id} not sent: {error}",
                 message_id=message_id,
                 error=e,
+                channel=self.channel_id or self.connector_name,
             )
             if event_url is not None:
                 try:
@@ -73,7 +82,7 @@ class OutboundSender:
             raise ServiceUnavailable(f"message not sent: {e}") from None
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
-        return junebug_message(message, self.connector_name)
+        return junebug_message(message, self.channel_id or self.connector_name)
 
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")
@@ -96,7 +105,11 @@ class OutboundSender:
         except CancelledError:
             raise
         except Exception as e:
-            log.error("State cache unavailable: {error}", error=e)
+            log.error(
+                "State cache unavailable: {error}",
+                error=e,
+                channel=self.channel_id or self.connector_name,
+            )
             raise ServiceUnavailable("state cache unavailable") from None
 
 

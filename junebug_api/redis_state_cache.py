@@ -20,12 +20,25 @@ from twisted.internet.task import LoopingCall
 
 from .config import ConfigError, redact_url
 from .log import logger
-from .state_cache import EventInfo, check_options
+from .state_cache import DEFAULT_MESSAGE_STATUS_TTL, EventInfo, check_options
 from .vumi_messages import VumiMessage, reply_source, reply_source_from_bytes
 
 log = logger(__name__)
 
 HEALTH_INTERVAL = 5.0
+
+_STORE_EVENT = (
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]);"
+    " redis.call('EXPIRE', KEYS[1], ARGV[3]); return 1"
+)
+_FETCH_EVENTS = (
+    "local values = redis.call('HVALS', KEYS[1]);"
+    " if #values > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end; return values"
+)
+
+
+def _encoded_list(values: Any) -> list[bytes]:
+    return [v.encode("utf-8") if isinstance(v, str) else v for v in values or []]
 
 
 def parse_redis_url(url: str) -> dict[str, Any]:
@@ -83,7 +96,9 @@ class RedisStateCache:
         operation_timeout: float = 5.0,
         pool_size: int = 10,
         tls_ca_file: str | None = None,
+        message_status_ttl: float = DEFAULT_MESSAGE_STATUS_TTL,
     ) -> None:
+        self._status_expire = max(1, round(message_status_ttl))
         self._tls_ca_file = tls_ca_file
         self._clock = clock
         self._url = url
@@ -130,9 +145,16 @@ class RedisStateCache:
 
     @classmethod
     def from_config(
-        cls, config: dict, *, clock: IReactorTime, connector_name: str
+        cls,
+        config: dict,
+        *,
+        clock: IReactorTime,
+        connector_name: str,
+        message_status_ttl: float = DEFAULT_MESSAGE_STATUS_TTL,
     ) -> RedisStateCache:
-        return cls(clock, **cls.check_config(config, connector_name))
+        return cls(
+            clock, **cls.check_config(config, connector_name), message_status_ttl=message_status_ttl
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -230,6 +252,24 @@ class RedisStateCache:
 
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         return self._call("delete", self._key(b"event:", message_id)).addCallback(lambda _: None)
+
+    # -- message status: the events of each outbound message ----------------
+    # One hash per message (``<prefix>status:<message_id>``: event id ->
+    # status JSON), as old Junebug kept them; a Lua script writes (or reads)
+    # and renews the expiry in one round trip.
+
+    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
+        return self._call(
+            "eval",
+            _STORE_EVENT,
+            [self._key(b"status:", message_id)],
+            [event_id, event, self._status_expire],
+        ).addCallback(lambda _: None)
+
+    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
+        return self._call(
+            "eval", _FETCH_EVENTS, [self._key(b"status:", message_id)], [self._status_expire]
+        ).addCallback(_encoded_list)
 
     # -- health -------------------------------------------------------------
 

@@ -16,17 +16,17 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import globalLogPublisher
 
 from .amqp_service import AmqpService
-from .api import ApiCredentials, JunebugApi
+from .api import JunebugApi
+from .channel import Channel, ChannelLogRouter
+from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
-from .consumer import MessageWorker, RetryPolicy
-from .events import EventHandler
+from .consumer import RetryPolicy
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite
-from .inbound import InboundHandler
 from .log import logger, set_log_level
-from .outbound import OutboundSender
 from .state_cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -57,74 +57,66 @@ def queue_names(connector_name: str) -> dict[str, str]:
 
 
 class JunebugService(MultiService):
-    """The whole service: API, AMQP, workers and state cache."""
+    """The whole service: API, AMQP, the channels' workers and the state cache."""
 
     def __init__(self, config: JunebugConfig, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        settings = resolve_channels(config)
         self.cache: StateCache = make_state_cache(
             config.state_cache_class,
             config.state_cache_config,
             clock=reactor,
-            connector_name=config.connector_name,
+            connector_name=config.connector_name or "channels",
+            message_status_ttl=config.outbound_message_ttl,
         )
-        queues = queue_names(config.connector_name)
         delivery = HttpDelivery.create(reactor, config.worker_concurrency)
         policy = RetryPolicy(
             config.delivery_retry_delay,
             config.delivery_retry_max_delay,
             config.delivery_max_attempts,
         )
+        all_queues = [q for c in settings for q in queue_names(c.connector_name).values()]
         self.amqp = AmqpService(
             config.amqp_settings,
-            queues=list(queues.values()),
+            queues=all_queues,
             consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
             heartbeat=config.amqp_heartbeat,
-            connection_name=f"junebug-api {config.connector_name}",
+            connection_name=f"junebug-api {config.connector_name or 'channels'}",
         )
-        inbound = InboundHandler(
-            self.cache,
-            delivery,
-            config.mo_message_url,
-            config.mo_message_url_auth_token,
-            config.mo_message_url_timeout,
-        )
-        events = EventHandler(
-            self.cache,
-            delivery,
-            config.connector_name,
-            config.default_event_url,
-            config.default_event_auth_token,
-            config.event_url_timeout,
-        )
-        self.workers = [
-            MessageWorker(queues["inbound"], inbound, self.amqp.publish, policy, reactor),
-            MessageWorker(queues["event"], events, self.amqp.publish, policy, reactor),
+        self.channels = [
+            Channel(
+                channel,
+                queues=queue_names(channel.connector_name),
+                cache=self.cache,
+                delivery=delivery,
+                publish=self.amqp.publish,
+                policy=policy,
+                clock=reactor,
+                mo_message_url_timeout=config.mo_message_url_timeout,
+                event_url_timeout=config.event_url_timeout,
+                metric_window=config.metric_window,
+                max_logs=config.max_logs,
+                store_message_events=config.store_message_events,
+            )
+            for channel in settings
         ]
-        self.amqp.consumers.update({w.queue: w for w in self.workers})
+        self.workers = [w for c in self.channels for w in c.workers]
+        for channel in self.channels:
+            self.amqp.consumers.update(channel.consumers)
+            self.amqp.queue_prefetch.update(dict.fromkeys(channel.consumers, channel.prefetch))
         self.amqp.setServiceParent(self)
+        self._log_router = ChannelLogRouter(self.channels)
 
-        sender = OutboundSender(
-            config.connector_name,
-            config.transport_type,
-            config.default_from_addr,
-            config.allow_expired_replies,
-            self.cache,
-            self.amqp.publish,
-        )
-        self.credentials = ApiCredentials(
-            config.api_auth_username, config.api_auth_password, config.api_auth_token
-        )
         api = JunebugApi(
-            sender,
+            self.channels,
             self.health,
-            config.messages_path,
             config.request_timeout,
             reactor,
-            self.credentials,
+            amqp_health=self.amqp.health,
         )
         site = ApiSite(
             api.resource(),
@@ -142,27 +134,50 @@ class JunebugService(MultiService):
     def startService(self) -> None:
         set_log_level(self.config.log_level)
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
-        if not self.credentials.required:
-            log.warn(
-                "The messages API is open: anyone who can reach it can send messages."
-                " Set api_auth_username/api_auth_password or api_auth_token."
-            )
+        globalLogPublisher.addObserver(self._log_router)
+        for channel in self.channels:
+            if not channel.credentials.required:
+                log.warn(
+                    "The messages API of channel {channel} is open: anyone who can reach it"
+                    " can send messages. Set api_auth_username/api_auth_password or"
+                    " api_auth_token.",
+                    channel=channel.id,
+                )
+            for option, why in sorted(channel.settings.ignored.items()):
+                log.warn(
+                    "Channel {channel}: {option} is ignored ({why})",
+                    channel=channel.id,
+                    option=option,
+                    why=why,
+                )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
         super().startService()
         _tune_garbage_collector()
-        log.info(
-            "Listening on {endpoint}; outbound messages at {path}",
-            endpoint=self.config.http_endpoint,
-            path=self.config.messages_path,
-        )
+        for channel in self.channels:
+            log.info(
+                "Listening on {endpoint}; channel {channel}'s outbound messages at {path}",
+                endpoint=self.config.http_endpoint,
+                channel=channel.id,
+                path=channel.settings.messages_path,
+            )
 
     def health(self) -> dict[str, Any]:
-        """``/health``: ok only when every component is."""
-        components = {"amqp": self.amqp.health(), **self.cache.health()}
+        """``/health``: ok only when every component is; ``channels`` shows each
+        channel's state (a degraded channel does not make the process down)."""
+        amqp = self.amqp.health()
+        components = {"amqp": amqp, **self.cache.health()}
         healthy = all(c.get("health") == "ok" for c in components.values())
-        return {"health": "ok" if healthy else "down", "components": components}
+        channels = {}
+        for channel in self.channels:
+            status = channel.status(amqp)
+            channels[channel.id] = {"health": status["status"], **status["components"]}
+        return {
+            "health": "ok" if healthy else "down",
+            "components": components,
+            "channels": channels,
+        }
 
     async def _stop(self) -> None:
         await self.http.stopService()
@@ -178,6 +193,7 @@ class JunebugService(MultiService):
             )
         await self.amqp.stopService()
         await self.cache.close()
+        globalLogPublisher.removeObserver(self._log_router)
         self.running = 0
         log.info("junebug-api stopped")
 

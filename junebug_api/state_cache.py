@@ -19,6 +19,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from .config import ConfigError
 from .vumi_messages import VumiMessage, reply_source, reply_source_from_bytes
 
+#: Seconds a message's status (its events) is kept: old Junebug's two days.
+DEFAULT_MESSAGE_STATUS_TTL = 172800.0
+
 
 @attrs.frozen
 class EventInfo:
@@ -48,6 +51,14 @@ class StateCache(Protocol):
 
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         """Forget the event info of an outbound message."""
+
+    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
+        """Keep one event (its status JSON) of outbound ``message_id``; the same
+        ``event_id`` again replaces it. Renews the message's expiry."""
+
+    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
+        """Every kept event of ``message_id`` (in no particular order); renews
+        the expiry of a message that has any."""
 
     def start(self) -> None:
         """Open connections and start timers (called when the service starts)."""
@@ -100,6 +111,13 @@ class ExpiringMap:
         if self._timer is None:
             self._timer = self._clock.callLater(self._timeout, self._expire)
 
+    def renew(self, key: str) -> Any:
+        """The value of ``key`` (None if absent), its expiry renewed."""
+        value = self.get(key)
+        if value is not None:
+            self.set(key, value)
+        return value
+
     def get(self, key: str) -> Any:
         entry = self._entries.get(key)
         if entry is None:
@@ -142,11 +160,16 @@ class InMemoryStateCache:
     OPTIONS: ClassVar[dict[str, type]] = {"timeout": float, "store_event_info": bool}
 
     def __init__(
-        self, clock: IReactorTime, timeout: float = 86400, store_event_info: bool = True
+        self,
+        clock: IReactorTime,
+        timeout: float = 86400,
+        store_event_info: bool = True,
+        message_status_ttl: float = DEFAULT_MESSAGE_STATUS_TTL,
     ) -> None:
         self.store_event_info_enabled = store_event_info
         self._inbound = ExpiringMap(clock, timeout)
         self._event_info = ExpiringMap(clock, timeout)
+        self._status = ExpiringMap(clock, message_status_ttl)
 
     @classmethod
     def check_config(cls, config: dict, connector_name: str = "") -> dict:
@@ -159,9 +182,16 @@ class InMemoryStateCache:
 
     @classmethod
     def from_config(
-        cls, config: dict, *, clock: IReactorTime, connector_name: str
+        cls,
+        config: dict,
+        *,
+        clock: IReactorTime,
+        connector_name: str,
+        message_status_ttl: float = DEFAULT_MESSAGE_STATUS_TTL,
     ) -> InMemoryStateCache:
-        return cls(clock, **cls.check_config(config, connector_name))
+        return cls(
+            clock, **cls.check_config(config, connector_name), message_status_ttl=message_status_ttl
+        )
 
     def store_inbound(self, message: VumiMessage) -> Deferred[None]:
         self._inbound.set(message["message_id"], reply_source(message))
@@ -188,6 +218,23 @@ class InMemoryStateCache:
         self._event_info.delete(message_id)
         return succeed(None)
 
+    # -- message status: the events of each outbound message ----------------
+    # One flat tuple per message, (event_id, json, event_id, json, ...): the
+    # smallest container for the usual two or three events.
+
+    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
+        stored = self._status.get(message_id) or ()
+        for i in range(0, len(stored), 2):
+            if stored[i] == event_id:
+                stored = stored[:i] + stored[i + 2 :]
+                break
+        self._status.set(message_id, (*stored, event_id, event))
+        return succeed(None)
+
+    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
+        stored = self._status.renew(message_id) or ()
+        return succeed(list(stored[1::2]))
+
     def start(self) -> None:
         pass
 
@@ -197,6 +244,7 @@ class InMemoryStateCache:
     def close(self) -> Deferred[None]:
         self._inbound.clear()
         self._event_info.clear()
+        self._status.clear()
         return succeed(None)
 
 
@@ -214,11 +262,18 @@ def load_state_cache_class(path: str) -> type:
 
 
 def make_state_cache(
-    path: str, config: dict, *, clock: IReactorTime, connector_name: str
+    path: str,
+    config: dict,
+    *,
+    clock: IReactorTime,
+    connector_name: str,
+    message_status_ttl: float = DEFAULT_MESSAGE_STATUS_TTL,
 ) -> StateCache:
     """Build the configured state cache, checking its options."""
     cls = load_state_cache_class(path)
-    return cls.from_config(config, clock=clock, connector_name=connector_name)
+    return cls.from_config(
+        config, clock=clock, connector_name=connector_name, message_status_ttl=message_status_ttl
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -52,12 +52,13 @@ class MemoryCase:
     def __init__(self) -> None:
         self.clock = Clock()
 
-    def make(self, **options: Any) -> Any:
+    def make(self, message_status_ttl: float = 172800, **options: Any) -> Any:
         return make_state_cache(
             "junebug_api.state_cache.InMemoryStateCache",
             options,
             clock=self.clock,
             connector_name="c",
+            message_status_ttl=message_status_ttl,
         )
 
     async def expire(self, cache: Any, seconds: float) -> None:
@@ -70,12 +71,13 @@ class RedisCase:
     def __init__(self, keys: RedisKeys) -> None:
         self.keys = keys
 
-    def make(self, **options: Any) -> Any:
+    def make(self, message_status_ttl: float = 172800, **options: Any) -> Any:
         cache = make_state_cache(
             "junebug_api.state_cache.RedisStateCache",
             {"url": REDIS_URL, "key_prefix": self.keys.prefix, **options},
             clock=reactor,
             connector_name="c",
+            message_status_ttl=message_status_ttl,
         )
         cache.start()
         self.opened.append(cache)
@@ -226,3 +228,69 @@ def test_memory_is_the_default():
         ),
         InMemoryStateCache,
     )
+
+
+# -- message status: the events of each outbound message ---------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_events_round_trip(case):
+    cache = case.make()
+    assert await cache.fetch_message_events("m1") == []
+    await cache.store_message_event("m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
+    await cache.store_message_event("m1", "e2", b'{"event_type":"delivery_succeeded"}')
+    await cache.store_message_event("m2", "e3", b'{"event_type":"rejected"}')
+    # The same event again (a redelivery) replaces, never duplicates.
+    await cache.store_message_event("m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
+    assert sorted(await cache.fetch_message_events("m1")) == sorted(
+        [b'{"event_type":"submitted","n":"\xc3\xb1"}', b'{"event_type":"delivery_succeeded"}']
+    )
+    assert await cache.fetch_message_events("m2") == [b'{"event_type":"rejected"}']
+    assert await cache.fetch_message_events("unknown") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_events_expire_after_their_ttl(case):
+    cache = case.make(message_status_ttl=1)
+    await cache.store_message_event("m1", "e1", b"{}")
+    assert await cache.fetch_message_events("m1") == [b"{}"]
+    await case.expire(cache, 1)
+    assert await cache.fetch_message_events("m1") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_message_events_ttl_is_renewed_on_read_and_write():
+    case = MemoryCase()
+    cache = case.make(message_status_ttl=10)
+    await cache.store_message_event("m1", "e1", b"1")
+    case.clock.advance(8)
+    assert await cache.fetch_message_events("m1") == [b"1"]  # renewed: 10 s from now
+    case.clock.advance(8)
+    await cache.store_message_event("m1", "e2", b"2")  # renewed again
+    case.clock.advance(8)
+    assert sorted(await cache.fetch_message_events("m1")) == [b"1", b"2"]
+    case.clock.advance(10.5)
+    assert await cache.fetch_message_events("m1") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_message_events_key_ttl_renewed_on_read_and_write(redis_keys):
+    case = RedisCase(redis_keys)
+    case.opened = []
+    cache = case.make(message_status_ttl=3600)
+    try:
+        await cache.store_message_event("m1", "e1", b"1")
+        key = f"{redis_keys.prefix}status:m1".encode()
+        assert redis_keys.keys() == [key]
+        assert 3590 < redis_keys.ttl(key) <= 3600
+        redis_keys.client.expire(key, 100)
+        await cache.fetch_message_events("m1")
+        assert 3590 < redis_keys.ttl(key) <= 3600  # renewed by the read
+        redis_keys.client.expire(key, 100)
+        await cache.store_message_event("m1", "e2", b"2")
+        assert 3590 < redis_keys.ttl(key) <= 3600  # and by the write
+        # An unknown message leaves no key behind.
+        await cache.fetch_message_events("m2")
+        assert redis_keys.keys() == [key]
+    finally:
+        cache.close()

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from junebug_api.amqp_service import PublishFailed
-from junebug_api.api import JunebugApi
+from junebug_api.api import ApiCredentials, JunebugApi
 from junebug_api.http_server import ApiSite
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
@@ -40,6 +40,17 @@ class FakePublish:
         return self.answer()
 
 
+class SenderChannel:
+    """The channel ``x`` as the API sees it, sending through ``sender``."""
+
+    id = "x"
+    messages_path = PATH
+    credentials = ApiCredentials()
+
+    def __init__(self, sender: OutboundSender) -> None:
+        self.send = sender.send
+
+
 class Harness:
     def __init__(
         self,
@@ -60,7 +71,7 @@ class Harness:
             cache=self.cache,
             publish=self.publish,
         )
-        self.api = JunebugApi(sender, lambda: self.health, PATH, TIMEOUT, self.clock)
+        self.api = JunebugApi([SenderChannel(sender)], lambda: self.health, TIMEOUT, self.clock)
         self.http = StubTreq(self.api.resource())
 
     def request(self, method: str, url: str, body: Any = None) -> Deferred:

@@ -1,0 +1,343 @@
+"""One channel at run time: its queues, workers, sender, credentials and status.
+
+A :class:`Channel` is built from its :class:`ChannelSettings` and the pieces
+every channel shares (the AMQP service's ``publish``, the state cache, the
+HTTP delivery pool). It owns what is its alone: its queue names (from
+``service.queue_names``), the workers of its ``.inbound`` and ``.event``
+queues, its :class:`OutboundSender`, its API credentials, its message rates
+over the last ``metric_window`` seconds, the state of its deliveries and the
+last ``max_logs`` log records about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel, formatEvent
+
+from .api import ApiCredentials
+from .channel_config import ChannelSettings
+from .consumer import MessageWorker, RetryPolicy
+from .events import EventHandler
+from .http_delivery import HttpDelivery
+from .inbound import InboundHandler
+from .message_status import message_status, status_event
+from .outbound import OutboundSender
+from .state_cache import StateCache
+from .vumi_messages import VumiMessage, generate_message_id
+
+#: Old Junebug's rate fields, by what is counted.
+RATE_FIELDS = {
+    "inbound": "inbound_message_rate",
+    "outbound": "outbound_message_rate",
+    "submitted": "submitted_event_rate",
+    "rejected": "rejected_event_rate",
+    "delivery_succeeded": "delivery_succeeded_rate",
+    "delivery_failed": "delivery_failed_rate",
+    "delivery_pending": "delivery_pending_rate",
+}
+
+_EVENT_KINDS = {"ack": "submitted", "nack": "rejected"}
+_DELIVERY_KINDS = {
+    "pending": "delivery_pending",
+    "failed": "delivery_failed",
+    "delivered": "delivery_succeeded",
+}
+
+
+class RateMeter:
+    """Counts per second, for rates over the last ``window`` seconds.
+
+    One small ring of per-second counts per kind: a count is two list
+    operations, a rate a sum over ``window`` slots; no timestamps are kept.
+    """
+
+    def __init__(self, clock: IReactorTime, window: float, kinds: Iterable[str]) -> None:
+        self._clock = clock
+        self._window = window
+        self._slots = max(1, int(window + 0.999999)) + 1
+        self._counts = {kind: [0] * self._slots for kind in kinds}
+        self._seconds = {kind: [-1] * self._slots for kind in kinds}
+
+    def hit(self, kind: str, count: int = 1) -> None:
+        second = int(self._clock.seconds())
+        slot = second % self._slots
+        seconds = self._seconds[kind]
+        counts = self._counts[kind]
+        if seconds[slot] != second:
+            seconds[slot] = second
+            counts[slot] = 0
+        counts[slot] += count
+
+    def rate(self, kind: str) -> float:
+        """Events per second over the last ``window`` whole seconds."""
+        now = int(self._clock.seconds())
+        oldest = now - self._slots + 1
+        seconds = self._seconds[kind]
+        counts = self._counts[kind]
+        total = sum(c for s, c in zip(seconds, counts, strict=True) if oldest <= s < now)
+        return total / (self._slots - 1)
+
+
+class ChannelLog:
+    """The last ``size`` log records about one channel, in old Junebug's shape."""
+
+    def __init__(self, channel_id: str, size: int) -> None:
+        self._channel_id = channel_id
+        self._records: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def add(self, event: dict[str, Any]) -> None:
+        record: dict[str, Any] = {
+            "logger": self._channel_id,
+            "level": _python_level(event.get("log_level")),
+            "timestamp": event.get("log_time"),
+            "message": formatEvent(event),
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["exception"] = {
+                "class": failure.type.__name__,
+                "instance": failure.getErrorMessage(),
+                "stack": traceback.format_tb(failure.getTracebackObject())
+                if failure.getTracebackObject() is not None
+                else [],
+            }
+        self._records.append(record)
+
+    def newest(self, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` records, newest first."""
+        records = self._records
+        return [records[-i] for i in range(1, min(n, len(records)) + 1)]
+
+
+def _python_level(level: Any) -> int:
+    return {
+        LogLevel.debug: logging.DEBUG,
+        LogLevel.info: logging.INFO,
+        LogLevel.warn: logging.WARNING,
+        LogLevel.error: logging.ERROR,
+        LogLevel.critical: logging.CRITICAL,
+    }.get(level, logging.INFO)
+
+
+class DeliveryState:
+    """Whether a channel's POSTs to one destination are getting through."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
+        self.in_flight = 0
+
+    def status(self) -> dict[str, Any]:
+        failing = self.last_failure is not None and (
+            self.last_success is None or self.last_failure > self.last_success
+        )
+        status: dict[str, Any] = {
+            "health": "degraded" if failing else "ok",
+            "in_flight": self.in_flight,
+        }
+        if failing:
+            status["error"] = self.last_error
+        return status
+
+
+class Channel:
+    """One channel: see the module docstring."""
+
+    def __init__(
+        self,
+        settings: ChannelSettings,
+        *,
+        queues: dict[str, str],
+        cache: StateCache,
+        delivery: HttpDelivery,
+        publish: Callable[..., Deferred],
+        policy: RetryPolicy,
+        clock: IReactorTime,
+        mo_message_url_timeout: float,
+        event_url_timeout: float,
+        metric_window: float,
+        max_logs: int,
+        store_message_events: bool,
+    ) -> None:
+        self.settings = settings
+        self.id = settings.id
+        self.queues = queues
+        self._cache = cache
+        self._clock = clock
+        self._store_events = store_message_events
+        self.rates = RateMeter(clock, metric_window, RATE_FIELDS)
+        self.log = ChannelLog(settings.id, max_logs)
+        self._max_logs = max_logs
+        self.mo_delivery = DeliveryState(clock)
+        self.event_delivery = DeliveryState(clock)
+        self.credentials = ApiCredentials(
+            settings.api_auth_username, settings.api_auth_password, settings.api_auth_token
+        )
+        self.sender = OutboundSender(
+            settings.connector_name,
+            settings.transport_type,
+            settings.default_from_addr,
+            settings.allow_expired_replies,
+            cache,
+            publish,
+            character_limit=settings.character_limit,
+            channel_id=settings.id,
+        )
+        # Inbound JSON's channel_id is the message's transport_name, as in
+        # vumi2: the connector name, which is the channel id by default.
+        self._inbound = InboundHandler(
+            cache,
+            delivery,
+            settings.mo_message_url,
+            settings.mo_message_url_auth_token,
+            mo_message_url_timeout,
+        )
+        self._events = EventHandler(
+            cache,
+            delivery,
+            settings.id,
+            settings.default_event_url,
+            settings.default_event_auth_token,
+            event_url_timeout,
+            on_event=self._store_event if store_message_events else None,
+        )
+        self.workers = [
+            MessageWorker(queues["inbound"], self._handle_inbound, publish, policy, clock),
+            MessageWorker(queues["event"], self._handle_event, publish, policy, clock),
+        ]
+
+    @property
+    def consumers(self) -> dict[str, MessageWorker]:
+        """The channel's consumers by queue, for the AMQP service."""
+        return {w.queue: w for w in self.workers}
+
+    @property
+    def prefetch(self) -> int:
+        return self.settings.worker_concurrency
+
+    @property
+    def messages_path(self) -> str:
+        return self.settings.messages_path
+
+    def logs(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``n`` (default: all kept) log records about this channel, newest first."""
+        return self.log.newest(self._max_logs if n is None else n)
+
+    # -- the message paths -------------------------------------------------
+
+    async def send(self, body: bytes) -> dict[str, Any]:
+        """Publish an outbound request body (``POST .../messages``)."""
+        result = await self.sender.send(body)
+        self.rates.hit("outbound")
+        return result
+
+    async def _handle_inbound(self, body: bytes) -> None:
+        state = self.mo_delivery
+        state.in_flight += 1
+        try:
+            await self._inbound(body)
+        except Exception as e:
+            state.last_failure = self._clock_seconds()
+            state.last_error = str(e)
+            raise
+        finally:
+            state.in_flight -= 1
+        state.last_success = self._clock_seconds()
+        self.rates.hit("inbound")
+
+    async def _handle_event(self, body: bytes) -> None:
+        state = self.event_delivery
+        state.in_flight += 1
+        try:
+            event = await self._events(body)
+        except Exception as e:
+            state.last_failure = self._clock_seconds()
+            state.last_error = str(e)
+            raise
+        finally:
+            state.in_flight -= 1
+        state.last_success = self._clock_seconds()
+        if event["event_type"] == "delivery_report":
+            self.rates.hit(_DELIVERY_KINDS[event["delivery_status"]])
+        else:
+            self.rates.hit(_EVENT_KINDS[event["event_type"]])
+
+    def _clock_seconds(self) -> float:
+        return self._clock.seconds()
+
+    async def _store_event(self, event: VumiMessage) -> None:
+        event_id = event.get("event_id") or generate_message_id()
+        await self._cache.store_message_event(
+            event["user_message_id"], event_id, status_event(event, self.id)
+        )
+
+    async def message_status(self, message_id: str) -> dict[str, Any]:
+        """Old Junebug's status of one outbound message."""
+        events = await self._cache.fetch_message_events(message_id) if self._store_events else []
+        return message_status(message_id, events)
+
+    # -- what GET /channels/<id> shows --------------------------------------
+
+    def status(self, amqp_health: dict[str, Any]) -> dict[str, Any]:
+        """``status`` of ``GET /channels/<id>``: components, the worst of them,
+        and old Junebug's seven rates."""
+        components = {
+            "amqp": {"health": amqp_health.get("health", "down")},
+            "mo_message_url": self.mo_delivery.status(),
+            "event_url": self.event_delivery.status(),
+        }
+        worst = "ok"
+        for component in components.values():
+            health = component["health"]
+            if health == "down":
+                worst = "down"
+            elif health == "degraded" and worst == "ok":
+                worst = "degraded"
+        status: dict[str, Any] = {"status": worst, "components": components}
+        for kind, field in RATE_FIELDS.items():
+            status[field] = self.rates.rate(kind)
+        return status
+
+    def info(self, amqp_health: dict[str, Any]) -> dict[str, Any]:
+        """The ``result`` of ``GET /channels/<id>``: settings without secrets, and status."""
+        return {**self.settings.public(), "status": self.status(amqp_health)}
+
+
+class ChannelLogRouter:
+    """A log observer that files each log event about a channel in its log.
+
+    An event is about a channel when it carries a ``channel`` field (a channel
+    id) or a ``queue`` field naming one of the channel's queues.
+    """
+
+    def __init__(self, channels: Iterable[Channel]) -> None:
+        self._by_id: dict[str, Channel] = {}
+        self._by_queue: dict[str, Channel] = {}
+        for channel in channels:
+            self._by_id[channel.id] = channel
+            for queue in channel.queues.values():
+                self._by_queue[queue] = channel
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        channel = None
+        channel_id = event.get("channel")
+        if isinstance(channel_id, str):
+            channel = self._by_id.get(channel_id)
+        if channel is None:
+            queue = event.get("queue")
+            if isinstance(queue, str):
+                channel = self._by_queue.get(queue)
+        if channel is not None:
+            try:
+                channel.log.add(event)
+            except Exception:
+                pass  # a log record must never break logging

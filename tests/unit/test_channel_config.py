@@ -1,0 +1,214 @@
+"""channels: resolving each channel's settings from its entry and the defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from junebug_api.channel_config import resolve_channels
+from junebug_api.config import ConfigError, describe, load_config
+
+BIND = {"http_bind": "127.0.0.1:8080"}
+MO = "http://rapidpro.example/c/jn/uuid/receive"
+
+
+def load(**data):
+    import json
+
+    cli = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in {**BIND, **data}.items()}
+    return load_config(None, environ={}, cli=cli)
+
+
+def test_channels_alone_need_no_top_level_connector() -> None:
+    cfg = load(channels={"abc": {"mo_url": MO}})
+    [channel] = resolve_channels(cfg)
+    assert channel.id == "abc"
+    assert channel.connector_name == "abc"  # old Junebug named queues after the id
+    assert channel.messages_path == "/channels/abc/messages"
+    assert channel.mo_message_url == MO
+
+
+def test_top_level_values_are_every_channels_defaults() -> None:
+    cfg = load(
+        mo_message_url=MO,
+        mo_message_url_auth_token="top-token",
+        transport_type="ussd",
+        default_from_addr="8110",
+        allow_expired_replies="true",
+        character_limit="160",
+        api_auth_token="api-token",
+        worker_concurrency="7",
+        default_event_url="http://rp.example/events",
+        channels={
+            "a": {},
+            "b": {
+                "mo_url": "http://b.example/in",
+                "mo_url_auth_token": "b-token",
+                "transport_type": "sms",
+                "character_limit": None,
+                "label": "B",
+                "metadata": {"x": 1},
+                "connector_name": "bee",
+                "worker_concurrency": 3,
+                "api_auth_username": "u",
+                "api_auth_password": "p",
+            },
+        },
+    )
+    a, b = resolve_channels(cfg)
+    assert (a.id, a.connector_name, a.mo_message_url, a.mo_message_url_auth_token) == (
+        "a",
+        "a",
+        MO,
+        "top-token",
+    )
+    assert (a.transport_type, a.default_from_addr, a.allow_expired_replies) == (
+        "ussd",
+        "8110",
+        True,
+    )
+    assert (a.character_limit, a.api_auth_token, a.worker_concurrency) == (160, "api-token", 7)
+    assert a.default_event_url == "http://rp.example/events"
+    assert (b.connector_name, b.mo_message_url, b.mo_message_url_auth_token) == (
+        "bee",
+        "http://b.example/in",
+        "b-token",
+    )
+    assert (b.transport_type, b.character_limit, b.label, b.metadata) == (
+        "sms",
+        None,
+        "B",
+        {"x": 1},
+    )
+    assert (b.api_auth_username, b.api_auth_password, b.worker_concurrency) == ("u", "p", 3)
+
+
+def test_the_vumi2_form_is_one_channel_beside_others() -> None:
+    cfg = load(
+        connector_name="conn",
+        mo_message_url=MO,
+        base_url_path="/jb",
+        channels={"abc": {}},
+    )
+    top, abc = resolve_channels(cfg)
+    assert (top.id, top.connector_name, top.messages_path) == ("conn", "conn", "/jb/messages")
+    assert (abc.id, abc.connector_name, abc.messages_path) == (
+        "abc",
+        "abc",
+        "/channels/abc/messages",
+    )
+
+
+def test_old_junebug_options_are_accepted_and_ignored() -> None:
+    cfg = load(
+        channels={
+            "a": {
+                "mo_url": MO,
+                "amqp_queue": "extra",
+                "status_url": "http://x/status",
+                "rate_limit_count": 10,
+                "rate_limit_window": 5,
+            }
+        }
+    )
+    [a] = resolve_channels(cfg)
+    assert sorted(a.ignored) == [
+        "amqp_queue",
+        "rate_limit_count",
+        "rate_limit_window",
+        "status_url",
+    ]
+    assert a.connector_name == "a"  # amqp_queue is never the channel's queue name
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"channels": {"a": {}}}, r"^channels\.a\.mo_message_url is required"),
+        ({"channels": {"a": {"mo_url": "ftp://x"}}}, r"^channels\.a\.mo_message_url must be"),
+        ({"channels": {"a": {"mo_url": MO, "colour": 1}}}, r"^unknown option channels\.a\.colour$"),
+        (
+            {"channels": {"a": {"mo_url": MO, "character_limit": "x"}}},
+            r"^channels\.a\.character_limit must be an integer",
+        ),
+        (
+            {"channels": {"a": {"mo_url": MO, "character_limit": -1}}},
+            r"^channels\.a\.character_limit must not be negative",
+        ),
+        (
+            {"channels": {"a": {"mo_url": MO, "worker_concurrency": 0}}},
+            r"^channels\.a\.worker_concurrency must be at least 1",
+        ),
+        (
+            {"channels": {"a": {"mo_url": MO, "api_auth_username": "u"}}},
+            r"^channels\.a: api_auth_username and api_auth_password",
+        ),
+        (
+            {"channels": {"a": {"mo_url": MO, "mo_message_url": MO}}},
+            r"^channels\.a\.mo_(message_)?url: mo_message_url is given twice",
+        ),
+        ({"channels": {"a/b": {"mo_url": MO}}}, r"^channels: channel id 'a/b' must be"),
+        ({"channels": {"a": "x"}}, r"^channels\.a must be a mapping"),
+        (
+            {"channels": {"a": {"mo_url": MO}, "b": {"mo_url": MO, "connector_name": "a"}}},
+            r"^channels\.b\.connector_name 'a' is already the connector of channel 'a'",
+        ),
+        (
+            {"connector_name": "a", "mo_message_url": MO, "channels": {"a": {}}},
+            r"^channels\.a: the top-level connector_name is already a channel",
+        ),
+        (
+            {
+                "connector_name": "c",
+                "mo_message_url": MO,
+                "base_url_path": "/channels/a",
+                "channels": {"a": {}},
+            },
+            r"^channels\.a: its messages path /channels/a/messages is already that of the top",
+        ),
+        ({}, r"^connector_name is required$"),
+    ],
+)
+def test_config_errors_name_the_channel_and_option(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(**data)
+
+
+def test_describe_masks_channel_secrets() -> None:
+    cfg = load(
+        channels={
+            "a": {
+                "mo_url": "http://user:pw@rp.example/in",
+                "mo_url_auth_token": "s1",
+                "api_auth_password": "s2",
+                "api_auth_username": "u",
+                "api_auth_token": "s3",
+                "default_event_auth_token": "s4",
+            }
+        }
+    )
+    text = repr(describe(cfg))
+    for secret in ("pw", "s1", "s2", "s3", "s4"):
+        assert f"'{secret}'" not in text and f":{secret}@" not in text
+    assert "***@rp.example" in text
+
+
+def test_public_settings_hold_no_secret() -> None:
+    cfg = load(
+        channels={
+            "a": {
+                "mo_url": "http://user:pw@rp.example/in",
+                "mo_url_auth_token": "s1",
+                "api_auth_password": "s2",
+                "api_auth_username": "u",
+                "api_auth_token": "s3",
+                "default_event_auth_token": "s4",
+                "default_event_url": "http://eu:s5@rp.example/ev",
+                "label": "L",
+            }
+        }
+    )
+    [a] = resolve_channels(cfg)
+    text = repr(a.public())
+    for secret in ("pw", "s1", "s2", "s3", "s4", "s5"):
+        assert secret not in text
+    assert a.public()["label"] == "L"
