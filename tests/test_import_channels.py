@@ -63,7 +63,7 @@ class OldJunebug(BaseHTTPRequestHandler):
     auth: str | None = None
     not_junebug = False
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         if self.auth and self.headers.get("Authorization") != self.auth:
             self.send_response(401)
             self.end_headers()
