@@ -1,10 +1,11 @@
 """``junebug-api-replay``: move dead-lettered messages back to their queue.
 
-``junebug-api-replay --config FILE inbound|event [--limit N]`` takes messages
+``junebug-api-replay --config FILE inbound|event [--limit N] [--channel ID]`` takes messages
 from ``<connector>.inbound.failed`` (or ``.event.failed``) and publishes each,
 byte for byte, to ``<connector>.inbound`` (or ``.event``); a message is acked
 on the failed queue only after the broker confirmed its copy. It reads the
-same config sources as the service (file, environment, options).
+same config sources as the service (file, environment, options). With
+several channels in the config, ``--channel`` names the one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", "-c", help="YAML config file (default: $VUMI_CONFIG_FILE)")
     parser.add_argument("kind", choices=KINDS, help="which queue: inbound or event")
     parser.add_argument("--limit", type=int, default=None, help="move at most N messages")
+    parser.add_argument(
+        "--channel", default=None, help="the channel (needed when the config has several)"
+    )
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 0:
         parser.error("--limit must not be negative")
@@ -48,6 +52,20 @@ async def replay(amqp: Any, source: str, target: str, limit: int | None) -> int:
     return moved
 
 
+def channel_connector(config: Any, channel_id: str | None) -> str:
+    """The connector name of the channel to replay for."""
+    from .channel_config import resolve_channels
+
+    channels = {c.id: c for c in resolve_channels(config)}
+    if channel_id is None:
+        if len(channels) == 1:
+            return next(iter(channels.values())).connector_name
+        raise ConfigError(f"name the channel with --channel (one of {', '.join(sorted(channels))})")
+    if channel_id not in channels:
+        raise ConfigError(f"no channel {channel_id!r} in the config")
+    return channels[channel_id].connector_name
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -61,8 +79,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from .amqp_service import AmqpService, PublishFailed
 
-    source = f"{config.connector_name}.{args.kind}.failed"
-    target = f"{config.connector_name}.{args.kind}"
+    try:
+        connector = channel_connector(config, args.channel)
+    except ConfigError as e:
+        sys.stderr.write(f"junebug-api-replay: {e}\n")
+        raise SystemExit(1) from None
+    from .service import queue_names
+
+    queues = queue_names(connector)
+    source, target = queues[f"{args.kind}_failed"], queues[args.kind]
 
     async def run(reactor: Any) -> None:
         amqp = AmqpService(

@@ -135,14 +135,14 @@ class JunebugService(MultiService):
         set_log_level(self.config.log_level)
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
         globalLogPublisher.addObserver(self._log_router)
+        open_channels = [c.id for c in self.channels if not c.credentials.required]
+        if open_channels:
+            log.warn(
+                "The messages API is open for channel(s) {channels}: anyone who can reach it"
+                " can send messages. Set api_auth_username/api_auth_password or api_auth_token.",
+                channels=", ".join(open_channels),
+            )
         for channel in self.channels:
-            if not channel.credentials.required:
-                log.warn(
-                    "The messages API of channel {channel} is open: anyone who can reach it"
-                    " can send messages. Set api_auth_username/api_auth_password or"
-                    " api_auth_token.",
-                    channel=channel.id,
-                )
             for option, why in sorted(channel.settings.ignored.items()):
                 log.warn(
                     "Channel {channel}: {option} is ignored ({why})",
@@ -155,13 +155,13 @@ class JunebugService(MultiService):
         self.cache.start()
         super().startService()
         _tune_garbage_collector()
-        for channel in self.channels:
-            log.info(
-                "Listening on {endpoint}; channel {channel}'s outbound messages at {path}",
-                endpoint=self.config.http_endpoint,
-                channel=channel.id,
-                path=channel.settings.messages_path,
-            )
+        paths = [c.settings.messages_path for c in self.channels]
+        log.info(
+            "Listening on {endpoint}; {count} channel(s), outbound messages at {paths}",
+            endpoint=self.config.http_endpoint,
+            count=len(paths),
+            paths=", ".join(paths[:5]) + (", ..." if len(paths) > 5 else ""),
+        )
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is; ``channels`` shows each

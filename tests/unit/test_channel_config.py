@@ -212,3 +212,16 @@ def test_public_settings_hold_no_secret() -> None:
     for secret in ("pw", "s1", "s2", "s3", "s4", "s5"):
         assert secret not in text
     assert a.public()["label"] == "L"
+
+
+def test_replay_names_the_channel_when_there_are_several() -> None:
+    from junebug_api.replay import channel_connector
+
+    one = load(channels={"a": {"mo_url": MO, "connector_name": "conn-a"}})
+    assert channel_connector(one, None) == "conn-a"
+    several = load(channels={"a": {"mo_url": MO}, "b": {"mo_url": MO}})
+    assert channel_connector(several, "b") == "b"
+    with pytest.raises(ConfigError, match=r"^name the channel with --channel \(one of a, b\)$"):
+        channel_connector(several, None)
+    with pytest.raises(ConfigError, match="no channel 'c'"):
+        channel_connector(several, "c")
