@@ -7,6 +7,7 @@ virtualenv and installs nginx-light and wrk when they are missing::
               [--state-cache memory|redis] [--processes N] [--balancer]
               [--phases outbound,inbound,events,bare] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
+    bench/run --compare-channels 100 [--quick]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -55,6 +56,12 @@ the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
 outbound @64 (through the balancer, with ``event_url`` in every request so
 the cache is written) and inbound (20,000 messages), with --quick durations,
 then the Redis round trip, and prints one small table.
+
+``--compare-channels N`` runs, against one RabbitMQ node and sink, one process
+serving one channel, then one serving that busy channel beside N-1 idle
+``channels:`` entries: start-up time (launch to healthy), idle RSS (and so the
+RSS per idle channel), outbound @64 and the inbound drain of the busy channel,
+and the N-channel rates as a share of the one-channel ones.
 """
 
 from __future__ import annotations
@@ -932,9 +939,11 @@ def service_group(
     nginx: Nginx,
     concurrency: int,
     cache: dict[str, Any] | None,
+    extra_config: dict[str, Any] | None = None,
 ) -> ServiceGroup:
     """n service processes, identical but for http_bind; cache: the
-    state_cache_class and state_cache_config (None: the in-memory default)."""
+    state_cache_class and state_cache_config (None: the in-memory default);
+    extra_config: more options (e.g. ``channels``)."""
     processes, logs = [], []
     for i in range(1, n + 1):
         port = free_port()
@@ -956,6 +965,7 @@ def service_group(
             "log_level": "WARNING",
             "shutdown_timeout": 10,
             **(cache or {}),
+            **(extra_config or {}),
         }
         path = tmp / f"service-{tag}-{i}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -1768,6 +1778,97 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
     return result
 
 
+# --- many channels in one process (--compare-channels) ----------------------------
+
+
+def idle_channels(n: int, nginx: Nginx) -> dict[str, Any]:
+    """``channels:`` entries for n idle channels (their queues stay empty)."""
+    return {f"idle-{i:03d}": {"mo_url": f"{nginx.url}/inbound-idle"} for i in range(1, n + 1)}
+
+
+def compare_channels(ctx: Context, n_channels: int) -> tuple[list[Row], list[str]]:
+    """One busy channel alone, then beside n_channels - 1 idle ones, in one run.
+
+    The busy channel is the top-level connector (``bench``, the queues and
+    path every phase uses); the idle ones are ``channels:`` entries, each with
+    its own queues and consumers (two AMQP channels with their own prefetch).
+    Measures start-up time (launch to healthy /health), idle RSS, outbound @64
+    and the inbound drain of the busy channel, and how the N-channel figures
+    compare with the one-channel ones.
+    """
+    rows: list[Row] = []
+    figures: dict[int, dict[str, float]] = {}
+    connections = max(ctx.connections)
+    for count in (1, n_channels):
+        tag = f" [{count} ch]"
+        extra = {"channels": idle_channels(count - 1, ctx.nginx)} if count > 1 else None
+        group = service_group(
+            ctx.tmp, f"ch{count}", 1, ctx.rabbit, ctx.nginx, ctx.concurrency, None, extra
+        )
+        ctx.stack.callback(group.stop)
+        say(f"=== {count} channel(s) in one process")
+        group.start()
+        startup = group.wait_healthy(timeout=120)
+        ctx.ours.update(group.pids)
+        time.sleep(1)
+        rss_kb = group.rss_kb()
+        say(
+            f"{count} channel(s): healthy {startup:.2f} s after launch,"
+            f" VmRSS {rss_kb / 1024:.1f} MiB"
+        )
+        url = f"http://{HOST}:{group.ports[0]}{BASE_PATH}/messages"
+        try:
+            outbound = outbound_phase(
+                group,
+                url,
+                tag,
+                ctx.broker,
+                ctx.meter_pids,
+                [connections],
+                ctx.duration,
+                ctx.warmup,
+                ctx.ceilings,
+                ctx.script,
+            )[0]
+        finally:
+            group.stop()
+        inbound_row = drain_phase(
+            "inbound" + tag,
+            "inbound",
+            ctx.n_inbound,
+            inbound_body,
+            inbound_expected,
+            group,
+            ctx.broker,
+            ctx.nginx,
+            ctx.meter_pids,
+        ).row
+        rows += [outbound, inbound_row]
+        figures[count] = {
+            "startup": startup,
+            "rss_kb": rss_kb,
+            "outbound": outbound.rate or 0.0,
+            "inbound": inbound_row.rate or 0.0,
+        }
+    one, many = figures[1], figures[n_channels]
+    per_idle = (many["rss_kb"] - one["rss_kb"]) * 1024 / max(1, n_channels - 1)
+    extra_lines = [
+        f"channels: start-up (launch to healthy) {one['startup']:.2f} s with 1 channel,"
+        f" {many['startup']:.2f} s with {n_channels}",
+        f"channels: idle VmRSS {one['rss_kb'] / 1024:.1f} MiB with 1 channel,"
+        f" {many['rss_kb'] / 1024:.1f} MiB with {n_channels}: {per_idle:,.0f} bytes per idle"
+        " channel",
+    ]
+    for kind in ("outbound", "inbound"):
+        ratio = many[kind] / one[kind] if one[kind] else 0.0
+        verdict = "within 10%" if ratio >= 0.9 else "MORE than 10% slower"
+        extra_lines.append(
+            f"channels: busy channel {kind} {many[kind]:,.0f} with {n_channels} channels vs"
+            f" {one[kind]:,.0f} alone: {ratio:.0%} ({verdict})"
+        )
+    return rows, extra_lines
+
+
 def render_scaling(results: list[SetupResult], connections: int) -> str:
     header = [
         "configuration",
@@ -1859,6 +1960,12 @@ def main() -> int:
         action="store_true",
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
     )
+    parser.add_argument(
+        "--compare-channels",
+        type=int,
+        metavar="N",
+        help="one busy channel alone and beside N-1 idle ones: start-up, RSS, outbound, inbound",
+    )
     args = parser.parse_args()
     global SPREAD
     SPREAD = args.spread
@@ -1867,6 +1974,12 @@ def main() -> int:
         parser.error(f"--phases: a subset of {','.join(ALL_PHASES)}")
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if args.compare_channels is not None and args.compare_channels < 2:
+        parser.error("--compare-channels must be at least 2")
+    if args.compare_channels:
+        phases = {"outbound", "inbound"} | (phases & {"bare"})
+        if args.connections == "1,16,64":
+            args.connections = "64"
     if args.compare_scaling:
         args.quick = True
         phases = {"outbound", "inbound"}
@@ -1976,7 +2089,11 @@ def main() -> int:
                 ceilings=ceilings,
                 single_via_balancer=not args.compare_scaling,
             )
-            for setup in setups:
+            if args.compare_channels:
+                channel_rows, channel_lines = compare_channels(ctx, args.compare_channels)
+                rows += channel_rows
+                extra += channel_lines
+            for setup in setups if not args.compare_channels else []:
                 result = run_setup(ctx, setup)
                 results.append(result)
                 rows += result.rows
