@@ -148,9 +148,9 @@ class AmqpService(Service):
     ``queues`` are declared (durable, bound to the vumi exchange by their own
     name) on every connect; ``consumers`` maps a queue name to the callable
     that gets its messages. Each consumer has an AMQP channel of its own with
-    its own prefetch (``queue_prefetch[queue]``, else ``prefetch``), so the
-    messages one consumer holds never use up another's: one channel's slow
-    RapidPro does not hold back the others.
+    its own prefetch (``set_prefetch``, else ``prefetch``), so the messages one
+    consumer holds never use up another's: one channel's slow RapidPro does not
+    hold back the others.
     """
 
     settings: AmqpConfig
@@ -160,7 +160,7 @@ class AmqpService(Service):
     _reactor: Any
     heartbeat: int = 30
     connection_name: str = "junebug-api"
-    queue_prefetch: dict[str, int] = attrs.field(factory=dict)
+    _prefetches: dict[str, int] = attrs.field(factory=dict, init=False)
     _client_service: ClientService | None = attrs.field(default=None, init=False)
     _connection: _Connection | None = attrs.field(default=None, init=False)
     _last_error: str | None = attrs.field(default=None, init=False)
@@ -280,10 +280,14 @@ class AmqpService(Service):
         for number, queue in enumerate(self.consumers, start=CONSUME_CHANNEL + 1):
             channel = await client.channel(number)
             await channel.channel_open()
-            prefetch = self.queue_prefetch.get(queue, self.prefetch)
+            prefetch = self._prefetches.get(queue, self.prefetch)
             await channel.basic_qos(prefetch_count=prefetch, global_=False)
             await channel.basic_consume(queue=queue, consumer_tag=queue)
             connection.consumer_channels[queue] = channel
+
+    def set_prefetch(self, queue: str, prefetch: int) -> None:
+        """The prefetch of ``queue``'s consumer from its next connect on."""
+        self._prefetches[queue] = prefetch
 
     def _lost(self, connection: _Connection, reason: Failure) -> None:
         connection.alive = False

@@ -107,7 +107,8 @@ class JunebugService(MultiService):
         self.workers = [w for c in self.channels for w in c.workers]
         for channel in self.channels:
             self.amqp.consumers.update(channel.consumers)
-            self.amqp.queue_prefetch.update(dict.fromkeys(channel.consumers, channel.prefetch))
+            for queue in channel.consumers:
+                self.amqp.set_prefetch(queue, channel.prefetch)
         self.amqp.setServiceParent(self)
         self._log_router = ChannelLogRouter(self.channels)
 
