@@ -1861,10 +1861,10 @@ def compare_channels(ctx: Context, n_channels: int) -> tuple[list[Row], list[str
     ]
     for kind in ("outbound", "inbound"):
         ratio = many[kind] / one[kind] if one[kind] else 0.0
-        verdict = "within 10%" if ratio >= 0.9 else "MORE than 10% slower"
+        verdict = "at least 90%: yes" if ratio >= 0.9 else "at least 90%: NO"
         extra_lines.append(
             f"channels: busy channel {kind} {many[kind]:,.0f} with {n_channels} channels vs"
-            f" {one[kind]:,.0f} alone: {ratio:.0%} ({verdict})"
+            f" {one[kind]:,.0f} alone: {ratio:.0%} of the one-channel rate ({verdict})"
         )
     return rows, extra_lines
 
