@@ -101,12 +101,13 @@ class ChannelLog:
         }
         failure = event.get("log_failure")
         if failure is not None:
+            tb = failure.getTracebackObject()
             record["exception"] = {
                 "class": failure.type.__name__,
                 "instance": failure.getErrorMessage(),
-                "stack": traceback.format_tb(failure.getTracebackObject())
-                if failure.getTracebackObject() is not None
-                else [],
+                "stack": traceback.format_tb(tb)
+                if tb is not None
+                else failure.getTraceback().splitlines(),
             }
         self._records.append(record)
 
