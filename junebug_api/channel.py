@@ -288,9 +288,9 @@ class Channel:
 
     # -- what GET /channels/<id> shows --------------------------------------
 
-    def status(self, amqp_health: dict[str, Any]) -> dict[str, Any]:
-        """``status`` of ``GET /channels/<id>``: components, the worst of them,
-        and old Junebug's seven rates."""
+    def health(self, amqp_health: dict[str, Any]) -> dict[str, Any]:
+        """The channel's components and ``health``, the worst of them (for
+        ``/health``, and the ``status`` of ``GET /channels/<id>``)."""
         components = {
             "amqp": {"health": amqp_health.get("health", "down")},
             "mo_message_url": self.mo_delivery.status(),
@@ -303,6 +303,13 @@ class Channel:
                 worst = "down"
             elif health == "degraded" and worst == "ok":
                 worst = "degraded"
+        return {"health": worst, **components}
+
+    def status(self, amqp_health: dict[str, Any]) -> dict[str, Any]:
+        """``status`` of ``GET /channels/<id>``: components, the worst of them,
+        and old Junebug's seven rates."""
+        components = self.health(amqp_health)
+        worst = components.pop("health")
         status: dict[str, Any] = {"status": worst, "components": components}
         for kind, field in RATE_FIELDS.items():
             status[field] = self.rates.rate(kind)

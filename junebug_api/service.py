@@ -170,10 +170,7 @@ class JunebugService(MultiService):
         amqp = self.amqp.health()
         components = {"amqp": amqp, **self.cache.health()}
         healthy = all(c.get("health") == "ok" for c in components.values())
-        channels = {}
-        for channel in self.channels:
-            status = channel.status(amqp)
-            channels[channel.id] = {"health": status["status"], **status["components"]}
+        channels = {channel.id: channel.health(amqp) for channel in self.channels}
         return {
             "health": "ok" if healthy else "down",
             "components": components,
