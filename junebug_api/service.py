@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 
 from .amqp_service import AmqpService
-from .api import JunebugApi
+from .api import ApiCredentials, JunebugApi
 from .channel import Channel, ChannelLogRouter
 from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
@@ -118,6 +118,10 @@ class JunebugService(MultiService):
             config.request_timeout,
             reactor,
             amqp_health=self.amqp.health,
+            # GET /channels/ lists every channel: the top-level credentials.
+            credentials=ApiCredentials(
+                config.api_auth_username, config.api_auth_password, config.api_auth_token
+            ),
         )
         site = ApiSite(
             api.resource(),
