@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from .amqp_service import Acker, PublishFailed
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id, utc_timestamp
 
 log = logger(__name__)
@@ -37,7 +38,11 @@ class HandlingFailed(Exception):
         self.message_id = message_id
 
 
-Handler = Callable[[bytes], Awaitable[None]]
+#: What a handler returns for a message it handled by dropping it on purpose
+#: (an event with nowhere to go); anything else it returns means delivered.
+DROPPED = "dropped"
+
+Handler = Callable[[bytes], Awaitable[Any]]
 Publish = Callable[..., Deferred]
 
 
@@ -75,7 +80,10 @@ class MessageWorker:
     publish: Publish
     policy: RetryPolicy
     _clock: Any
+    metrics: Metrics = NO_METRICS
+    role: str = ""
     _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+    _last_taken: float | None = attrs.field(default=None, init=False)
     _waiting: set[Deferred] = attrs.field(factory=set, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
 
@@ -98,12 +106,22 @@ class MessageWorker:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def last_taken(self) -> float | None:
+        """When a message of this queue was last acked (delivered, dropped or
+        dead-lettered), by the clock; None before the first."""
+        return self._last_taken
+
+    def _taken(self, outcome: str) -> None:
+        self._last_taken = self._clock.seconds()
+        self.metrics.consumed(self.role, outcome)
+
     async def _process(self, body: bytes, acker: Acker) -> None:
         attempt = 0
         while True:
             attempt += 1
             try:
-                await self.handler(body)
+                result = await self.handler(body)
             except HandlingFailed as e:
                 failure = e
             except CancelledError:
@@ -112,6 +130,7 @@ class MessageWorker:
                 failure = HandlingFailed(f"{type(e).__name__}: {e}", retryable=True)
             else:
                 acker.ack()
+                self._taken(DROPPED if result == DROPPED else "delivered")
                 return
             if not acker.alive:
                 return  # the broker has requeued it with its dead connection
@@ -119,6 +138,7 @@ class MessageWorker:
                 if self._stopping:
                     return  # shutting down: unacked, it goes back to its queue
                 delay = self.policy.backoff(attempt)
+                self.metrics.retry(self.role)
                 log.warn(
                     "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
                     " retrying in {delay:.1f} s",
@@ -161,6 +181,7 @@ class MessageWorker:
             acker.reject()
             return
         acker.ack()
+        self._taken("dead_lettered")
         log.error(
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
