@@ -138,8 +138,9 @@ def json_log_line(event: dict, redactor: Redactor) -> str:
     an error or failure becomes text; every string goes through ``redactor``.
     """
     level = event.get("log_level")
+    when = event.get("log_time")
     record: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time") or time.time(), UTC).isoformat(
+        "time": datetime.fromtimestamp(time.time() if when is None else when, UTC).isoformat(
             timespec="milliseconds"
         ),
         "level": level.name if level is not None else "info",
