@@ -1825,10 +1825,16 @@ def metrics_cost(results: list[SetupResult]) -> list[str]:
         row = on.get(name)
         if row is None or not row.rate or not off.rate:
             continue
-        cost = (off.rate - row.rate) / off.rate * 100
+        rate = (row.rate - off.rate) / off.rate * 100
+        cpu = ""
+        if row.cpu_ms and off.cpu_ms:
+            cpu = (
+                f"; CPU {row.cpu_ms:.3f} vs {off.cpu_ms:.3f} ms/{row.unit.split('/')[0]}"
+                f" ({(row.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
+            )
         lines.append(
-            f"metrics cost, {name}: {row.rate:,.0f} with vs {off.rate:,.0f} without"
-            f" ({cost:+.1f}% {'slower' if cost >= 0 else 'faster'} with metrics)"
+            f"metrics on vs off, {name}: {row.rate:,.0f} vs {off.rate:,.0f} {row.unit}"
+            f" ({rate:+.1f}%){cpu}"
         )
     return lines
 

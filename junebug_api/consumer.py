@@ -11,6 +11,7 @@ it back on the queue.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -71,6 +72,20 @@ def _header_text(text: str, limit: int = 1000) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
 
 
+def peek_message_id(body: bytes) -> str | None:
+    """The id a log line names for a body that failed before its handler
+    could say: an event's ``user_message_id``, else ``message_id``, else None."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = data.get("user_message_id") if data.get("message_type") == "event" else None
+    value = value or data.get("message_id")
+    return value if isinstance(value, str) else None
+
+
 @attrs.define(eq=False)
 class MessageWorker:
     """Handles the messages of ``queue``; parks failures on ``queue.failed``."""
@@ -95,12 +110,17 @@ class MessageWorker:
         """Take one delivery (the AMQP consumer callback)."""
         d = Deferred.fromCoroutine(self._process(body, acker))
         self._in_flight.add(d)
-        d.addBoth(self._done, d)
+        d.addBoth(self._done, d, body)
 
-    def _done(self, result: Any, d: Deferred) -> None:
+    def _done(self, result: Any, d: Deferred, body: bytes) -> None:
         self._in_flight.discard(d)
         if isinstance(result, Failure) and not result.check(CancelledError):
-            log.failure("Unexpected error handling a {queue} message", result, queue=self.queue)
+            log.failure(
+                "Unexpected error handling {queue} message {message_id}",
+                result,
+                queue=self.queue,
+                message_id=peek_message_id(body),
+            )
 
     @property
     def in_flight(self) -> int:
@@ -127,7 +147,9 @@ class MessageWorker:
             except CancelledError:
                 raise
             except Exception as e:
-                failure = HandlingFailed(f"{type(e).__name__}: {e}", retryable=True)
+                failure = HandlingFailed(
+                    f"{type(e).__name__}: {e}", retryable=True, message_id=peek_message_id(body)
+                )
             else:
                 acker.ack()
                 self._taken(DROPPED if result == DROPPED else "delivered")
@@ -175,7 +197,7 @@ class MessageWorker:
                 "Could not dead-letter {queue} message {message_id} ({error});"
                 " it goes back to its queue",
                 queue=self.queue,
-                message_id=failure.message_id,
+                message_id=message_id,
                 error=e,
             )
             acker.reject()
@@ -186,7 +208,7 @@ class MessageWorker:
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
             queue=self.queue,
-            message_id=failure.message_id,
+            message_id=message_id,
             failed_queue=self.failed_queue,
             attempts=attempts,
             reason=failure.reason,

@@ -59,7 +59,7 @@ class OutboundSender:
         if event_url is not None:
             info = EventInfo(event_url, request.get("event_auth_token"))
             await self._cache_call(
-                self.cache.store_event_info(message_id, info), message_id=message_id
+                self.cache.store_event_info(message_id, info), "storing event info of", message_id
             )
         try:
             await self.publish(self.routing_key, serialise(message), message_id=message_id)
@@ -82,7 +82,9 @@ class OutboundSender:
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")
         if reply_to is not None:
-            inbound = await self._cache_call(self.cache.fetch_inbound(reply_to), reply_to=reply_to)
+            inbound = await self._cache_call(
+                self.cache.fetch_inbound(reply_to), "looking up inbound", reply_to
+            )
             if inbound is not None:
                 return reply_message(request, inbound)
             if request.get("to") is None or not self.allow_expired_replies:
@@ -94,14 +96,19 @@ class OutboundSender:
             default_from_addr=self.default_from_addr,
         )
 
-    async def _cache_call(self, d: Deferred, **fields: str) -> Any:
+    async def _cache_call(self, d: Deferred, action: str, message_id: str) -> Any:
         try:
             return await d
         except CancelledError:
             raise
         except Exception as e:
             self.metrics.cache_error()
-            log.error("State cache unavailable: {error}", error=e, **fields)
+            log.error(
+                "State cache unavailable ({action} message {message_id}): {error}",
+                action=action,
+                message_id=message_id,
+                error=e,
+            )
             raise ServiceUnavailable("state cache unavailable") from None
 
 

@@ -6,12 +6,14 @@ passive ``queue.declare`` on the publishing channel). ``/health`` reads the
 last answers: it never waits for the broker, and no outbound request ever
 waits for this.
 
-A queue is **stuck** when it has messages ready and nothing has left it for
-``stuck_after`` seconds. Something left a queue when its ready count fell
-between two looks (or was zero), or, for the queues this process consumes,
-when one of its messages was acked (delivered or dead-lettered). Dead-letter
-queues (``.failed``) are reported but never stuck: nothing is meant to drain
-them.
+A queue is **stuck** when it has messages (ready, or in work in this
+process) and nothing has left it for ``stuck_after`` seconds. Something left
+a queue when its ready count fell between two looks (or was zero), or, for
+the queues this process consumes, when one of its messages was acked
+(delivered, dropped or dead-lettered). Messages in work count because with a
+RapidPro that is down every message may sit in the prefetch window, retrying,
+with none ready. Dead-letter queues (``.failed``) are reported but never
+stuck: nothing is meant to drain them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _QueueState:
     watched: bool
     ready: int | None = None
     consumers: int | None = None
+    in_work: int | None = None
     last_progress: float = 0.0
     stuck: bool = False
 
@@ -49,13 +52,16 @@ class QueueMonitor:
     ``queues`` maps a role (``outbound``, ``inbound_failed``, ...) to a queue
     name; ``query`` answers ``(messages ready, consumers)`` for a queue name;
     ``last_taken`` gives, for a queue this process consumes, when it last
-    finished one of its messages (None if never or not consumed here).
+    finished one of its messages (None if never or not consumed here), and
+    ``in_work`` how many of its messages this process holds (None: not
+    consumed here).
     """
 
     queues: dict[str, str]
     query: QueueInfo
     last_taken: Callable[[str], float | None]
     clock: Any
+    in_work: Callable[[str], int | None] = lambda queue: None
     stuck_after: float = 300.0
     interval: float = 5.0
     metrics: Metrics = NO_METRICS
@@ -106,19 +112,24 @@ class QueueMonitor:
     def _update(self, state: _QueueState, ready: int, consumers: int) -> None:
         now = self.clock.seconds()
         taken = self.last_taken(state.name)
-        if ready == 0 or (state.ready is not None and ready < state.ready):
+        in_work = self.in_work(state.name)
+        waiting = ready + (in_work or 0)
+        if waiting == 0 or (state.ready is not None and ready < state.ready):
             state.last_progress = now
         if taken is not None and taken > state.last_progress:
             state.last_progress = taken
-        state.ready, state.consumers = ready, consumers
+        state.ready, state.consumers, state.in_work = ready, consumers, in_work
         was_stuck = state.stuck
-        state.stuck = state.watched and ready > 0 and now - state.last_progress >= self.stuck_after
+        state.stuck = (
+            state.watched and waiting > 0 and now - state.last_progress >= self.stuck_after
+        )
         if state.stuck and not was_stuck:
             log.warn(
-                "Queue {queue} is stuck: {ready} message(s) ready, {consumers} consumer(s),"
-                " nothing taken for {seconds:.0f} s",
+                "Queue {queue} is stuck: {ready} message(s) ready, {in_work} in work here,"
+                " {consumers} consumer(s), nothing taken for {seconds:.0f} s",
                 queue=state.name,
                 ready=ready,
+                in_work=in_work or 0,
                 consumers=consumers,
                 seconds=now - state.last_progress,
             )
@@ -127,11 +138,19 @@ class QueueMonitor:
         self.metrics.queue_depth(state.role, ready, consumers, state.stuck)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per queue name: ``messages_ready``, ``consumers``, ``stuck`` (from the last look)."""
-        return {
-            s.name: {"messages_ready": s.ready, "consumers": s.consumers, "stuck": s.stuck}
-            for s in self._states
-        }
+        """Per queue name: ``messages_ready``, ``consumers``, ``stuck`` (from the
+        last look), and ``messages_in_work`` for the queues this process consumes."""
+        result = {}
+        for s in self._states:
+            entry: dict[str, Any] = {
+                "messages_ready": s.ready,
+                "consumers": s.consumers,
+                "stuck": s.stuck,
+            }
+            if s.in_work is not None:
+                entry["messages_in_work"] = s.in_work
+            result[s.name] = entry
+        return result
 
     @property
     def any_stuck(self) -> bool:

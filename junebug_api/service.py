@@ -137,6 +137,7 @@ class JunebugService(MultiService):
             self.amqp.queue_info,
             lambda name: by_queue[name].last_taken if name in by_queue else None,
             reactor,
+            in_work=lambda name: by_queue[name].in_flight if name in by_queue else None,
             stuck_after=config.health_stuck_after,
             interval=min(5.0, max(1.0, config.health_stuck_after / 4)),
             metrics=metrics,

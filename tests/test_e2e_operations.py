@@ -266,10 +266,11 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
 
 @pytest_twisted.ensureDeferred
 async def test_health_reports_depths_and_stuck_queue(make_service, broker, connector):
+    """RapidPro unreachable: the inbound messages sit in the prefetch window,
+    retrying, none ready; the queue is stuck all the same, and health stays 200."""
     nowhere = f"http://127.0.0.1:{free_port()}/inbound"
     service = make_service(
         mo_message_url=nowhere,
-        worker_concurrency=1,
         delivery_max_attempts=1000,
         delivery_retry_delay=0.5,
         health_stuck_after=2,
@@ -294,12 +295,44 @@ async def test_health_reports_depths_and_stuck_queue(make_service, broker, conne
     assert body["health"] == "ok"
     queues = body["components"]["amqp"]["queues"]
     inbound = queues[f"{connector}.inbound"]
-    assert inbound["stuck"] is True
-    assert inbound["messages_ready"] == 2  # one is in work (prefetch 1)
-    assert inbound["consumers"] == 1
-    assert queues[f"{connector}.event"] == {"messages_ready": 0, "consumers": 1, "stuck": False}
-    assert queues[f"{connector}.outbound"]["stuck"] is False
+    assert inbound == {
+        "messages_ready": 0,
+        "messages_in_work": 3,
+        "consumers": 1,
+        "stuck": True,
+    }
+    assert queues[f"{connector}.event"] == {
+        "messages_ready": 0,
+        "messages_in_work": 0,
+        "consumers": 1,
+        "stuck": False,
+    }
+    assert queues[f"{connector}.outbound"] == {
+        "messages_ready": 0,
+        "consumers": 0,
+        "stuck": False,
+    }
     assert "is stuck" in service.log()
     samples = await scrape(service)
     assert samples[("junebug_queue_stuck", (("queue_role", "inbound"),))] == 1
-    assert samples[("junebug_queue_messages_ready", (("queue_role", "inbound"),))] == 2
+    assert samples[("junebug_queue_stuck", (("queue_role", "event"),))] == 0
+    assert samples[("junebug_queue_consumers", (("queue_role", "inbound"),))] == 1
+
+    # A queue with messages ready that nothing consumes (no transport): stuck too.
+    for _ in range(2):
+        assert await post_message(service) == 201
+    result = None
+    for _ in range(200):
+        code, body = await health()
+        if body["components"]["amqp"]["queues"][f"{connector}.outbound"]["stuck"]:
+            result = code, body
+            break
+        await pause(0.1)
+    assert result is not None, "the outbound queue was never reported stuck"
+    code, body = result
+    assert code == 200
+    assert body["components"]["amqp"]["queues"][f"{connector}.outbound"] == {
+        "messages_ready": 2,
+        "consumers": 0,
+        "stuck": True,
+    }

@@ -81,6 +81,31 @@ def test_a_falling_count_is_progress_and_an_empty_queue_never_stuck() -> None:
     m.stop()
 
 
+def test_messages_in_work_here_count_as_waiting() -> None:
+    """RapidPro down: every message sits in the prefetch window, none ready."""
+    clock, broker = Clock(), Broker()
+    in_work = {"c.inbound": 4}
+    m = QueueMonitor(
+        {"inbound": "c.inbound", "outbound": "c.outbound"},
+        broker.query,
+        lambda q: None,
+        clock,
+        in_work=in_work.get,
+        stuck_after=10,
+        interval=1,
+    )
+    m.start()
+    clock.pump([1] * 11)
+    assert m.status() == {
+        "c.inbound": {"messages_ready": 0, "messages_in_work": 4, "consumers": 1, "stuck": True},
+        "c.outbound": {"messages_ready": 0, "consumers": 1, "stuck": False},
+    }
+    in_work["c.inbound"] = 0
+    clock.advance(1)
+    assert not m.any_stuck
+    m.stop()
+
+
 def test_broker_unreachable_means_unknown_depths() -> None:
     clock, broker = Clock(), Broker()
     broker.down = True
@@ -231,3 +256,14 @@ def test_operations_defaults() -> None:
     assert cfg.health_stuck_after == 300
     assert cfg.sentry is None
     assert cfg.sentry_environment is None
+
+
+def test_peek_message_id_for_log_lines() -> None:
+    from junebug_api.consumer import peek_message_id
+
+    assert peek_message_id(b'{"message_id": "m1"}') == "m1"
+    event = b'{"message_type": "event", "user_message_id": "u1", "message_id": "e1"}'
+    assert peek_message_id(event) == "u1"
+    assert peek_message_id(b"\xff not json") is None
+    assert peek_message_id(b"[1]") is None
+    assert peek_message_id(b'{"message_id": 5}') is None
