@@ -32,11 +32,20 @@ log = logger(__name__)
 class HandlingFailed(Exception):
     """A message could not be handled; ``retryable`` says if another try may help."""
 
-    def __init__(self, reason: str, *, retryable: bool, message_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        retryable: bool,
+        message_id: str | None = None,
+        url: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.message_id = message_id
+        #: Where the failed POST went, without credentials (for log fields).
+        self.url = url
 
 
 #: What a handler returns for a message it handled by dropping it on purpose
@@ -169,6 +178,7 @@ class MessageWorker:
                     message_id=failure.message_id,
                     reason=failure.reason,
                     delay=delay,
+                    url=failure.url,
                 )
                 wait = deferLater(self._clock, delay)
                 self._waiting.add(wait)
@@ -212,6 +222,7 @@ class MessageWorker:
             failed_queue=self.failed_queue,
             attempts=attempts,
             reason=failure.reason,
+            url=failure.url,
         )
 
     async def drain(self, timeout: float) -> int:

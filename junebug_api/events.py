@@ -69,6 +69,7 @@ class EventHandler:
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(info.url),
             ) from None
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)

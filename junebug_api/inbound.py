@@ -53,6 +53,7 @@ class InboundHandler:
                 f"POST to {safe_url(self.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(self.url),
             ) from None
         if debug_enabled():
             log.debug("Delivered inbound message {message_id}", message_id=message_id)

@@ -131,11 +131,11 @@ class Redactor:
 _LEGACY_KEYS = frozenset({"format", "message", "isError", "system", "time", "why", "failure"})
 
 
-def json_log_line(event: dict, redactor: Redactor) -> str:
-    """One log event as one line of JSON: time, level, logger, message, fields.
-
-    Fields are the event's own (``message_id``, ``queue``, ``error``, ...);
-    an error or failure becomes text; every string goes through ``redactor``.
+def json_log_line(event: dict, redactor: Redactor, connector: str | None = None) -> str:
+    """One log event as one line of JSON: time, level, logger, message,
+    ``connector``, then the event's own fields (``message_id``, ``queue``,
+    ``url``, ``error``, ...); an error or failure becomes text; every string
+    goes through ``redactor``.
     """
     level = event.get("log_level")
     when = event.get("log_time")
@@ -147,6 +147,8 @@ def json_log_line(event: dict, redactor: Redactor) -> str:
         "logger": event.get("log_namespace") or event.get("system") or "-",
         "message": formatEvent(event),
     }
+    if connector is not None:
+        record["connector"] = connector
     for key, value in event.items():
         if key.startswith("log_") or key in _LEGACY_KEYS or key in record:
             continue
@@ -158,9 +160,11 @@ def json_log_line(event: dict, redactor: Redactor) -> str:
     return json.dumps(redactor.value(record), ensure_ascii=False, default=str) + "\n"
 
 
-def json_file_log_observer(out: IO[str], redactor: Redactor) -> ILogObserver:
+def json_file_log_observer(
+    out: IO[str], redactor: Redactor, connector: str | None = None
+) -> ILogObserver:
     """A log observer writing :func:`json_log_line` lines to ``out``."""
-    return FileLogObserver(out, lambda event: json_log_line(event, redactor))
+    return FileLogObserver(out, lambda event: json_log_line(event, redactor, connector))
 
 
 def twistd_log_file(server_options: Any) -> IO[str] | None:

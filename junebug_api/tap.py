@@ -52,5 +52,7 @@ def makeService(options: Options) -> Any:
     if options.config.log_format == "json" and server_options is not None:
         out = twistd_log_file(server_options)
         if out is not None:
-            observer = json_file_log_observer(out, Redactor.for_config(options.config))
+            observer = json_file_log_observer(
+                out, Redactor.for_config(options.config), options.config.connector_name
+            )
     return JunebugService(options.config, reactor, log_observer=observer)

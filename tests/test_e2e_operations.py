@@ -9,12 +9,16 @@ local Sentry stand-in received, the service's log file, ``/health``.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from .operations_support import EXPLODE_ENV, start_sentry_recorder
 from .support import event_message, free_port, inbound_message, pause, wait_for
@@ -211,16 +215,35 @@ async def test_sentry_gets_each_error_once_tagged_and_scrubbed(
     assert "rpuser:" not in sent
 
 
+@pytest.mark.parametrize("sentry", ["refusing", "silent"])
 @pytest_twisted.ensureDeferred
-async def test_sentry_down_changes_nothing(make_service, broker, connector, sink):
-    """A DSN nobody answers: errors are still handled and logged, requests still answered."""
-    service = make_service(sentry_dsn=f"http://key@127.0.0.1:{free_port()}/1")
-    sink.statuses = [400]
-    broker.publish(f"{connector}.inbound", inbound_message(connector))
-    await broker.wait_get(f"{connector}.inbound.failed")
-    for _ in range(5):
-        assert await post_message(service) == 201
-    service.stop()
+async def test_sentry_down_or_slow_changes_nothing(make_service, broker, connector, sink, sentry):
+    """A Sentry that refuses connections, or accepts and never answers: errors
+    are still dead-lettered and logged, requests answered at once, shutdown prompt."""
+    silent = None
+    if sentry == "silent":
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        port = silent.getHost().port
+    else:
+        port = free_port()
+    try:
+        service = make_service(sentry_dsn=f"http://key@127.0.0.1:{port}/1")
+        sink.statuses = [400] * 5
+        for _ in range(5):
+            broker.publish(f"{connector}.inbound", inbound_message(connector))
+        for _ in range(5):
+            await broker.wait_get(f"{connector}.inbound.failed")
+        for _ in range(5):
+            started = time.monotonic()
+            assert await post_message(service) == 201
+            assert time.monotonic() - started < 1.0
+        assert service.log().count("moved to") == 5
+        started = time.monotonic()
+        service.stop()
+        assert time.monotonic() - started < 10
+    finally:
+        if silent is not None:
+            await silent.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -250,7 +273,8 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
     records = [json.loads(line) for line in text.splitlines()]  # each line one JSON object
     assert len(records) > 5
     for record in records:
-        assert {"time", "level", "logger", "message"} <= set(record)
+        assert {"time", "level", "logger", "message", "connector"} <= set(record)
+        assert record["connector"] == connector
     for secret in SECRETS:
         assert secret not in text
     about = [r for r in records if refused["message_id"] in r["message"]]
@@ -261,7 +285,10 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
     [retry] = [r for r in about if r["level"] == "warn"]
     assert retry["attempt"] == 1
     assert "HTTP 500" in retry["reason"]
-    assert "rpuser" not in retry["reason"]
+    assert retry["url"] == f"{sink.url}/inbound"  # without the credentials
+    [dead] = [r for r in about if r["level"] == "error"]
+    assert dead["url"] == f"{sink.url}/inbound"
+    assert dead["attempts"] == 2
 
 
 @pytest_twisted.ensureDeferred
