@@ -200,9 +200,11 @@ class MessageWorker:
             "x-junebug-source-queue": self.queue,
         }
         message_id = failure.message_id or generate_message_id()
+        started = self.metrics.now()
         try:
             await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Could not dead-letter {queue} message {message_id} ({error});"
                 " it goes back to its queue",
@@ -212,6 +214,7 @@ class MessageWorker:
             )
             acker.reject()
             return
+        self.metrics.publish_done(started, confirmed=True)
         acker.ack()
         self._taken("dead_lettered")
         log.error(

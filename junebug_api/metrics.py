@@ -16,11 +16,9 @@ ids, addresses or URLs.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
-
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from . import __version__
 
@@ -38,9 +36,12 @@ class Metrics:
     def outbound_request(self, code: int) -> None:
         """An answer to ``POST .../messages`` with status ``code``."""
 
-    def timed_publish(self, publish: Callable[..., Deferred]) -> Callable[..., Deferred]:
-        """``publish``, recording the time from each publish to its confirm."""
-        return publish
+    def now(self) -> float:
+        """The metrics clock, for :meth:`publish_done`'s ``started``."""
+        return 0.0
+
+    def publish_done(self, started: float, confirmed: bool) -> None:
+        """A publish begun at ``started`` (by :meth:`now`) was confirmed, or not."""
 
     def delivery_post(self, target: str, status_class: str, seconds: float) -> None:
         """One POST to RapidPro (``target`` mo or event) and how it ended."""
@@ -86,6 +87,81 @@ def status_class(code: int) -> str:
     return f"{code // 100}xx"
 
 
+class _Counter:
+    """A labelled counter kept as plain ints, collected at scrape time.
+
+    Only the reactor thread counts and scrapes, so no lock is needed;
+    prometheus_client's own Counter takes a lock per increment and per
+    ``labels()`` lookup, which the outbound path would pay on every request.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.values: dict[tuple[str, ...], int] = {} if labelnames else {(): 0}
+
+    def inc(self, *labels: str) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + 1
+
+    def touch(self, *labels: str) -> None:
+        """Show the series (at 0) before its first increment."""
+        self.values.setdefault(labels, 0)
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(list(labels), value)
+        yield family
+
+
+class _Histogram:
+    """A labelled histogram kept as plain lists, collected at scrape time (see _Counter)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = _LATENCY_BUCKETS,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = list(buckets)
+        # Per label values: [count per bucket (the last one is +Inf), sum].
+        self.series: dict[tuple[str, ...], list] = {}
+        if not labelnames:
+            self.touch()
+
+    def touch(self, *labels: str) -> list:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [[0] * (len(self.bounds) + 1), 0.0]
+        return series
+
+    def observe(self, value: float, *labels: str) -> None:
+        series = self.series.get(labels) or self.touch(*labels)
+        series[0][bisect_left(self.bounds, value)] += 1
+        series[1] += value
+
+    def collect(self) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (counts, total) in self.series.items():
+            buckets, running = [], 0
+            for bound, count in zip([*self.bounds, float("inf")], counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), running))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+
 class PrometheusMetrics(Metrics):
     """Metrics kept in a registry of their own and exposed as Prometheus text."""
 
@@ -94,9 +170,7 @@ class PrometheusMetrics(Metrics):
     def __init__(self, connector_name: str, clock: Any = None) -> None:
         from prometheus_client import (
             CollectorRegistry,
-            Counter,
             Gauge,
-            Histogram,
             Info,
             PlatformCollector,
             ProcessCollector,
@@ -109,55 +183,56 @@ class PrometheusMetrics(Metrics):
         Info("junebug_build", "The junebug-api version and connector.", registry=registry).info(
             {"version": __version__, "connector": connector_name}
         )
-        self._outbound = Counter(
+        self._outbound = _Counter(
             "junebug_outbound_requests",
             "Answers to POST .../messages, by HTTP status code.",
-            ["code"],
-            registry=registry,
+            ("code",),
         )
-        self._confirm = Histogram(
+        self._confirm = _Histogram(
             "junebug_publish_confirm_seconds",
             "Time from an AMQP publish to the broker's confirm.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
         )
-        self._publish_failures = Counter(
+        self._publish_failures = _Counter(
             "junebug_publish_failures",
             "AMQP publishes that were not confirmed (nack, unroutable, connection lost).",
-            registry=registry,
         )
-        self._post = Histogram(
+        self._post = _Histogram(
             "junebug_delivery_post_seconds",
             "POSTs of inbound messages (mo) and events to RapidPro, by status class"
             " (2xx, 4xx, 5xx, error, timeout).",
-            ["target", "status_class"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            ("target", "status_class"),
         )
-        self._consumed = Counter(
+        self._consumed = _Counter(
             "junebug_consumed_messages",
             "Consumed messages by queue role and how they ended (delivered,"
             " dead_lettered, dropped).",
-            ["queue_role", "outcome"],
-            registry=registry,
+            ("queue_role", "outcome"),
         )
-        self._retries = Counter(
+        self._retries = _Counter(
             "junebug_delivery_retries",
             "Failed delivery attempts that will be retried, by queue role.",
-            ["queue_role"],
-            registry=registry,
+            ("queue_role",),
         )
-        self._connects = Counter(
+        self._connects = _Counter(
             "junebug_amqp_connections_opened",
             "AMQP connections opened, by connection; more than one means reconnects.",
-            ["connection"],
-            registry=registry,
+            ("connection",),
         )
-        self._cache_errors = Counter(
+        self._cache_errors = _Counter(
             "junebug_state_cache_errors",
             "State cache operations that failed.",
-            registry=registry,
         )
+        for collector in (
+            self._outbound,
+            self._confirm,
+            self._publish_failures,
+            self._post,
+            self._consumed,
+            self._retries,
+            self._connects,
+            self._cache_errors,
+        ):
+            registry.register(collector)
         self._queue_ready = Gauge(
             "junebug_queue_messages_ready",
             "Messages ready on a queue at its last passive declare, by queue role.",
@@ -172,52 +247,44 @@ class PrometheusMetrics(Metrics):
         )
         self._queue_stuck = Gauge(
             "junebug_queue_stuck",
-            "1 when a queue has messages ready and none left it for health_stuck_after.",
+            "1 when a queue has messages and none left it for health_stuck_after.",
             ["queue_role"],
             registry=registry,
         )
-        # Touch the label values that exist, so every series shows from the start.
+        # Every series that exists shows from the start, at 0.
         for target in TARGETS:
-            self._post.labels(target, "2xx")
+            self._post.touch(target, "2xx")
         for role in ("inbound", "event"):
-            self._retries.labels(role)
+            self._retries.touch(role)
             for outcome in OUTCOMES:
-                self._consumed.labels(role, outcome)
+                self._consumed.touch(role, outcome)
         self._Gauge = Gauge
 
     # -- events -------------------------------------------------------------
 
     def outbound_request(self, code: int) -> None:
-        self._outbound.labels(str(code)).inc()
+        self._outbound.inc(str(code))
 
-    def timed_publish(self, publish: Callable[..., Deferred]) -> Callable[..., Deferred]:
-        now = self._clock_seconds
-        observe = self._confirm.observe
-        failures = self._publish_failures
+    def now(self) -> float:
+        return self._clock_seconds()
 
-        def done(result: Any, started: float) -> Any:
-            if isinstance(result, Failure):
-                failures.inc()
-            else:
-                observe(now() - started)
-            return result
-
-        def timed(*args: Any, **kwargs: Any) -> Deferred:
-            return publish(*args, **kwargs).addBoth(done, now())
-
-        return timed
+    def publish_done(self, started: float, confirmed: bool) -> None:
+        if confirmed:
+            self._confirm.observe(self._clock_seconds() - started)
+        else:
+            self._publish_failures.inc()
 
     def delivery_post(self, target: str, status_class: str, seconds: float) -> None:
-        self._post.labels(target, status_class).observe(seconds)
+        self._post.observe(seconds, target, status_class)
 
     def consumed(self, role: str, outcome: str) -> None:
-        self._consumed.labels(role, outcome).inc()
+        self._consumed.inc(role, outcome)
 
     def retry(self, role: str) -> None:
-        self._retries.labels(role).inc()
+        self._retries.inc(role)
 
     def amqp_connected(self, connection: str) -> None:
-        self._connects.labels(connection).inc()
+        self._connects.inc(connection)
 
     def cache_error(self) -> None:
         self._cache_errors.inc()

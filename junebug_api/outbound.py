@@ -61,9 +61,11 @@ class OutboundSender:
             await self._cache_call(
                 self.cache.store_event_info(message_id, info), "storing event info of", message_id
             )
+        started = self.metrics.now()
         try:
             await self.publish(self.routing_key, serialise(message), message_id=message_id)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Outbound message {message_id} not sent: {error}",
                 message_id=message_id,
@@ -75,6 +77,7 @@ class OutboundSender:
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
             raise ServiceUnavailable(f"message not sent: {e}") from None
+        self.metrics.publish_done(started, confirmed=True)
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
         return junebug_message(message, self.connector_name)

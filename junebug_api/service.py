@@ -107,7 +107,7 @@ class JunebugService(MultiService):
             connection_name=f"junebug-api {config.connector_name}",
             metrics=metrics,
         )
-        publish = metrics.timed_publish(self.amqp.publish)
+        publish = self.amqp.publish
         inbound = InboundHandler(
             self.cache,
             delivery,

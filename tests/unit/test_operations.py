@@ -208,24 +208,25 @@ def test_sentry_scrub_filters_secret_keys_and_text() -> None:
     assert clean["contexts"]["x"] == {"api_key": "[Filtered]", "password": "[Filtered]", "count": 3}
 
 
-def test_metrics_off_is_free_and_on_counts() -> None:
-    def publish(*args: object, **kwargs: object) -> Deferred:
-        return Deferred()
-
-    assert NO_METRICS.timed_publish(publish) is publish
+def test_metrics_off_does_nothing_and_on_counts() -> None:
+    assert not NO_METRICS.enabled
+    NO_METRICS.publish_done(NO_METRICS.now(), confirmed=True)
+    with pytest.raises(NotImplementedError):
+        NO_METRICS.render()
     clock = Clock()
     metrics = PrometheusMetrics("c", clock)
-    d = Deferred()
-    timed = metrics.timed_publish(lambda *a, **k: d)
-    timed("q", b"x")
+    started = metrics.now()
     clock.advance(0.003)
-    d.callback(None)
+    metrics.publish_done(started, confirmed=True)
+    metrics.publish_done(started, confirmed=False)
     metrics.outbound_request(201)
     text = metrics.render()[0].decode()
     assert 'junebug_outbound_requests_total{code="201"} 1.0' in text
     assert "junebug_publish_confirm_seconds_count 1.0" in text
     assert 'junebug_publish_confirm_seconds_bucket{le="0.005"} 1.0' in text
     assert 'junebug_publish_confirm_seconds_bucket{le="0.0025"} 0.0' in text
+    assert 'junebug_publish_confirm_seconds_bucket{le="+Inf"} 1.0' in text
+    assert "junebug_publish_failures_total 1.0" in text
 
 
 @pytest.mark.parametrize(
