@@ -188,23 +188,6 @@ class HttpDelivery:
 
         ``target`` (``mo`` or ``event``) labels the POST's latency metric.
         """
-        if not self.metrics.enabled:
-            return await self._post_json(url, body, auth_token, timeout)
-        started = self._clock.seconds()
-        outcome = "error"
-        try:
-            code = await self._post_json(url, body, auth_token, timeout)
-            outcome = status_class(code)
-            return code
-        except DeliveryFailed as e:
-            outcome = e.status_class
-            raise
-        finally:
-            self.metrics.delivery_post(target, outcome, self._clock.seconds() - started)
-
-    async def _post_json(
-        self, url: str, body: bytes, auth_token: str | None, timeout: float
-    ) -> int:
         clean_url, basic = split_credentials(url)
         headers = Headers(
             {
@@ -216,22 +199,30 @@ class HttpDelivery:
             headers.setRawHeaders(b"Authorization", [f"Token {auth_token}".encode()])
         elif basic is not None:
             headers.setRawHeaders(b"Authorization", [basic])
+        started = self._clock.seconds()
         try:
-            posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
-            response = await posting.addTimeout(timeout, self._clock)
-        except TimeoutError:  # addTimeout turns its own cancellation into this
-            raise DeliveryFailed(
-                f"timed out after {timeout:g} s", retryable=True, status_class="timeout"
-            ) from None
-        except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-            raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None
-        except (ResponseNeverReceived, ResponseFailed) as e:
-            reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-            raise DeliveryFailed(f"no response: {reasons}", retryable=True) from None
-        except SchemeNotSupported as e:
-            raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
-        code = response.code
-        if 200 <= code < 300:
-            return code
-        retryable = code >= 500 or code in RETRYABLE_STATUSES
-        raise DeliveryFailed(f"HTTP {code}", retryable=retryable, status_class=status_class(code))
+            try:
+                posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
+                response = await posting.addTimeout(timeout, self._clock)
+            except TimeoutError:  # addTimeout turns its own cancellation into this
+                raise DeliveryFailed(
+                    f"timed out after {timeout:g} s", retryable=True, status_class="timeout"
+                ) from None
+            except (ConnectError, DNSLookupError, ConnectionClosed) as e:
+                raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None
+            except (ResponseNeverReceived, ResponseFailed) as e:
+                reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
+                raise DeliveryFailed(f"no response: {reasons}", retryable=True) from None
+            except SchemeNotSupported as e:
+                raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
+            code = response.code
+            if not 200 <= code < 300:
+                retryable = code >= 500 or code in RETRYABLE_STATUSES
+                raise DeliveryFailed(
+                    f"HTTP {code}", retryable=retryable, status_class=status_class(code)
+                )
+        except DeliveryFailed as e:
+            self.metrics.delivery_post(target, e.status_class, self._clock.seconds() - started)
+            raise
+        self.metrics.delivery_post(target, "2xx", self._clock.seconds() - started)
+        return code
