@@ -100,7 +100,7 @@ class Redactor:
         if config.sentry:
             values.append(urlsplit(config.sentry).username)
         # Very short values ("guest", "x") would mangle ordinary words.
-        kept = {v for v in values if v and len(v) >= 6 and v != "guest"}
+        kept = {v for v in values if v and len(v) >= 4 and v != "guest"}
         return cls(tuple(sorted(kept, key=len, reverse=True)))
 
     def text(self, text: str) -> str:

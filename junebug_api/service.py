@@ -107,7 +107,6 @@ class JunebugService(MultiService):
             connection_name=f"junebug-api {config.connector_name}",
             metrics=metrics,
         )
-        publish = self.amqp.publish
         inbound = InboundHandler(
             self.cache,
             delivery,
@@ -126,8 +125,12 @@ class JunebugService(MultiService):
             metrics,
         )
         self.workers = [
-            MessageWorker(queues["inbound"], inbound, publish, policy, reactor, metrics, "inbound"),
-            MessageWorker(queues["event"], events, publish, policy, reactor, metrics, "event"),
+            MessageWorker(
+                queues["inbound"], inbound, self.amqp.publish, policy, reactor, metrics, "inbound"
+            ),
+            MessageWorker(
+                queues["event"], events, self.amqp.publish, policy, reactor, metrics, "event"
+            ),
         ]
         self.amqp.consumers.update({w.queue: w for w in self.workers})
         self.amqp.setServiceParent(self)
@@ -154,7 +157,7 @@ class JunebugService(MultiService):
             config.default_from_addr,
             config.allow_expired_replies,
             self.cache,
-            publish,
+            self.amqp.publish,
             metrics,
         )
         self.credentials = ApiCredentials(
