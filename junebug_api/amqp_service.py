@@ -395,7 +395,7 @@ class AmqpService(Service):
         return {
             "main": {
                 "up": int(up),
-                "blocked": 0,
+                "blocked": 0,  # until the client handles connection.blocked
                 "unconfirmed": len(connection.pending) if up else 0,
             }
         }
