@@ -47,6 +47,7 @@ from .junebug_formats import (
 )
 from .klein_resource import KleinAppResource
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 
 log = logger(__name__)
 
@@ -124,9 +125,14 @@ class JunebugApi:
         clock: Any,
         amqp_health: HealthCheck | None = None,
         credentials: ApiCredentials | None = None,
+        metrics: Metrics = NO_METRICS,
+        metrics_path: str = "/metrics",
+        metrics_auth: bool = False,
     ) -> None:
         self._channels = {c.id: c for c in channels}
         self._credentials = credentials or ApiCredentials()
+        self._metrics = metrics
+        self._metrics_auth = metrics_auth
         self._health = health
         self._amqp_health = amqp_health or (lambda: health()["components"].get("amqp", {}))
         self._timeout = request_timeout
@@ -159,6 +165,8 @@ class JunebugApi:
         )
         app.route(f"{channel_path}/logs", methods=["GET"], strict_slashes=False)(self.get_logs)
         app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
+        if metrics.enabled:
+            app.route(metrics_path, methods=["GET"], strict_slashes=False)(self.get_metrics)
 
     def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
@@ -202,6 +210,10 @@ class JunebugApi:
         error = Unauthorized("missing or wrong credentials")
         return _answer(request, error.status, error_envelope(error))
 
+    def _created(self, result: dict[str, Any], request: IRequest) -> bytes:
+        self._metrics.outbound_request(HTTPStatus.CREATED.value)
+        return _created(result, request)
+
     # -- routes ---------------------------------------------------------------
 
     def post_channel_message(self, request: IRequest, channel_id: str) -> Deferred[bytes] | bytes:
@@ -209,11 +221,12 @@ class JunebugApi:
 
     def _post(self, channel: ApiChannel, request: IRequest) -> Deferred[bytes] | bytes:
         if not channel.credentials.allow(request.getHeader(b"authorization")):
+            self._metrics.outbound_request(HTTPStatus.UNAUTHORIZED.value)
             return self._refused(request)
         body = request.content.read()
         d = Deferred.fromCoroutine(channel.send(body))
         d.addTimeout(self._timeout, self._clock)
-        d.addCallback(_created, request)
+        d.addCallback(self._created, request)
         return d
 
     def get_message_status(
@@ -257,6 +270,15 @@ class JunebugApi:
                 raise ApiUsageError("n must be a whole number of log records, 0 or more")
         return _ok(channel.logs(n), request, "logs retrieved")
 
+    def get_metrics(self, request: IRequest) -> bytes:
+        """``metrics_path``: the Prometheus exposition (behind the API
+        credentials when ``metrics_auth`` is set)."""
+        if self._metrics_auth and not self._credentials.allow(request.getHeader(b"authorization")):
+            return self._refused(request)
+        body, content_type = self._metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
         status = HTTPStatus.OK if health["health"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
@@ -286,6 +308,9 @@ class JunebugApi:
         else:
             log.failure("Unexpected error handling a request", failure)
             error = InternalError("internal error")
+        if request.method == b"POST" and not failure.check(HTTPException):
+            # Not a routing error: the answer to a message POST.
+            self._metrics.outbound_request(error.status.value)
         return _answer(request, error.status, error_envelope(error))
 
 

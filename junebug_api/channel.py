@@ -28,6 +28,7 @@ from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .inbound import InboundHandler
 from .message_status import message_status, status_event
+from .metrics import NO_METRICS, Metrics
 from .outbound import OutboundSender
 from .state_cache import StateCache
 from .vumi_messages import VumiMessage, generate_message_id
@@ -64,6 +65,8 @@ class RateMeter:
         self._slots = max(1, int(window + 0.999999)) + 1
         self._counts = {kind: [0] * self._slots for kind in kinds}
         self._seconds = {kind: [-1] * self._slots for kind in kinds}
+        #: Every count since start, by kind (for /metrics counters).
+        self.totals = dict.fromkeys(self._counts, 0)
 
     def hit(self, kind: str, count: int = 1) -> None:
         second = int(self._clock.seconds())
@@ -74,6 +77,7 @@ class RateMeter:
             seconds[slot] = second
             counts[slot] = 0
         counts[slot] += count
+        self.totals[kind] += count
 
     def rate(self, kind: str) -> float:
         """Events per second over the last ``window`` whole seconds."""
@@ -168,6 +172,7 @@ class Channel:
         metric_window: float,
         max_logs: int,
         store_message_events: bool,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.settings = settings
         self.id = settings.id
@@ -190,6 +195,7 @@ class Channel:
             settings.allow_expired_replies,
             cache,
             publish,
+            metrics,
             character_limit=settings.character_limit,
             channel_id=settings.id,
         )
@@ -201,6 +207,7 @@ class Channel:
             settings.mo_message_url,
             settings.mo_message_url_auth_token,
             mo_message_url_timeout,
+            metrics,
         )
         self._events = EventHandler(
             cache,
@@ -209,12 +216,19 @@ class Channel:
             settings.default_event_url,
             settings.default_event_auth_token,
             event_url_timeout,
+            metrics,
             on_event=self._store_event if store_message_events else None,
+            on_done=self._event_done,
         )
         self.workers = [
-            MessageWorker(queues["inbound"], self._handle_inbound, publish, policy, clock),
-            MessageWorker(queues["event"], self._handle_event, publish, policy, clock),
+            MessageWorker(
+                queues["inbound"], self._handle_inbound, publish, policy, clock, metrics, "inbound"
+            ),
+            MessageWorker(
+                queues["event"], self._handle_event, publish, policy, clock, metrics, "event"
+            ),
         ]
+        self._by_queue = {w.queue: w for w in self.workers}
 
     @property
     def consumers(self) -> dict[str, MessageWorker]:
@@ -241,11 +255,11 @@ class Channel:
         self.rates.hit("outbound")
         return result
 
-    async def _handle_inbound(self, body: bytes) -> None:
+    async def _handle_inbound(self, body: bytes) -> str | None:
         state = self.mo_delivery
         state.in_flight += 1
         try:
-            await self._inbound(body)
+            result = await self._inbound(body)
         except Exception as e:
             state.last_failure = self._clock_seconds()
             state.last_error = str(e)
@@ -254,12 +268,13 @@ class Channel:
             state.in_flight -= 1
         state.last_success = self._clock_seconds()
         self.rates.hit("inbound")
+        return result
 
-    async def _handle_event(self, body: bytes) -> None:
+    async def _handle_event(self, body: bytes) -> str | None:
         state = self.event_delivery
         state.in_flight += 1
         try:
-            event = await self._events(body)
+            result = await self._events(body)
         except Exception as e:
             state.last_failure = self._clock_seconds()
             state.last_error = str(e)
@@ -267,10 +282,25 @@ class Channel:
         finally:
             state.in_flight -= 1
         state.last_success = self._clock_seconds()
+        return result
+
+    def _event_done(self, event: VumiMessage) -> None:
+        """An event was delivered (or dropped): count it by its old Junebug name."""
         if event["event_type"] == "delivery_report":
             self.rates.hit(_DELIVERY_KINDS[event["delivery_status"]])
         else:
             self.rates.hit(_EVENT_KINDS[event["event_type"]])
+
+    def last_taken(self, queue: str) -> float | None:
+        """When this channel last finished a message of ``queue`` (None: never,
+        or not a queue it consumes); for the queue monitor."""
+        worker = self._by_queue.get(queue)
+        return None if worker is None else worker.last_taken
+
+    def in_work(self, queue: str) -> int | None:
+        """How many messages of ``queue`` this channel holds (None: not consumed here)."""
+        worker = self._by_queue.get(queue)
+        return None if worker is None else worker.in_flight
 
     def _clock_seconds(self) -> float:
         return self._clock.seconds()
@@ -349,3 +379,17 @@ class ChannelLogRouter:
                 channel.log.add(event)
             except Exception:
                 pass  # a log record must never break logging
+
+
+class ChannelMetrics(Metrics):
+    """The metrics a channel's queue monitor reports to: its queue gauges get
+    the channel's id as their ``channel`` label (the queue monitor reports
+    nothing else)."""
+
+    def __init__(self, metrics: Metrics, channel_id: str) -> None:
+        self._metrics = metrics
+        self._channel_id = channel_id
+        self.enabled = metrics.enabled
+
+    def queue_depth(self, role: str, ready: int, consumers: int, stuck: bool) -> None:
+        self._metrics.queue_depth(role, ready, consumers, stuck, channel=self._channel_id)

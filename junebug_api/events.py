@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 import attrs
 from twisted.internet.defer import CancelledError
 
-from .consumer import HandlingFailed
+from .consumer import DROPPED, HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_event, to_json
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import InvalidMessage, VumiMessage, parse_event
 
@@ -32,12 +33,14 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    metrics: Metrics = NO_METRICS
     #: Called with each parsed event before it is delivered (message status);
     #: a failure there is retried like a state cache failure.
     on_event: Callable[[VumiMessage], Awaitable[None]] | None = None
+    #: Called with each event once delivered or dropped (channel rates).
+    on_done: Callable[[VumiMessage], None] | None = None
 
-    async def __call__(self, body: bytes) -> VumiMessage:
-        """Deliver one event; the parsed event (for the caller's counting)."""
+    async def __call__(self, body: bytes) -> str | None:
         try:
             event = parse_event(body)
         except InvalidMessage as e:
@@ -50,6 +53,7 @@ class EventHandler:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
@@ -63,17 +67,23 @@ class EventHandler:
                     message_id=message_id,
                     channel=self.channel_id,
                 )
-                return event
+                if self.on_done is not None:
+                    self.on_done(event)
+                return DROPPED
             info = EventInfo(self.default_url, self.default_auth_token)
         payload = to_json(junebug_event(event, self.channel_id))
         try:
-            await self.delivery.post_json(info.url, payload, info.auth_token, self.timeout)
+            await self.delivery.post_json(
+                info.url, payload, info.auth_token, self.timeout, target="event"
+            )
         except DeliveryFailed as e:
             raise HandlingFailed(
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(info.url),
             ) from None
+        if self.on_done is not None:
+            self.on_done(event)
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)
-        return event

@@ -26,6 +26,7 @@ from .junebug_formats import (
     reply_message,
 )
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -42,6 +43,7 @@ class OutboundSender:
     allow_expired_replies: bool
     cache: StateCache
     publish: Callable[..., Deferred]
+    metrics: Metrics = NO_METRICS
     #: Longer content gets 400 MessageTooLong (old Junebug); None: no limit.
     character_limit: int | None = None
     #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
@@ -64,10 +66,14 @@ class OutboundSender:
         message_id = message["message_id"]
         if event_url is not None:
             info = EventInfo(event_url, request.get("event_auth_token"))
-            await self._cache_call(self.cache.store_event_info(message_id, info))
+            await self._cache_call(
+                self.cache.store_event_info(message_id, info), "storing event info of", message_id
+            )
+        started = self.metrics.now()
         try:
             await self.publish(self.routing_key, serialise(message), message_id=message_id)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Outbound message {message_id} not sent: {error}",
                 message_id=message_id,
@@ -80,6 +86,7 @@ class OutboundSender:
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
             raise ServiceUnavailable(f"message not sent: {e}") from None
+        self.metrics.publish_done(started, confirmed=True)
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
         return junebug_message(message, self.channel_id or self.connector_name)
@@ -87,7 +94,9 @@ class OutboundSender:
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")
         if reply_to is not None:
-            inbound = await self._cache_call(self.cache.fetch_inbound(reply_to))
+            inbound = await self._cache_call(
+                self.cache.fetch_inbound(reply_to), "looking up inbound", reply_to
+            )
             if inbound is not None:
                 return reply_message(request, inbound)
             if request.get("to") is None or not self.allow_expired_replies:
@@ -99,14 +108,17 @@ class OutboundSender:
             default_from_addr=self.default_from_addr,
         )
 
-    async def _cache_call(self, d: Deferred) -> Any:
+    async def _cache_call(self, d: Deferred, action: str, message_id: str) -> Any:
         try:
             return await d
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             log.error(
-                "State cache unavailable: {error}",
+                "State cache unavailable ({action} message {message_id}): {error}",
+                action=action,
+                message_id=message_id,
                 error=e,
                 channel=self.channel_id or self.connector_name,
             )

@@ -16,17 +16,20 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.components import Componentized
 
 from .amqp_service import AmqpService
 from .api import ApiCredentials, JunebugApi
-from .channel import Channel, ChannelLogRouter
+from .channel import Channel, ChannelLogRouter, ChannelMetrics
 from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
 from .consumer import RetryPolicy
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite
-from .log import logger, set_log_level
+from .log import Redactor, logger, set_log_level
+from .metrics import NO_METRICS, Metrics, PrometheusMetrics
+from .queue_health import QueueMonitor
 from .state_cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -59,19 +62,35 @@ def queue_names(connector_name: str) -> dict[str, str]:
 class JunebugService(MultiService):
     """The whole service: API, AMQP, the channels' workers and the state cache."""
 
-    def __init__(self, config: JunebugConfig, reactor: Any) -> None:
+    def __init__(
+        self, config: JunebugConfig, reactor: Any, log_observer: ILogObserver | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._log_observer = log_observer
         settings = resolve_channels(config)
+        name = config.connector_name or "channels"
+        self.redactor = Redactor.for_config(config)
+        self.metrics: Metrics = (
+            PrometheusMetrics(name, reactor) if config.metrics_enabled else NO_METRICS
+        )
+        metrics = self.metrics
+        self.sentry = None
+        if config.sentry:
+            from .error_reporting import SentryReporter
+
+            self.sentry = SentryReporter(
+                config.sentry, config.sentry_environment, name, self.redactor
+            )
         self.cache: StateCache = make_state_cache(
             config.state_cache_class,
             config.state_cache_config,
             clock=reactor,
-            connector_name=config.connector_name or "channels",
+            connector_name=name,
             message_status_ttl=config.outbound_message_ttl,
         )
-        delivery = HttpDelivery.create(reactor, config.worker_concurrency)
+        delivery = HttpDelivery.create(reactor, config.worker_concurrency, metrics)
         policy = RetryPolicy(
             config.delivery_retry_delay,
             config.delivery_retry_max_delay,
@@ -85,7 +104,8 @@ class JunebugService(MultiService):
             prefetch=config.worker_concurrency,
             reactor=reactor,
             heartbeat=config.amqp_heartbeat,
-            connection_name=f"junebug-api {config.connector_name or 'channels'}",
+            connection_name=f"junebug-api {name}",
+            metrics=metrics,
         )
         self.channels = [
             Channel(
@@ -101,6 +121,7 @@ class JunebugService(MultiService):
                 metric_window=config.metric_window,
                 max_logs=config.max_logs,
                 store_message_events=config.store_message_events,
+                metrics=metrics,
             )
             for channel in settings
         ]
@@ -111,6 +132,27 @@ class JunebugService(MultiService):
                 self.amqp.set_prefetch(queue, channel.prefetch)
         self.amqp.setServiceParent(self)
         self._log_router = ChannelLogRouter(self.channels)
+        # One monitor per channel: its queues by role, its gauges labelled with
+        # the channel; every queue is looked at once per interval.
+        self.queue_monitors = {
+            channel.id: QueueMonitor(
+                channel.queues,
+                self.amqp.queue_info,
+                channel.last_taken,
+                reactor,
+                in_work=channel.in_work,
+                stuck_after=config.health_stuck_after,
+                interval=min(5.0, max(1.0, config.health_stuck_after / 4)),
+                metrics=ChannelMetrics(metrics, channel.id),
+            )
+            for channel in self.channels
+        }
+        metrics.watch(
+            connections=self.amqp.connection_metrics,
+            in_work=lambda: sum(w.in_flight for w in self.workers),
+            cache_entries=getattr(self.cache, "entry_count", None),
+        )
+        metrics.watch_channels(self.channels)
 
         api = JunebugApi(
             self.channels,
@@ -122,6 +164,9 @@ class JunebugService(MultiService):
             credentials=ApiCredentials(
                 config.api_auth_username, config.api_auth_password, config.api_auth_token
             ),
+            metrics=metrics,
+            metrics_path=config.metrics_path,
+            metrics_auth=config.metrics_auth,
         )
         site = ApiSite(
             api.resource(),
@@ -136,8 +181,17 @@ class JunebugService(MultiService):
         self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
 
+    def setServiceParent(self, parent: Any) -> None:
+        """Join twistd's application; with ``log_format: json``, give it the
+        JSON log observer, which twistd looks up on the application."""
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
     def startService(self) -> None:
         set_log_level(self.config.log_level)
+        if self.sentry is not None:
+            self.sentry.start()
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
         globalLogPublisher.addObserver(self._log_router)
         open_channels = [c.id for c in self.channels if not c.credentials.required]
@@ -159,6 +213,8 @@ class JunebugService(MultiService):
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
         super().startService()
+        for monitor in self.queue_monitors.values():
+            monitor.start()
         _tune_garbage_collector()
         paths = [c.settings.messages_path for c in self.channels]
         log.info(
@@ -174,6 +230,12 @@ class JunebugService(MultiService):
         amqp = self.amqp.health()
         components = {"amqp": amqp, **self.cache.health()}
         healthy = all(c.get("health") == "ok" for c in components.values())
+        # A stuck queue is reported, but outbound still works: still "ok".
+        queues: dict[str, Any] = {}
+        for monitor in self.queue_monitors.values():
+            queues.update(monitor.status())
+        components["amqp"]["queues"] = queues
+        components["amqp"]["stuck"] = any(m.any_stuck for m in self.queue_monitors.values())
         channels = {channel.id: channel.health(amqp) for channel in self.channels}
         return {
             "health": "ok" if healthy else "down",
@@ -183,6 +245,8 @@ class JunebugService(MultiService):
 
     async def _stop(self) -> None:
         await self.http.stopService()
+        for monitor in self.queue_monitors.values():
+            monitor.stop()
         await self.amqp.stop_consuming()
         timeout = self.config.shutdown_timeout
         drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
@@ -196,6 +260,8 @@ class JunebugService(MultiService):
         await self.amqp.stopService()
         await self.cache.close()
         globalLogPublisher.removeObserver(self._log_router)
+        if self.sentry is not None:
+            await self.sentry.stop(self._reactor)
         self.running = 0
         log.info("junebug-api stopped")
 

@@ -34,7 +34,9 @@ class Options(usage.Options):
             from .state_cache import load_state_cache_class
 
             cls = load_state_cache_class(self.config.state_cache_class)
-            cls.check_config(self.config.state_cache_config, self.config.connector_name)
+            cls.check_config(
+                self.config.state_cache_config, self.config.connector_name or "channels"
+            )
         except ConfigError as e:
             sys.stderr.write(f"junebug-api: config error: {e}\n")
             raise SystemExit(1) from None
@@ -44,6 +46,15 @@ def makeService(options: Options) -> Any:
     """The service tree for the loaded config."""
     from twisted.internet import reactor
 
+    from .log import Redactor, json_file_log_observer, twistd_log_file
     from .service import JunebugService
 
-    return JunebugService(options.config, reactor)
+    observer = None
+    server_options = getattr(options, "parent", None)
+    if options.config.log_format == "json" and server_options is not None:
+        out = twistd_log_file(server_options)
+        if out is not None:
+            observer = json_file_log_observer(
+                out, Redactor.for_config(options.config), options.config.connector_name
+            )
+    return JunebugService(options.config, reactor, log_observer=observer)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -23,6 +24,7 @@ from .support import (
     event_message,
     free_port,
     inbound_message,
+    pause,
     start_sink,
     wait_for,
 )
@@ -261,6 +263,40 @@ async def test_three_channels_in_one_process(start, ids, sinks):
         for secret in SECRETS.values():
             assert secret not in health_text
             assert secret not in service.log()
+
+        # /metrics: per-channel series, labelled with the configured channels only.
+        async def scrape() -> dict:
+            response = await treq.get(service.url + "/metrics")
+            text = (await response.content()).decode()
+            return {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+
+        def channel_sample(name: str, channel_id: str, **labels: str) -> float | None:
+            key = tuple(sorted({"channel": channel_id, **labels}.items()))
+            return samples.get((name, key))
+
+        samples = await scrape()
+        deadline = time.monotonic() + 15  # the queue monitor looks every 5 s
+        while channel_sample("junebug_queue_consumers", ids[1], queue_role="inbound") is None:
+            assert time.monotonic() < deadline, "no queue gauges for the channels"
+            await pause(0.5)
+            samples = await scrape()
+
+        for channel_id in ids:
+            assert (
+                channel_sample("junebug_channel_messages_total", channel_id, kind="outbound") == 1
+            )
+        assert channel_sample("junebug_channel_messages_total", c, kind="submitted") == 1
+        assert channel_sample("junebug_channel_messages_total", c, kind="delivery_succeeded") == 1
+        assert channel_sample("junebug_channel_messages_total", ids[0], kind="inbound") == 1
+        assert channel_sample("junebug_queue_consumers", b, queue_role="inbound") == 1
+        channel_labels = {
+            dict(labels).get("channel") for _, labels in samples if dict(labels).get("channel")
+        }
+        assert channel_labels == set(ids)
 
         # Channels are set in the config file.
         code, answer, _ = await call(service, "DELETE", f"/channels/{ids[0]}")
