@@ -225,3 +225,14 @@ def test_replay_names_the_channel_when_there_are_several() -> None:
         channel_connector(several, None)
     with pytest.raises(ConfigError, match="no channel 'c'"):
         channel_connector(several, "c")
+
+
+def test_the_example_channels_config_loads() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "channels.yaml"
+    channels = resolve_channels(load_config(str(path), environ={}))
+    assert [(c.id, c.connector_name) for c in channels] == [
+        ("sms-example", "vumi-smpp-example"),
+        ("ussd-example", "ussd-example"),
+    ]
