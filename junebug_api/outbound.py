@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
-from .amqp_service import PublishFailed
+from .amqp_service import PublishFailed, PublishRefused
 from .junebug_formats import (
     ApiUsageError,
     MessageNotFound,
@@ -58,7 +58,9 @@ class OutboundSender:
             info = EventInfo(event_url, request.get("event_auth_token"))
             await self._cache_call(self.cache.store_event_info(message_id, info))
         try:
-            await self.publish(self.routing_key, serialise(message), message_id=message_id)
+            await self.publish(
+                self.routing_key, serialise(message), message_id=message_id, refuse_if_busy=True
+            )
         except PublishFailed as e:
             log.error(
                 "Outbound message {message_id} not sent: {error}",
@@ -70,7 +72,10 @@ class OutboundSender:
                     await self.cache.delete_event_info(message_id)
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
-            raise ServiceUnavailable(f"message not sent: {e}") from None
+            error = ServiceUnavailable(f"message not sent: {e}")
+            if isinstance(e, PublishRefused):
+                error.retry_after = e.retry_after
+            raise error from None
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
         return junebug_message(message, self.connector_name)
