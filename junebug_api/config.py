@@ -488,6 +488,10 @@ def _check_amqp(config: JunebugConfig) -> None:
             raise ConfigError("amqp_auth_mechanism EXTERNAL needs amqp_tls_cert_file and _key_file")
         if not all(broker.tls for broker in brokers):
             raise ConfigError("amqp_auth_mechanism EXTERNAL needs amqps:// (or amqp.tls: true)")
+    if any(broker.tls for broker in brokers):
+        from .amqp_connect import TlsMaterial  # here: it needs Twisted's TLS
+
+        TlsMaterial(config.amqp_connection)  # reads the PEM files, raising ConfigError
     if not math.isfinite(config.amqp_connect_timeout) or not (
         0 < config.amqp_connect_timeout <= 3600
     ):
