@@ -128,3 +128,26 @@ async def test_missing_vhost_and_closed_port_are_sentences(make_service):
     amqp = await wait_error(other)
     assert amqp["error"] == f"connection refused by 127.0.0.1:{closed}"
     assert_clean(service.log() + other.log())
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_broker_of_amqp_urls_from_the_environment(make_service, broker, connector):
+    closed = free_port()
+    service = make_service(
+        wait=False,
+        env={"AMQP_URLS": f"amqp://127.0.0.1:{closed}/%2F,amqp://guest:guest@127.0.0.1:5672/%2F"},
+    )
+    service.wait_healthy()
+    _, body = await health(service)
+    amqp = body["components"]["amqp"]
+    assert amqp["connections"]["publish"]["broker"] == "127.0.0.1:5672"
+    assert amqp["connections"]["consume"]["broker"] == "127.0.0.1:5672"
+    log = service.log()
+    # The first broker refused; the second was tried at once, without a backoff.
+    assert f"failed: connection refused by 127.0.0.1:{closed}" in log
+    assert "publish connection open to 127.0.0.1:5672" in log
+    body = json.dumps({"to": "+1", "from": "2", "content": "via the second"}).encode()
+    response = await treq.post(service.url + MESSAGES, data=body)
+    assert response.code == 201
+    assert (await broker.wait_json(f"{connector}.outbound"))["content"] == "via the second"
+    assert_clean(log)
