@@ -122,6 +122,8 @@ class _Connection:
     opened_at: float
     clock: Any
     channels: dict[int, Any] = attrs.field(factory=dict)
+    # The channel for declarations and queries; None once the broker closed it.
+    control: Any = None
     alive: bool = True
     blocked: str | None = None
     # Fires (with None) once the connection is lost; lost_reason says why.
@@ -439,7 +441,7 @@ class AmqpService(Service):
             client.on_return = lambda msg: self._returned(connection, msg)
             client.on_blocked = lambda reason: self._blocked(connection, reason)
             client.on_unblocked = lambda: self._unblocked(connection)
-        control = await self._open_channel(connection, CONTROL_CHANNEL)
+        control = connection.control = await self._open_channel(connection, CONTROL_CHANNEL)
         await self._declare_topology(control)
         if link is self._consumer:
             client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body: (
@@ -506,7 +508,8 @@ class AmqpService(Service):
         """A channel the broker closed: a query channel is reopened when next
         needed; any other means the connection starts over."""
         connection.channels.pop(channel_id, None)
-        if channel_id == CONTROL_CHANNEL or channel_id >= 100:
+        if connection.control is not None and connection.control.id == channel_id:
+            connection.control = None
             return
         log.error(
             "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
@@ -704,15 +707,12 @@ class AmqpService(Service):
         connection = link.connection
         if connection is None or not connection.alive:
             raise PublishFailed("not connected to AMQP")
-        channel = connection.channels.get(CONTROL_CHANNEL)
-        if channel is None:
+        if connection.control is None:
             # The broker closed it (a passive declare of a missing queue):
             # a fresh channel number, since the old one may still be closing.
             connection.next_channel += 1
-            channel_id = connection.next_channel
-            channel = await self._open_channel(connection, channel_id)
-            connection.channels[CONTROL_CHANNEL] = channel
-        return connection, channel
+            connection.control = await self._open_channel(connection, connection.next_channel)
+        return connection, connection.control
 
     async def get(self, queue: str) -> tuple[bytes, dict[str, Any], Acker] | None:
         """One message from ``queue`` (``basic.get`` on the consuming
