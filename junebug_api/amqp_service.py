@@ -707,7 +707,7 @@ class AmqpService(Service):
         connection = link.connection
         if connection is None or not connection.alive:
             raise PublishFailed("not connected to AMQP")
-        if connection.control is None:
+        if connection.control is None or connection.control.closed:
             # The broker closed it (a passive declare of a missing queue):
             # a fresh channel number, since the old one may still be closing.
             connection.next_channel += 1

@@ -170,7 +170,7 @@ def test_a_closed_control_channel_keeps_the_connection() -> None:
     from twisted.python.failure import Failure
 
     service, connection, transport, _ = connected_service()
-    connection.control = type("Channel", (), {"id": CONTROL_CHANNEL})()
+    connection.control = type("Channel", (), {"id": CONTROL_CHANNEL, "closed": False})()
     service._channel_closed(connection, CONTROL_CHANNEL, Failure(ValueError("404")))
     assert connection.control is None
     assert not transport.disconnecting
