@@ -42,6 +42,7 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from .amqp_connect import (
@@ -285,6 +286,15 @@ class AmqpService(Service):
                     pass
                 if connection.client.transport is not None:
                     connection.client.transport.loseConnection()
+                # Wait for the socket to close (TLS sends its close_notify first).
+                if not connection.lost.called:
+                    timer = self._reactor.callLater(2, connection.lost.cancel)
+                    try:
+                        await connection.lost
+                    except CancelledError:
+                        pass
+                    if timer.active():
+                        timer.cancel()
         for link in self.links:
             if link.running is not None:
                 running, link.running = link.running, None
@@ -296,6 +306,10 @@ class AmqpService(Service):
             for waiter, _ in link.waiters:
                 waiter.errback(PublishFailed("the AMQP service stopped"))
             link.waiters.clear()
+        # Finish in a reactor turn of our own, never inside a protocol's
+        # dataReceived: the reactor's shutdown disconnects every transport as
+        # soon as this Deferred fires, and TLS cannot take that mid-read.
+        await deferLater(self._reactor, 0, lambda: None)
 
     def stopService(self) -> Deferred:
         super().stopService()
