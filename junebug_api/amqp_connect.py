@@ -193,16 +193,18 @@ def explain_close(message: Any, broker: AmqpConfig, settings: AmqpConnectionSett
     return f"{broker.address} closed the connection: {_short(text)}"
 
 
-def explain_channel_close(reason: BaseException, queue: str, passive: bool) -> str:
-    """A queue declaration the broker refused, naming the queue and why."""
+def explain_channel_close(
+    reason: BaseException, name: str, passive: bool, kind: str = "queue"
+) -> str:
+    """A queue (or exchange) declaration the broker refused, naming it and why."""
     message = reason.args[0] if reason.args else None
     code = getattr(message, "reply_code", None)
     text = _short(str(getattr(message, "reply_text", reason)))
     if code == 404 and passive:
-        return f"queue {queue} does not exist (amqp_declare: passive): {text}"
+        return f"{kind} {name} does not exist (amqp_declare: passive): {text}"
     if code == 406:
-        return f"queue {queue} exists with other arguments: {text}"
-    return f"declaring queue {queue} failed: {text}"
+        return f"{kind} {name} exists with other arguments: {text}"
+    return f"declaring {kind} {name} failed: {text}"
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -487,9 +487,14 @@ class AmqpService(Service):
 
     async def _declare_topology(self, channel: Any) -> None:
         passive = self.settings.declare == "passive"
-        await channel.exchange_declare(
-            exchange=EXCHANGE, type="direct", durable=True, passive=passive
-        )
+        try:
+            await channel.exchange_declare(
+                exchange=EXCHANGE, type="direct", durable=True, passive=passive
+            )
+        except Exception as e:
+            if type(e).__name__ == "ChannelClosed":
+                raise SetupFailed(explain_channel_close(e, EXCHANGE, passive, "exchange")) from None
+            raise
         queues = {queue: {} for queue in self.queues}
         queues.update(self._extra_queues)
         for queue, arguments in queues.items():

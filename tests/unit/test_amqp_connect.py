@@ -122,6 +122,10 @@ def test_explain_channel_close() -> None:
     assert explain_channel_close(closed(404, "NOT_FOUND - no queue 'q'"), "q", passive=True) == (
         "queue q does not exist (amqp_declare: passive): NOT_FOUND - no queue 'q'"
     )
+    missing = closed(404, "NOT_FOUND - no exchange 'vumi'")
+    assert explain_channel_close(missing, "vumi", passive=True, kind="exchange") == (
+        "exchange vumi does not exist (amqp_declare: passive): NOT_FOUND - no exchange 'vumi'"
+    )
 
 
 def test_brokers_in_order_or_shuffled_per_round() -> None:
