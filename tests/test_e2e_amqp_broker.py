@@ -223,3 +223,55 @@ async def test_inequivalent_queue_is_reported_then_fixed_without_restart(
     assert queue in counts
     assert service.process.poll() is None
     assert_clean(service.log())
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_letter_during_an_alarm_waits_unacked_for_the_unblock(
+    make_service, node, node_broker, connector, sink
+):
+    inbound_queue = f"{connector}.inbound"
+    node_broker.declare(inbound_queue)
+    node_broker.publish(inbound_queue, b"not a vumi message")
+    good = inbound_message(connector)
+    node_broker.publish(inbound_queue, good)
+    node_broker.close()
+    node.ctl("set_vm_memory_high_watermark", "0")
+    try:
+        await wait_for(lambda: alarm_active(node), timeout=20, what="the memory alarm")
+        # Not waiting for a healthy service: the dead letter may block it first.
+        service = make_service(wait=False, amqp_url=node.url)
+        await wait_for(lambda: sink.at("/inbound"), what="the good message")
+        # The garbage is to be dead-lettered: that publish makes the broker block
+        # the publishing connection, and the message stays unacked meanwhile.
+        await wait_health(
+            service, lambda code, a: a["state"] == "blocked", what="blocked by the dead letter"
+        )
+        await wait_for(
+            lambda: queue_counts(node).get(inbound_queue, (9, 9, ""))[:2] == (0, 1),
+            what="the garbage unacked, the good one acked",
+        )
+        response = await post(service, "refused")
+        assert response.code == 503
+        await response.text()
+    finally:
+        node.ctl("set_vm_memory_high_watermark", "0.4")
+    await wait_health(service, lambda code, a: code == 200, what="unblocked")
+    await wait_for(
+        lambda: (
+            queue_counts(node).get(f"{connector}.inbound.failed", (0, 0, ""))[0] == 1
+            and queue_counts(node)[inbound_queue][:2] == (0, 0)
+        ),
+        what="dead-lettered and acked after the unblock",
+    )
+    fresh = Broker(
+        pika.ConnectionParameters(
+            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
+        )
+    )
+    try:
+        _, body = fresh.get(f"{connector}.inbound.failed")
+        assert body == b"not a vumi message"
+        assert fresh.count(f"{connector}.outbound") == 0
+    finally:
+        fresh.close()
+    assert_clean(service.log())
