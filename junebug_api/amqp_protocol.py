@@ -60,7 +60,19 @@ def load_spec() -> Any:
 
 
 class FieldCodec(Codec):
-    """txAMQP's codec with every AMQP 0-9-1 field-table type RabbitMQ sends."""
+    """txAMQP's codec with every AMQP 0-9-1 field-table type RabbitMQ sends,
+    and writing strings and tables right: lengths in bytes (txAMQP counts
+    characters, so a non-ASCII queue name or vhost broke the frame), booleans
+    as booleans and integers as 64-bit (txAMQP sent both as 32-bit unsigned,
+    so ``x-single-active-consumer: true`` was refused)."""
+
+    def enc_str(self, fmt: str, s: str | bytes) -> None:
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        self.pack(fmt, len(data))
+        self.write(data)
+
+    def encode_table(self, tbl: dict) -> None:
+        self.write(encode_table(tbl or {}))
 
     def _value(self) -> Any:
         kind = self.read(1)
@@ -401,6 +413,20 @@ class JunebugAMQPClient(AMQClient):
 
     def _unpack_frame(self, data: bytes) -> Frame:
         return decode_frame(self.spec, data)
+
+    def _pack_frame(self, frame: Frame) -> bytes:
+        """Method frames through FieldCodec (see there); others as txAMQP does."""
+        payload = frame.payload
+        if not isinstance(payload, Method):
+            return super()._pack_frame(frame)
+        buffer = BytesIO()
+        codec = FieldCodec(buffer)
+        codec.encode_short(payload.method.klass.id)
+        codec.encode_short(payload.method.id)
+        for field, arg in zip(payload.method.fields, payload.args, strict=True):
+            codec.encode(field.type, arg)
+        codec.flush()
+        return _frame(_FRAME_METHOD, frame.channel, buffer.getvalue())
 
     # -- heartbeats without a timer reset per frame -------------------------
 

@@ -23,6 +23,7 @@ def queues(connector):
         "outbound": f"{connector}.outbound",
         "inbound": f"{connector}.inbound",
         "retry": f"{connector}.inbound.retry.1",
+        "unicode": f"{connector}.ünïcödé",
     }
 
 
@@ -74,8 +75,18 @@ async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
         await amqp.resume_consumer(queues["inbound"])
         await wait_for(lambda: len(received) == 2, what="delivery after resume")
         assert (await amqp.queue_status(queues["inbound"]))[1] == 1
+
+        # Names count in bytes and boolean arguments stay booleans.
+        await amqp.declare_queue(queues["unicode"], {"x-single-active-consumer": True})
+        assert await amqp.queue_status(queues["unicode"]) == (0, 0)
+        broker.channel.queue_declare(
+            queues["unicode"], durable=True, arguments={"x-single-active-consumer": True}
+        )  # equivalent, or the broker would close pika's channel
+        await amqp.publish(queues["unicode"], "Sawubona 👋".encode(), message_id="u1")
+        assert broker.get(queues["unicode"])[1] == "Sawubona 👋".encode()
     finally:
         await amqp.stopService()
         broker.delete(queues["retry"])
+        broker.delete(queues["unicode"])
     with pytest.raises(PublishFailed):
         await amqp.publish(queues["outbound"], b"{}")
