@@ -483,6 +483,8 @@ def _check_amqp(config: JunebugConfig) -> None:
                     f.read(1)
             except OSError as e:
                 raise ConfigError(f"cannot read {name} {path}: {e.strerror}") from None
+            except ValueError:  # a NUL in the path
+                raise ConfigError(f"{name} is not a valid path") from None
     if mechanism == "EXTERNAL":
         if config.amqp_tls_cert_file is None:
             raise ConfigError("amqp_auth_mechanism EXTERNAL needs amqp_tls_cert_file and _key_file")
@@ -501,6 +503,8 @@ def _check_amqp(config: JunebugConfig) -> None:
     for key, value in config.amqp_queue_arguments.items():
         if not isinstance(key, str) or not 0 < len(key.encode("utf-8")) <= 255:
             raise ConfigError(f"amqp_queue_arguments: {key!r} is no valid argument name")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"amqp_queue_arguments.{key} is out of range")
         if not isinstance(value, (str, int, bool)):
             raise ConfigError(
                 f"amqp_queue_arguments.{key} must be a string, an integer or a boolean,"

@@ -459,6 +459,8 @@ def test_amqp_connection_settings(tmp_path: Path) -> None:
         ({"amqp_connect_timeout": 0}, "amqp_connect_timeout must be greater than 0"),
         ({"amqp_connect_timeout": float("nan")}, "amqp_connect_timeout must be greater than 0"),
         ({"amqp_queue_arguments": {"x-ttl": 1.5}}, "amqp_queue_arguments.x-ttl must be a string"),
+        ({"amqp_queue_arguments": {"x-ttl": 2**64}}, "amqp_queue_arguments.x-ttl is out of range"),
+        ({"amqp_tls_ca_file": "a\x00b"}, "amqp_tls_ca_file is not a valid path"),
     ],
 )
 def test_amqp_option_errors(tmp_path: Path, data: dict, message: str) -> None:
