@@ -400,7 +400,10 @@ class AmqpService(Service):
         """One connection attempt, set-up included; SetupFailed says why not."""
         timeout = self.settings.connect_timeout
         factory = JunebugAMQPFactory(
-            broker.vhost, self.settings.heartbeat, self._reactor, self.connection_name
+            broker.vhost,
+            self.settings.heartbeat,
+            self._reactor,
+            f"{self.connection_name} ({link.role})",
         )
         endpoint = broker_endpoint(self._reactor, broker, timeout, self._tls)
         try:
