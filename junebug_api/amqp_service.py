@@ -65,6 +65,7 @@ CONTROL_CHANNEL = 2  # either connection: declarations, basic.get, queue queries
 FIRST_CONSUMER_CHANNEL = 3  # consuming connection: one channel per consumer
 INITIAL_RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 30.0
+QUICK_DROP = 5.0  # seconds: a connection lost sooner counts as a failed round
 BLOCKED_RETRY_AFTER = 5
 BUSY_RETRY_AFTER = 1
 
@@ -333,7 +334,13 @@ class AmqpService(Service):
         return link.order.pop(0)
 
     async def _keep(self, link: _Link) -> None:
-        """Connect, stay connected, reconnect: the life of one connection."""
+        """Connect, stay connected, reconnect: the life of one connection.
+
+        A failed attempt moves on to the next broker at once; only after a
+        whole round failed does the backoff (doubling, capped) apply. A
+        connection the broker drops within seconds of opening counts as a
+        failed round too, so such a broker is not hammered.
+        """
         brokers = len(self.settings.brokers)
         failed_rounds = 0
         try:
@@ -355,23 +362,10 @@ class AmqpService(Service):
                         error=link.error,
                     )
                     self._fail_waiters(link)
-                    if link.failures % brokers == 0 and not self._stopping:
-                        delay = min(
-                            MAX_RECONNECT_DELAY, INITIAL_RECONNECT_DELAY * 2**failed_rounds
-                        ) * self._random.uniform(0.8, 1.2)
+                    if link.failures % brokers == 0:
+                        await self._back_off(link, failed_rounds)
                         failed_rounds += 1
-                        link.sleeping = Deferred()
-                        timer = self._reactor.callLater(delay, link.sleeping.callback, None)
-                        try:
-                            await link.sleeping
-                        except CancelledError:
-                            if timer.active():
-                                timer.cancel()
-                            return
-                        finally:
-                            link.sleeping = None
                     continue
-                failed_rounds = 0
                 link.failures = 0
                 link.error = None
                 link.connection = connection
@@ -391,10 +385,29 @@ class AmqpService(Service):
                     broker=broker.address,
                     reason=link.error,
                 )
-                if self._reactor.seconds() - connection.opened_at < 1:
-                    link.failures += 1  # a broker that drops us at once counts as failing
+                if self._reactor.seconds() - connection.opened_at < QUICK_DROP:
+                    await self._back_off(link, failed_rounds)
+                    failed_rounds += 1
+                else:
+                    failed_rounds = 0
         except CancelledError:
             return
+
+    async def _back_off(self, link: _Link, failed_rounds: int) -> None:
+        """Wait before the next round: 0.5 s doubling per failed round up to
+        30 s, with jitter. CancelledError when the service stops meanwhile."""
+        if self._stopping:
+            raise CancelledError()
+        delay = min(MAX_RECONNECT_DELAY, INITIAL_RECONNECT_DELAY * 2**failed_rounds)
+        delay *= self._random.uniform(0.8, 1.2)
+        link.sleeping = Deferred()
+        timer = self._reactor.callLater(delay, link.sleeping.callback, None)
+        try:
+            await link.sleeping
+        finally:
+            link.sleeping = None
+            if timer.active():
+                timer.cancel()
 
     async def _attempt(self, link: _Link, broker: AmqpConfig) -> _Connection:
         """One connection attempt, set-up included; SetupFailed says why not."""
