@@ -55,6 +55,7 @@ from .amqp_connect import (
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id
 
 log = logger(__name__)
@@ -238,6 +239,7 @@ class AmqpService(Service):
     _reactor: Any
     heartbeat: int | None = None
     connection_name: str = "junebug-api"
+    metrics: Metrics = NO_METRICS
     _random: random.Random = attrs.field(factory=random.Random)
     _extra_queues: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
     _prefetches: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -369,6 +371,7 @@ class AmqpService(Service):
                 link.failures = 0
                 link.error = None
                 link.connection = connection
+                self.metrics.amqp_connected(link.role)
                 waiters, link.waiters = link.waiters, []
                 for waiter, _ in waiters:
                     waiter.callback(None)
@@ -767,6 +770,24 @@ class AmqpService(Service):
         _, channel = await self._control(self._publisher)
         reply = await channel.queue_declare(queue=queue, passive=True)
         return reply.message_count, reply.consumer_count
+
+    async def queue_info(self, queue: str) -> tuple[int, int]:
+        """The same as :meth:`queue_status` (the name /health's queue monitor uses)."""
+        return await self.queue_status(queue)
+
+    def connection_metrics(self) -> dict[str, dict[str, int]]:
+        """Per connection (``publish``, ``consume``): ``up``, ``blocked``,
+        ``unconfirmed`` publishes (for /metrics)."""
+        metrics = {}
+        for link in self.links:
+            connection = link.connection
+            up = connection is not None and connection.alive
+            metrics[link.role] = {
+                "up": int(up),
+                "blocked": int(up and connection.blocked is not None),
+                "unconfirmed": len(connection.pending) if up else 0,
+            }
+        return metrics
 
     async def count(self, queue: str) -> int:
         """How many ready messages ``queue`` holds."""
