@@ -176,3 +176,15 @@ def test_a_closed_control_channel_keeps_the_connection() -> None:
     assert not transport.disconnecting
     service._channel_closed(connection, 1, Failure(ValueError("406")))
     assert transport.disconnecting
+
+
+def test_connection_metrics_per_connection() -> None:
+    service, connection, _, _ = connected_service()
+    service.publish("q", b"x", message_id="m")
+    service._blocked(connection, "disk")
+    assert service.connection_metrics() == {
+        "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
+        "consume": {"up": 1, "blocked": 1, "unconfirmed": 1},  # one connection in this fake
+    }
+    service._consumer.connection = None
+    assert service.connection_metrics()["consume"] == {"up": 0, "blocked": 0, "unconfirmed": 0}
