@@ -118,8 +118,10 @@ def explain(
     settings: AmqpConnectionSettings,
     client: Any = None,
     timed_out: bool = False,
+    established: bool = False,
 ) -> str:
-    """One sentence for a failed connection attempt or a lost connection.
+    """One sentence for a failed connection attempt or (``established``) a
+    connection lost after its set-up.
 
     ``client`` (the protocol, if the TCP connection was made) knows more than
     the exception txAMQP raises: the broker's ``connection.close`` and the
@@ -160,6 +162,10 @@ def explain(
         if any(marker in text for marker in _NOT_TLS):
             return f"TLS: {address} does not speak TLS (a plain AMQP port? use amqp://)"
         return f"TLS error with {address}: {_short(str(exc))}"
+    if established and isinstance(exc, net_error.ConnectionDone):
+        return f"the connection to {address} was closed"
+    if established and isinstance(exc, net_error.ConnectionLost):
+        return f"the connection to {address} was lost"
     if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost)):
         received = client.received if client is not None else b""
         if not broker.tls and received[:1] in (b"\x15", b"\x16"):

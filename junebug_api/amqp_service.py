@@ -381,7 +381,9 @@ class AmqpService(Service):
                     link.connection = None
                 if self._stopping:
                     return
-                link.error = explain(reason, broker, self.settings, connection.client)
+                link.error = explain(
+                    reason, broker, self.settings, connection.client, established=True
+                )
                 log.warn(
                     "AMQP {role} connection to {broker} lost ({reason}); reconnecting",
                     role=link.role,

@@ -100,6 +100,17 @@ def test_explain(reason, broker, the_client, sentence) -> None:
     assert explain(reason, broker, SETTINGS, the_client) == sentence
 
 
+def test_explain_a_connection_lost_after_its_set_up() -> None:
+    closed = client(lost=Failure(error.ConnectionDone()), received=b"\x01")
+    assert explain(Exception(), PLAIN, SETTINGS, closed, established=True) == (
+        "the connection to rabbit:5672 was closed"
+    )
+    lost = client(lost=Failure(error.ConnectionLost()), received=b"\x01")
+    assert explain(Exception(), PLAIN, SETTINGS, lost, established=True) == (
+        "the connection to rabbit:5672 was lost"
+    )
+
+
 def test_explain_timeout_and_external() -> None:
     assert explain(Exception(), PLAIN, SETTINGS, client(), timed_out=True) == (
         "no AMQP answer within 7 s from rabbit:5672"
