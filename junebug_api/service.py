@@ -98,12 +98,11 @@ class JunebugService(MultiService):
         )
         all_queues = [q for c in settings for q in queue_names(c.connector_name).values()]
         self.amqp = AmqpService(
-            config.amqp_settings,
+            config.amqp_connection,
             queues=all_queues,
             consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
-            heartbeat=config.amqp_heartbeat,
             connection_name=f"junebug-api {name}",
             metrics=metrics,
         )
