@@ -56,6 +56,12 @@ def queue_names(connector_name: str) -> dict[str, str]:
     }
 
 
+def declared_queue_names(config: JunebugConfig) -> list[str]:
+    """Every queue the service declares for ``config``; the config check keeps
+    each name within AMQP's 255 bytes, so new queues belong here."""
+    return list(queue_names(config.connector_name).values())
+
+
 class JunebugService(MultiService):
     """The whole service: API, AMQP, workers and state cache."""
 
@@ -132,6 +138,7 @@ class JunebugService(MultiService):
             max_request_size=config.max_request_size,
             read_timeout=config.http_read_timeout,
             idle_timeout=config.http_idle_timeout,
+            max_connections=config.http_max_connections,
         )
         self.http = StreamServerEndpointService(
             serverFromString(reactor, config.http_endpoint), site

@@ -41,9 +41,33 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    """The service tree for the loaded config."""
+    """The service tree for the loaded config, with the open-file limit raised
+    and ``http_max_connections`` sized under it."""
+    import attrs
     from twisted.internet import reactor
 
+    from .limits import raise_open_file_limit
+    from .log import logger
     from .service import JunebugService
 
-    return JunebugService(options.config, reactor)
+    log = logger(__name__)
+    before, after, hard = raise_open_file_limit()
+    config = options.config
+    max_connections = config.max_connections(after)
+    log.info(
+        "Open-file limit {after} (was {before}, hard limit {hard});"
+        " at most {max_connections} HTTP connections at once",
+        after=after,
+        before=before,
+        hard=hard,
+        max_connections=max_connections,
+    )
+    if max_connections > after * 3 // 4:
+        log.warn(
+            "http_max_connections {max_connections} leaves few of the {limit} file"
+            " descriptors for AMQP, outgoing HTTP and Redis; a flood may exhaust them",
+            max_connections=max_connections,
+            limit=after,
+        )
+    config = attrs.evolve(config, http_max_connections=max_connections)
+    return JunebugService(config, reactor)
