@@ -34,6 +34,14 @@ from .log import debug_enabled, logger
 
 log = logger(__name__)
 
+LISTEN_BACKLOG = 1024
+"""Connections the kernel may hold for accepting (Twisted's default is 50):
+under a flood, a short queue drops the SYN of a normal client, which then
+waits a second or more to retry."""
+
+MAX_CLOSING = 64
+"""Connections closed to make room whose descriptors may not be released yet."""
+
 EVICTION_LOG_INTERVAL = 60.0
 """Seconds between log lines about connections closed for the limit."""
 
@@ -48,6 +56,14 @@ class RequestReadTimeout(ApiError):
     status = HTTPStatus.REQUEST_TIMEOUT
     description = "request timeout"
     error_type = "RequestTimeout"
+
+
+def with_listen_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """A TCP or TLS server endpoint description with ``backlog`` unless it sets one."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and ":backlog=" not in endpoint:
+        return f"{endpoint}:backlog={backlog}"
+    return endpoint
 
 
 def answer_and_close(transport: Any, error: ApiError) -> None:
@@ -192,6 +208,7 @@ class ApiSite(Site):
         self.max_connections = max_connections
         # Open connections, oldest first (dicts keep insertion order).
         self._open: dict[ApiChannel, None] = {}
+        self._closing: set[ApiChannel] = set()
         self._evicted = 0
         self._refused = 0
         self._last_report: float | None = None
@@ -203,12 +220,19 @@ class ApiSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.max_connections is not None and len(self._open) >= self.max_connections:
-            victim = next((c for c in self._open if not c.busy), None)
+            # An evicted connection's descriptor is closed on the reactor's next
+            # turn, while the reactor may accept a burst of new ones in this one:
+            # past MAX_CLOSING such descriptors, new connections are refused
+            # (closed at once) so that the process never runs out of them.
+            victim = None
+            if len(self._closing) < MAX_CLOSING:
+                victim = next((c for c in self._open if not c.busy), None)
             if victim is None:
                 self._refused += 1
                 self._report()
-                return None  # the endpoint closes the new connection
+                return None  # the endpoint closes the new connection at once
             del self._open[victim]
+            self._closing.add(victim)
             victim.evict()
             self._evicted += 1
             self._report()
@@ -219,6 +243,7 @@ class ApiSite(Site):
 
     def connection_closed(self, channel: ApiChannel) -> None:
         self._open.pop(channel, None)
+        self._closing.discard(channel)
 
     def _report(self) -> None:
         """One warning when the limit is first reached, then at most one a minute."""

@@ -23,7 +23,7 @@ from .config import JunebugConfig, describe
 from .consumer import MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
-from .http_server import ApiSite
+from .http_server import ApiSite, with_listen_backlog
 from .inbound import InboundHandler
 from .log import logger, set_log_level
 from .outbound import OutboundSender
@@ -141,7 +141,7 @@ class JunebugService(MultiService):
             max_connections=config.http_max_connections,
         )
         self.http = StreamServerEndpointService(
-            serverFromString(reactor, config.http_endpoint), site
+            serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
         self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
