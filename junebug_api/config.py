@@ -29,7 +29,14 @@ DEFAULT_STATE_CACHE = "junebug_api.state_cache.InMemoryStateCache"
 
 
 class ConfigError(Exception):
-    """A configuration problem, described in one line naming the option."""
+    """A configuration problem, described in one line naming the option.
+
+    Line breaks in the message (from a quoted value) are escaped, so the
+    message stays one line whatever the value held.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class OptionError(ConfigError):
@@ -456,8 +463,11 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         raise ConfigError("api_auth_token must not be empty")
     if config.base_url_path and not config.base_url_path.startswith("/"):
         raise ConfigError("base_url_path must start with '/'")
-    if not config.base_url_path.isascii():
-        raise ConfigError("base_url_path must be ASCII (percent-encode other characters)")
+    if not _URL_PATH.match(config.base_url_path):
+        raise ConfigError(
+            "base_url_path must be a URL path: letters, digits, '/' and -._~!$&'()*+,;=:@,"
+            f" got {config.base_url_path!r}"
+        )
     if config.amqp_url and urlsplit(config.amqp_url).fragment:
         raise ConfigError("amqp_url must not have a #fragment (it would be ignored)")
     config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
@@ -467,6 +477,8 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         config = attrs.evolve(config, state_cache_class=cache_class)
     return config
 
+
+_URL_PATH = re.compile(r"^[A-Za-z0-9/\-._~!$&'()*+,;=:@]*$")
 
 AMQP_NAME_LIMIT = 255
 """AMQP's short strings, queue names among them, hold at most 255 bytes."""
@@ -561,9 +573,9 @@ def read_secret_file(name: str, path: Any) -> str:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
     except (UnicodeDecodeError, ValueError):
-        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+        raise ConfigError(f"{name}: {path!r} is not UTF-8 text") from None
     return text.rstrip("\r\n")
 
 
