@@ -517,3 +517,87 @@ def test_redact_url_hides_a_lone_user_name_too() -> None:
     assert redact_url("https://APIKEY123@rp.example/x") == "https://***@rp.example/x"
     assert redact_url("https://rp.example/x") == "https://rp.example/x"
     assert redact_url("http://[broken/") == "***"
+
+
+# -- secrets from files -----------------------------------------------------------
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    def secret(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    cfg = load(
+        {
+            "api_auth_username": "u",
+            "api_auth_password_file": secret("pw", "pässword\n"),
+            "api_auth_token_file": secret("tok", "tok en\r\n"),
+            "mo_message_url_auth_token_file": secret("mo", "mo-token"),
+            "default_event_auth_token_file": secret("ev", "ev-token\n"),
+            "amqp": {"password_file": secret("amqp", "rabbit\n")},
+            "state_cache_config": {
+                "url": "redis://127.0.0.1:6379/2",
+                "password_file": secret("redis", "r:e/d@is\n"),
+            },
+        },
+        tmp_path,
+    )
+    assert cfg.api_auth_password == "pässword"
+    assert cfg.api_auth_token == "tok en"
+    assert cfg.mo_message_url_auth_token == "mo-token"
+    assert cfg.default_event_auth_token == "ev-token"
+    assert cfg.amqp_settings.password == "rabbit"
+    assert cfg.state_cache_config == {"url": "redis://:r%3Ae%2Fd%40is@127.0.0.1:6379/2"}
+    from junebug_api.redis_state_cache import parse_redis_url
+
+    assert parse_redis_url(cfg.state_cache_config["url"])["password"] == "r:e/d@is"
+    logged = str(describe(cfg))
+    for text in ("pässword", "tok en", "mo-token", "ev-token", "rabbit", "r%3Ae"):
+        assert text not in logged
+
+
+def test_amqp_url_and_redis_url_from_files(tmp_path: Path) -> None:
+    amqp = tmp_path / "amqp"
+    amqp.write_text("amqp://jb:s3cret@rabbit:5673/v\n")
+    redis = tmp_path / "redis"
+    redis.write_text("redis://:pw@127.0.0.1:6379/3\n")
+    cfg = load(
+        {"amqp_url_file": str(amqp), "state_cache_config": {"url_file": str(redis)}}, tmp_path
+    )
+    assert cfg.amqp_settings == AmqpConfig(
+        hostname="rabbit", port=5673, username="jb", password="s3cret", vhost="v"
+    )
+    assert cfg.state_cache_config == {"url": "redis://:pw@127.0.0.1:6379/3"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"api_auth_token": "a", "api_auth_token_file": "/x"}, "set api_auth_token or"),
+        ({"amqp": {"password": "a", "password_file": "/x"}}, "set amqp.password or"),
+        ({"api_auth_token_file": "/nonexistent"}, "api_auth_token_file: cannot read"),
+        ({"amqp_url_file": "/nonexistent"}, "amqp_url_file: cannot read '/nonexistent'"),
+        ({"state_cache_config": {"url_file": "/nonexistent"}}, "state_cache_config.url_file"),
+    ],
+)
+def test_secret_file_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load(data, tmp_path)
+
+
+def test_secret_file_from_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-env-file\n")
+    environ = {k.upper(): v for k, v in REQUIRED.items()}
+    cfg = load_config(None, environ={**environ, "API_AUTH_TOKEN_FILE": str(token)})
+    assert cfg.api_auth_token == "from-env-file"
+
+
+def test_max_connections_default() -> None:
+    cfg = load_config(None, environ={}, cli=REQUIRED)
+    assert cfg.http_max_connections is None
+    assert cfg.max_connections(1024) == 768
+    assert cfg.max_connections(1 << 20) == 10_000
+    cfg = load_config(None, environ={}, cli={**REQUIRED, "http_max_connections": "50"})
+    assert cfg.max_connections(1024) == 50

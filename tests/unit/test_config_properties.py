@@ -168,7 +168,7 @@ def assert_config_works(config: JunebugConfig) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=overrides())
 def test_yaml_values(tmp_path_factory, data: dict) -> None:
-    path = Path(tmp_path_factory.mktemp("cfg")) / "config.yaml"
+    path = Path(tmp_path_factory.getbasetemp()) / "property-config.yaml"
     path.write_text(yaml.safe_dump({**REQUIRED, **data}, allow_unicode=True), encoding="utf-8")
     config = check_loads_or_one_line(lambda: load_config(str(path), environ={}))
     if config is not None:
