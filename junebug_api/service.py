@@ -10,12 +10,14 @@ AMQP connection; anything unfinished stays unacked and goes back to its queue.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 
 from .amqp_service import AmqpService
 from .api import ApiCredentials, JunebugApi
@@ -157,13 +159,33 @@ class JunebugService(MultiService):
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
         _tune_garbage_collector()
         log.info(
             "Listening on {endpoint}; outbound messages at {path}",
             endpoint=self.config.http_endpoint,
             path=self.config.messages_path,
         )
+
+    def privilegedStartService(self) -> None:
+        # twistd listens here, before startService (so ports below 1024 work).
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+
+    def _cannot_listen(self, error: CannotListenError) -> None:
+        """A port taken or an address not local is an operator's mistake, not a
+        bug: one line in the log and on the terminal, and exit status 1."""
+        socket_error = error.socketError
+        reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+        line = f"cannot listen on {self.config.http_bind}: {reason}"
+        log.critical("junebug-api: {line}", line=line)
+        sys.__stderr__.write(f"junebug-api: {line}\n")
+        raise SystemExit(1)
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is."""

@@ -342,3 +342,17 @@ def test_redis_url_from_file(make_service, tmp_path):
     with urllib.request.urlopen(service.url + "/health", timeout=5) as r:
         health = json.loads(r.read())
     assert health["components"]["redis"]["health"] == "ok"
+
+
+def test_port_in_use_exits_with_one_line(tmp_path):
+    """A port another process holds: exit 1 with one line, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_twistd(tmp_path, {**BASE, "http_bind": f"127.0.0.1:{port}"})
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == (
+        f"junebug-api: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in result.stdout and "Unhandled" not in result.stdout
