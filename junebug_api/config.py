@@ -106,6 +106,21 @@ def printable() -> Validator:
     return check
 
 
+def amqp_name() -> Validator:
+    """A name sent as an AMQP short string: printable ASCII, at most 255 bytes
+    (the AMQP library counts characters, so other text would break framing)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not (value.isascii() and value.isprintable()):
+            raise OptionError(attribute.name, f"must be printable ASCII, got {value!r}")
+        if len(value) > 255:
+            raise OptionError(attribute.name, f"must have at most 255 characters, got {len(value)}")
+
+    return check
+
+
 def http_url() -> Validator:
     """An http(s) URL of which every part is used (no fragment)."""
 
@@ -120,12 +135,12 @@ def http_url() -> Validator:
 class AmqpConfig:
     """Where the RabbitMQ broker is and how to log in."""
 
-    hostname: str = "127.0.0.1"
+    hostname: str = attrs.field(default="127.0.0.1", validator=printable())
     port: int = attrs.field(default=5672, validator=between(1, 65535))
-    username: str = "guest"
+    username: str = attrs.field(default="guest", validator=printable())
     password: str = attrs.field(default="guest", repr=False)
     password_file: str | None = None
-    vhost: str = "/"
+    vhost: str = attrs.field(default="/", validator=amqp_name())
 
 
 @attrs.frozen(kw_only=True)
@@ -470,7 +485,10 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         )
     if config.amqp_url and urlsplit(config.amqp_url).fragment:
         raise ConfigError("amqp_url must not have a #fragment (it would be ignored)")
-    config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
+    try:
+        config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
+    except OptionError as e:
+        raise ConfigError(f"amqp_url: {e}") from None
     check_http_bind(config.http_bind)
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
     if cache_class is not None:
