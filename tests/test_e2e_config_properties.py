@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 
 import pika
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +81,7 @@ def post(url: str, headers: dict) -> int:
         return e.code
 
 
+@pytest.mark.slow  # eight real starts: 20-30 s on a busy 2-core machine
 @settings(
     max_examples=8,
     deadline=None,
