@@ -47,7 +47,7 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     from .limits import raise_open_file_limit
-    from .log import logger
+    from .log import Redactor, json_file_log_observer, logger, twistd_log_file
     from .service import JunebugService
 
     log = logger(__name__)
@@ -70,4 +70,13 @@ def makeService(options: Options) -> Any:
             limit=after,
         )
     config = attrs.evolve(config, http_max_connections=max_connections)
-    return JunebugService(config, reactor)
+
+    observer = None
+    server_options = getattr(options, "parent", None)
+    if config.log_format == "json" and server_options is not None:
+        out = twistd_log_file(server_options)
+        if out is not None:
+            observer = json_file_log_observer(
+                out, Redactor.for_config(config), config.connector_name
+            )
+    return JunebugService(config, reactor, log_observer=observer)
