@@ -17,7 +17,14 @@ from typing import Any
 
 import attrs
 
-from .config import ConfigError, JunebugConfig, _check_url, _check_value
+from .config import (
+    ConfigError,
+    JunebugConfig,
+    _check_url,
+    _check_value,
+    check_queue_prefix,
+    read_secret_file,
+)
 
 #: Old Junebug names accepted for the options they mean.
 ALIASES = {"mo_url": "mo_message_url", "mo_url_auth_token": "mo_message_url_auth_token"}
@@ -140,6 +147,14 @@ def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> Channe
     ignored: dict[str, str] = {}
     for key, value in entry.items():
         name = ALIASES.get(key, key)
+        secret = ALIASES.get(key.removesuffix("_file"), key.removesuffix("_file"))
+        if key.endswith("_file") and secret in SECRET_OPTIONS:
+            # <secret>_file: the secret read from a file, as at the top level.
+            if secret in given:
+                raise ConfigError(f"{where}: set {secret} or {key}, not both")
+            given.add(secret)
+            values[secret] = read_secret_file(f"{where}.{key}", value)
+            continue
         if name in IGNORED:
             ignored[name] = IGNORED[name]
             continue
@@ -149,6 +164,10 @@ def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> Channe
             raise ConfigError(f"{where}.{key}: {name} is given twice (once by its alias)")
         given.add(name)
         values[name] = _check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
+        if isinstance(values[name], str) and any(
+            ord(c) < 32 or ord(c) == 127 for c in values[name]
+        ):
+            raise ConfigError(f"{where}.{key} must not contain control characters")
     settings = ChannelSettings(
         id=channel_id, base_url_path=f"/channels/{channel_id}", ignored=ignored, **values
     )
@@ -163,13 +182,24 @@ def _check_settings(settings: ChannelSettings, where: str) -> None:
         )
     if not settings.connector_name.strip():
         raise ConfigError(f"{where}.connector_name must not be empty")
+    from .service import connector_queue_names  # the one place queue names are made
+
+    check_queue_prefix(
+        f"{where}.connector_name",
+        settings.connector_name,
+        connector_queue_names(settings.connector_name),
+    )
     _check_url(f"{where}.mo_message_url", settings.mo_message_url)
     if settings.default_event_url is not None:
         _check_url(f"{where}.default_event_url", settings.default_event_url)
-    if settings.character_limit is not None and settings.character_limit < 0:
-        raise ConfigError(f"{where}.character_limit must not be negative")
-    if settings.worker_concurrency < 1:
-        raise ConfigError(f"{where}.worker_concurrency must be at least 1")
+    if settings.character_limit is not None and not 0 <= settings.character_limit <= 1_000_000:
+        raise ConfigError(
+            f"{where}.character_limit must be from 0 to 1000000, got {settings.character_limit}"
+        )
+    if not 1 <= settings.worker_concurrency <= 65535:
+        raise ConfigError(
+            f"{where}.worker_concurrency must be from 1 to 65535, got {settings.worker_concurrency}"
+        )
     if (settings.api_auth_username is None) != (settings.api_auth_password is None):
         raise ConfigError(f"{where}: api_auth_username and api_auth_password must be set together")
     if settings.api_auth_token is not None and not settings.api_auth_token:

@@ -66,18 +66,6 @@ def debug_enabled() -> bool:
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@\"']+@")
 
 
-_CHANNEL_SECRETS = frozenset(
-    {
-        "api_auth_password",
-        "api_auth_token",
-        "mo_message_url_auth_token",
-        "mo_url_auth_token",
-        "default_event_auth_token",
-    }
-)
-_CHANNEL_URLS = frozenset({"mo_message_url", "mo_url", "default_event_url", "status_url"})
-
-
 @attrs.frozen
 class Redactor:
     """Takes secrets out of text: URL user info, and the config's own secrets.
@@ -102,17 +90,18 @@ class Redactor:
         cache_url = config.state_cache_config.get("url")
         if isinstance(cache_url, str):
             urls.append(cache_url)
-        # Each channel's own secrets and URLs (channels:, old Junebug names too).
-        for entry in (getattr(config, "channels", None) or {}).values():
-            if not isinstance(entry, dict):
-                continue
-            for key, value in entry.items():
-                if not isinstance(value, str):
-                    continue
-                if key in _CHANNEL_SECRETS:
-                    values.append(value)
-                elif key in _CHANNEL_URLS:
-                    urls.append(value)
+        # Each channel's own secrets and URLs (those from <option>_file too).
+        if getattr(config, "channels", None):
+            from .channel_config import resolve_channels
+
+            for channel in resolve_channels(config):
+                values += [
+                    channel.api_auth_password,
+                    channel.api_auth_token,
+                    channel.mo_message_url_auth_token,
+                    channel.default_event_auth_token,
+                ]
+                urls += [channel.mo_message_url, channel.default_event_url]
         for url in urls:
             if url:
                 try:

@@ -10,12 +10,14 @@ AMQP connection; anything unfinished stays unacked and goes back to its queue.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.components import Componentized
 
@@ -26,7 +28,7 @@ from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
 from .consumer import RetryPolicy
 from .http_delivery import HttpDelivery
-from .http_server import ApiSite
+from .http_server import ApiSite, with_listen_backlog
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .queue_health import QueueMonitor
@@ -57,6 +59,19 @@ def queue_names(connector_name: str) -> dict[str, str]:
         "inbound_failed": f"{connector_name}.inbound.failed",
         "event_failed": f"{connector_name}.event.failed",
     }
+
+
+def connector_queue_names(connector_name: str) -> list[str]:
+    """Every queue the service declares for one connector (a channel's too);
+    the config check keeps each name within AMQP's 255 bytes, so new queues
+    belong here."""
+    return list(queue_names(connector_name).values())
+
+
+def declared_queue_names(config: JunebugConfig) -> list[str]:
+    """Every queue the service declares for the top-level ``connector_name``
+    (each channel's connector is checked in channel_config, by the same rule)."""
+    return connector_queue_names(config.connector_name)
 
 
 class JunebugService(MultiService):
@@ -96,7 +111,7 @@ class JunebugService(MultiService):
             config.delivery_retry_max_delay,
             config.delivery_max_attempts,
         )
-        all_queues = [q for c in settings for q in queue_names(c.connector_name).values()]
+        all_queues = [q for c in settings for q in connector_queue_names(c.connector_name)]
         self.amqp = AmqpService(
             config.amqp_connection,
             queues=all_queues,
@@ -173,9 +188,10 @@ class JunebugService(MultiService):
             max_request_size=config.max_request_size,
             read_timeout=config.http_read_timeout,
             idle_timeout=config.http_idle_timeout,
+            max_connections=config.http_max_connections,
         )
         self.http = StreamServerEndpointService(
-            serverFromString(reactor, config.http_endpoint), site
+            serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
         self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
@@ -211,7 +227,10 @@ class JunebugService(MultiService):
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
         for monitor in self.queue_monitors.values():
             monitor.start()
         _tune_garbage_collector()
@@ -222,6 +241,23 @@ class JunebugService(MultiService):
             count=len(paths),
             paths=", ".join(paths[:5]) + (", ..." if len(paths) > 5 else ""),
         )
+
+    def privilegedStartService(self) -> None:
+        # twistd listens here, before startService (so ports below 1024 work).
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+
+    def _cannot_listen(self, error: CannotListenError) -> None:
+        """A port taken or an address not local is an operator's mistake, not a
+        bug: one line in the log and on the terminal, and exit status 1."""
+        socket_error = error.socketError
+        reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+        line = f"cannot listen on {self.config.http_bind}: {reason}"
+        log.critical("junebug-api: {line}", line=line)
+        sys.__stderr__.write(f"junebug-api: {line}\n")
+        raise SystemExit(1)
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is; ``channels`` shows each

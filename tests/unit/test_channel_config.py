@@ -132,11 +132,11 @@ def test_old_junebug_options_are_accepted_and_ignored() -> None:
         ),
         (
             {"channels": {"a": {"mo_url": MO, "character_limit": -1}}},
-            r"^channels\.a\.character_limit must not be negative",
+            r"^channels\.a\.character_limit must be from 0 to 1000000",
         ),
         (
             {"channels": {"a": {"mo_url": MO, "worker_concurrency": 0}}},
-            r"^channels\.a\.worker_concurrency must be at least 1",
+            r"^channels\.a\.worker_concurrency must be from 1 to 65535",
         ),
         (
             {"channels": {"a": {"mo_url": MO, "api_auth_username": "u"}}},
@@ -236,3 +236,29 @@ def test_the_example_channels_config_loads() -> None:
         ("sms-example", "vumi-smpp-example"),
         ("ussd-example", "ussd-example"),
     ]
+
+
+def test_channel_secrets_from_files(tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-from-file\n", encoding="utf-8")
+    cfg = load(channels={"a": {"mo_url": MO, "mo_url_auth_token_file": str(token)}})
+    [a] = resolve_channels(cfg)
+    assert a.mo_message_url_auth_token == "s3cret-from-file"
+    from junebug_api.log import Redactor
+
+    assert Redactor.for_config(cfg).text("x s3cret-from-file y") == "x *** y"
+    with pytest.raises(ConfigError, match=r"^channels\.a: set mo_message_url_auth_token or"):
+        load(
+            channels={
+                "a": {"mo_url": MO, "mo_url_auth_token": "x", "mo_url_auth_token_file": str(token)}
+            }
+        )
+
+
+def test_a_channels_queue_names_fit_amqp() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^channels\.a\.connector_name must have at most 240 characters"
+    ):
+        load(channels={"a": {"mo_url": MO, "connector_name": "c" * 250}})
+    with pytest.raises(ConfigError, match=r"^channels\.a\.connector_name must not start with"):
+        load(channels={"a": {"mo_url": MO, "connector_name": "amq.x"}})
