@@ -50,8 +50,8 @@ class RedisConnectionError(Exception):
     """No connection, or the connection was lost with the command unanswered."""
 
 
-class _Incomplete(Exception):
-    pass
+class IncompleteReply(Exception):
+    """The data so far ends inside a reply: wait for more."""
 
 
 def encode_command(args: Sequence[bytes | str | int]) -> bytes:
@@ -69,12 +69,12 @@ def encode_command(args: Sequence[bytes | str | int]) -> bytes:
 def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
     """One RESP2 reply from ``buf`` at ``pos``: (reply, position after it).
 
-    Raises _Incomplete when the buffer ends inside the reply. An error reply is
+    Raises IncompleteReply when the buffer ends inside the reply. An error reply is
     returned as a RedisError instance.
     """
     end = buf.find(b"\r\n", pos)
     if end < 0:
-        raise _Incomplete
+        raise IncompleteReply
     kind = buf[pos : pos + 1]
     line = buf[pos + 1 : end]
     pos = end + 2
@@ -83,7 +83,7 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
         if size < 0:
             return None, pos
         if len(buf) < pos + size + 2:
-            raise _Incomplete
+            raise IncompleteReply
         return buf[pos : pos + size], pos + size + 2
     if kind == b"+":
         return line.decode("utf-8", "replace"), pos
@@ -163,7 +163,7 @@ class RedisProtocol(protocol.Protocol):
                     d.errback(reply)
                 else:
                     d.callback(reply)
-        except _Incomplete:
+        except IncompleteReply:
             pass
         except (ValueError, RedisConnectionError) as e:
             self._fail_all(RedisConnectionError(f"bad reply from Redis: {e}"))

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from .config import ConfigError, redact_url
 from .log import logger
@@ -92,6 +93,7 @@ class RedisStateCache:
         "sentinels": list,
         "service_name": str,
         "sentinel_password": str,
+        "min_replicas": int,
     }
 
     def __init__(
@@ -108,6 +110,7 @@ class RedisStateCache:
         sentinels: list[str] | None = None,
         service_name: str | None = None,
         sentinel_password: str | None = None,
+        min_replicas: int = 0,
     ) -> None:
         self._tls_ca_file = tls_ca_file
         self._clock = clock
@@ -122,6 +125,8 @@ class RedisStateCache:
         self._operation_timeout = operation_timeout
         self._redis: Any = None
         self._gets: list[tuple[bytes, Deferred]] = []
+        self._min_replicas = min_replicas
+        self._replication: list[Deferred] | None = None  # waiting for this turn's WAIT
         self._healthy = False
         self._last_error: str | None = "not connected yet"
         self._pinger = LoopingCall(self._ping)
@@ -142,11 +147,14 @@ class RedisStateCache:
             "sentinels": options.get("sentinels"),
             "service_name": options.get("service_name"),
             "sentinel_password": options.get("sentinel_password"),
+            "min_replicas": options.get("min_replicas", 0),
         }
         parse_redis_url(result["url"])
         for name in ("timeout", "operation_timeout"):
             if result[name] <= 0:
                 raise ConfigError(f"state_cache_config.{name} must be greater than 0")
+        if result["min_replicas"] < 0:
+            raise ConfigError("state_cache_config.min_replicas must be 0 or more")
         if result["pool_size"] < 1:
             raise ConfigError("state_cache_config.pool_size must be at least 1")
         sentinels = result["sentinels"]
@@ -262,7 +270,42 @@ class RedisStateCache:
         return self._prefix + kind + message_id.encode("utf-8")
 
     def _set(self, key: bytes, value: bytes) -> Deferred[None]:
-        return self._call(b"SET", key, value, b"EX", self._expire).addCallback(_none)
+        d = self._call(b"SET", key, value, b"EX", self._expire)
+        if self._min_replicas:
+            return d.addCallback(lambda _: self._replicated())
+        return d.addCallback(_none)
+
+    def _replicated(self) -> Deferred[None]:
+        """Fires once ``min_replicas`` replicas have every write made so far.
+
+        One ``WAIT`` per reactor turn covers all writes answered in it. A
+        write a failing-over master accepted but no replica got fails here
+        (and is retried or answered 503) instead of being lost.
+        """
+        d: Deferred[None] = Deferred()
+        if self._replication is None:
+            self._replication = []
+            self._clock.callLater(0, self._wait_for_replicas)
+        self._replication.append(d)
+        return d
+
+    def _wait_for_replicas(self) -> None:
+        waiting, self._replication = self._replication or [], None
+        wanted = self._min_replicas
+        timeout_ms = max(1, int(self._operation_timeout * 500))
+
+        def done(count: Any) -> None:
+            if isinstance(count, int) and count < wanted:
+                count = Failure(
+                    ReplicationError(f"only {count} of {wanted} replica(s) acknowledged the write")
+                )
+            for d in waiting:
+                if isinstance(count, Failure):
+                    d.errback(count)
+                else:
+                    d.callback(None)
+
+        self._call(b"WAIT", wanted, timeout_ms).addBoth(done)
 
     def _get(self, key: bytes) -> Deferred[bytes | None]:
         """GET, batched: the lookups of one reactor turn go out as one MGET."""
@@ -383,6 +426,10 @@ class RedisStateCache:
         if not self._healthy and self._last_error:
             status["error"] = self._last_error
         return {"redis": status}
+
+
+class ReplicationError(Exception):
+    """Fewer replicas than ``min_replicas`` acknowledged a write in time."""
 
 
 def _none(_: object) -> None:
