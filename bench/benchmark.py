@@ -5,8 +5,9 @@ virtualenv and installs nginx-light and wrk when they are missing::
 
     bench/run [--quick] [--concurrency N] [--inbound N] [--events N] [--keep-tmp]
               [--state-cache memory|redis] [--processes N] [--balancer]
-              [--phases outbound,inbound,events,bare] [--event-url] [--no-lazy-queues]
+              [--phases outbound,inbound,events,bare,roundtrip] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
+    bench/run --compare-caches [--quick]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -87,6 +88,7 @@ from typing import Any
 
 import pika
 import pika.spec
+import roundtrip
 import yaml
 from cache_memory import TIMESTAMP, inbound
 
@@ -105,7 +107,7 @@ CONNECTOR = "bench"
 BASE_PATH = "/channels/bench"
 REDIS_URL = "redis://127.0.0.1:6379/15"  # the shared Redis; only our prefix is touched
 REDIS_CLASS = "junebug_api.state_cache.RedisStateCache"
-ALL_PHASES = ("outbound", "inbound", "events", "bare")
+ALL_PHASES = ("outbound", "inbound", "events", "bare", "roundtrip")
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
@@ -932,6 +934,7 @@ def service_group(
     nginx: Nginx,
     concurrency: int,
     cache: dict[str, Any] | None,
+    mo_message_url: str | None = None,
 ) -> ServiceGroup:
     """n service processes, identical but for http_bind; cache: the
     state_cache_class and state_cache_config (None: the in-memory default)."""
@@ -942,7 +945,7 @@ def service_group(
             "connector_name": CONNECTOR,
             "http_bind": f"{HOST}:{port}",
             "base_url_path": BASE_PATH,
-            "mo_message_url": f"{nginx.url}/inbound",
+            "mo_message_url": mo_message_url or f"{nginx.url}/inbound",
             "default_event_url": f"{nginx.url}/event",
             "default_from_addr": "8110",
             "amqp": {
@@ -1763,9 +1766,81 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
                 )
                 if stored != n:
                     shout(f"{row.name}: {stored:,} inbound keys in Redis for {n:,} messages")
+    if "roundtrip" in ctx.phases:
+        result.rows += roundtrip_rows(ctx, setup, cache)
     if ctx.redis is not None and setup.cache == "redis":
         ctx.redis.cleanup()
     return result
+
+
+def roundtrip_rows(ctx: Context, setup: Setup, cache: dict[str, Any] | None) -> list[Row]:
+    """The session round trip (bench/roundtrip.py) for one configuration."""
+
+    def start(mo_url: str) -> ServiceGroup:
+        group = service_group(
+            ctx.tmp, f"{setup.key}-rt", 1, ctx.rabbit, ctx.nginx, ctx.concurrency, cache, mo_url
+        )
+        group.start().wait_healthy()
+        ctx.ours.update(group.pids)
+        return group
+
+    def purge(queue: str) -> None:
+        ctx.broker.declare(queue)
+        ctx.broker.purge(queue)
+
+    plan = roundtrip.RoundTripPlan(
+        tmp=ctx.tmp,
+        amqp_port=ctx.rabbit.port,
+        other_core=OTHER_CORE,
+        seconds=ctx.duration,
+        start_service=start,
+        service_url=lambda g: f"http://{HOST}:{g.ports[0]}{BASE_PATH}/messages",
+        service_cpu=lambda g: g.cpu_ticks() / CLK_TCK,
+        stop_service=lambda g: g.stop(),
+        purge=purge,
+        say=say,
+        free_port=free_port,
+    )
+    rows = []
+    for name, trip in roundtrip.roundtrip_phase(plan, setup.tag(1), BENCH):
+        row = Row(name, "ses/s", trip.rate, trip.p50, trip.p90, trip.p99)
+        row.cpu_ms = trip.cpu_seconds * 1000 / max(1, trip.replied)
+        row.status = "ok" if trip.replied == trip.published else "lost"
+        row.notes.append(
+            f"{trip.published:,} inbound published at {trip.offered:,.0f}/s, {trip.replied:,}"
+            f" replies on {CONNECTOR}.outbound within {roundtrip.GRACE:g} s of the last;"
+            f" round trip = inbound publish to reply consumed (driver's clock)"
+            + (
+                ""
+                if trip.sustained
+                else f"; not sustained (p99 > {roundtrip.SUSTAINED_P99_MS:g} ms or replies missing)"
+            )
+        )
+        if trip.legs:
+            row.notes.append(trip.legs)
+        if trip.replied != trip.published and "max" not in name:
+            row.status = "not sustained"
+        rows.append(row)
+    return rows
+
+
+def cache_ratios(results: list[SetupResult]) -> list[str]:
+    """Redis rate / memory rate for each row both configurations have."""
+    by_cache = {r.setup.cache: r for r in results}
+    if not {"memory", "redis"} <= by_cache.keys():
+        return []
+    memory = {row.name: row for row in by_cache["memory"].rows}
+    tag = by_cache["redis"].setup.tag()
+    lines = ["Redis / memory (same run, one process; the issue's target: 0.90 or more):"]
+    for row in by_cache["redis"].rows:
+        base = memory.get(row.name.replace(tag, ""))
+        if base is None or not base.rate or not row.rate or row.unit == "ses/s":
+            continue
+        lines.append(
+            f"  {row.name.replace(tag, '')}: {row.rate:,.0f} / {base.rate:,.0f} ="
+            f" {row.rate / base.rate:.2f}"
+        )
+    return lines
 
 
 def render_scaling(results: list[SetupResult], connections: int) -> str:
@@ -1839,7 +1914,9 @@ def main() -> int:
         "--balancer", action="store_true", help="outbound through nginx even with 1 process"
     )
     parser.add_argument(
-        "--phases", default=",".join(ALL_PHASES), help="subset of outbound,inbound,events,bare"
+        "--phases",
+        default=",".join(ALL_PHASES),
+        help="subset of outbound,inbound,events,bare,roundtrip",
     )
     parser.add_argument(
         "--event-url",
@@ -1859,6 +1936,12 @@ def main() -> int:
         action="store_true",
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
     )
+    parser.add_argument(
+        "--compare-caches",
+        action="store_true",
+        help="memory and Redis side by side, one process: outbound with event_url @1 and @64,"
+        " inbound, session round trip (--phases and --connections narrow it)",
+    )
     args = parser.parse_args()
     global SPREAD
     SPREAD = args.spread
@@ -1876,6 +1959,14 @@ def main() -> int:
             Setup("redis1", "1 process, Redis cache", 1, "redis", True),
             Setup("redis2", "2 processes, Redis cache", 2, "redis", True),
         ]
+        event_url = args.event_url is not False
+    elif args.compare_caches:
+        if args.phases == parser.get_default("phases"):
+            phases = {"outbound", "inbound", "roundtrip"}
+        if args.connections == parser.get_default("connections"):
+            args.connections = "1,64"
+        connections = [int(c) for c in args.connections.split(",")]
+        setups = [Setup(k, f"1 process, {k} cache", 1, k, False) for k in ("memory", "redis")]
         event_url = args.event_url is not False
     else:
         connections = [int(c) for c in args.connections.split(",")]
@@ -1981,6 +2072,7 @@ def main() -> int:
                 results.append(result)
                 rows += result.rows
                 extra += result.extra
+            extra += cache_ratios(results)
             if redis is not None and (args.compare_scaling or "outbound" in phases):
                 extra += redis_round_trips(tmp, redis)
         except BenchError as e:
