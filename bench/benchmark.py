@@ -35,7 +35,8 @@ only; the shared RabbitMQ on 5672 is never touched:
 with the shared Redis (redis://127.0.0.1:6379/15) and the key prefix
 ``jbbench:<random>:``; only keys under that prefix are deleted at the end
 (SCAN MATCH + DEL), and the Redis round trip is measured on its own: SET+GET
-pairs from a Twisted script with txredisapi, one at a time and 50 in flight.
+pairs from a Twisted script with the service's client (and txredisapi and
+redis-py for comparison), one at a time and 50 in flight.
 
 Phases (``--phases``, default all): a bare twisted.web server
 (bench/bare_server.py) under wrk at 1, 16 and 64 connections as the HTTP
@@ -47,9 +48,16 @@ extra message per connection is reported, loudly, but not as a failure); N
 pre-loaded inbound messages drained to nginx by all service processes (each
 ``message_id`` must arrive exactly once, as the expected Junebug JSON; the
 rate counts from the first process's start); N pre-loaded events drained the
-same way. CPU per op is the sum over the service processes. It prints one
-table and writes it to bench/last-results.txt. The exit status is 1 when a
-check failed.
+same way; the session round trip (below). CPU per op is the sum over the
+service processes. It prints one table and writes it to
+bench/last-results.txt. The exit status is 1 when a check failed.
+
+``--compare-caches`` runs one process with the in-memory cache and one with
+Redis against one RabbitMQ node and sink: outbound with ``event_url`` at 1 and
+64 connections, inbound, and the session round trip (``roundtrip`` phase,
+bench/roundtrip.py: inbound published at 200 and 1,000 sessions/s and higher
+steps, a RapidPro stand-in that replies at once, the time from the inbound's
+publish to the reply on ``bench.outbound``), then the Redis/memory ratios.
 
 ``--compare-scaling`` runs, against one RabbitMQ node and sink: 1 process with
 the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
@@ -1458,10 +1466,12 @@ def redis_server_pid() -> int | None:
 
 
 REDIS_RTT_SCRIPT = '''\
-"""SET+GET pairs against Redis with txredisapi, as RedisStateCache makes them
-(a pool of 10 connections, SET with EX). Written and run by bench/benchmark.py:
+"""SET+GET pairs against Redis: with the service's own client
+(junebug_api.redis_client: one pipelining connection), and for comparison with
+txredisapi (a pool of 10, as the service used before) and blocking redis-py.
+Written and run by bench/benchmark.py:
     python redis_rtt.py URL PREFIX N IN_FLIGHT
-prints one JSON line: wall and CPU seconds, one pair at a time and N_IN_FLIGHT
+prints one JSON line: wall and CPU seconds, one pair at a time and IN_FLIGHT
 pairs in flight."""
 
 import json
@@ -1470,8 +1480,9 @@ import sys
 import time
 
 import txredisapi
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 
+from junebug_api.redis_client import FixedLocator, RedisClient
 from junebug_api.redis_state_cache import parse_redis_url
 
 
@@ -1480,13 +1491,13 @@ def cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-async def pairs(redis, keys, value, in_flight):
+async def pairs(set_, get, keys, value, in_flight):
     keys = iter(keys)
 
     async def worker():
         for key in keys:
-            await redis.set(key, value, expire=600)
-            got = await redis.get(key)
+            await set_(key, value)
+            got = await get(key)
             if got not in (value, value.encode()):
                 raise RuntimeError(f"GET {key} gave {got!r}")
 
@@ -1497,30 +1508,58 @@ async def pairs(redis, keys, value, in_flight):
     return time.monotonic() - started, cpu() - cpu0
 
 
+async def measure(set_, get, prefix, n, in_flight):
+    value = "x" * 300  # about a cached inbound
+    await pairs(set_, get, [f"{prefix}warm:{i}" for i in range(500)], value, 1)
+    sequential = await pairs(set_, get, [f"{prefix}seq:{i}" for i in range(n)], value, 1)
+    concurrent = await pairs(
+        set_, get, [f"{prefix}con:{i}" for i in range(n)], value, in_flight
+    )
+    return sequential, concurrent
+
+
 async def main(reactor, url, prefix, n, in_flight):
     args = parse_redis_url(url)
     args.pop("tls")
+    result = {}
+    client = RedisClient(
+        reactor,
+        FixedLocator(args["host"], args["port"]),
+        dbid=args["dbid"],
+        username=args["username"],
+        password=args["password"],
+    )
+    client.start()
+    await client.command(b"PING")
+    result["ours"] = await measure(
+        lambda k, v: client.command(b"SET", k, v, b"EX", 600),
+        lambda k: client.command(b"GET", k),
+        f"{prefix}rtt:ours:",
+        n,
+        in_flight,
+    )
+    await client.stop()
     redis = await txredisapi.ConnectionPool(
         poolsize=10, reconnect=False, charset="utf-8", convertNumbers=False, **args
     )
-    value = "x" * 300  # about a cached inbound
-    await pairs(redis, [f"{prefix}rtt:warm:{i}" for i in range(500)], value, 1)
-    sequential = await pairs(redis, [f"{prefix}rtt:seq:{i}" for i in range(n)], value, 1)
-    concurrent = await pairs(
-        redis, [f"{prefix}rtt:con:{i}" for i in range(n)], value, in_flight
+    result["txredisapi"] = await measure(
+        lambda k, v: redis.set(k, v, expire=600),
+        redis.get,
+        f"{prefix}rtt:tx:",
+        n,
+        in_flight,
     )
     await redis.disconnect()
     # The same pairs with the blocking redis-py client: what any client pays here.
     import redis as redis_py
 
-    client = redis_py.Redis.from_url(url)
+    blocking = redis_py.Redis.from_url(url)
     started, cpu0 = time.monotonic(), cpu()
     for i in range(n):
-        client.set(f"{prefix}rtt:py:{i}", value, ex=600)
-        client.get(f"{prefix}rtt:py:{i}")
-    blocking = (time.monotonic() - started, cpu() - cpu0)
-    client.close()
-    result = {"sequential": sequential, "concurrent": concurrent, "redis-py": blocking}
+        blocking.set(f"{prefix}rtt:py:{i}", "x" * 300, ex=600)
+        blocking.get(f"{prefix}rtt:py:{i}")
+    result["redis-py"] = (time.monotonic() - started, cpu() - cpu0)
+    blocking.close()
     print(json.dumps(result), flush=True)
 
 
@@ -1547,21 +1586,27 @@ def redis_round_trips(
             f" {result.stdout}{result.stderr[-2000:]}"
         ) from None
     lines = [
-        f"Redis round trip (txredisapi, pool of 10 as the service, 300-byte values, client"
-        f" on core {SERVICE_CORE}, {redis.url}):"
+        f"Redis round trip (300-byte values, client on core {SERVICE_CORE}, {redis.url};"
+        " CPU is the client's own):"
     ]
     for key, label in (
-        ("sequential", f"{n:,} SET+GET pairs one at a time"),
-        ("concurrent", f"{n:,} SET+GET pairs, {in_flight} in flight"),
-        ("redis-py", f"for reference, blocking redis-py, {n:,} pairs one at a time"),
+        ("ours", "the service's client (one pipelining connection)"),
+        ("txredisapi", "txredisapi, pool of 10 (the service before)"),
     ):
-        wall, cpu = data[key]
-        trips = 2 * n
-        lines.append(
-            f"  {label}: {wall * 1e6 / trips:.1f} us per round trip wall"
-            f" ({wall * 1e6 / n:.1f} us per pair, {trips / wall:,.0f} commands/s),"
-            f" client CPU {cpu * 1e6 / trips:.1f} us per round trip"
-        )
+        for (wall, cpu), how in zip(
+            data[key], ("one at a time", f"{in_flight} in flight"), strict=True
+        ):
+            trips = 2 * n
+            lines.append(
+                f"  {label}, {how}: {wall * 1e6 / trips:.1f} us per round trip wall"
+                f" ({trips / wall:,.0f} commands/s), client CPU {cpu * 1e6 / trips:.1f} us"
+                " per command"
+            )
+    wall, cpu = data["redis-py"]
+    lines.append(
+        f"  for reference, blocking redis-py one at a time: {wall * 1e6 / (2 * n):.1f} us wall,"
+        f" client CPU {cpu * 1e6 / (2 * n):.1f} us per command"
+    )
     return lines
 
 

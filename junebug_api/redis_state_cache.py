@@ -39,7 +39,7 @@ HEALTH_INTERVAL = 5.0
 
 def parse_redis_url(url: str) -> dict[str, Any]:
     """``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://``) as
-    txredisapi connection arguments."""
+    connection arguments."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError("state_cache_config.url must start with redis:// or rediss://")
