@@ -296,6 +296,12 @@ class _LocatingEndpoint:
     def __init__(self, client: RedisClient) -> None:
         self._client = client
 
+    def __repr__(self) -> str:  # in ClientService's "Scheduling retry" lines
+        locator = self._client.locator
+        if isinstance(locator, SentinelLocator):
+            return f"<Redis master of {locator.service_name} via Sentinel>"
+        return f"<Redis at {self._client.target}>"
+
     def connect(self, factory: Any) -> Deferred:
         return Deferred.fromCoroutine(self._connect(factory))
 
