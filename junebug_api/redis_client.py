@@ -327,7 +327,8 @@ class RedisClient:
     """One reconnecting, pipelining connection to the Redis a locator names.
 
     ``command`` returns a Deferred of the reply; with no connection at the
-    moment, the command waits for the next one.
+    moment, the command waits for the next one. Either way it fails after
+    ``reply_timeout`` seconds without a reply.
     """
 
     def __init__(
@@ -346,6 +347,7 @@ class RedisClient:
         self.locator = locator
         self.tls_options = tls_options  # host -> IOpenSSLClientConnectionCreator
         self.connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._dbid = dbid
         self._username = username
         self._password = password
@@ -375,6 +377,8 @@ class RedisClient:
             return conn.command(*args)
         d: Deferred[Reply] = Deferred(lambda d: self._forget(d))
         self._waiting.append((d, args))
+        # Sent commands are timed by their connection's watchdog; this one waits.
+        d.addTimeout(self._reply_timeout, self.reactor)
         return d
 
     def _forget(self, d: Deferred) -> None:
