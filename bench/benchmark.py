@@ -1846,8 +1846,12 @@ def roundtrip_rows(ctx: Context, setup: Setup, cache: dict[str, Any] | None) -> 
         say=say,
         free_port=free_port,
     )
+    try:
+        trips = roundtrip.roundtrip_phase(plan, setup.tag(1), BENCH)
+    except RuntimeError as e:
+        raise BenchError(str(e)) from None
     rows = []
-    for name, trip in roundtrip.roundtrip_phase(plan, setup.tag(1), BENCH):
+    for name, trip in trips:
         row = Row(name, "ses/s", trip.rate, trip.p50, trip.p90, trip.p99)
         row.cpu_ms = trip.cpu_seconds * 1000 / max(1, trip.replied)
         row.status = "ok" if trip.replied == trip.published else "lost"
@@ -1858,7 +1862,8 @@ def roundtrip_rows(ctx: Context, setup: Setup, cache: dict[str, Any] | None) -> 
             + (
                 ""
                 if trip.sustained
-                else f"; not sustained (p99 > {roundtrip.SUSTAINED_P99_MS:g} ms or replies missing)"
+                else f"; not sustained (p99 > {roundtrip.SUSTAINED_P99_MS:g} ms, replies"
+                " missing, or the driver could not publish at that rate)"
             )
         )
         if trip.legs:
