@@ -8,6 +8,7 @@ virtualenv and installs nginx-light and wrk when they are missing::
               [--phases outbound,inbound,events,bare,roundtrip] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
     bench/run --compare-caches [--quick]
+    bench/run --compare-metrics [other options]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -64,6 +65,11 @@ the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
 outbound @64 (through the balancer, with ``event_url`` in every request so
 the cache is written) and inbound (20,000 messages), with --quick durations,
 then the Redis round trip, and prints one small table.
+
+``--compare-metrics`` runs the chosen phases twice in one run, against one
+RabbitMQ node and sink: with metrics on (the default), then with
+``metrics_enabled: false`` (rows marked ``[metrics off]``), and adds a line
+per phase with the difference in rate.
 """
 
 from __future__ import annotations
@@ -1651,14 +1657,17 @@ class Setup:
     processes: int
     cache: str  # memory or redis
     balancer: bool  # outbound through the nginx balancer
+    metrics: bool = True  # metrics_enabled (--compare-metrics runs both)
 
     def tag(self, processes: int | None = None, outbound: bool = False) -> str:
-        """The suffix of row names; none for one process, memory, no balancer."""
+        """The suffix of row names; none for one process, memory, no balancer,
+        metrics on."""
         n = self.processes if processes is None else processes
+        off = "" if self.metrics else "metrics off"
         if n == 1 and self.cache == "memory" and not self.balancer:
-            return ""
+            return f" [{off}]" if off else ""
         lb = ", lb" if outbound and self.balancer else ""
-        return f" [{n}p {self.cache}{lb}]"
+        return f" [{n}p {self.cache}{lb}{', ' + off if off else ''}]"
 
 
 @dataclass
@@ -1703,6 +1712,8 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
             "state_cache_class": REDIS_CLASS,
             "state_cache_config": {"url": ctx.redis.url, "key_prefix": ctx.redis.prefix},
         }
+    if not setup.metrics:
+        cache = {**(cache or {}), "metrics_enabled": False}
     group = service_group(
         ctx.tmp, setup.key, setup.processes, ctx.rabbit, ctx.nginx, ctx.concurrency, cache
     )
@@ -1930,6 +1941,29 @@ def render_scaling(results: list[SetupResult], connections: int) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def metrics_cost(results: list[SetupResult]) -> list[str]:
+    """How much slower each phase ran with metrics on than off (--compare-metrics)."""
+    on = {r.name.replace(" [metrics off]", ""): r for r in results[0].rows}
+    lines = []
+    for off in results[1].rows:
+        name = off.name.replace(" [metrics off]", "")
+        row = on.get(name)
+        if row is None or not row.rate or not off.rate:
+            continue
+        rate = (row.rate - off.rate) / off.rate * 100
+        cpu = ""
+        if row.cpu_ms and off.cpu_ms:
+            cpu = (
+                f"; CPU {row.cpu_ms:.3f} vs {off.cpu_ms:.3f} ms/{row.unit.split('/')[0]}"
+                f" ({(row.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
+            )
+        lines.append(
+            f"metrics on vs off, {name}: {row.rate:,.0f} vs {off.rate:,.0f} {row.unit}"
+            f" ({rate:+.1f}%){cpu}"
+        )
+    return lines
+
+
 def event_url_script(tmp: Path, nginx: Nginx) -> Path:
     """post.lua with an event_url in every request, so the cache is written."""
     text = POST_LUA.read_text()
@@ -1992,6 +2026,11 @@ def main() -> int:
         help="memory and Redis side by side, one process: outbound with event_url @1 and @64,"
         " inbound, session round trip (--phases and --connections narrow it)",
     )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="every phase with metrics on, then again with metrics_enabled: false",
+    )
     args = parser.parse_args()
     global SPREAD
     SPREAD = args.spread
@@ -2030,6 +2069,18 @@ def main() -> int:
             )
         ]
         event_url = bool(args.event_url)
+        if args.compare_metrics:
+            main_setup = setups[0]
+            setups.append(
+                Setup(
+                    "nometrics",
+                    main_setup.label + ", metrics off",
+                    main_setup.processes,
+                    main_setup.cache,
+                    main_setup.balancer,
+                    metrics=False,
+                )
+            )
     duration = args.duration or (5 if args.quick else 15)
     warmup = 1 if args.quick else 3
     n_inbound = args.inbound or (20_000 if args.quick else 100_000)
@@ -2125,6 +2176,8 @@ def main() -> int:
             extra += cache_ratios(results)
             if redis is not None and (args.compare_scaling or "outbound" in phases):
                 extra += redis_round_trips(tmp, redis)
+            if args.compare_metrics:
+                extra += metrics_cost(results)
         except BenchError as e:
             shout(f"benchmark aborted: {e}")
             failed = True

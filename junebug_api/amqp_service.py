@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id
 
 log = logger(__name__)
@@ -137,6 +138,7 @@ class AmqpService(Service):
     _reactor: Any
     heartbeat: int = 30
     connection_name: str = "junebug-api"
+    metrics: Metrics = NO_METRICS
     _client_service: ClientService | None = attrs.field(default=None, init=False)
     _connection: _Connection | None = attrs.field(default=None, init=False)
     _last_error: str | None = attrs.field(default=None, init=False)
@@ -243,6 +245,7 @@ class AmqpService(Service):
             for queue in self.consumers:
                 await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
         self._last_error = None
+        self.metrics.amqp_connected("main")
         log.info(
             "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
             host=self.settings.hostname,
@@ -373,6 +376,29 @@ class AmqpService(Service):
             queue=queue, durable=True, passive=True
         )
         return reply.message_count
+
+    async def queue_info(self, queue: str) -> tuple[int, int]:
+        """``(messages ready, consumers)`` of ``queue``: a passive declare on
+        the publishing channel (for ``/health``; never on a request's path)."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            raise PublishFailed("not connected to AMQP")
+        reply = await connection.publish_channel.queue_declare(
+            queue=queue, durable=True, passive=True
+        )
+        return reply.message_count, reply.consumer_count
+
+    def connection_metrics(self) -> dict[str, dict[str, int]]:
+        """Per connection name: ``up``, ``blocked``, ``unconfirmed`` (for /metrics)."""
+        connection = self._connection
+        up = connection is not None and connection.alive
+        return {
+            "main": {
+                "up": int(up),
+                "blocked": 0,  # until the client handles connection.blocked
+                "unconfirmed": len(connection.pending) if up else 0,
+            }
+        }
 
     def when_connected(self, failures: int | None = None) -> Deferred[None]:
         """Fires once connected and set up; fails after ``failures`` attempts."""

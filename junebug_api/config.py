@@ -66,7 +66,7 @@ class JunebugConfig:
     amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
     amqp_url: str = ""
     worker_concurrency: int = 20
-    sentry_dsn: str | None = None
+    sentry_dsn: str | None = attrs.field(default=None, repr=False)
     http_bind: str
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
@@ -86,12 +86,27 @@ class JunebugConfig:
     shutdown_timeout: float = 30.0
     amqp_heartbeat: int = 30
 
+    # Operating it: errors to Sentry, metrics, log format, /health queues.
+    sentry_environment: str | None = None
+    metrics_enabled: bool = True
+    metrics_path: str = "/metrics"
+    metrics_auth: bool = False
+    log_format: str = "text"
+    health_stuck_after: float = 300.0
+
     @property
     def amqp_settings(self) -> AmqpConfig:
         """The broker to use: ``amqp_url`` when set, else the ``amqp`` block."""
         if self.amqp_url:
             return parse_amqp_url(self.amqp_url)
         return self.amqp
+
+    @property
+    def sentry(self) -> str | None:
+        """The Sentry DSN to use: None for unset, empty, ``null`` or ``none``
+        (as environment variables spell "unset")."""
+        dsn = (self.sentry_dsn or "").strip()
+        return None if dsn.lower() in ("", "null", "none") else dsn
 
     @property
     def messages_path(self) -> str:
@@ -359,12 +374,47 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         raise ConfigError("amqp_heartbeat must not be negative")
     if config.base_url_path and not config.base_url_path.startswith("/"):
         raise ConfigError("base_url_path must start with '/'")
+    _check_operations(config)
     config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
     config.http_endpoint  # noqa: B018 - checks http_bind
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
     if cache_class is not None:
         config = attrs.evolve(config, state_cache_class=cache_class)
     return config
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _check_operations(config: JunebugConfig) -> None:
+    """The Sentry, metrics, log format and /health options."""
+    if config.sentry:
+        parts = urlsplit(config.sentry)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError:
+            raise ConfigError("sentry_dsn has an invalid port") from None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not parts.username
+            or not parts.path.strip("/")
+        ):
+            # The DSN itself is not repeated: it holds the project's key.
+            raise ConfigError("sentry_dsn must look like https://<key>@<host>/<project id>")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be text or json, got {config.log_format!r}")
+    if config.health_stuck_after <= 0:
+        raise ConfigError("health_stuck_after must be greater than 0")
+    path = config.metrics_path
+    if not path.startswith("/") or path.rstrip("/") in ("", "/health", config.messages_path):
+        raise ConfigError(
+            "metrics_path must start with '/' and differ from /health and the messages path"
+        )
+    if config.metrics_auth and config.api_auth_username is None and config.api_auth_token is None:
+        raise ConfigError(
+            "metrics_auth needs api_auth_username/api_auth_password or api_auth_token"
+        )
 
 
 def _check_url(name: str, url: str) -> None:

@@ -11,6 +11,7 @@ it back on the queue.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.python.failure import Failure
 
 from .amqp_service import Acker, PublishFailed
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id, utc_timestamp
 
 log = logger(__name__)
@@ -30,14 +32,27 @@ log = logger(__name__)
 class HandlingFailed(Exception):
     """A message could not be handled; ``retryable`` says if another try may help."""
 
-    def __init__(self, reason: str, *, retryable: bool, message_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        retryable: bool,
+        message_id: str | None = None,
+        url: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.message_id = message_id
+        #: Where the failed POST went, without credentials (for log fields).
+        self.url = url
 
 
-Handler = Callable[[bytes], Awaitable[None]]
+#: What a handler returns for a message it handled by dropping it on purpose
+#: (an event with nowhere to go); anything else it returns means delivered.
+DROPPED = "dropped"
+
+Handler = Callable[[bytes], Awaitable[Any]]
 Publish = Callable[..., Deferred]
 
 
@@ -66,6 +81,20 @@ def _header_text(text: str, limit: int = 1000) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
 
 
+def peek_message_id(body: bytes) -> str | None:
+    """The id a log line names for a body that failed before its handler
+    could say: an event's ``user_message_id``, else ``message_id``, else None."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = data.get("user_message_id") if data.get("message_type") == "event" else None
+    value = value or data.get("message_id")
+    return value if isinstance(value, str) else None
+
+
 @attrs.define(eq=False)
 class MessageWorker:
     """Handles the messages of ``queue``; parks failures on ``queue.failed``."""
@@ -75,7 +104,10 @@ class MessageWorker:
     publish: Publish
     policy: RetryPolicy
     _clock: Any
+    metrics: Metrics = NO_METRICS
+    role: str = ""
     _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+    _last_taken: float | None = attrs.field(default=None, init=False)
     _waiting: set[Deferred] = attrs.field(factory=set, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
 
@@ -87,31 +119,49 @@ class MessageWorker:
         """Take one delivery (the AMQP consumer callback)."""
         d = Deferred.fromCoroutine(self._process(body, acker))
         self._in_flight.add(d)
-        d.addBoth(self._done, d)
+        d.addBoth(self._done, d, body)
 
-    def _done(self, result: Any, d: Deferred) -> None:
+    def _done(self, result: Any, d: Deferred, body: bytes) -> None:
         self._in_flight.discard(d)
         if isinstance(result, Failure) and not result.check(CancelledError):
-            log.failure("Unexpected error handling a {queue} message", result, queue=self.queue)
+            log.failure(
+                "Unexpected error handling {queue} message {message_id}",
+                result,
+                queue=self.queue,
+                message_id=peek_message_id(body),
+            )
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def last_taken(self) -> float | None:
+        """When a message of this queue was last acked (delivered, dropped or
+        dead-lettered), by the clock; None before the first."""
+        return self._last_taken
+
+    def _taken(self, outcome: str) -> None:
+        self._last_taken = self._clock.seconds()
+        self.metrics.consumed(self.role, outcome)
 
     async def _process(self, body: bytes, acker: Acker) -> None:
         attempt = 0
         while True:
             attempt += 1
             try:
-                await self.handler(body)
+                result = await self.handler(body)
             except HandlingFailed as e:
                 failure = e
             except CancelledError:
                 raise
             except Exception as e:
-                failure = HandlingFailed(f"{type(e).__name__}: {e}", retryable=True)
+                failure = HandlingFailed(
+                    f"{type(e).__name__}: {e}", retryable=True, message_id=peek_message_id(body)
+                )
             else:
                 acker.ack()
+                self._taken(DROPPED if result == DROPPED else "delivered")
                 return
             if not acker.alive:
                 return  # the broker has requeued it with its dead connection
@@ -119,6 +169,7 @@ class MessageWorker:
                 if self._stopping:
                     return  # shutting down: unacked, it goes back to its queue
                 delay = self.policy.backoff(attempt)
+                self.metrics.retry(self.role)
                 log.warn(
                     "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
                     " retrying in {delay:.1f} s",
@@ -127,6 +178,7 @@ class MessageWorker:
                     message_id=failure.message_id,
                     reason=failure.reason,
                     delay=delay,
+                    url=failure.url,
                 )
                 wait = deferLater(self._clock, delay)
                 self._waiting.add(wait)
@@ -148,27 +200,32 @@ class MessageWorker:
             "x-junebug-source-queue": self.queue,
         }
         message_id = failure.message_id or generate_message_id()
+        started = self.metrics.now()
         try:
             await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Could not dead-letter {queue} message {message_id} ({error});"
                 " it goes back to its queue",
                 queue=self.queue,
-                message_id=failure.message_id,
+                message_id=message_id,
                 error=e,
             )
             acker.reject()
             return
+        self.metrics.publish_done(started, confirmed=True)
         acker.ack()
+        self._taken("dead_lettered")
         log.error(
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
             queue=self.queue,
-            message_id=failure.message_id,
+            message_id=message_id,
             failed_queue=self.failed_queue,
             attempts=attempts,
             reason=failure.reason,
+            url=failure.url,
         )
 
     async def drain(self, timeout: float) -> int:

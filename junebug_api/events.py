@@ -10,10 +10,11 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import CancelledError
 
-from .consumer import HandlingFailed
+from .consumer import DROPPED, HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_event, to_json
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import InvalidMessage, parse_event
 
@@ -30,8 +31,9 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    metrics: Metrics = NO_METRICS
 
-    async def __call__(self, body: bytes) -> None:
+    async def __call__(self, body: bytes) -> str | None:
         try:
             event = parse_event(body)
         except InvalidMessage as e:
@@ -42,6 +44,7 @@ class EventHandler:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
@@ -54,16 +57,19 @@ class EventHandler:
                     event_id=event.get("event_id"),
                     message_id=message_id,
                 )
-                return
+                return DROPPED
             info = EventInfo(self.default_url, self.default_auth_token)
         payload = to_json(junebug_event(event, self.channel_id))
         try:
-            await self.delivery.post_json(info.url, payload, info.auth_token, self.timeout)
+            await self.delivery.post_json(
+                info.url, payload, info.auth_token, self.timeout, target="event"
+            )
         except DeliveryFailed as e:
             raise HandlingFailed(
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(info.url),
             ) from None
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)

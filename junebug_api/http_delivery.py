@@ -34,6 +34,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from .junebug_formats import JSON_CONTENT_TYPE
+from .metrics import NO_METRICS, Metrics, status_class
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 
@@ -41,10 +42,12 @@ RETRYABLE_STATUSES = frozenset({408, 429})
 class DeliveryFailed(Exception):
     """A POST that did not get a 2xx; ``retryable`` says if trying again may help."""
 
-    def __init__(self, reason: str, retryable: bool) -> None:
+    def __init__(self, reason: str, retryable: bool, status_class: str = "error") -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        #: ``4xx``/``5xx`` for an answer, ``timeout`` or ``error`` without one.
+        self.status_class = status_class
 
 
 @lru_cache(maxsize=1024)
@@ -156,13 +159,14 @@ class HttpDelivery:
 
     _agent: IAgent
     _clock: IReactorTime
+    metrics: Metrics = NO_METRICS
 
     @classmethod
-    def create(cls, reactor: Any, max_per_host: int) -> HttpDelivery:
+    def create(cls, reactor: Any, max_per_host: int, metrics: Metrics = NO_METRICS) -> HttpDelivery:
         agent = Agent.usingEndpointFactory(
             reactor, _EndpointCache(reactor), pool=make_pool(reactor, max_per_host)
         )
-        return cls(agent, reactor)
+        return cls(agent, reactor, metrics)
 
     async def _post(self, url: bytes, headers: Headers, body: bytes) -> Any:
         """The request and the reading of its answer, under one timeout."""
@@ -172,8 +176,18 @@ class HttpDelivery:
         await finished
         return response
 
-    async def post_json(self, url: str, body: bytes, auth_token: str | None, timeout: float) -> int:
-        """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed."""
+    async def post_json(
+        self,
+        url: str,
+        body: bytes,
+        auth_token: str | None,
+        timeout: float,
+        target: str = "mo",
+    ) -> int:
+        """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed.
+
+        ``target`` (``mo`` or ``event``) labels the POST's latency metric.
+        """
         clean_url, basic = split_credentials(url)
         headers = Headers(
             {
@@ -185,20 +199,30 @@ class HttpDelivery:
             headers.setRawHeaders(b"Authorization", [f"Token {auth_token}".encode()])
         elif basic is not None:
             headers.setRawHeaders(b"Authorization", [basic])
+        started = self._clock.seconds()
         try:
-            posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
-            response = await posting.addTimeout(timeout, self._clock)
-        except TimeoutError:  # addTimeout turns its own cancellation into this
-            raise DeliveryFailed(f"timed out after {timeout:g} s", retryable=True) from None
-        except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-            raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None
-        except (ResponseNeverReceived, ResponseFailed) as e:
-            reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-            raise DeliveryFailed(f"no response: {reasons}", retryable=True) from None
-        except SchemeNotSupported as e:
-            raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
-        code = response.code
-        if 200 <= code < 300:
-            return code
-        retryable = code >= 500 or code in RETRYABLE_STATUSES
-        raise DeliveryFailed(f"HTTP {code}", retryable=retryable)
+            try:
+                posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
+                response = await posting.addTimeout(timeout, self._clock)
+            except TimeoutError:  # addTimeout turns its own cancellation into this
+                raise DeliveryFailed(
+                    f"timed out after {timeout:g} s", retryable=True, status_class="timeout"
+                ) from None
+            except (ConnectError, DNSLookupError, ConnectionClosed) as e:
+                raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None
+            except (ResponseNeverReceived, ResponseFailed) as e:
+                reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
+                raise DeliveryFailed(f"no response: {reasons}", retryable=True) from None
+            except SchemeNotSupported as e:
+                raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
+            code = response.code
+            if not 200 <= code < 300:
+                retryable = code >= 500 or code in RETRYABLE_STATUSES
+                raise DeliveryFailed(
+                    f"HTTP {code}", retryable=retryable, status_class=status_class(code)
+                )
+        except DeliveryFailed as e:
+            self.metrics.delivery_post(target, e.status_class, self._clock.seconds() - started)
+            raise
+        self.metrics.delivery_post(target, "2xx", self._clock.seconds() - started)
+        return code

@@ -12,6 +12,7 @@ from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import junebug_message, to_json
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import StateCache
 from .vumi_messages import InvalidMessage, parse_user_message
 
@@ -27,6 +28,7 @@ class InboundHandler:
     url: str
     auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    metrics: Metrics = NO_METRICS
 
     async def __call__(self, body: bytes) -> None:
         try:
@@ -39,6 +41,7 @@ class InboundHandler:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
@@ -50,6 +53,7 @@ class InboundHandler:
                 f"POST to {safe_url(self.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(self.url),
             ) from None
         if debug_enabled():
             log.debug("Delivered inbound message {message_id}", message_id=message_id)

@@ -25,6 +25,7 @@ from .junebug_formats import (
     reply_message,
 )
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -41,6 +42,7 @@ class OutboundSender:
     allow_expired_replies: bool
     cache: StateCache
     publish: Callable[..., Deferred]
+    metrics: Metrics = NO_METRICS
 
     @property
     def routing_key(self) -> str:
@@ -62,7 +64,7 @@ class OutboundSender:
             if self._cache_down():
                 # Known trouble: no publish before the state is written, or every
                 # retry of RapidPro's would send the message once more.
-                await self._cache_call(stored)
+                await self._cache_call(stored, "storing event info of", message_id)
                 await self._publish(message_id, message, event_info=True, stored=None)
             else:
                 # The write and the publish travel together; the 201 waits for both.
@@ -80,9 +82,11 @@ class OutboundSender:
         a write that failed after a confirmed publish is answered 503 like a
         crash at that point: RapidPro's retry may send the message twice.
         """
+        started = self.metrics.now()
         try:
             await self.publish(self.routing_key, serialise(message), message_id=message_id)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Outbound message {message_id} not sent: {error}",
                 message_id=message_id,
@@ -102,6 +106,7 @@ class OutboundSender:
             if stored is not None:  # the request is gone (cancelled): nobody waits for it
                 stored.addErrback(lambda _: None)
             raise
+        self.metrics.publish_done(started, confirmed=True)
         if stored is None:
             return
         try:
@@ -109,6 +114,7 @@ class OutboundSender:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             log.error(
                 "Outbound message {message_id} was sent but its event info was not stored"
                 " (answered 503; a retry sends it again): {error}",
@@ -123,7 +129,9 @@ class OutboundSender:
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")
         if reply_to is not None:
-            inbound = await self._cache_call(self.cache.fetch_inbound(reply_to))
+            inbound = await self._cache_call(
+                self.cache.fetch_inbound(reply_to), "looking up inbound", reply_to
+            )
             if inbound is not None:
                 return reply_message(request, inbound)
             if request.get("to") is None or not self.allow_expired_replies:
@@ -135,13 +143,19 @@ class OutboundSender:
             default_from_addr=self.default_from_addr,
         )
 
-    async def _cache_call(self, d: Deferred) -> Any:
+    async def _cache_call(self, d: Deferred, action: str, message_id: str) -> Any:
         try:
             return await d
         except CancelledError:
             raise
         except Exception as e:
-            log.error("State cache unavailable: {error}", error=e)
+            self.metrics.cache_error()
+            log.error(
+                "State cache unavailable ({action} message {message_id}): {error}",
+                action=action,
+                message_id=message_id,
+                error=e,
+            )
             raise ServiceUnavailable("state cache unavailable") from None
 
 

@@ -255,7 +255,8 @@ class RedisStateCache:
     def _failed(self, failure: Any) -> Any:
         if failure.check(CancelledError):
             return failure  # the caller gave up (e.g. its client left): no news of Redis
-        self._healthy = False
+        # One failed operation is news, not a verdict: health follows the
+        # periodic PING, so a single timeout does not flip /health to down.
         if failure.check(TimeoutError):
             waited = f"no answer within {self._operation_timeout:g} s"
             cause = self._redis.last_error
@@ -375,7 +376,9 @@ class RedisStateCache:
             if self._sentinels:
                 await self._check_master()
         except Exception:
-            if self._healthy is not False or self._last_error:
+            was_healthy = self._healthy
+            self._healthy = False
+            if was_healthy is not False or self._last_error:
                 log.warn(
                     "Redis at {url} is unreachable: {error}",
                     url=self._where(),
