@@ -9,6 +9,7 @@ virtualenv and installs nginx-light and wrk when they are missing::
     bench/run --compare-scaling
     bench/run --compare-caches [--quick]
     bench/run --compare-metrics [other options]
+    bench/run [--tls] [--compare-code REF]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -59,6 +60,13 @@ Redis against one RabbitMQ node and sink: outbound with ``event_url`` at 1 and
 bench/roundtrip.py: inbound published at 200 and 1,000 sessions/s and higher
 steps, a RapidPro stand-in that replies at once, the time from the inbound's
 publish to the reply on ``bench.outbound``), then the Redis/memory ratios.
+
+``--tls`` runs the same phases once more with the service connected over
+amqps (the node gets a TLS listener with a certificate from a CA made with
+trustme); ``--compare-code REF`` once more with the junebug_api of git ref
+REF (``git archive`` into the temporary directory, first on PYTHONPATH), so
+two versions are compared against the same node and sink in one run (e.g.
+the commit before the separate publish and consume connections).
 
 ``--compare-scaling`` runs, against one RabbitMQ node and sink: 1 process with
 the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
@@ -321,6 +329,36 @@ class RabbitNode:
         self.dist_port = free_port()
         self.pid: int | None = None
         self.launched = False
+        self.tls_port: int | None = None
+        self.ca_file: Path | None = None
+
+    def enable_tls(self) -> None:
+        """Add an amqps listener with a certificate from a CA made here (trustme);
+        ``ca_file`` is what the service trusts. Call before start()."""
+        import trustme
+
+        self.tls_port = free_port()
+        self.dir.mkdir(exist_ok=True)
+        ca = trustme.CA()
+        server = ca.issue_cert(HOST)
+        self.ca_file = self.dir / "ca.pem"
+        self.ca_file.write_bytes(ca.cert_pem.bytes())
+        (self.dir / "server.pem").write_bytes(server.cert_chain_pems[0].bytes())
+        (self.dir / "server.key").write_bytes(server.private_key_pem.bytes())
+
+    def _conf(self) -> str:
+        if self.tls_port is None:
+            return ""
+        return "\n".join(
+            [
+                f"listeners.ssl.default = {HOST}:{self.tls_port}",
+                f"ssl_options.cacertfile = {self.dir / 'ca.pem'}",
+                f"ssl_options.certfile = {self.dir / 'server.pem'}",
+                f"ssl_options.keyfile = {self.dir / 'server.key'}",
+                "ssl_options.verify = verify_none",
+                "",
+            ]
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -344,14 +382,14 @@ class RabbitNode:
         for tool in ("rabbitmq-server", "rabbitmqctl"):
             if shutil.which(tool) is None:
                 raise BenchError(f"{tool} not found: apt-get install rabbitmq-server")
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)
         (self.dir / "enabled_plugins").write_text("")
-        (self.dir / "rabbitmq.conf").write_text("")
+        (self.dir / "rabbitmq.conf").write_text(self._conf())
         if os.geteuid() == 0:
             # rabbitmq-server runs the node as the rabbitmq user (su), which needs
             # to reach and write this directory.
             user = pwd.getpwnam("rabbitmq")
-            for path in (self.dir, self.dir / "enabled_plugins", self.dir / "rabbitmq.conf"):
+            for path in (self.dir, *self.dir.iterdir()):
                 os.chown(path, user.pw_uid, user.pw_gid)
         say(f"starting RabbitMQ node {self.name} on AMQP port {self.port} (core {OTHER_CORE})")
         self.launched = True
@@ -805,8 +843,10 @@ class Process:
         health_path: str,
         out: Path,
         core: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.core = core or SERVICE_CORE
+        self.env = env
         self.name = name
         self.cmd = cmd
         self.port = port
@@ -829,6 +869,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         return self
 
@@ -948,10 +989,14 @@ def service_group(
     nginx: Nginx,
     concurrency: int,
     cache: dict[str, Any] | None,
+    tls: bool = False,
+    code: Path | None = None,
     mo_message_url: str | None = None,
 ) -> ServiceGroup:
     """n service processes, identical but for http_bind; cache: the
-    state_cache_class and state_cache_config (None: the in-memory default)."""
+    state_cache_class and state_cache_config (None: the in-memory default);
+    tls: amqps to the node's TLS listener; code: run the junebug_api found
+    there (a git archive of another commit) instead of this checkout's."""
     processes, logs = [], []
     for i in range(1, n + 1):
         port = free_port()
@@ -974,6 +1019,11 @@ def service_group(
             "shutdown_timeout": 10,
             **(cache or {}),
         }
+        if tls:
+            assert rabbit.tls_port is not None and rabbit.ca_file is not None
+            del config["amqp"]
+            config["amqp_url"] = f"amqps://guest:guest@{HOST}:{rabbit.tls_port}/%2F"
+            config["amqp_tls_ca_file"] = str(rabbit.ca_file)
         path = tmp / f"service-{tag}-{i}.yaml"
         path.write_text(yaml.safe_dump(config))
         log = tmp / f"service-{tag}-{i}.log"
@@ -989,7 +1039,8 @@ def service_group(
         out = tmp / f"service-{tag}-{i}.out"
         # --spread: process i on core (i - 1) % 2, so two processes get both cores.
         core = str((i - 1) % 2) if SPREAD else SERVICE_CORE
-        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out, core))
+        env = None if code is None else {"PYTHONPATH": str(code)}
+        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out, core, env))
         logs.append(log)
     return ServiceGroup(processes, logs)
 
@@ -1657,17 +1708,28 @@ class Setup:
     processes: int
     cache: str  # memory or redis
     balancer: bool  # outbound through the nginx balancer
+    tls: bool = False  # amqps to the node (--tls)
+    code: str | None = None  # a git ref whose code runs instead (--compare-code)
     metrics: bool = True  # metrics_enabled (--compare-metrics runs both)
 
     def tag(self, processes: int | None = None, outbound: bool = False) -> str:
         """The suffix of row names; none for one process, memory, no balancer,
         metrics on."""
         n = self.processes if processes is None else processes
-        off = "" if self.metrics else "metrics off"
+        marks = [
+            m
+            for m in (
+                "tls" if self.tls else "",
+                self.code or "",
+                "" if self.metrics else "metrics off",
+            )
+            if m
+        ]
         if n == 1 and self.cache == "memory" and not self.balancer:
-            return f" [{off}]" if off else ""
+            return f" [{', '.join(marks)}]" if marks else ""
         lb = ", lb" if outbound and self.balancer else ""
-        return f" [{n}p {self.cache}{lb}{', ' + off if off else ''}]"
+        more = "".join(f", {m}" for m in marks)
+        return f" [{n}p {self.cache}{lb}{more}]"
 
 
 @dataclass
@@ -1703,6 +1765,23 @@ class SetupResult:
     inbound: Row | None = None
 
 
+def checkout(tmp: Path, ref: str) -> Path:
+    """The tree of git ref ``ref`` of this repository, unpacked under tmp."""
+    target = tmp / f"code-{re.sub(r'[^A-Za-z0-9_.-]', '_', ref)}"
+    if not target.exists():
+        target.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+            capture_output=True,
+            timeout=60,
+        )
+        if archive.returncode != 0:
+            raise BenchError(f"git archive {ref}: {archive.stderr.decode(errors='replace')}")
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        say(f"code of {ref} unpacked to {target} (its junebug_api runs for the [{ref}] rows)")
+    return target
+
+
 def run_setup(ctx: Context, setup: Setup) -> SetupResult:
     result = SetupResult(setup)
     cache = None
@@ -1714,8 +1793,17 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
         }
     if not setup.metrics:
         cache = {**(cache or {}), "metrics_enabled": False}
+    code = checkout(ctx.tmp, setup.code) if setup.code else None
     group = service_group(
-        ctx.tmp, setup.key, setup.processes, ctx.rabbit, ctx.nginx, ctx.concurrency, cache
+        ctx.tmp,
+        setup.key,
+        setup.processes,
+        ctx.rabbit,
+        ctx.nginx,
+        ctx.concurrency,
+        cache,
+        tls=setup.tls,
+        code=code,
     )
     ctx.stack.callback(group.stop)
     say(
@@ -1823,18 +1911,29 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
                 if stored != n:
                     shout(f"{row.name}: {stored:,} inbound keys in Redis for {n:,} messages")
     if "roundtrip" in ctx.phases:
-        result.rows += roundtrip_rows(ctx, setup, cache)
+        result.rows += roundtrip_rows(ctx, setup, cache, code)
     if ctx.redis is not None and setup.cache == "redis":
         ctx.redis.cleanup()
     return result
 
 
-def roundtrip_rows(ctx: Context, setup: Setup, cache: dict[str, Any] | None) -> list[Row]:
+def roundtrip_rows(
+    ctx: Context, setup: Setup, cache: dict[str, Any] | None, code: Path | None
+) -> list[Row]:
     """The session round trip (bench/roundtrip.py) for one configuration."""
 
     def start(mo_url: str) -> ServiceGroup:
         group = service_group(
-            ctx.tmp, f"{setup.key}-rt", 1, ctx.rabbit, ctx.nginx, ctx.concurrency, cache, mo_url
+            ctx.tmp,
+            f"{setup.key}-rt",
+            1,
+            ctx.rabbit,
+            ctx.nginx,
+            ctx.concurrency,
+            cache,
+            tls=setup.tls,
+            code=code,
+            mo_message_url=mo_url,
         )
         group.start().wait_healthy()
         ctx.ours.update(group.pids)
@@ -2016,6 +2115,17 @@ def main() -> int:
         " always has (default: on)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the phases with the service on amqps (rows marked [tls])",
+    )
+    parser.add_argument(
+        "--compare-code",
+        metavar="REF",
+        help="also run the phases with the junebug_api of git ref REF (rows marked [REF]),"
+        " e.g. the commit before the two AMQP connections",
+    )
+    parser.add_argument(
         "--compare-scaling",
         action="store_true",
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
@@ -2068,6 +2178,12 @@ def main() -> int:
                 args.balancer or args.processes > 1,
             )
         ]
+        if args.tls:
+            setups.append(Setup("tls", "amqps", 1, "memory", False, tls=True))
+        if args.compare_code:
+            setups.append(
+                Setup("code", args.compare_code, 1, "memory", False, code=args.compare_code)
+            )
         event_url = bool(args.event_url)
         if args.compare_metrics:
             main_setup = setups[0]
@@ -2116,6 +2232,8 @@ def main() -> int:
                 stack.callback(redis.cleanup)
                 say(f"Redis {REDIS_URL}, key prefix {redis.prefix} (deleted at the end)")
             rabbit = RabbitNode(tmp)
+            if args.tls:
+                rabbit.enable_tls()
             stack.callback(rabbit.stop)
             rabbit.start()
             if not args.lazy_queues:
@@ -2173,7 +2291,8 @@ def main() -> int:
                 results.append(result)
                 rows += result.rows
                 extra += result.extra
-            extra += cache_ratios(results)
+            if args.compare_caches:
+                extra += cache_ratios(results)
             if redis is not None and (args.compare_scaling or "outbound" in phases):
                 extra += redis_round_trips(tmp, redis)
             if args.compare_metrics:

@@ -154,6 +154,9 @@ class JunebugApi:
         """The envelope answering a failed request (routing errors included)."""
         if failure.check(ApiError):
             error = failure.value
+            retry_after = getattr(error, "retry_after", None)
+            if retry_after is not None:
+                request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
         elif failure.check(WerkzeugNotFound):
             error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         elif failure.check(WerkzeugMethodNotAllowed):

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
-from .amqp_service import PublishFailed
+from .amqp_service import PublishFailed, PublishRefused
 from .junebug_formats import (
     ApiUsageError,
     MessageNotFound,
@@ -84,7 +84,9 @@ class OutboundSender:
         """
         started = self.metrics.now()
         try:
-            await self.publish(self.routing_key, serialise(message), message_id=message_id)
+            await self.publish(
+                self.routing_key, serialise(message), message_id=message_id, refuse_if_busy=True
+            )
         except PublishFailed as e:
             self.metrics.publish_done(started, confirmed=False)
             log.error(
@@ -101,7 +103,10 @@ class OutboundSender:
                     raise
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
-            raise ServiceUnavailable(f"message not sent: {e}") from None
+            error = ServiceUnavailable(f"message not sent: {e}")
+            if isinstance(e, PublishRefused):
+                error.retry_after = e.retry_after
+            raise error from None
         except BaseException:
             if stored is not None:  # the request is gone (cancelled): nobody waits for it
                 stored.addErrback(lambda _: None)

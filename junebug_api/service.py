@@ -98,12 +98,11 @@ class JunebugService(MultiService):
             config.delivery_max_attempts,
         )
         self.amqp = AmqpService(
-            config.amqp_settings,
+            config.amqp_connection,
             queues=list(queues.values()),
             consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
-            heartbeat=config.amqp_heartbeat,
             connection_name=f"junebug-api {config.connector_name}",
             metrics=metrics,
         )

@@ -110,11 +110,12 @@ async def test_metrics_count_known_traffic(make_service, broker, connector, sink
     # Three outbound messages and one dead-letter, each confirmed.
     assert m("junebug_publish_confirm_seconds_count") == 4
     assert m("junebug_publish_failures_total") == 0
-    assert after[("junebug_amqp_connected", (("connection", "main"),))] == 1
-    assert after[("junebug_amqp_blocked", (("connection", "main"),))] == 0
-    assert after[("junebug_amqp_connections_opened_total", (("connection", "main"),))] == 1
+    for role in ("publish", "consume"):
+        assert after[("junebug_amqp_connected", (("connection", role),))] == 1
+        assert after[("junebug_amqp_blocked", (("connection", role),))] == 0
+        assert after[("junebug_amqp_connections_opened_total", (("connection", role),))] == 1
+        assert after[("junebug_amqp_unconfirmed_publishes", (("connection", role),))] == 0
     assert after[("junebug_messages_in_work", ())] == 0
-    assert after[("junebug_amqp_unconfirmed_publishes", (("connection", "main"),))] == 0
     # Three inbound messages cached for replies (outbound sent no event_url).
     assert after[("junebug_state_cache_entries", ())] == 3
     assert after[("junebug_state_cache_errors_total", ())] == 0
