@@ -46,7 +46,7 @@ class HandPublish:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Deferred]] = []
 
-    def __call__(self, routing_key: str, body: bytes, *, message_id: str) -> Deferred:
+    def __call__(self, routing_key: str, body: bytes, *, message_id: str, **_: Any) -> Deferred:
         d: Deferred[None] = Deferred()
         self.calls.append((message_id, d))
         return d
