@@ -184,9 +184,11 @@ class SentinelSet:
 @pytest.fixture
 def sentinel_set(request, tmp_path):
     failover_ready = request.node.get_closest_marker("slow") is not None
-    redis_set = SentinelSet(tmp_path).start(failover_ready)
-    yield redis_set
-    redis_set.stop()
+    redis_set = SentinelSet(tmp_path)
+    try:
+        yield redis_set.start(failover_ready)
+    finally:  # also when start() failed half-way: no redis-server outlives the test
+        redis_set.stop()
 
 
 async def health(service) -> tuple[int, dict]:
@@ -348,8 +350,9 @@ async def test_failover_under_steady_traffic_loses_nothing(
 @pytest_twisted.ensureDeferred
 async def test_no_master_then_recovery(make_service, broker, connector, sink, tmp_path):
     # The replica may never be promoted: with the master gone no master is known.
-    redis_set = SentinelSet(tmp_path, replica_priority=0).start(failover_ready=False)
+    redis_set = SentinelSet(tmp_path, replica_priority=0)
     try:
+        redis_set.start(failover_ready=False)
         service = make_service(**redis_set.cache_config(min_replicas=0))
         await wait_master(service, redis_set.master.port)
         known = inbound_message(connector)
