@@ -102,6 +102,9 @@ class Redactor:
                     channel.default_event_auth_token,
                 ]
                 urls += [channel.mo_message_url, channel.default_event_url]
+        sentinel_password = config.state_cache_config.get("sentinel_password")
+        if isinstance(sentinel_password, str):
+            values.append(sentinel_password)
         for url in urls:
             if url:
                 try:
