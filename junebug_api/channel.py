@@ -195,7 +195,7 @@ class Channel:
             settings.allow_expired_replies,
             cache,
             publish,
-            metrics,
+            metrics=metrics,
             character_limit=settings.character_limit,
             channel_id=settings.id,
         )
@@ -207,7 +207,7 @@ class Channel:
             settings.mo_message_url,
             settings.mo_message_url_auth_token,
             mo_message_url_timeout,
-            metrics,
+            metrics=metrics,
         )
         self._events = EventHandler(
             cache,
@@ -216,16 +216,28 @@ class Channel:
             settings.default_event_url,
             settings.default_event_auth_token,
             event_url_timeout,
-            metrics,
+            metrics=metrics,
             on_event=self._store_event if store_message_events else None,
             on_done=self._event_done,
         )
         self.workers = [
             MessageWorker(
-                queues["inbound"], self._handle_inbound, publish, policy, clock, metrics, "inbound"
+                queues["inbound"],
+                self._handle_inbound,
+                publish,
+                policy,
+                clock,
+                metrics=metrics,
+                role="inbound",
             ),
             MessageWorker(
-                queues["event"], self._handle_event, publish, policy, clock, metrics, "event"
+                queues["event"],
+                self._handle_event,
+                publish,
+                policy,
+                clock,
+                metrics=metrics,
+                role="event",
             ),
         ]
         self._by_queue = {w.queue: w for w in self.workers}
