@@ -287,10 +287,12 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
     [retry] = [r for r in about if r["level"] == "warn"]
     assert retry["attempt"] == 1
     assert "HTTP 500" in retry["reason"]
+    assert retry["error"] == retry["reason"]
     assert retry["url"] == f"{sink.url}/inbound"  # without the credentials
     [dead] = [r for r in about if r["level"] == "error"]
     assert dead["url"] == f"{sink.url}/inbound"
     assert dead["attempts"] == 2
+    assert "HTTP 500" in dead["error"]
 
 
 @pytest_twisted.ensureDeferred

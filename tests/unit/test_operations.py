@@ -179,6 +179,7 @@ def test_json_log_line_has_fields_and_error_text() -> None:
     assert record["attempt"] == 2
     assert "sekrit" not in json.dumps(record)
     assert record["message"].startswith("Attempt 2 for abc failed: POST to http://***@h/")
+    assert record["error"] == record["reason"] == "POST to http://***@h/ failed"
     assert record["obj"].startswith("<object")
     try:
         raise ValueError("broken")
