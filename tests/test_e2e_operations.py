@@ -114,6 +114,7 @@ async def test_metrics_count_known_traffic(make_service, broker, connector, sink
         assert after[("junebug_amqp_connected", (("connection", role),))] == 1
         assert after[("junebug_amqp_blocked", (("connection", role),))] == 0
         assert after[("junebug_amqp_connections_opened_total", (("connection", role),))] == 1
+        assert after[("junebug_amqp_reconnects_total", (("connection", role),))] == 0
         assert after[("junebug_amqp_unconfirmed_publishes", (("connection", role),))] == 0
     assert after[("junebug_messages_in_work", ())] == 0
     # Three inbound messages cached for replies (outbound sent no event_url).
