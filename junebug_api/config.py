@@ -254,6 +254,7 @@ class JunebugConfig:
     # AMQP's basic.qos prefetch-count is a 16-bit field.
     worker_concurrency: int = attrs.field(default=20, validator=between(1, 65535))
     sentry_dsn: str | None = attrs.field(default=None, repr=False)
+    sentry_dsn_file: str | None = None
     http_bind: str
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
@@ -738,13 +739,15 @@ SECRET_FILE_OPTIONS = (
     "default_event_auth_token",
     "amqp_url",
     "amqp.password",
+    "sentry_dsn",
 )
 """Options that may instead be given as ``<option>_file``: the path of a file
 holding the value (a container secret), its trailing newline stripped."""
 
-STATE_CACHE_SECRET_FILES = ("url", "password")
-"""``state_cache_config.url_file`` and ``state_cache_config.password_file``
-(the password is put into ``url``, by default ``redis://127.0.0.1:6379/0``)."""
+STATE_CACHE_SECRET_FILES = ("url", "password", "sentinel_password")
+"""``state_cache_config.url_file``, ``state_cache_config.password_file``
+(the password is put into ``url``, by default ``redis://127.0.0.1:6379/0``)
+and ``state_cache_config.sentinel_password_file``."""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -729,6 +729,33 @@ def test_amqp_url_and_redis_url_from_files(tmp_path: Path) -> None:
     assert cfg.state_cache_config == {"url": "redis://:pw@127.0.0.1:6379/3"}
 
 
+def test_sentry_dsn_and_sentinel_password_from_files(tmp_path: Path) -> None:
+    """The other two secrets: Sentry's DSN (it holds the project's key) and the
+    Redis Sentinels' password."""
+    dsn = tmp_path / "dsn"
+    dsn.write_text("https://key123@sentry.example/42\n")
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("s3ntinel\n")
+    cfg = load(
+        {
+            "sentry_dsn_file": str(dsn),
+            "state_cache_config": {"sentinel_password_file": str(sentinel)},
+        },
+        tmp_path,
+    )
+    assert cfg.sentry == "https://key123@sentry.example/42"
+    assert cfg.state_cache_config == {"sentinel_password": "s3ntinel"}
+    logged = str(describe(cfg))
+    assert "key123" not in logged and "s3ntinel" not in logged
+    env = load_config(
+        None,
+        environ={**{k.upper(): v for k, v in REQUIRED.items()}, "SENTRY_DSN_FILE": str(dsn)},
+    )
+    assert env.sentry == "https://key123@sentry.example/42"
+    with pytest.raises(ConfigError, match=r"^set sentry_dsn or sentry_dsn_file, not both"):
+        load({"sentry_dsn": "https://k@h/1", "sentry_dsn_file": str(dsn)}, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
