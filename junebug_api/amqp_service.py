@@ -357,6 +357,8 @@ class AmqpService(Service):
                 except CancelledError:
                     return
                 except SetupFailed as e:
+                    if self._stopping:
+                        return  # the attempt was cut short by the stop: no failure
                     link.error = str(e)
                     link.failures += 1
                     log.error(

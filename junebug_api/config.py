@@ -12,6 +12,7 @@ line that names the option.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -121,6 +122,45 @@ def amqp_name() -> Validator:
     return check
 
 
+def valid_host_name(host: str) -> bool:
+    """Whether ``host`` is an IP address or a host name a connection can use:
+    what Twisted's HostnameEndpoint takes (IDNA rules: letters, digits and
+    hyphens between dots; no underscore, no space). Twisted finds out only when
+    it connects, and then on every attempt."""
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # fe80::1%eth0 too
+        return True
+    except ValueError:
+        pass
+    try:
+        import idna  # as Twisted does: the idna package, else the stdlib codec
+    except ImportError:  # pragma: no cover - Twisted's TLS extra brings it
+        encode = lambda text: text.encode("idna")  # noqa: E731
+    else:
+        encode = idna.encode
+    try:
+        encode(host)
+    except (UnicodeError, ValueError):
+        return False
+    return True
+
+
+def host_name() -> Validator:
+    """A host name or IP address to connect to (see :func:`valid_host_name`)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not valid_host_name(value):
+            raise OptionError(
+                attribute.name,
+                "must be a host name (letters, digits, '-' and '.'; no '_') or an IP"
+                f" address, got {value!r}",
+            )
+
+    return check
+
+
 def http_url() -> Validator:
     """An http(s) URL of which every part is used (no fragment)."""
 
@@ -135,13 +175,17 @@ def http_url() -> Validator:
 class AmqpConfig:
     """Where the RabbitMQ broker is and how to log in."""
 
-    hostname: str = attrs.field(default="127.0.0.1", validator=printable())
-    port: int = attrs.field(default=5672, validator=between(1, 65535))
+    hostname: str = attrs.field(default="127.0.0.1", validator=host_name())
+    tls: bool = False
+    # Without a port of its own: AMQP's 5672, or 5671 with TLS (as amqps:// has).
+    port: int = attrs.field(
+        default=attrs.Factory(lambda self: 5671 if self.tls else 5672, takes_self=True),
+        validator=between(1, 65535),
+    )
     username: str = attrs.field(default="guest", validator=printable())
     password: str = attrs.field(default="guest", repr=False)
     password_file: str | None = None
     vhost: str = attrs.field(default="/", validator=amqp_name())
-    tls: bool = False
 
     @property
     def address(self) -> str:
@@ -212,6 +256,7 @@ class JunebugConfig:
     # AMQP's basic.qos prefetch-count is a 16-bit field.
     worker_concurrency: int = attrs.field(default=20, validator=between(1, 65535))
     sentry_dsn: str | None = attrs.field(default=None, repr=False)
+    sentry_dsn_file: str | None = None
     http_bind: str
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
@@ -717,13 +762,15 @@ SECRET_FILE_OPTIONS = (
     "default_event_auth_token",
     "amqp_url",
     "amqp.password",
+    "sentry_dsn",
 )
 """Options that may instead be given as ``<option>_file``: the path of a file
 holding the value (a container secret), its trailing newline stripped."""
 
-STATE_CACHE_SECRET_FILES = ("url", "password")
-"""``state_cache_config.url_file`` and ``state_cache_config.password_file``
-(the password is put into ``url``, by default ``redis://127.0.0.1:6379/0``)."""
+STATE_CACHE_SECRET_FILES = ("url", "password", "sentinel_password")
+"""``state_cache_config.url_file``, ``state_cache_config.password_file``
+(the password is put into ``url``, by default ``redis://127.0.0.1:6379/0``)
+and ``state_cache_config.sentinel_password_file``."""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

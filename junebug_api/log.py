@@ -149,7 +149,8 @@ _LEGACY_KEYS = frozenset({"format", "message", "isError", "system", "time", "why
 def json_log_line(event: dict, redactor: Redactor, connector: str | None = None) -> str:
     """One log event as one line of JSON: time, level, logger, message,
     ``connector``, then the event's own fields (``message_id``, ``queue``,
-    ``url``, ``error``, ...); an error or failure becomes text; every string
+    ``url``, ``error``, ...); an error or failure becomes text, and a
+    failed attempt's ``reason`` is given as ``error`` too; every string
     goes through ``redactor``.
     """
     level = event.get("log_level")
@@ -172,6 +173,10 @@ def json_log_line(event: dict, redactor: Redactor, connector: str | None = None)
     if failure is not None:
         record["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
         record["traceback"] = failure.getTraceback()
+    elif "error" not in record and isinstance(record.get("reason"), str):
+        # A failed attempt names its cause ``reason``; ``error`` is where log
+        # searches look for it, so it is there too.
+        record["error"] = record["reason"]
     return json.dumps(redactor.value(record), ensure_ascii=False, default=str) + "\n"
 
 

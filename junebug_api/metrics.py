@@ -227,6 +227,11 @@ class PrometheusMetrics(Metrics):
             "AMQP connections opened, by connection; more than one means reconnects.",
             ("connection",),
         )
+        self._reconnects = _Counter(
+            "junebug_amqp_reconnects",
+            "AMQP connections opened again after their first open, by connection.",
+            ("connection",),
+        )
         self._cache_errors = _Counter(
             "junebug_state_cache_errors",
             "State cache operations that failed.",
@@ -239,6 +244,7 @@ class PrometheusMetrics(Metrics):
             self._consumed,
             self._retries,
             self._connects,
+            self._reconnects,
             self._cache_errors,
         ):
             registry.register(collector)
@@ -291,6 +297,10 @@ class PrometheusMetrics(Metrics):
         self._retries.inc(role)
 
     def amqp_connected(self, connection: str) -> None:
+        if (connection,) in self._connects.values:
+            self._reconnects.inc(connection)
+        else:
+            self._reconnects.touch(connection)
         self._connects.inc(connection)
 
     def cache_error(self) -> None:

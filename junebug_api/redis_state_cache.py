@@ -285,6 +285,9 @@ class RedisStateCache:
             waited = f"no answer within {self._operation_timeout:g} s"
             cause = self._redis.last_error
             self._last_error = f"{waited} ({cause})" if cause else waited
+            # Twisted's TimeoutError reads "(5.0, 'Deferred')"; the log lines of
+            # the callers (503s, retries) name the cause instead.
+            return Failure(RedisUnavailable(f"Redis: {self._last_error}"))
         else:
             self._last_error = failure.getErrorMessage() or failure.type.__name__
         return failure
@@ -468,6 +471,11 @@ class RedisStateCache:
         if not self._healthy and self._last_error:
             status["error"] = self._last_error
         return {"redis": status}
+
+
+class RedisUnavailable(Exception):
+    """A command got no answer within ``operation_timeout`` (no connection, or
+    a Redis that does not answer); the message says which."""
 
 
 class ReplicationError(Exception):

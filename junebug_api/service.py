@@ -229,7 +229,7 @@ class JunebugService(MultiService):
         self.cache.start()
         try:
             super().startService()
-        except CannotListenError as e:
+        except (CannotListenError, OSError) as e:
             self._cannot_listen(e)
         for monitor in self.queue_monitors.values():
             monitor.start()
@@ -246,14 +246,18 @@ class JunebugService(MultiService):
         # twistd listens here, before startService (so ports below 1024 work).
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
+        except (CannotListenError, OSError) as e:
             self._cannot_listen(e)
 
-    def _cannot_listen(self, error: CannotListenError) -> None:
-        """A port taken or an address not local is an operator's mistake, not a
-        bug: one line in the log and on the terminal, and exit status 1."""
-        socket_error = error.socketError
-        reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+    def _cannot_listen(self, error: CannotListenError | OSError) -> None:
+        """A port taken, an address not local or a UNIX socket in a directory
+        that is missing or not ours is an operator's mistake, not a bug: one
+        line in the log and on the terminal, and exit status 1."""
+        if isinstance(error, CannotListenError):
+            socket_error = error.socketError
+            reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+        else:  # e.g. the lock file of a UNIX socket cannot be made
+            reason = error.strerror or str(error)
         line = f"cannot listen on {self.config.http_bind}: {reason}"
         log.critical("junebug-api: {line}", line=line)
         sys.__stderr__.write(f"junebug-api: {line}\n")

@@ -158,6 +158,28 @@ async def test_amqps_outbound_inbound_and_events(
 
 
 @pytest_twisted.ensureDeferred
+async def test_amqps_url_alone_verifies_with_the_system_trust_store(
+    make_service, tls_node, ca, pem_files, node_broker, connector
+):
+    """A vumi2 config with only an amqps:// URL: the system trust store checks
+    the broker. The test's CA stands in for the system's through OpenSSL's
+    SSL_CERT_FILE; without it in the store the same config is refused."""
+    url = f"amqps://guest:guest@localhost:{tls_node.tls_port}/%2F"
+    service = make_service(
+        amqp_url=url, env={"SSL_CERT_FILE": pem_files("ca.pem", ca.cert_pem.bytes())}
+    )
+    code, answer = await post(service)
+    assert code == 201, answer
+    outbound = await node_broker.wait_json(f"{connector}.outbound")
+    assert outbound["message_id"] == answer["result"]["message_id"]
+    other = pem_files("other.pem", trustme.CA().cert_pem.bytes())
+    untrusted = make_service(wait=False, amqp_url=url, env={"SSL_CERT_FILE": other})
+    amqp = await wait_amqp_error(untrusted)
+    assert amqp["error"].endswith("is signed by an unknown CA"), amqp
+    assert_clean(service.log() + untrusted.log())
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_ca_is_down_with_the_reason_and_503(
     make_service, tls_node, pem_files, node_broker, connector
 ):

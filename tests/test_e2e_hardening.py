@@ -362,3 +362,14 @@ def test_port_in_use_exits_with_one_line(tmp_path):
         f"junebug-api: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in result.stdout and "Unhandled" not in result.stdout
+
+
+def test_unix_socket_in_a_missing_directory_exits_with_one_line(tmp_path):
+    """unix: in a directory that does not exist: exit 1 with one line, no traceback."""
+    bind = f"unix:{tmp_path}/missing/junebug.sock"
+    result = run_twistd(tmp_path, {**BASE, "http_bind": bind})
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == (
+        f"junebug-api: cannot listen on {bind}: No such file or directory"
+    ), result.stderr
+    assert "Traceback" not in result.stdout and "Unhandled" not in result.stdout

@@ -114,6 +114,7 @@ async def test_metrics_count_known_traffic(make_service, broker, connector, sink
         assert after[("junebug_amqp_connected", (("connection", role),))] == 1
         assert after[("junebug_amqp_blocked", (("connection", role),))] == 0
         assert after[("junebug_amqp_connections_opened_total", (("connection", role),))] == 1
+        assert after[("junebug_amqp_reconnects_total", (("connection", role),))] == 0
         assert after[("junebug_amqp_unconfirmed_publishes", (("connection", role),))] == 0
     assert after[("junebug_messages_in_work", ())] == 0
     # Three inbound messages cached for replies (outbound sent no event_url).
@@ -298,10 +299,12 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
     [retry] = [r for r in about if r["level"] == "warn"]
     assert retry["attempt"] == 1
     assert "HTTP 500" in retry["reason"]
+    assert retry["error"] == retry["reason"]
     assert retry["url"] == f"{sink.url}/inbound"  # without the credentials
     [dead] = [r for r in about if r["level"] == "error"]
     assert dead["url"] == f"{sink.url}/inbound"
     assert dead["attempts"] == 2
+    assert "HTTP 500" in dead["error"]
 
 
 @pytest_twisted.ensureDeferred

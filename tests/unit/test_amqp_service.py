@@ -188,3 +188,25 @@ def test_connection_metrics_per_connection() -> None:
     }
     service._consumer.connection = None
     assert service.connection_metrics()["consume"] == {"up": 0, "blocked": 0, "unconfirmed": 0}
+
+
+def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
+    """Stopping cuts the attempts in progress short: that is no failed set-up
+    (no error line, no "ConnectingCancelledError" at every shutdown)."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = MemoryReactorClock()
+        service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
+        service.startService()
+        assert len(reactor.tcpClients) == 2  # publish and consume, both connecting
+        stopped = service.stopService()
+        reactor.advance(0)
+        assert stopped.called
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
+    assert errors == [], errors

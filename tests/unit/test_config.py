@@ -492,6 +492,48 @@ def test_amqp_option_errors(tmp_path: Path, data: dict, message: str) -> None:
         load(data, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"amqp": {"hostname": ""}}, "amqp.hostname must be a host name"),
+        ({"amqp": {"hostname": "rabbit_mq"}}, "amqp.hostname must be a host name"),
+        ({"amqp": {"hostname": "a b"}}, "amqp.hostname must be a host name"),
+        ({"amqp_url": "amqp://u:p@rabbit_mq/"}, "amqp_url: hostname must be a host name"),
+        ({"amqp_urls": ["amqp://a/", "amqp://x..y/"]}, "amqp_urls: hostname must be a host"),
+    ],
+)
+def test_amqp_host_names_twisted_cannot_connect_to_are_refused(
+    tmp_path: Path, data: dict, message: str
+) -> None:
+    """Twisted's HostnameEndpoint refuses such names only when it connects, on
+    every attempt: a service that starts and never reaches its broker."""
+    with pytest.raises(ConfigError, match=message):
+        load(data, tmp_path)
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.testing import MemoryReactorClock
+
+    host = data.get("amqp", {}).get("hostname")
+    if host is not None:  # the same name, as Twisted sees it
+        connecting = HostnameEndpoint(MemoryReactorClock(), host, 5672).connect(None)
+        failures = []
+        connecting.addErrback(failures.append)
+        assert failures and failures[0].check(ValueError)
+
+
+@pytest.mark.parametrize("host", ["rabbit-1.internal", "RABBIT", "localhost.", "::1", "é.example"])
+def test_amqp_host_names_that_connect_are_accepted(tmp_path: Path, host: str) -> None:
+    assert load({"amqp": {"hostname": host}}, tmp_path).amqp_settings.hostname == host
+
+
+def test_amqp_tls_block_defaults_to_port_5671(tmp_path: Path) -> None:
+    """``tls: true`` in the amqp block means AMQPS's port, as amqps:// does."""
+    assert load({"amqp": {"tls": True}}, tmp_path).amqp_settings.port == 5671
+    assert load({"amqp": {"tls": True, "port": 5672}}, tmp_path).amqp_settings.port == 5672
+    assert load({"amqp": {"hostname": "h"}}, tmp_path).amqp_settings.port == 5672
+    env = load(None, tmp_path, environ={"AMQP_TLS": "true"})
+    assert env.amqp_settings.port == 5671
+
+
 def test_external_needs_tls_on_every_broker(tmp_path: Path) -> None:
     import trustme
 
@@ -685,6 +727,33 @@ def test_amqp_url_and_redis_url_from_files(tmp_path: Path) -> None:
         hostname="rabbit", port=5673, username="jb", password="s3cret", vhost="v"
     )
     assert cfg.state_cache_config == {"url": "redis://:pw@127.0.0.1:6379/3"}
+
+
+def test_sentry_dsn_and_sentinel_password_from_files(tmp_path: Path) -> None:
+    """The other two secrets: Sentry's DSN (it holds the project's key) and the
+    Redis Sentinels' password."""
+    dsn = tmp_path / "dsn"
+    dsn.write_text("https://key123@sentry.example/42\n")
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("s3ntinel\n")
+    cfg = load(
+        {
+            "sentry_dsn_file": str(dsn),
+            "state_cache_config": {"sentinel_password_file": str(sentinel)},
+        },
+        tmp_path,
+    )
+    assert cfg.sentry == "https://key123@sentry.example/42"
+    assert cfg.state_cache_config == {"sentinel_password": "s3ntinel"}
+    logged = str(describe(cfg))
+    assert "key123" not in logged and "s3ntinel" not in logged
+    env = load_config(
+        None,
+        environ={**{k.upper(): v for k, v in REQUIRED.items()}, "SENTRY_DSN_FILE": str(dsn)},
+    )
+    assert env.sentry == "https://key123@sentry.example/42"
+    with pytest.raises(ConfigError, match=r"^set sentry_dsn or sentry_dsn_file, not both"):
+        load({"sentry_dsn": "https://k@h/1", "sentry_dsn_file": str(dsn)}, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,7 @@ def test_json_log_line_has_fields_and_error_text() -> None:
     assert record["attempt"] == 2
     assert "sekrit" not in json.dumps(record)
     assert record["message"].startswith("Attempt 2 for abc failed: POST to http://***@h/")
+    assert record["error"] == record["reason"] == "POST to http://***@h/ failed"
     assert record["obj"].startswith("<object")
     try:
         raise ValueError("broken")
@@ -227,6 +228,21 @@ def test_metrics_off_does_nothing_and_on_counts() -> None:
     assert 'junebug_publish_confirm_seconds_bucket{le="0.0025"} 0.0' in text
     assert 'junebug_publish_confirm_seconds_bucket{le="+Inf"} 1.0' in text
     assert "junebug_publish_failures_total 1.0" in text
+
+
+def test_reconnects_count_opens_after_the_first_per_connection() -> None:
+    metrics = PrometheusMetrics("c", Clock())
+    metrics.amqp_connected("publish")
+    metrics.amqp_connected("consume")
+    text = metrics.render()[0].decode()
+    assert 'junebug_amqp_reconnects_total{connection="publish"} 0.0' in text
+    assert 'junebug_amqp_reconnects_total{connection="consume"} 0.0' in text
+    metrics.amqp_connected("publish")
+    metrics.amqp_connected("publish")
+    text = metrics.render()[0].decode()
+    assert 'junebug_amqp_reconnects_total{connection="publish"} 2.0' in text
+    assert 'junebug_amqp_reconnects_total{connection="consume"} 0.0' in text
+    assert 'junebug_amqp_connections_opened_total{connection="publish"} 3.0' in text
 
 
 @pytest.mark.parametrize(
