@@ -51,6 +51,7 @@ class Acker:
     _connection: _Connection
     delivery_tag: int
     redelivered: bool
+    headers: dict[str, Any] = attrs.field(factory=dict)
 
     def ack(self) -> None:
         """Tell the broker this message is done (no-op if its connection is gone).
@@ -137,6 +138,9 @@ class AmqpService(Service):
     _reactor: Any
     heartbeat: int = 30
     connection_name: str = "junebug-api"
+    # Arguments for queues that need them (delay queues: TTL, dead-letter target).
+    queue_arguments: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    _paused: set[str] = attrs.field(factory=set, init=False)
     _client_service: ClientService | None = attrs.field(default=None, init=False)
     _connection: _Connection | None = attrs.field(default=None, init=False)
     _last_error: str | None = attrs.field(default=None, init=False)
@@ -194,6 +198,8 @@ class AmqpService(Service):
         if connection is None or not connection.alive:
             return
         for queue in self.consumers:
+            if queue in self._paused:
+                continue
             try:
                 await connection.consume_channel.basic_cancel(consumer_tag=queue)
             except Exception as e:
@@ -227,7 +233,9 @@ class AmqpService(Service):
         await consume_channel.basic_qos(prefetch_count=self.prefetch, global_=True)
         await publish_channel.exchange_declare(exchange=EXCHANGE, type="direct", durable=True)
         for queue in self.queues:
-            await publish_channel.queue_declare(queue=queue, durable=True)
+            await publish_channel.queue_declare(
+                queue=queue, durable=True, arguments=self.queue_arguments.get(queue, {})
+            )
             await publish_channel.queue_bind(queue=queue, exchange=EXCHANGE, routing_key=queue)
         connection = _Connection(
             client, publish_channel, consume_channel, opened_at=time.time(), clock=self._reactor
@@ -235,13 +243,14 @@ class AmqpService(Service):
         client.on_confirm = lambda tag, multiple, ok: self._confirmed(connection, tag, multiple, ok)
         client.on_return = lambda msg: self._returned(connection, msg)
         client.on_lost = lambda reason: self._lost(connection, reason)
-        client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body: self._deliver(
-            connection, consumer_tag, tag, redelivered, body
+        client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body, headers: (
+            self._deliver(connection, consumer_tag, tag, redelivered, body, headers)
         )
         self._connection = connection
         if self._consuming:
             for queue in self.consumers:
-                await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
+                if queue not in self._paused:
+                    await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
         self._last_error = None
         log.info(
             "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
@@ -361,8 +370,10 @@ class AmqpService(Service):
         if reply.method.name == "get-empty":
             return None
         connection.unacked[reply.delivery_tag] = False
-        acker = Acker(connection, reply.delivery_tag, reply.redelivered)
-        return body_bytes(reply), dict(reply.content.properties), acker
+        properties = dict(reply.content.properties)
+        headers = dict(properties.get("headers") or {})
+        acker = Acker(connection, reply.delivery_tag, reply.redelivered, headers)
+        return body_bytes(reply), properties, acker
 
     async def count(self, queue: str) -> int:
         """How many ready messages ``queue`` holds."""
@@ -390,14 +401,37 @@ class AmqpService(Service):
         delivery_tag: int,
         redelivered: bool,
         body: bytes,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         connection.unacked[delivery_tag] = False
-        acker = Acker(connection, delivery_tag, redelivered)
+        acker = Acker(connection, delivery_tag, redelivered, headers or {})
         consumer = self.consumers.get(consumer_tag)
         if consumer is None:
             acker.reject()
             return
         consumer(body, acker)
+
+    async def pause_consumer(self, queue: str) -> None:
+        """Stop consuming ``queue`` (``basic.cancel``); its messages stay ready in it.
+
+        Deliveries already received stay with their consumer until acked or
+        rejected. A reconnect does not consume a paused queue.
+        """
+        self._paused.add(queue)
+        connection = self._connection
+        if connection is None or not connection.alive:
+            return
+        await connection.consume_channel.basic_cancel(consumer_tag=queue)
+
+    async def resume_consumer(self, queue: str) -> None:
+        """Consume ``queue`` again after :meth:`pause_consumer`."""
+        if queue not in self._paused:
+            return
+        self._paused.discard(queue)
+        connection = self._connection
+        if connection is None or not connection.alive or not self._consuming:
+            return
+        await connection.consume_channel.basic_consume(queue=queue, consumer_tag=queue)
 
     # -- health -----------------------------------------------------------
 

@@ -83,6 +83,9 @@ class JunebugConfig:
     delivery_retry_delay: float = 1.0
     delivery_retry_max_delay: float = 60.0
     delivery_max_attempts: int = 10
+    delivery_max_age: float = 86400.0
+    delivery_max_hold: float = 60.0
+    delivery_probe_interval: float = 5.0
     shutdown_timeout: float = 30.0
     amqp_heartbeat: int = 30
 
@@ -341,6 +344,9 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         "event_url_timeout",
         "delivery_retry_delay",
         "delivery_retry_max_delay",
+        "delivery_max_age",
+        "delivery_max_hold",
+        "delivery_probe_interval",
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0")

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError
 
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
-from .junebug_formats import junebug_event, to_json
+from .junebug_formats import Unsendable, junebug_event, to_json
 from .log import debug_enabled, logger
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import InvalidMessage, parse_event
@@ -30,8 +30,15 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
 
     async def __call__(self, body: bytes) -> None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
         try:
             event = parse_event(body)
         except InvalidMessage as e:
@@ -56,7 +63,12 @@ class EventHandler:
                 )
                 return
             info = EventInfo(self.default_url, self.default_auth_token)
-        payload = to_json(junebug_event(event, self.channel_id))
+        try:
+            payload = to_json(junebug_event(event, self.channel_id))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
         try:
             await self.delivery.post_json(info.url, payload, info.auth_token, self.timeout)
         except DeliveryFailed as e:
@@ -64,6 +76,7 @@ class EventHandler:
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                held=e.held,
             ) from None
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)

@@ -11,9 +11,11 @@ not arrive within ``read_timeout`` gets 408; a connection idle for
 
 from __future__ import annotations
 
+import weakref
 from http import HTTPStatus
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.web.server import Request, Site
 
 from .junebug_formats import JSON_CONTENT_TYPE, ApiError, error_envelope
@@ -42,6 +44,8 @@ class LimitedRequest(Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         site = getattr(channel, "site", None)
+        if isinstance(site, ApiSite):
+            site.request_started(self)
         self._max_size = getattr(site, "max_request_size", None)
         read_timeout = getattr(site, "read_timeout", None)
         if read_timeout:
@@ -71,6 +75,33 @@ class LimitedRequest(Request):
     def connectionLost(self, reason: Any) -> None:
         self._cancel_deadline()
         super().connectionLost(reason)
+        self._request_ended()
+
+    # -- shutdown drain ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self._close_after_answer_if_draining()
+        super().write(data)
+
+    def finish(self) -> None:
+        if not self.startedWriting:
+            self._close_after_answer_if_draining()
+        super().finish()
+        self._request_ended()
+
+    def _close_after_answer_if_draining(self) -> None:
+        """While the site drains, answer with ``Connection: close`` and close
+        after the answer (twisted.web decides persistence from the request's
+        Connection header)."""
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, ApiSite) and site.draining:
+            self.requestHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def _request_ended(self) -> None:
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, ApiSite):
+            site.request_ended(self)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -125,7 +156,65 @@ class ApiSite(Site):
         self.clock = clock
         self.max_request_size = max_request_size
         self.read_timeout = read_timeout
+        self._init_drain()
 
     def log(self, request: Any) -> None:
         if debug_enabled():
             super().log(request)
+
+    # -- shutdown drain ------------------------------------------------------
+
+    def _init_drain(self) -> None:
+        self.draining = False
+        self._requests: set[Any] = set()
+        self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._drain_waiter: Deferred[None] | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self._protocols.add(protocol)
+        return protocol
+
+    def request_started(self, request: Any) -> None:
+        self._requests.add(request)
+
+    def request_ended(self, request: Any) -> None:
+        requests = self._requests
+        requests.discard(request)
+        if not requests and self.draining:
+            self._drained()
+
+    def _drained(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.called:
+            waiter.callback(None)
+
+    async def drain(self, timeout: float) -> int:
+        """Answer the requests in progress, then close every connection.
+
+        For shutdown, after the port stopped listening: from now on every
+        answer carries ``Connection: close``; idle keep-alive connections
+        close at once; requests in progress get up to ``timeout`` s to be
+        answered. Returns how many were not answered in time (their
+        connections are closed).
+        """
+        self.draining = True
+        busy = {request.channel.transport for request in self._requests}
+        for protocol in list(self._protocols):
+            transport = protocol.transport
+            if transport is not None and transport not in busy:
+                transport.loseConnection()
+        if self._requests and timeout > 0:
+            waiter: Deferred[None] = Deferred()
+            self._drain_waiter = waiter
+            timer = self.clock.callLater(timeout, self._drained)
+            await waiter
+            if timer.active():
+                timer.cancel()
+        left = list(self._requests)
+        for request in left:
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+        return len(left)

@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
-from .junebug_formats import junebug_message, to_json
+from .junebug_formats import Unsendable, junebug_message, to_json
 from .log import debug_enabled, logger
 from .state_cache import StateCache
 from .vumi_messages import InvalidMessage, parse_user_message
@@ -27,8 +27,15 @@ class InboundHandler:
     url: str
     auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
 
     async def __call__(self, body: bytes) -> None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
         try:
             message = parse_user_message(body)
         except InvalidMessage as e:
@@ -42,7 +49,12 @@ class InboundHandler:
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
-        payload = to_json(junebug_message(message, message["transport_name"]))
+        try:
+            payload = to_json(junebug_message(message, message["transport_name"]))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"inbound message cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
         try:
             await self.delivery.post_json(self.url, payload, self.auth_token, self.timeout)
         except DeliveryFailed as e:
@@ -50,6 +62,7 @@ class InboundHandler:
                 f"POST to {safe_url(self.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                held=e.held,
             ) from None
         if debug_enabled():
             log.debug("Delivered inbound message {message_id}", message_id=message_id)

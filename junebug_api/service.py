@@ -17,16 +17,18 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 
-from .amqp_service import AmqpService
+from .amqp_service import EXCHANGE, AmqpService
 from .api import ApiCredentials, JunebugApi
 from .config import JunebugConfig, describe
-from .consumer import MessageWorker, RetryPolicy
+from .consumer import RETRY_DELAYS, MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite
 from .inbound import InboundHandler
 from .log import logger, set_log_level
+from .outages import OutageTracker, destination_of
 from .outbound import OutboundSender
+from .pause_while_down import PauseWhileDown
 from .state_cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -56,6 +58,35 @@ def queue_names(connector_name: str) -> dict[str, str]:
     }
 
 
+def retry_queues(queue: str) -> dict[int, str]:
+    """The delay queues of a consumed queue, by their delay in seconds."""
+    return {delay: f"{queue}.retry.{delay}" for delay in RETRY_DELAYS}
+
+
+def retry_queue_names(connector_name: str) -> dict[str, str]:
+    """The connector's delay queues, by role (``inbound_retry_5``, ...)."""
+    queues = queue_names(connector_name)
+    return {
+        f"{role}_retry_{delay}": name
+        for role in ("inbound", "event")
+        for delay, name in retry_queues(queues[role]).items()
+    }
+
+
+def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
+    """Declare arguments of ``queue``'s delay queues: each holds a message
+    for its delay, then dead-letters it to the vumi exchange with ``queue``
+    as routing key, so it is back at the end of its queue."""
+    return {
+        name: {
+            "x-message-ttl": delay * 1000,
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": queue,
+        }
+        for delay, name in retry_queues(queue).items()
+    }
+
+
 class JunebugService(MultiService):
     """The whole service: API, AMQP, workers and state cache."""
 
@@ -70,20 +101,31 @@ class JunebugService(MultiService):
             connector_name=config.connector_name,
         )
         queues = queue_names(config.connector_name)
-        delivery = HttpDelivery.create(reactor, config.worker_concurrency)
-        policy = RetryPolicy(
-            config.delivery_retry_delay,
-            config.delivery_retry_max_delay,
-            config.delivery_max_attempts,
-        )
+        self.outages = OutageTracker(reactor, probe_interval=config.delivery_probe_interval)
+        delivery = HttpDelivery.create(reactor, config.worker_concurrency, self.outages)
+
+        def policy(attempt_timeout: float) -> RetryPolicy:
+            return RetryPolicy(
+                config.delivery_retry_delay,
+                config.delivery_retry_max_delay,
+                config.delivery_max_attempts,
+                max_age=config.delivery_max_age,
+                max_hold=config.delivery_max_hold,
+                attempt_timeout=attempt_timeout,
+            )
+
         self.amqp = AmqpService(
             config.amqp_settings,
-            queues=list(queues.values()),
+            queues=[*queues.values(), *retry_queue_names(config.connector_name).values()],
             consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
             heartbeat=config.amqp_heartbeat,
             connection_name=f"junebug-api {config.connector_name}",
+            queue_arguments={
+                **retry_queue_arguments(queues["inbound"]),
+                **retry_queue_arguments(queues["event"]),
+            },
         )
         inbound = InboundHandler(
             self.cache,
@@ -91,6 +133,7 @@ class JunebugService(MultiService):
             config.mo_message_url,
             config.mo_message_url_auth_token,
             config.mo_message_url_timeout,
+            max_body_size=config.max_request_size,
         )
         events = EventHandler(
             self.cache,
@@ -99,11 +142,36 @@ class JunebugService(MultiService):
             config.default_event_url,
             config.default_event_auth_token,
             config.event_url_timeout,
+            max_body_size=config.max_request_size,
         )
-        self.workers = [
-            MessageWorker(queues["inbound"], inbound, self.amqp.publish, policy, reactor),
-            MessageWorker(queues["event"], events, self.amqp.publish, policy, reactor),
-        ]
+        # .inbound has one destination: while it is down, stop taking messages.
+        self.inbound_gate = PauseWhileDown(
+            queues["inbound"],
+            destination_of(config.mo_message_url),
+            self.outages,
+            self.amqp,
+            lambda body, acker: inbound_worker.handle(body, acker),
+            reactor,
+            probe_interval=config.delivery_probe_interval,
+        )
+        inbound_worker = MessageWorker(
+            queues["inbound"],
+            inbound,
+            self.amqp.publish,
+            policy(config.mo_message_url_timeout),
+            reactor,
+            retry_queues=retry_queues(queues["inbound"]),
+            hold_gate=self.inbound_gate,
+        )
+        event_worker = MessageWorker(
+            queues["event"],
+            events,
+            self.amqp.publish,
+            policy(config.event_url_timeout),
+            reactor,
+            retry_queues=retry_queues(queues["event"]),
+        )
+        self.workers = [inbound_worker, event_worker]
         self.amqp.consumers.update({w.queue: w for w in self.workers})
         self.amqp.setServiceParent(self)
 
@@ -133,6 +201,7 @@ class JunebugService(MultiService):
             read_timeout=config.http_read_timeout,
             idle_timeout=config.http_idle_timeout,
         )
+        self.site = site
         self.http = StreamServerEndpointService(
             serverFromString(reactor, config.http_endpoint), site
         )
@@ -160,14 +229,26 @@ class JunebugService(MultiService):
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is."""
-        components = {"amqp": self.amqp.health(), **self.cache.health()}
+        components = {
+            "amqp": self.amqp.health(),
+            **self.cache.health(),
+            "deliveries": self.outages.health(),
+        }
         healthy = all(c.get("health") == "ok" for c in components.values())
         return {"health": "ok" if healthy else "down", "components": components}
 
     async def _stop(self) -> None:
-        await self.http.stopService()
-        await self.amqp.stop_consuming()
         timeout = self.config.shutdown_timeout
+        await self.http.stopService()
+        unanswered = await self.site.drain(timeout)
+        if unanswered:
+            log.warn(
+                "{count} HTTP request(s) still unanswered after {timeout} s are cut off",
+                count=unanswered,
+                timeout=timeout,
+            )
+        self.inbound_gate.stop()
+        await self.amqp.stop_consuming()
         drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
         cancelled = sum(await gatherResults(drains))
         if cancelled:
