@@ -76,9 +76,11 @@ class PauseWhileDown:
         """Fires once the consumer is paused; pauses it if it is not yet."""
         if self._state == "paused" or self._stopped:
             return succeed(None)
-        self._pause()
+        if self._state == "running" and not self.outages.is_down(self.destination):
+            return succeed(None)  # back up already: nothing to pause for
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
+        self._pause()
         return waiter
 
     def _wake_waiters(self) -> None:
@@ -150,6 +152,8 @@ class PauseWhileDown:
                 await self.probe(body, acker)
             except Exception:
                 log.failure("Probe delivery from {queue} failed", queue=self.queue)
+        if not self.outages.is_down(self.destination):
+            self._resume()
         self._schedule_probe()
 
     def stop(self) -> None:
