@@ -363,13 +363,10 @@ class MessageWorker:
         headers = budget.headers(failure.reason)
         headers["x-junebug-failed-at"] = utc_timestamp()
         headers["x-junebug-source-queue"] = self.queue
+        # A body with no usable id is logged and parked under a new one.
+        message_id = _safe_message_id(failure.message_id)
         try:
-            await self.publish(
-                self.failed_queue,
-                body,
-                message_id=_safe_message_id(failure.message_id),
-                headers=headers,
-            )
+            await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
         except PublishFailed as e:
             await self._release(acker, failure, f"could not dead-letter it ({e})")
             return
@@ -379,7 +376,7 @@ class MessageWorker:
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
             queue=self.queue,
-            message_id=failure.message_id,
+            message_id=message_id,
             failed_queue=self.failed_queue,
             attempts=budget.attempts,
             reason=failure.reason,

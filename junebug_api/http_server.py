@@ -16,10 +16,15 @@ from http import HTTPStatus
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.server import Request, Site
 
 from .junebug_formats import JSON_CONTENT_TYPE, ApiError, error_envelope
 from .log import debug_enabled
+
+# On shutdown, how long a connection without a request in progress may
+# still bring one before it is closed.
+IDLE_GRACE = 0.5
 
 
 class RequestTooLarge(ApiError):
@@ -44,8 +49,9 @@ class LimitedRequest(Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         site = getattr(channel, "site", None)
-        if isinstance(site, ApiSite):
-            site.request_started(self)
+        self._drain_site = site if isinstance(site, ApiSite) else None
+        if self._drain_site is not None:
+            self._drain_site.request_started(self)
         self._max_size = getattr(site, "max_request_size", None)
         read_timeout = getattr(site, "read_timeout", None)
         if read_timeout:
@@ -94,14 +100,13 @@ class LimitedRequest(Request):
         """While the site drains, answer with ``Connection: close`` and close
         after the answer (twisted.web decides persistence from the request's
         Connection header)."""
-        site = getattr(self.channel, "site", None)
-        if isinstance(site, ApiSite) and site.draining:
+        site = self._drain_site
+        if site is not None and site.draining:
             self.requestHeaders.setRawHeaders(b"connection", [b"close"])
 
     def _request_ended(self) -> None:
-        site = getattr(self.channel, "site", None)
-        if isinstance(site, ApiSite):
-            site.request_ended(self)
+        if self._drain_site is not None:
+            self._drain_site.request_ended(self)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -194,13 +199,21 @@ class ApiSite(Site):
         """Answer the requests in progress, then close every connection.
 
         For shutdown, after the port stopped listening: from now on every
-        answer carries ``Connection: close``; idle keep-alive connections
-        close at once; requests in progress get up to ``timeout`` s to be
-        answered. Returns how many were not answered in time (their
+        answer carries ``Connection: close``; keep-alive connections still
+        idle after ``IDLE_GRACE`` s close cleanly; requests in progress get
+        up to ``timeout`` s to be answered. Returns how many were not answered in time (their
         connections are closed).
         """
         self.draining = True
-        busy = {request.channel.transport for request in self._requests}
+        # A client may be sending its next request on a connection that looks
+        # idle right now: give it a moment to arrive (it then gets its answer
+        # with Connection: close), and close only what stays idle.
+        grace = min(IDLE_GRACE, timeout)
+        if grace > 0:
+            await deferLater(self.clock, grace)
+        busy = {
+            request.channel.transport for request in self._requests if request.channel is not None
+        }
         for protocol in list(self._protocols):
             transport = protocol.transport
             if transport is not None and transport not in busy:

@@ -1,0 +1,224 @@
+"""A long RapidPro outage, with a broker restart in its middle, on a broker
+of the test's own whose consumer_timeout is low (30 s, checked every second).
+
+RapidPro (mo_message_url and default_event_url, one destination) refuses
+connections for three minutes while 5,000 inbound messages and 5,000 events
+arrive; then it comes back. Nothing may go to ``.failed``, the broker may
+close no channel, everything must arrive within 30 s of RapidPro's return,
+exactly once, and the service's RSS must stay within 10 MB of where it started.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web.server import Site
+
+from junebug_api.service import queue_names, retry_queue_names
+
+from .rabbit_node import OwnRabbitNode
+from .support import (
+    RapidProSink,
+    ServiceProcess,
+    event_message,
+    free_port,
+    inbound_message,
+    pause,
+    wait_for,
+)
+
+OUTAGE = 180.0
+MESSAGES = 5000
+
+
+@pytest.fixture(scope="module")
+def low_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRabbitNode]:
+    node = OwnRabbitNode(
+        tmp_path_factory.mktemp("outage-node"),
+        rabbitmq_conf="consumer_timeout = 30000\n",
+        advanced_config="[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+    )
+    node.start()
+    yield node
+    node.stop()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def health(service: ServiceProcess) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"{service.url}/health", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError as e:
+        body = getattr(e, "read", None)
+        return json.loads(body()) if body else None
+
+
+def publish_all(node: OwnRabbitNode, bodies: list[tuple[str, bytes]]) -> None:
+    connection = pika.BlockingConnection(node.params)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    for routing_key, body in bodies:
+        channel.basic_publish("vumi", routing_key, body, properties)
+    connection.close()
+
+
+def queue_count(node: OwnRabbitNode, queue: str) -> int:
+    connection = pika.BlockingConnection(node.params)
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def peek_headers(node: OwnRabbitNode, queues: list[str]) -> dict[str, Any] | None:
+    """The headers of the first message on one of ``queues``, left in place."""
+    connection = pika.BlockingConnection(node.params)
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            method, properties, _ = channel.basic_get(queue, auto_ack=False)
+            if method is not None:
+                headers = dict(properties.headers or {})
+                channel.basic_nack(method.delivery_tag, requeue=True)
+                return headers
+        return None
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_three_minute_rapidpro_outage_with_a_broker_restart(
+    tmp_path: Path, low_timeout_node: OwnRabbitNode
+) -> None:
+    node = low_timeout_node
+    connector = f"jboutage-{uuid.uuid4().hex[:8]}"
+    queues = queue_names(connector)
+    rapidpro_port = free_port()  # nothing listens there yet: connection refused
+    rapidpro = f"http://127.0.0.1:{rapidpro_port}"
+    service = ServiceProcess(
+        tmp_path,
+        {
+            "connector_name": connector,
+            "http_bind": f"127.0.0.1:{free_port()}",
+            "mo_message_url": f"{rapidpro}/inbound",
+            "default_event_url": f"{rapidpro}/event",
+            "amqp": {"hostname": "127.0.0.1", "port": node.port},
+            "amqp_heartbeat": 10,
+            "delivery_max_hold": 20,
+            "delivery_probe_interval": 5,
+        },
+    ).start()
+    try:
+        service.wait_healthy(60)
+        pid = service.process.pid
+        await pause(2)
+        rss_start = rss_kb(pid)
+        started = time.monotonic()
+
+        inbound_ids = [uuid.uuid4().hex for _ in range(MESSAGES)]
+        event_ids = [uuid.uuid4().hex for _ in range(MESSAGES)]  # of their outbound messages
+        bodies = [
+            (queues["inbound"], json.dumps(inbound_message(connector, message_id=m)).encode())
+            for m in inbound_ids
+        ]
+        events = [
+            (queues["event"], json.dumps(event_message(m, "ack")).encode()) for m in event_ids
+        ]
+        half = MESSAGES // 2
+
+        def interleaved(start: int, end: int) -> list[tuple[str, bytes]]:
+            return [
+                x for pair in zip(bodies[start:end], events[start:end], strict=True) for x in pair
+            ]
+
+        publish_all(node, interleaved(0, half))
+
+        # RapidPro is down: /health names it, inbound waits in its queue.
+        down = await wait_for(
+            lambda: (
+                (health(service) or {})
+                .get("components", {})
+                .get("deliveries", {})
+                .get("destinations_down")
+            ),
+            30,
+            "RapidPro reported down",
+        )
+        assert f"http://127.0.0.1:{rapidpro_port}" in down
+        await wait_for(lambda: time.monotonic() - started > 60, 70, "a minute of outage")
+        assert queue_count(node, queues["inbound"]) >= half - 30
+
+        # The broker restarts in the middle of the outage.
+        restart_at = time.time()
+        node.restart_app()
+        service.wait_healthy(60)
+        publish_all(node, interleaved(half, MESSAGES))
+        retry_queues = [
+            name for role, name in retry_queue_names(connector).items() if role.startswith("event")
+        ]
+        headers = await wait_for(
+            lambda: peek_headers(node, retry_queues), 30, "an event on a delay queue"
+        )
+        # What an event went through before the restart is still in its headers.
+        assert headers["x-junebug-attempts"] == 0
+        assert headers["x-junebug-holds"] >= 1
+        assert headers["x-junebug-first-failure"] <= restart_at + 30
+
+        await wait_for(lambda: time.monotonic() - started > OUTAGE, OUTAGE + 10, "the outage")
+        assert queue_count(node, queues["inbound_failed"]) == 0
+        assert queue_count(node, queues["event_failed"]) == 0
+
+        # RapidPro comes back.
+        sink = RapidProSink()
+        port = reactor.listenTCP(rapidpro_port, Site(sink), interface="127.0.0.1")
+        back = time.monotonic()
+        try:
+            await wait_for(
+                lambda: len(sink.at("/inbound")) >= MESSAGES and len(sink.at("/event")) >= MESSAGES,
+                30,
+                "everything delivered within 30 s of RapidPro's return",
+            )
+            took = time.monotonic() - back
+            await pause(3)  # any duplicate would arrive now
+            inbound_seen = Counter(r["json"]["message_id"] for r in sink.at("/inbound"))
+            events_seen = Counter(r["json"]["message_id"] for r in sink.at("/event"))
+        finally:
+            await port.stopListening()
+        assert set(inbound_seen) == set(inbound_ids)
+        assert max(inbound_seen.values()) == 1, "an inbound message was delivered twice"
+        assert set(events_seen) == set(event_ids)
+        assert max(events_seen.values()) == 1, "an event was delivered twice"
+        assert took < 30
+        assert queue_count(node, queues["inbound_failed"]) == 0
+        assert queue_count(node, queues["event_failed"]) == 0
+        for name in retry_queue_names(connector).values():
+            assert queue_count(node, name) == 0
+
+        log = service.log()
+        assert "PRECONDITION_FAILED" not in log
+        assert "consumer ack timed out" not in node.log()
+        assert log.count("is down after") >= 1
+        assert "is back after" in log
+        rss_growth = rss_kb(pid) - rss_start
+        assert rss_growth < 10 * 1024, f"RSS grew by {rss_growth} kB"
+    finally:
+        service.stop()
