@@ -98,11 +98,11 @@ class LimitedRequest(Request):
 
     def _close_after_answer_if_draining(self) -> None:
         """While the site drains, answer with ``Connection: close`` and close
-        after the answer (twisted.web decides persistence from the request's
-        Connection header)."""
+        the connection after the answer (HTTPChannel's ``persistent``)."""
         site = self._drain_site
-        if site is not None and site.draining:
-            self.requestHeaders.setRawHeaders(b"connection", [b"close"])
+        if site is not None and site.draining and self.channel is not None:
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.channel.persistent = False
 
     def _request_ended(self) -> None:
         if self._drain_site is not None:
@@ -172,17 +172,15 @@ class ApiSite(Site):
     def _init_drain(self) -> None:
         self.draining = False
         self._requests: set[Any] = set()
-        self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        # The connections that have carried a request (kept-alive ones stay).
+        self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
         self._drain_waiter: Deferred[None] | None = None
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            self._protocols.add(protocol)
-        return protocol
 
     def request_started(self, request: Any) -> None:
         self._requests.add(request)
+        transport = request.channel.transport
+        if transport is not None:
+            self._transports.add(transport)
 
     def request_ended(self, request: Any) -> None:
         requests = self._requests
@@ -214,9 +212,8 @@ class ApiSite(Site):
         busy = {
             request.channel.transport for request in self._requests if request.channel is not None
         }
-        for protocol in list(self._protocols):
-            transport = protocol.transport
-            if transport is not None and transport not in busy:
+        for transport in list(self._transports):
+            if transport not in busy and not transport.disconnecting:
                 transport.loseConnection()
         if self._requests and timeout > 0:
             waiter: Deferred[None] = Deferred()
