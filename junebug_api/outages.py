@@ -67,7 +67,7 @@ class OutageTracker:
     """Consecutive outage-like failures per destination; down/up and probes."""
 
     _clock: Any
-    threshold: int = 3
+    threshold: int = 5
     probe_interval: float = 5.0
     _states: dict[Destination, _State] = attrs.field(factory=dict, init=False)
     _listeners: list[Listener] = attrs.field(factory=list, init=False)
