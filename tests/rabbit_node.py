@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from .support import free_port
 
 
 class OwnRabbitNode:
-    def __init__(self, tmp: Path, rabbitmq_conf: str = "", advanced_config: str = "") -> None:
-        self.dir = tmp / f"rabbitmq-{secrets.token_hex(3)}"
+    def __init__(self, rabbitmq_conf: str = "", advanced_config: str = "") -> None:
+        # Not under pytest's tmp_path: its folders are private to root, and the
+        # node runs as the rabbitmq user.
+        self.dir = Path(tempfile.mkdtemp(prefix="jbtest-rabbitmq-"))
+        self.dir.chmod(0o755)
         self.name = f"jbtest-{secrets.token_hex(4)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -71,7 +75,6 @@ class OwnRabbitNode:
     def start(self) -> OwnRabbitNode:
         if shutil.which("rabbitmq-server") is None:
             raise RuntimeError("rabbitmq-server not found: apt-get install rabbitmq-server")
-        self.dir.mkdir(parents=True)
         files = {
             "enabled_plugins": "[].\n",
             "rabbitmq.conf": self.rabbitmq_conf,
@@ -119,14 +122,14 @@ class OwnRabbitNode:
         self.await_startup()
 
     def stop(self) -> None:
-        pid = self.pid
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.ctl("stop", timeout=60)
-        if pid is None:
-            return
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        pid = self.pid
+        if pid is not None:
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)

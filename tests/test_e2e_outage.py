@@ -43,9 +43,8 @@ MESSAGES = 5000
 
 
 @pytest.fixture(scope="module")
-def low_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRabbitNode]:
+def low_timeout_node() -> Iterator[OwnRabbitNode]:
     node = OwnRabbitNode(
-        tmp_path_factory.mktemp("outage-node"),
         rabbitmq_conf="consumer_timeout = 30000\n",
         advanced_config="[{rabbit, [{channel_tick_interval, 1000}]}].\n",
     )
