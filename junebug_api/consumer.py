@@ -216,7 +216,7 @@ class MessageWorker:
 
     async def _process(self, body: bytes, acker: Acker) -> None:
         taken = self._clock.seconds()
-        budget = _Budget.from_headers(getattr(acker, "headers", None) or {})
+        budget = _Budget.from_headers(acker.headers)
         if budget.first_failure is not None:
             age = taken - budget.first_failure
             if age >= self.policy.max_age:

@@ -215,10 +215,10 @@ class ApiSite(Site):
         for transport in list(self._transports):
             if transport not in busy and not transport.disconnecting:
                 transport.loseConnection()
-        if self._requests and timeout > 0:
+        if self._requests and timeout - grace > 0:
             waiter: Deferred[None] = Deferred()
             self._drain_waiter = waiter
-            timer = self.clock.callLater(timeout, self._drained)
+            timer = self.clock.callLater(timeout - grace, self._drained)
             await waiter
             if timer.active():
                 timer.cancel()
