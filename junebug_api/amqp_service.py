@@ -257,7 +257,7 @@ class AmqpService(Service):
             host=self.settings.hostname,
             port=self.settings.port,
             vhost=self.settings.vhost,
-            queues=sorted(self.consumers),
+            queues=sorted(q for q in self.consumers if q not in self._paused),
         )
 
     def _lost(self, connection: _Connection, reason: Failure) -> None:
