@@ -230,7 +230,9 @@ class MessageWorker:
             try:
                 await self.handler(body)
             except HandlingFailed as e:
-                failure = e
+                # Without its traceback: it would hold this frame, which holds
+                # it, a cycle per failure left for the (rare) full collection.
+                failure = e.with_traceback(None)
             except CancelledError:
                 raise
             except Exception as e:

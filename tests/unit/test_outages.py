@@ -3,6 +3,7 @@ queues, and pausing a queue while its destination is down (all on Clock)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -347,3 +348,29 @@ def test_wait_paused_pauses_only_while_down(down: bool) -> None:
     assert gate.wait_paused().called
     assert control.calls == ([f"pause {QUEUE}"] if down else [])
     assert gate.paused == down
+
+
+def test_held_messages_leave_no_cyclic_garbage() -> None:
+    """During an outage every event is held again and again: each one must be
+    freed at once, not left in a cycle (frame -> failure -> traceback ->
+    frame) for the collector, whose full runs are rare (service.py)."""
+
+    class DownHandler:
+        async def __call__(self, body: bytes) -> None:
+            try:
+                raise ConnectionRefusedError("down")
+            except ConnectionRefusedError:
+                raise failing("down", held=True) from None
+
+    worker, _, publish = make_worker(DownHandler())
+    worker(BODY, FakeAcker())  # warm up
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(100):
+            worker(BODY, FakeAcker())
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert len(publish.calls) == 101
+    assert garbage < 100
