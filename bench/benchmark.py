@@ -7,6 +7,8 @@ virtualenv and installs nginx-light and wrk when they are missing::
               [--state-cache memory|redis] [--processes N] [--balancer]
               [--phases outbound,inbound,events,bare] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
+    bench/run --compare-metrics [other options]
+    bench/run [--tls] [--compare-code REF]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
 only; the shared RabbitMQ on 5672 is never touched:
@@ -50,11 +52,23 @@ same way. CPU per op is the sum over the service processes. It prints one
 table and writes it to bench/last-results.txt. The exit status is 1 when a
 check failed.
 
+``--tls`` runs the same phases once more with the service connected over
+amqps (the node gets a TLS listener with a certificate from a CA made with
+trustme); ``--compare-code REF`` once more with the junebug_api of git ref
+REF (``git archive`` into the temporary directory, first on PYTHONPATH), so
+two versions are compared against the same node and sink in one run (e.g.
+the commit before the separate publish and consume connections).
+
 ``--compare-scaling`` runs, against one RabbitMQ node and sink: 1 process with
 the in-memory cache, 1 process with Redis, 2 processes with Redis, each for
 outbound @64 (through the balancer, with ``event_url`` in every request so
 the cache is written) and inbound (20,000 messages), with --quick durations,
 then the Redis round trip, and prints one small table.
+
+``--compare-metrics`` runs the chosen phases twice in one run, against one
+RabbitMQ node and sink: with metrics on (the default), then with
+``metrics_enabled: false`` (rows marked ``[metrics off]``), and adds a line
+per phase with the difference in rate.
 """
 
 from __future__ import annotations
@@ -305,6 +319,36 @@ class RabbitNode:
         self.dist_port = free_port()
         self.pid: int | None = None
         self.launched = False
+        self.tls_port: int | None = None
+        self.ca_file: Path | None = None
+
+    def enable_tls(self) -> None:
+        """Add an amqps listener with a certificate from a CA made here (trustme);
+        ``ca_file`` is what the service trusts. Call before start()."""
+        import trustme
+
+        self.tls_port = free_port()
+        self.dir.mkdir(exist_ok=True)
+        ca = trustme.CA()
+        server = ca.issue_cert(HOST)
+        self.ca_file = self.dir / "ca.pem"
+        self.ca_file.write_bytes(ca.cert_pem.bytes())
+        (self.dir / "server.pem").write_bytes(server.cert_chain_pems[0].bytes())
+        (self.dir / "server.key").write_bytes(server.private_key_pem.bytes())
+
+    def _conf(self) -> str:
+        if self.tls_port is None:
+            return ""
+        return "\n".join(
+            [
+                f"listeners.ssl.default = {HOST}:{self.tls_port}",
+                f"ssl_options.cacertfile = {self.dir / 'ca.pem'}",
+                f"ssl_options.certfile = {self.dir / 'server.pem'}",
+                f"ssl_options.keyfile = {self.dir / 'server.key'}",
+                "ssl_options.verify = verify_none",
+                "",
+            ]
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -328,14 +372,14 @@ class RabbitNode:
         for tool in ("rabbitmq-server", "rabbitmqctl"):
             if shutil.which(tool) is None:
                 raise BenchError(f"{tool} not found: apt-get install rabbitmq-server")
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)
         (self.dir / "enabled_plugins").write_text("")
-        (self.dir / "rabbitmq.conf").write_text("")
+        (self.dir / "rabbitmq.conf").write_text(self._conf())
         if os.geteuid() == 0:
             # rabbitmq-server runs the node as the rabbitmq user (su), which needs
             # to reach and write this directory.
             user = pwd.getpwnam("rabbitmq")
-            for path in (self.dir, self.dir / "enabled_plugins", self.dir / "rabbitmq.conf"):
+            for path in (self.dir, *self.dir.iterdir()):
                 os.chown(path, user.pw_uid, user.pw_gid)
         say(f"starting RabbitMQ node {self.name} on AMQP port {self.port} (core {OTHER_CORE})")
         self.launched = True
@@ -789,8 +833,10 @@ class Process:
         health_path: str,
         out: Path,
         core: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.core = core or SERVICE_CORE
+        self.env = env
         self.name = name
         self.cmd = cmd
         self.port = port
@@ -813,6 +859,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         return self
 
@@ -932,9 +979,13 @@ def service_group(
     nginx: Nginx,
     concurrency: int,
     cache: dict[str, Any] | None,
+    tls: bool = False,
+    code: Path | None = None,
 ) -> ServiceGroup:
     """n service processes, identical but for http_bind; cache: the
-    state_cache_class and state_cache_config (None: the in-memory default)."""
+    state_cache_class and state_cache_config (None: the in-memory default);
+    tls: amqps to the node's TLS listener; code: run the junebug_api found
+    there (a git archive of another commit) instead of this checkout's."""
     processes, logs = [], []
     for i in range(1, n + 1):
         port = free_port()
@@ -957,6 +1008,11 @@ def service_group(
             "shutdown_timeout": 10,
             **(cache or {}),
         }
+        if tls:
+            assert rabbit.tls_port is not None and rabbit.ca_file is not None
+            del config["amqp"]
+            config["amqp_url"] = f"amqps://guest:guest@{HOST}:{rabbit.tls_port}/%2F"
+            config["amqp_tls_ca_file"] = str(rabbit.ca_file)
         path = tmp / f"service-{tag}-{i}.yaml"
         path.write_text(yaml.safe_dump(config))
         log = tmp / f"service-{tag}-{i}.log"
@@ -972,7 +1028,8 @@ def service_group(
         out = tmp / f"service-{tag}-{i}.out"
         # --spread: process i on core (i - 1) % 2, so two processes get both cores.
         core = str((i - 1) % 2) if SPREAD else SERVICE_CORE
-        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out, core))
+        env = None if code is None else {"PYTHONPATH": str(code)}
+        processes.append(Process(f"junebug-api #{i}", cmd, port, "/health", out, core, env))
         logs.append(log)
     return ServiceGroup(processes, logs)
 
@@ -1603,14 +1660,28 @@ class Setup:
     processes: int
     cache: str  # memory or redis
     balancer: bool  # outbound through the nginx balancer
+    tls: bool = False  # amqps to the node (--tls)
+    code: str | None = None  # a git ref whose code runs instead (--compare-code)
+    metrics: bool = True  # metrics_enabled (--compare-metrics runs both)
 
     def tag(self, processes: int | None = None, outbound: bool = False) -> str:
-        """The suffix of row names; none for one process, memory, no balancer."""
+        """The suffix of row names; none for one process, memory, no balancer,
+        metrics on."""
         n = self.processes if processes is None else processes
+        marks = [
+            m
+            for m in (
+                "tls" if self.tls else "",
+                self.code or "",
+                "" if self.metrics else "metrics off",
+            )
+            if m
+        ]
         if n == 1 and self.cache == "memory" and not self.balancer:
-            return ""
+            return f" [{', '.join(marks)}]" if marks else ""
         lb = ", lb" if outbound and self.balancer else ""
-        return f" [{n}p {self.cache}{lb}]"
+        more = "".join(f", {m}" for m in marks)
+        return f" [{n}p {self.cache}{lb}{more}]"
 
 
 @dataclass
@@ -1646,6 +1717,23 @@ class SetupResult:
     inbound: Row | None = None
 
 
+def checkout(tmp: Path, ref: str) -> Path:
+    """The tree of git ref ``ref`` of this repository, unpacked under tmp."""
+    target = tmp / f"code-{re.sub(r'[^A-Za-z0-9_.-]', '_', ref)}"
+    if not target.exists():
+        target.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+            capture_output=True,
+            timeout=60,
+        )
+        if archive.returncode != 0:
+            raise BenchError(f"git archive {ref}: {archive.stderr.decode(errors='replace')}")
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        say(f"code of {ref} unpacked to {target} (its junebug_api runs for the [{ref}] rows)")
+    return target
+
+
 def run_setup(ctx: Context, setup: Setup) -> SetupResult:
     result = SetupResult(setup)
     cache = None
@@ -1655,8 +1743,19 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
             "state_cache_class": REDIS_CLASS,
             "state_cache_config": {"url": ctx.redis.url, "key_prefix": ctx.redis.prefix},
         }
+    if not setup.metrics:
+        cache = {**(cache or {}), "metrics_enabled": False}
+    code = checkout(ctx.tmp, setup.code) if setup.code else None
     group = service_group(
-        ctx.tmp, setup.key, setup.processes, ctx.rabbit, ctx.nginx, ctx.concurrency, cache
+        ctx.tmp,
+        setup.key,
+        setup.processes,
+        ctx.rabbit,
+        ctx.nginx,
+        ctx.concurrency,
+        cache,
+        tls=setup.tls,
+        code=code,
     )
     ctx.stack.callback(group.stop)
     say(
@@ -1805,6 +1904,29 @@ def render_scaling(results: list[SetupResult], connections: int) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def metrics_cost(results: list[SetupResult]) -> list[str]:
+    """How much slower each phase ran with metrics on than off (--compare-metrics)."""
+    on = {r.name.replace(" [metrics off]", ""): r for r in results[0].rows}
+    lines = []
+    for off in results[1].rows:
+        name = off.name.replace(" [metrics off]", "")
+        row = on.get(name)
+        if row is None or not row.rate or not off.rate:
+            continue
+        rate = (row.rate - off.rate) / off.rate * 100
+        cpu = ""
+        if row.cpu_ms and off.cpu_ms:
+            cpu = (
+                f"; CPU {row.cpu_ms:.3f} vs {off.cpu_ms:.3f} ms/{row.unit.split('/')[0]}"
+                f" ({(row.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
+            )
+        lines.append(
+            f"metrics on vs off, {name}: {row.rate:,.0f} vs {off.rate:,.0f} {row.unit}"
+            f" ({rate:+.1f}%){cpu}"
+        )
+    return lines
+
+
 def event_url_script(tmp: Path, nginx: Nginx) -> Path:
     """post.lua with an event_url in every request, so the cache is written."""
     text = POST_LUA.read_text()
@@ -1855,9 +1977,25 @@ def main() -> int:
         " always has (default: on)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the phases with the service on amqps (rows marked [tls])",
+    )
+    parser.add_argument(
+        "--compare-code",
+        metavar="REF",
+        help="also run the phases with the junebug_api of git ref REF (rows marked [REF]),"
+        " e.g. the commit before the two AMQP connections",
+    )
+    parser.add_argument(
         "--compare-scaling",
         action="store_true",
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
+    )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="every phase with metrics on, then again with metrics_enabled: false",
     )
     args = parser.parse_args()
     global SPREAD
@@ -1888,7 +2026,25 @@ def main() -> int:
                 args.balancer or args.processes > 1,
             )
         ]
+        if args.tls:
+            setups.append(Setup("tls", "amqps", 1, "memory", False, tls=True))
+        if args.compare_code:
+            setups.append(
+                Setup("code", args.compare_code, 1, "memory", False, code=args.compare_code)
+            )
         event_url = bool(args.event_url)
+        if args.compare_metrics:
+            main_setup = setups[0]
+            setups.append(
+                Setup(
+                    "nometrics",
+                    main_setup.label + ", metrics off",
+                    main_setup.processes,
+                    main_setup.cache,
+                    main_setup.balancer,
+                    metrics=False,
+                )
+            )
     duration = args.duration or (5 if args.quick else 15)
     warmup = 1 if args.quick else 3
     n_inbound = args.inbound or (20_000 if args.quick else 100_000)
@@ -1924,6 +2080,8 @@ def main() -> int:
                 stack.callback(redis.cleanup)
                 say(f"Redis {REDIS_URL}, key prefix {redis.prefix} (deleted at the end)")
             rabbit = RabbitNode(tmp)
+            if args.tls:
+                rabbit.enable_tls()
             stack.callback(rabbit.stop)
             rabbit.start()
             if not args.lazy_queues:
@@ -1983,6 +2141,8 @@ def main() -> int:
                 extra += result.extra
             if redis is not None and (args.compare_scaling or "outbound" in phases):
                 extra += redis_round_trips(tmp, redis)
+            if args.compare_metrics:
+                extra += metrics_cost(results)
         except BenchError as e:
             shout(f"benchmark aborted: {e}")
             failed = True

@@ -60,7 +60,19 @@ def load_spec() -> Any:
 
 
 class FieldCodec(Codec):
-    """txAMQP's codec with every AMQP 0-9-1 field-table type RabbitMQ sends."""
+    """txAMQP's codec with every AMQP 0-9-1 field-table type RabbitMQ sends,
+    and writing strings and tables right: lengths in bytes (txAMQP counts
+    characters, so a non-ASCII queue name or vhost broke the frame), booleans
+    as booleans and integers as 64-bit (txAMQP sent both as 32-bit unsigned,
+    so ``x-single-active-consumer: true`` was refused)."""
+
+    def enc_str(self, fmt: str, s: str | bytes) -> None:
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        self.pack(fmt, len(data))
+        self.write(data)
+
+    def encode_table(self, tbl: dict) -> None:
+        self.write(encode_table(tbl or {}))
 
     def _value(self) -> Any:
         kind = self.read(1)
@@ -176,6 +188,10 @@ class JunebugDelegate(TwistedDelegate):
                 "publisher_confirms": True,
                 "basic.nack": True,
                 "consumer_cancel_notify": True,
+                # connection.blocked/unblocked frames during resource alarms.
+                "connection.blocked": True,
+                # A wrong password gets connection.close 403, not a dropped socket.
+                "authentication_failure_close": True,
             },
         }
         response = self.client.response
@@ -190,6 +206,17 @@ class JunebugDelegate(TwistedDelegate):
             + _shortstr(self.client.locale)
         )
         self.client.transport.write(_frame(_FRAME_METHOD, 0, payload))
+
+    def connection_close(self, channel: Any, message: Message) -> None:
+        # Remember why, so the owner can say it (a refused login, a forced close).
+        self.client.close_reason = message
+        super().connection_close(channel, message)
+
+    def connection_blocked(self, channel: Any, message: Message) -> None:
+        self.client.on_blocked(message.reason or "resource alarm")
+
+    def connection_unblocked(self, channel: Any, message: Message) -> None:
+        self.client.on_unblocked()
 
     def basic_return_(self, channel: Any, message: Message) -> None:
         self.client.on_return(message)
@@ -284,7 +311,14 @@ class JunebugAMQPClient(AMQClient):
 
     The connection's owner sets ``on_delivery(channel_id, consumer_tag,
     delivery_tag, redelivered, body, headers)``, ``on_confirm(tag, multiple, ok)``,
-    ``on_return(message)`` and ``on_lost(reason)``.
+    ``on_return(message)``, ``on_lost(reason)``, ``on_blocked(reason)``,
+    ``on_unblocked()`` and ``on_channel_closed(channel_id, reason)`` (by
+    default a closed channel drops the connection).
+
+    ``lost_reason`` (why the transport closed), ``close_reason`` (the
+    broker's ``connection.close``, if it sent one) and ``received`` (the
+    first bytes the peer sent) let the owner say what went wrong in a
+    failed set-up.
     """
 
     def __init__(self, *args: Any, connection_name: str = "junebug-api", **kwargs: Any) -> None:
@@ -294,6 +328,12 @@ class JunebugAMQPClient(AMQClient):
         self.on_confirm: Callable[[int, bool, bool], None] = lambda *a: None
         self.on_return: Callable[[Message], None] = lambda msg: None
         self.on_lost: Callable[[Failure], None] = lambda reason: None
+        self.on_blocked: Callable[[str], None] = lambda reason: None
+        self.on_unblocked: Callable[[], None] = lambda: None
+        self.on_channel_closed: Callable[[int, Failure], None] = self._drop_on_channel_close
+        self.lost_reason: Failure | None = None
+        self.close_reason: Message | None = None
+        self.received = b""
         self._input = bytearray()
         self._incoming: dict[int, _IncomingDelivery] = {}
         self._publish_methods: dict[tuple[int, str, str], bytes] = {}
@@ -314,6 +354,8 @@ class JunebugAMQPClient(AMQClient):
 
     def dataReceived(self, data: bytes) -> None:
         buffer = self._input
+        if len(self.received) < 16:
+            self.received += data[: 16 - len(self.received)]
         buffer += data
         self._last_input = self.clock.seconds()
         offset = 0
@@ -392,6 +434,20 @@ class JunebugAMQPClient(AMQClient):
 
     def _unpack_frame(self, data: bytes) -> Frame:
         return decode_frame(self.spec, data)
+
+    def _pack_frame(self, frame: Frame) -> bytes:
+        """Method frames through FieldCodec (see there); others as txAMQP does."""
+        payload = frame.payload
+        if not isinstance(payload, Method):
+            return super()._pack_frame(frame)
+        buffer = BytesIO()
+        codec = FieldCodec(buffer)
+        codec.encode_short(payload.method.klass.id)
+        codec.encode_short(payload.method.id)
+        for field, arg in zip(payload.method.fields, payload.args, strict=True):
+            codec.encode(field.type, arg)
+        codec.flush()
+        return _frame(_FRAME_METHOD, frame.channel, buffer.getvalue())
 
     # -- heartbeats without a timer reset per frame -------------------------
 
@@ -475,20 +531,27 @@ class JunebugAMQPClient(AMQClient):
     # -- the rest -----------------------------------------------------------
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
+        self.on_channel_closed(channel.id, reason)
+
+    def _drop_on_channel_close(self, channel_id: int, reason: Failure) -> None:
         log.error(
             "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
-            channel=channel.id,
+            channel=channel_id,
             reason=reason.getErrorMessage(),
         )
         if self.transport is not None:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        self.lost_reason = reason
         super().connectionLost(reason)
         self.on_lost(reason)
 
-    def login(self, username: str, password: str) -> Deferred:
-        """Authenticate with SASL PLAIN; bytes, so any password encodes right."""
+    def login(self, username: str, password: str, mechanism: str = "PLAIN") -> Deferred:
+        """Authenticate with SASL PLAIN (bytes, so any password encodes right),
+        or EXTERNAL (the TLS client certificate is the identity)."""
+        if mechanism == "EXTERNAL":
+            return self.start(b"", mechanism="EXTERNAL")
         response = b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
         return self.start(response, mechanism="PLAIN")
 

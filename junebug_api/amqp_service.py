@@ -1,13 +1,31 @@
-"""The AMQP connection: reconnection, topology, confirmed publishing, consuming.
+"""The AMQP connections: reconnection, topology, confirmed publishing, consuming.
 
-:class:`AmqpService` keeps one connection to RabbitMQ open (Twisted's
-``ClientService`` reconnects with capped backoff), declares the vumi
-exchange and the connector's queues on every connect, publishes on a channel
-in confirm mode and consumes on another, with prefetch.
+:class:`AmqpService` keeps two connections to RabbitMQ, as RabbitMQ advises:
+one publishes (outbound and dead-letter messages, with publisher confirms),
+the other consumes (deliveries and their acks), so a publisher the broker
+blocks during a resource alarm never holds back the consumers' acks. Each
+connection reconnects on its own: every attempt goes to the next broker of
+``settings.brokers`` (in order, or shuffled per round), and the capped
+backoff applies only once a whole round of brokers failed. Every attempt,
+TLS handshake and AMQP handshake included, must finish within
+``settings.connect_timeout``; a failed one is logged as one sentence (see
+:mod:`junebug_api.amqp_connect`) that ``/health`` shows too.
+
+Both connections declare the vumi exchange and the service's queues (or
+only check them, ``declare: passive``) on every connect. Each consumer has a
+channel of its own on the consuming connection with its own prefetch
+(``basic.qos`` per consumer, as quorum queues need), and can be paused and
+resumed on its own.
 
 ``publish`` answers with a Deferred that fires once the broker confirmed the
 message (``basic.ack``), and fails with :class:`PublishFailed` on a nack, an
 unroutable message (``mandatory`` + ``basic.return``) or a lost connection.
+While the broker blocks the publishing connection (``connection.blocked``),
+or ``max_unconfirmed`` publishes wait for their confirm, nothing new is
+written: a publish with ``refuse_if_busy=True`` (an API request) fails at
+once with :class:`PublishRefused`; any other waits, unwritten, until the
+broker unblocks (or its connection is lost).
+
 Consumers get each message as bytes with an :class:`Acker` to call when its
 work is done; an acker of a connection that died does nothing, since the
 broker has already put that message back on its queue.
@@ -15,42 +33,66 @@ broker has already put that message back on its queue.
 
 from __future__ import annotations
 
+import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from .amqp_connect import (
+    SetupFailed,
+    TlsMaterial,
+    broker_endpoint,
+    explain,
+    explain_channel_close,
+)
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
-from .config import AmqpConfig
+from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id
 
 log = logger(__name__)
 
 EXCHANGE = "vumi"
-PUBLISH_CHANNEL = 1
-CONSUME_CHANNEL = 2
+PUBLISH_CHANNEL = 1  # publishing connection: confirm mode
+CONTROL_CHANNEL = 2  # either connection: declarations, basic.get, queue queries
+FIRST_CONSUMER_CHANNEL = 3  # consuming connection: one channel per consumer
+INITIAL_RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 30.0
+QUICK_DROP = 5.0  # seconds: a connection lost sooner counts as a failed round
+BLOCKED_RETRY_AFTER = 5
+BUSY_RETRY_AFTER = 1
 
 
 class PublishFailed(Exception):
     """The broker did not take a message: down, nacked or unroutable."""
 
 
+class PublishRefused(PublishFailed):
+    """Not written at all: the broker blocks publishing, or too many publishes
+    wait for their confirm. Worth another try after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 @attrs.define(eq=False)
 class Acker:
-    """Acknowledges one delivery on the connection it came from."""
+    """Acknowledges one delivery on the connection and channel it came from."""
 
     _connection: _Connection
+    _channel: int
     delivery_tag: int
     redelivered: bool
+    # The message's AMQP headers (retries carry their attempt count there).
     headers: dict[str, Any] = attrs.field(factory=dict)
 
     def ack(self) -> None:
@@ -60,13 +102,13 @@ class Acker:
         ``basic.ack`` frames as possible (``multiple`` for a run of tags).
         """
         if self._connection.alive:
-            self._connection.done(self.delivery_tag)
+            self._connection.done(self._channel, self.delivery_tag)
 
     def reject(self) -> None:
         """Give the message back to its queue now (no-op if the connection is gone)."""
         if self._connection.alive:
-            self._connection.unacked.pop(self.delivery_tag, None)
-            self._connection.client.reject(CONSUME_CHANNEL, self.delivery_tag, requeue=True)
+            self._connection.unacked_on(self._channel).pop(self.delivery_tag, None)
+            self._connection.client.reject(self._channel, self.delivery_tag, requeue=True)
 
     @property
     def alive(self) -> bool:
@@ -81,108 +123,198 @@ class _Connection:
     """One open AMQP connection and the state tied to its life."""
 
     client: JunebugAMQPClient
-    publish_channel: Any
-    consume_channel: Any
+    broker: AmqpConfig
     opened_at: float
     clock: Any
+    channels: dict[int, Any] = attrs.field(factory=dict)
+    # The channel for declarations and queries; None once the broker closed it.
+    control: Any = None
     alive: bool = True
+    blocked: str | None = None
+    # Fires (with None) once the connection is lost; lost_reason says why.
+    lost: Deferred = attrs.field(factory=Deferred)
+    lost_reason: Failure | None = None
     next_tag: int = 1
     pending: OrderedDict[int, Deferred] = attrs.field(factory=OrderedDict)
     returned: dict[str, int] = attrs.field(factory=dict)
     failed_tags: dict[int, str] = attrs.field(factory=dict)
-    # Deliveries not yet acked, in arrival order; True once their work is done.
-    unacked: OrderedDict[int, bool] = attrs.field(factory=OrderedDict)
+    # Publishes not yet written (blocked, or too many unconfirmed).
+    held: deque = attrs.field(factory=deque)
+    # Per channel: deliveries not yet acked, in arrival order; True once done.
+    unacked: dict[int, OrderedDict[int, bool]] = attrs.field(factory=dict)
+    next_channel: int = 100
     _flush_scheduled: bool = False
 
-    def done(self, tag: int) -> None:
-        if tag in self.unacked:
-            self.unacked[tag] = True
+    def unacked_on(self, channel: int) -> OrderedDict[int, bool]:
+        tags = self.unacked.get(channel)
+        if tags is None:
+            tags = self.unacked[channel] = OrderedDict()
+        return tags
+
+    def done(self, channel: int, tag: int) -> None:
+        tags = self.unacked.get(channel)
+        if tags is not None and tag in tags:
+            tags[tag] = True
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.clock.callLater(0, self.flush_acks)
 
     def flush_acks(self) -> None:
-        """Ack the finished deliveries: the leading run with one ``multiple``
-        ack, any others one by one."""
+        """Ack the finished deliveries of each channel: the leading run with
+        one ``multiple`` ack, any others one by one."""
         self._flush_scheduled = False
         if not self.alive:
             return
-        unacked = self.unacked
-        last, count = None, 0
-        while unacked:
-            tag, finished = next(iter(unacked.items()))
-            if not finished:
-                break
-            unacked.popitem(last=False)
-            last, count = tag, count + 1
-        if last is not None:
-            self.client.ack(CONSUME_CHANNEL, last, multiple=count > 1)
-        for tag in [tag for tag, finished in unacked.items() if finished]:
-            del unacked[tag]
-            self.client.ack(CONSUME_CHANNEL, tag)
+        for channel, unacked in self.unacked.items():
+            last, count = None, 0
+            while unacked:
+                tag, finished = next(iter(unacked.items()))
+                if not finished:
+                    break
+                unacked.popitem(last=False)
+                last, count = tag, count + 1
+            if last is not None:
+                self.client.ack(channel, last, multiple=count > 1)
+            for tag in [tag for tag, finished in unacked.items() if finished]:
+                del unacked[tag]
+                self.client.ack(channel, tag)
+
+
+@attrs.define(eq=False)
+class _Link:
+    """One of the two connections (``publish`` or ``consume``) over its life:
+    the connection open now, if any, and why the last attempt failed."""
+
+    role: str
+    connection: _Connection | None = None
+    broker: AmqpConfig | None = None
+    error: str | None = None
+    attempts: int = 0
+    failures: int = 0
+    waiters: list[tuple[Deferred, int | None]] = attrs.field(factory=list)
+    running: Deferred | None = None
+    sleeping: Deferred | None = None
+    order: list[AmqpConfig] = attrs.field(factory=list)
+
+    @property
+    def open(self) -> bool:
+        return self.connection is not None and self.connection.alive
+
+    def health(self) -> dict[str, Any]:
+        connection = self.connection
+        status: dict[str, Any] = {}
+        if connection is not None and connection.alive:
+            status["state"] = "blocked" if connection.blocked else "open"
+            status["broker"] = connection.broker.address
+            status["connected_since"] = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.gmtime(connection.opened_at)
+            )
+            if connection.blocked:
+                status["blocked"] = connection.blocked
+        else:
+            status["state"] = "closed"
+            if self.broker is not None:
+                status["broker"] = self.broker.address
+            if self.error:
+                status["error"] = self.error
+        return status
 
 
 @attrs.define(eq=False)
 class AmqpService(Service):
-    """Keeps the broker connection, publishes with confirms, runs consumers.
+    """Keeps the publishing and consuming connections, publishes with
+    confirms, runs consumers.
 
-    ``queues`` are declared (durable, bound to the vumi exchange by their own
-    name) on every connect; ``consumers`` maps a queue name to the callable
-    that gets its messages.
+    ``queues`` are declared (durable, with ``settings.queue_arguments``,
+    bound to the vumi exchange by their own name) on every connect;
+    ``consumers`` maps a queue name to the callable that gets its messages,
+    each with ``prefetch`` messages in work at most.
+
+    ``settings`` may be a single :class:`AmqpConfig` (one plain broker, the
+    other settings at their defaults).
     """
 
-    settings: AmqpConfig
+    settings: AmqpConnectionSettings | AmqpConfig
     queues: list[str]
     consumers: dict[str, Consumer]
     prefetch: int
     _reactor: Any
-    heartbeat: int = 30
+    heartbeat: int | None = None
     connection_name: str = "junebug-api"
-    # Arguments for queues that need them (delay queues: TTL, dead-letter target).
-    queue_arguments: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    metrics: Metrics = NO_METRICS
+    _random: random.Random = attrs.field(factory=random.Random)
+    _extra_queues: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _prefetches: dict[str, int] = attrs.field(factory=dict, init=False)
     _paused: set[str] = attrs.field(factory=set, init=False)
-    _client_service: ClientService | None = attrs.field(default=None, init=False)
-    _connection: _Connection | None = attrs.field(default=None, init=False)
-    _last_error: str | None = attrs.field(default=None, init=False)
+    _publisher: _Link = attrs.field(factory=lambda: _Link("publish"), init=False)
+    _consumer: _Link = attrs.field(factory=lambda: _Link("consume"), init=False)
+    _tls: TlsMaterial | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
-    _consuming: bool = attrs.field(default=True, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.name = "amqp"
+        if isinstance(self.settings, AmqpConfig):
+            self.settings = AmqpConnectionSettings(brokers=(self.settings,))
+        if self.heartbeat is not None:
+            self.settings = attrs.evolve(self.settings, heartbeat=self.heartbeat)
+        if any(broker.tls for broker in self.settings.brokers):
+            self._tls = TlsMaterial(self.settings)
+
+    @property
+    def links(self) -> tuple[_Link, _Link]:
+        return self._publisher, self._consumer
 
     # -- lifecycle --------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._consuming = True
-        endpoint = HostnameEndpoint(
-            self._reactor, self.settings.hostname, self.settings.port, timeout=10
-        )
-        factory = JunebugAMQPFactory(
-            self.settings.vhost, self.heartbeat, self._reactor, self.connection_name
-        )
-        self._client_service = ClientService(
-            endpoint,
-            factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=MAX_RECONNECT_DELAY),
-            clock=self._reactor,
-            prepareConnection=self._prepare,
-        )
-        self._client_service.startService()
+        if not self.settings.tls_verify and self._tls is not None:
+            log.warn(
+                "amqp_tls_verify is false: the broker's certificate is not checked,"
+                " so anyone in the path can read and change the traffic"
+            )
+        for link in self.links:
+            link.running = Deferred.fromCoroutine(self._keep(link))
 
     async def _stop(self) -> None:
         self._stopping = True
-        self._consuming = False
-        connection = self._connection
-        if connection is not None and connection.alive:
-            connection.flush_acks()  # before connection.close, or the broker drops them
-            try:
-                await connection.client.close(within=2)
-            except Exception:  # the connection may already be gone
-                pass
-        if self._client_service is not None:
-            await self._client_service.stopService()
+        for link in self.links:
+            if link.sleeping is not None:
+                link.sleeping.cancel()
+            connection = link.connection
+            if connection is not None and connection.alive:
+                connection.flush_acks()  # before connection.close, or the broker drops them
+                try:
+                    await connection.client.close(within=2)
+                except Exception:  # the connection may already be gone
+                    pass
+                if connection.client.transport is not None:
+                    connection.client.transport.loseConnection()
+                # Wait for the socket to close (TLS sends its close_notify first).
+                if not connection.lost.called:
+                    timer = self._reactor.callLater(2, connection.lost.cancel)
+                    try:
+                        await connection.lost
+                    except CancelledError:
+                        pass
+                    if timer.active():
+                        timer.cancel()
+        for link in self.links:
+            if link.running is not None:
+                running, link.running = link.running, None
+                running.cancel()
+                try:
+                    await running
+                except Exception:
+                    pass
+            for waiter, _ in link.waiters:
+                waiter.errback(PublishFailed("the AMQP service stopped"))
+            link.waiters.clear()
+        # Finish in a reactor turn of our own, never inside a protocol's
+        # dataReceived: the reactor's shutdown disconnects every transport as
+        # soon as this Deferred fires, and TLS cannot take that mid-read.
+        await deferLater(self._reactor, 0, lambda: None)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -193,91 +325,294 @@ class AmqpService(Service):
 
         A connection opened after this does not consume either.
         """
-        self._consuming = False
-        connection = self._connection
-        if connection is None or not connection.alive:
+        for queue in list(self.consumers):
+            await self.pause_consumer(queue)
+
+    # -- the connection loop ----------------------------------------------
+
+    def _next_broker(self, link: _Link) -> AmqpConfig:
+        if not link.order:
+            link.order = list(self.settings.brokers)
+            if self.settings.failover == "shuffle":
+                self._random.shuffle(link.order)
+        return link.order.pop(0)
+
+    async def _keep(self, link: _Link) -> None:
+        """Connect, stay connected, reconnect: the life of one connection.
+
+        A failed attempt moves on to the next broker at once; only after a
+        whole round failed does the backoff (doubling, capped) apply. A
+        connection the broker drops within seconds of opening counts as a
+        failed round too, so such a broker is not hammered.
+        """
+        brokers = len(self.settings.brokers)
+        failed_rounds = 0
+        try:
+            while not self._stopping:
+                broker = self._next_broker(link)
+                link.broker = broker
+                link.attempts += 1
+                try:
+                    connection = await self._attempt(link, broker)
+                except CancelledError:
+                    return
+                except SetupFailed as e:
+                    link.error = str(e)
+                    link.failures += 1
+                    log.error(
+                        "AMQP {role} connection to {broker} failed: {error}",
+                        role=link.role,
+                        broker=broker.address,
+                        error=link.error,
+                    )
+                    self._fail_waiters(link)
+                    if link.failures % brokers == 0:
+                        await self._back_off(link, failed_rounds)
+                        failed_rounds += 1
+                    continue
+                link.failures = 0
+                link.error = None
+                link.connection = connection
+                self.metrics.amqp_connected(link.role)
+                waiters, link.waiters = link.waiters, []
+                for waiter, _ in waiters:
+                    waiter.callback(None)
+                await connection.lost
+                reason = connection.lost_reason
+                if link.connection is connection:
+                    link.connection = None
+                if self._stopping:
+                    return
+                link.error = explain(
+                    reason, broker, self.settings, connection.client, established=True
+                )
+                log.warn(
+                    "AMQP {role} connection to {broker} lost ({reason}); reconnecting",
+                    role=link.role,
+                    broker=broker.address,
+                    reason=link.error,
+                )
+                if self._reactor.seconds() - connection.opened_at < QUICK_DROP:
+                    await self._back_off(link, failed_rounds)
+                    failed_rounds += 1
+                else:
+                    failed_rounds = 0
+        except CancelledError:
             return
-        for queue in self.consumers:
-            if queue in self._paused:
-                continue
-            try:
-                await connection.consume_channel.basic_cancel(consumer_tag=queue)
-            except Exception as e:
-                log.warn("Could not cancel consumer {queue}: {error}", queue=queue, error=e)
 
-    # -- connecting -------------------------------------------------------
+    async def _back_off(self, link: _Link, failed_rounds: int) -> None:
+        """Wait before the next round: 0.5 s doubling per failed round up to
+        30 s, with jitter. CancelledError when the service stops meanwhile."""
+        if self._stopping:
+            raise CancelledError()
+        delay = min(MAX_RECONNECT_DELAY, INITIAL_RECONNECT_DELAY * 2**failed_rounds)
+        delay *= self._random.uniform(0.8, 1.2)
+        link.sleeping = Deferred()
+        timer = self._reactor.callLater(delay, link.sleeping.callback, None)
+        try:
+            await link.sleeping
+        finally:
+            link.sleeping = None
+            if timer.active():
+                timer.cancel()
 
-    def _prepare(self, client: JunebugAMQPClient) -> Deferred:
-        return Deferred.fromCoroutine(self._setup(client)).addErrback(self._setup_failed, client)
-
-    def _setup_failed(self, failure: Failure, client: JunebugAMQPClient) -> Failure:
-        self._last_error = failure.getErrorMessage() or failure.type.__name__
-        log.error(
-            "Could not set up the AMQP connection to {host}:{port}: {error}",
-            host=self.settings.hostname,
-            port=self.settings.port,
-            error=self._last_error,
+    async def _attempt(self, link: _Link, broker: AmqpConfig) -> _Connection:
+        """One connection attempt, set-up included; SetupFailed says why not."""
+        timeout = self.settings.connect_timeout
+        factory = JunebugAMQPFactory(
+            broker.vhost,
+            self.settings.heartbeat,
+            self._reactor,
+            f"{self.connection_name} ({link.role})",
         )
-        return failure
-
-    async def _setup(self, client: JunebugAMQPClient) -> None:
+        endpoint = broker_endpoint(self._reactor, broker, timeout, self._tls)
+        try:
+            client = await endpoint.connect(factory)
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise SetupFailed(explain(e, broker, self.settings)) from None
         client = client.unwrapped()
-        await client.login(self.settings.username, self.settings.password)
-        publish_channel = await client.channel(PUBLISH_CHANNEL)
-        await publish_channel.channel_open()
-        await publish_channel.confirm_select()
-        consume_channel = await client.channel(CONSUME_CHANNEL)
-        await consume_channel.channel_open()
-        # global: the prefetch is shared by all consumers on this channel, so it
-        # caps the messages in work at once.
-        await consume_channel.basic_qos(prefetch_count=self.prefetch, global_=True)
-        await publish_channel.exchange_declare(exchange=EXCHANGE, type="direct", durable=True)
-        for queue in self.queues:
-            await publish_channel.queue_declare(
-                queue=queue, durable=True, arguments=self.queue_arguments.get(queue, {})
-            )
-            await publish_channel.queue_bind(queue=queue, exchange=EXCHANGE, routing_key=queue)
+        timed_out = False
+
+        def give_up() -> None:
+            nonlocal timed_out
+            timed_out = True
+            if client.transport is not None:
+                client.transport.abortConnection()
+
+        timer = self._reactor.callLater(timeout, give_up)
+        try:
+            return await self._setup(link, client, broker)
+        except CancelledError:
+            if client.transport is not None:
+                client.transport.abortConnection()
+            raise
+        except Exception as e:
+            if client.transport is not None and not client.transport.disconnecting:
+                client.transport.abortConnection()
+            raise SetupFailed(
+                explain(e, broker, self.settings, client, timed_out=timed_out)
+            ) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _setup(
+        self, link: _Link, client: JunebugAMQPClient, broker: AmqpConfig
+    ) -> _Connection:
         connection = _Connection(
-            client, publish_channel, consume_channel, opened_at=time.time(), clock=self._reactor
+            client, broker, opened_at=self._reactor.seconds(), clock=self._reactor
         )
-        client.on_confirm = lambda tag, multiple, ok: self._confirmed(connection, tag, multiple, ok)
-        client.on_return = lambda msg: self._returned(connection, msg)
         client.on_lost = lambda reason: self._lost(connection, reason)
-        client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body, headers: (
-            self._deliver(connection, consumer_tag, tag, redelivered, body, headers)
+        client.on_channel_closed = lambda channel, reason: self._channel_closed(
+            connection, channel, reason
         )
-        self._connection = connection
-        if self._consuming:
-            for queue in self.consumers:
+        await client.login(broker.username, broker.password, self.settings.auth_mechanism)
+        if link is self._publisher:
+            publish_channel = await self._open_channel(connection, PUBLISH_CHANNEL)
+            await publish_channel.confirm_select()
+            client.on_confirm = lambda tag, multiple, ok: self._confirmed(
+                connection, tag, multiple, ok
+            )
+            client.on_return = lambda msg: self._returned(connection, msg)
+            client.on_blocked = lambda reason: self._blocked(connection, reason)
+            client.on_unblocked = lambda: self._unblocked(connection)
+        control = connection.control = await self._open_channel(connection, CONTROL_CHANNEL)
+        await self._declare_topology(control)
+        if link is self._consumer:
+            client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body, headers: (
+                self._deliver(connection, channel, consumer_tag, tag, redelivered, body, headers)
+            )
+            for queue in list(self.consumers):
+                channel = await self._open_channel(connection, self._consumer_channel(queue))
+                await channel.basic_qos(prefetch_count=self._prefetch(queue), global_=False)
                 if queue not in self._paused:
-                    await consume_channel.basic_consume(queue=queue, consumer_tag=queue)
-        self._last_error = None
+                    await channel.basic_consume(queue=queue, consumer_tag=queue)
         log.info(
-            "Connected to AMQP at {host}:{port}, vhost {vhost}, consuming {queues}",
-            host=self.settings.hostname,
-            port=self.settings.port,
-            vhost=self.settings.vhost,
-            queues=sorted(q for q in self.consumers if q not in self._paused),
+            "AMQP {role} connection open to {broker}, vhost {vhost}{consuming}",
+            role=link.role,
+            broker=broker.address,
+            vhost=broker.vhost,
+            consuming=(
+                f", consuming {sorted(set(self.consumers) - self._paused)}"
+                if link is self._consumer
+                else ""
+            ),
         )
+        return connection
+
+    async def _open_channel(self, connection: _Connection, channel_id: int) -> Any:
+        channel = await connection.client.channel(channel_id)
+        await channel.channel_open()
+        connection.channels[channel_id] = channel
+        return channel
+
+    async def _declare_topology(self, channel: Any) -> None:
+        passive = self.settings.declare == "passive"
+        try:
+            await channel.exchange_declare(
+                exchange=EXCHANGE, type="direct", durable=True, passive=passive
+            )
+        except Exception as e:
+            if type(e).__name__ == "ChannelClosed":
+                raise SetupFailed(explain_channel_close(e, EXCHANGE, passive, "exchange")) from None
+            raise
+        queues = {queue: {} for queue in self.queues}
+        queues.update(self._extra_queues)
+        for queue, arguments in queues.items():
+            await self._declare_queue(channel, queue, arguments)
+
+    async def _declare_queue(self, channel: Any, queue: str, arguments: dict[str, Any]) -> None:
+        passive = self.settings.declare == "passive"
+        try:
+            if passive:
+                await channel.queue_declare(queue=queue, passive=True)
+            else:
+                await channel.queue_declare(
+                    queue=queue,
+                    durable=True,
+                    arguments={**self.settings.queue_arguments, **arguments},
+                )
+                await channel.queue_bind(queue=queue, exchange=EXCHANGE, routing_key=queue)
+        except Exception as e:
+            if type(e).__name__ == "ChannelClosed":
+                raise SetupFailed(explain_channel_close(e, queue, passive)) from None
+            raise
+
+    def _consumer_channel(self, queue: str) -> int:
+        return FIRST_CONSUMER_CHANNEL + list(self.consumers).index(queue)
+
+    def _prefetch(self, queue: str) -> int:
+        return self._prefetches.get(queue, self.prefetch)
+
+    def _channel_closed(self, connection: _Connection, channel_id: int, reason: Failure) -> None:
+        """A channel the broker closed: a query channel is reopened when next
+        needed; any other means the connection starts over."""
+        connection.channels.pop(channel_id, None)
+        if connection.control is not None and connection.control.id == channel_id:
+            connection.control = None
+            return
+        log.error(
+            "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
+            channel=channel_id,
+            reason=reason.getErrorMessage(),
+        )
+        if connection.client.transport is not None:
+            connection.client.transport.loseConnection()
 
     def _lost(self, connection: _Connection, reason: Failure) -> None:
         connection.alive = False
-        if self._connection is connection:
-            self._connection = None
         pending = list(connection.pending.values())
         connection.pending.clear()
+        held = list(connection.held)
+        connection.held.clear()
         for d in pending:
             if not d.called:
                 d.errback(PublishFailed("AMQP connection lost before the broker confirmed"))
-        if not self._stopping:
-            self._last_error = reason.getErrorMessage()
-            log.warn("AMQP connection lost ({reason}); reconnecting", reason=self._last_error)
+        for _, d in held:
+            if not d.called:
+                d.errback(PublishFailed("AMQP connection lost before the message was sent"))
+        connection.lost_reason = reason
+        if not connection.lost.called:
+            connection.lost.callback(None)
+
+    def _fail_waiters(self, link: _Link) -> None:
+        keep = []
+        for waiter, failures in link.waiters:
+            if failures is not None and link.failures >= failures:
+                waiter.errback(PublishFailed(link.error or "cannot connect to AMQP"))
+            else:
+                keep.append((waiter, failures))
+        link.waiters[:] = keep
+
+    # -- blocked connections ------------------------------------------------
+
+    def _blocked(self, connection: _Connection, reason: str) -> None:
+        connection.blocked = reason or "resource alarm"
+        log.warn(
+            "The broker {broker} blocks publishing ({reason}): outbound requests get 503"
+            " until it unblocks",
+            broker=connection.broker.address,
+            reason=connection.blocked,
+        )
+
+    def _unblocked(self, connection: _Connection) -> None:
+        connection.blocked = None
+        log.info("The broker {broker} unblocked publishing", broker=connection.broker.address)
+        self._write_held(connection)
 
     # -- publishing -------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and self._connection.alive
+        """Both connections are open."""
+        return self._publisher.open and self._consumer.open
+
+    @property
+    def blocked(self) -> bool:
+        connection = self._publisher.connection
+        return connection is not None and connection.alive and connection.blocked is not None
 
     def publish(
         self,
@@ -285,9 +620,16 @@ class AmqpService(Service):
         body: bytes,
         message_id: str | None = None,
         headers: dict[str, str | int] | None = None,
+        *,
+        refuse_if_busy: bool = False,
     ) -> Deferred[None]:
-        """Publish ``body`` persistently to the vumi exchange; fires on confirm."""
-        connection = self._connection
+        """Publish ``body`` persistently to the vumi exchange; fires on confirm.
+
+        While the broker blocks publishing or ``max_unconfirmed`` publishes
+        wait for confirms, a publish with ``refuse_if_busy`` fails at once
+        with :class:`PublishRefused`; others wait, unwritten, their turn.
+        """
+        connection = self._publisher.connection
         if connection is None or not connection.alive:
             return fail(PublishFailed("not connected to AMQP"))
         # The message-id property tells a basic.return which publish it is
@@ -301,11 +643,35 @@ class AmqpService(Service):
         }
         if headers:
             properties["headers"] = headers
-        client = connection.client
         try:
-            frames = client.encode_publish(PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties)
+            frames = connection.client.encode_publish(
+                PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties
+            )
         except (TypeError, ValueError) as e:
             return fail(PublishFailed(f"cannot encode the message: {e}"))
+        busy = self._busy(connection)
+        if busy is not None:
+            if refuse_if_busy:
+                return fail(busy)
+            held: Deferred[None] = Deferred()
+            connection.held.append(((frames, message_id), held))
+            return held
+        return self._write(connection, frames, message_id)
+
+    def _busy(self, connection: _Connection) -> PublishRefused | None:
+        if connection.blocked is not None:
+            return PublishRefused(
+                f"the broker blocks publishing ({connection.blocked})", BLOCKED_RETRY_AFTER
+            )
+        if connection.held or len(connection.pending) >= self.settings.max_unconfirmed:
+            return PublishRefused(
+                f"{len(connection.pending)} publishes wait for the broker's confirm"
+                f" (amqp_max_unconfirmed {self.settings.max_unconfirmed})",
+                BUSY_RETRY_AFTER,
+            )
+        return None
+
+    def _write(self, connection: _Connection, frames: bytes, message_id: str) -> Deferred[None]:
         # The tag is the broker's count of publishes on this channel: take it
         # only for frames that are certainly written.
         tag = connection.next_tag
@@ -313,9 +679,23 @@ class AmqpService(Service):
         confirmed: Deferred[None] = Deferred()
         connection.pending[tag] = confirmed
         connection.returned[message_id] = tag
-        client.transport.write(frames)
+        connection.client.transport.write(frames)
         confirmed.addBoth(self._forget_id, connection, message_id, tag)
         return confirmed
+
+    def _write_held(self, connection: _Connection) -> None:
+        """Write waiting publishes while the connection takes them."""
+        limit = self.settings.max_unconfirmed
+        while (
+            connection.held
+            and connection.alive
+            and connection.blocked is None
+            and len(connection.pending) < limit
+        ):
+            (frames, message_id), held = connection.held.popleft()
+            if held.called:
+                continue  # cancelled meanwhile
+            self._write(connection, frames, message_id).chainDeferred(held)
 
     @staticmethod
     def _forget_id(result: Any, connection: _Connection, message_id: str, tag: int) -> Any:
@@ -359,96 +739,177 @@ class AmqpService(Service):
                 d.errback(PublishFailed(failure))
             else:
                 d.callback(None)
+        if connection.held:
+            self._write_held(connection)
 
-    async def get(self, queue: str) -> tuple[bytes, dict[str, Any], Acker] | None:
-        """One message from ``queue`` (``basic.get``), unacked; None if empty."""
-        connection = self._connection
+    # -- queues -----------------------------------------------------------
+
+    async def _control(self, link: _Link) -> tuple[_Connection, Any]:
+        """The open connection of ``link`` and a channel for queries on it."""
+        connection = link.connection
         if connection is None or not connection.alive:
             raise PublishFailed("not connected to AMQP")
-        channel = connection.consume_channel
+        if connection.control is None or connection.control.closed:
+            # The broker closed it (a passive declare of a missing queue):
+            # a fresh channel number, since the old one may still be closing.
+            connection.next_channel += 1
+            connection.control = await self._open_channel(connection, connection.next_channel)
+        return connection, connection.control
+
+    async def get(self, queue: str) -> tuple[bytes, dict[str, Any], Acker] | None:
+        """One message from ``queue`` (``basic.get`` on the consuming
+        connection), unacked; None if empty."""
+        connection, channel = await self._control(self._consumer)
         reply = await channel.basic_get(queue=queue, no_ack=False)
         if reply.method.name == "get-empty":
             return None
-        connection.unacked[reply.delivery_tag] = False
+        connection.unacked_on(channel.id)[reply.delivery_tag] = False
         properties = dict(reply.content.properties)
         headers = dict(properties.get("headers") or {})
-        acker = Acker(connection, reply.delivery_tag, reply.redelivered, headers)
+        acker = Acker(connection, channel.id, reply.delivery_tag, reply.redelivered, headers)
         return body_bytes(reply), properties, acker
+
+    async def queue_status(self, queue: str) -> tuple[int, int]:
+        """``(ready messages, consumers)`` of ``queue``: a passive declare on
+        the publishing connection. PublishFailed when not connected; the
+        broker's ChannelClosed (404) when the queue does not exist."""
+        _, channel = await self._control(self._publisher)
+        reply = await channel.queue_declare(queue=queue, passive=True)
+        return reply.message_count, reply.consumer_count
+
+    async def queue_info(self, queue: str) -> tuple[int, int]:
+        """The same as :meth:`queue_status` (the name /health's queue monitor uses)."""
+        return await self.queue_status(queue)
+
+    def connection_metrics(self) -> dict[str, dict[str, int]]:
+        """Per connection (``publish``, ``consume``): ``up``, ``blocked``,
+        ``unconfirmed`` publishes (for /metrics)."""
+        metrics = {}
+        for link in self.links:
+            connection = link.connection
+            up = connection is not None and connection.alive
+            metrics[link.role] = {
+                "up": int(up),
+                "blocked": int(up and connection.blocked is not None),
+                "unconfirmed": len(connection.pending) if up else 0,
+            }
+        return metrics
 
     async def count(self, queue: str) -> int:
         """How many ready messages ``queue`` holds."""
-        connection = self._connection
-        if connection is None or not connection.alive:
-            raise PublishFailed("not connected to AMQP")
-        reply = await connection.publish_channel.queue_declare(
-            queue=queue, durable=True, passive=True
-        )
-        return reply.message_count
+        ready, _ = await self.queue_status(queue)
+        return ready
 
-    def when_connected(self, failures: int | None = None) -> Deferred[None]:
-        """Fires once connected and set up; fails after ``failures`` attempts."""
-        assert self._client_service is not None, "start the service first"
-        return self._client_service.whenConnected(failAfterFailures=failures).addCallback(
-            lambda _: None
-        )
+    async def declare_queue(self, queue: str, arguments: dict[str, Any] | None = None) -> None:
+        """Declare one more queue (durable, bound to the vumi exchange by its
+        name), now if connected and on every later connect.
+
+        ``arguments`` (e.g. ``x-message-ttl``, ``x-dead-letter-exchange``,
+        ``x-dead-letter-routing-key`` for a delay queue) add to and override
+        ``settings.queue_arguments``. With ``declare: passive`` the queue is
+        only checked, like the others. SetupFailed if the broker refuses.
+        """
+        self._extra_queues[queue] = dict(arguments or {})
+        for link in self.links:
+            if link.open:
+                _, channel = await self._control(link)
+                await self._declare_queue(channel, queue, self._extra_queues[queue])
 
     # -- consuming --------------------------------------------------------
+
+    def set_prefetch(self, queue: str, prefetch: int) -> None:
+        """The prefetch of ``queue``'s consumer from its next connect on."""
+        self._prefetches[queue] = prefetch
+
+    async def pause_consumer(self, queue: str) -> None:
+        """Stop taking messages from ``queue`` (``basic.cancel``); messages in
+        work stay ackable. Stays paused across reconnects until resumed."""
+        self._paused.add(queue)
+        connection = self._consumer.connection
+        if connection is None or not connection.alive:
+            return
+        channel = connection.channels.get(self._consumer_channel(queue))
+        if channel is None:
+            return
+        try:
+            await channel.basic_cancel(consumer_tag=queue)
+        except Exception as e:
+            log.warn("Could not cancel consumer {queue}: {error}", queue=queue, error=e)
+
+    async def resume_consumer(self, queue: str) -> None:
+        """Take messages from ``queue`` again (``basic.consume``)."""
+        if queue not in self._paused:
+            return
+        self._paused.discard(queue)
+        connection = self._consumer.connection
+        if connection is None or not connection.alive:
+            return
+        channel = connection.channels.get(self._consumer_channel(queue))
+        if channel is not None:
+            await channel.basic_consume(queue=queue, consumer_tag=queue)
 
     def _deliver(
         self,
         connection: _Connection,
+        channel: int,
         consumer_tag: str,
         delivery_tag: int,
         redelivered: bool,
         body: bytes,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        connection.unacked[delivery_tag] = False
-        acker = Acker(connection, delivery_tag, redelivered, headers or {})
+        connection.unacked_on(channel)[delivery_tag] = False
+        acker = Acker(connection, channel, delivery_tag, redelivered, headers or {})
         consumer = self.consumers.get(consumer_tag)
         if consumer is None:
             acker.reject()
             return
         consumer(body, acker)
 
-    async def pause_consumer(self, queue: str) -> None:
-        """Stop consuming ``queue`` (``basic.cancel``); its messages stay ready in it.
+    # -- waiting and health -------------------------------------------------
 
-        Deliveries already received stay with their consumer until acked or
-        rejected. A reconnect does not consume a paused queue.
-        """
-        self._paused.add(queue)
-        connection = self._connection
-        if connection is None or not connection.alive:
-            return
-        await connection.consume_channel.basic_cancel(consumer_tag=queue)
+    def when_connected(self, failures: int | None = None) -> Deferred[None]:
+        """Fires once both connections are open and set up; fails (PublishFailed,
+        with the reason) once either failed ``failures`` attempts in a row."""
 
-    async def resume_consumer(self, queue: str) -> None:
-        """Consume ``queue`` again after :meth:`pause_consumer`."""
-        if queue not in self._paused:
-            return
-        self._paused.discard(queue)
-        connection = self._connection
-        if connection is None or not connection.alive or not self._consuming:
-            return
-        await connection.consume_channel.basic_consume(queue=queue, consumer_tag=queue)
+        async def wait() -> None:
+            for link in self.links:
+                if link.open:
+                    continue
+                if failures is not None and link.failures >= failures:
+                    raise PublishFailed(link.error or "cannot connect to AMQP")
+                d: Deferred[None] = Deferred()
+                link.waiters.append((d, failures))
+                await d
 
-    # -- health -----------------------------------------------------------
+        return Deferred.fromCoroutine(wait())
 
     def health(self) -> dict[str, Any]:
-        """The ``amqp`` component of ``/health``: state, broker, last error."""
-        connection = self._connection
+        """The ``amqp`` component of ``/health``: state, broker, errors, and
+        each connection's own state."""
+        publisher, consumer = self.links
+        connection = publisher.connection
+        blocked = self.blocked
+        ok = self.connected and not blocked
+        broker = (connection.broker if publisher.open else publisher.broker) or (
+            self.settings.brokers[0]
+        )
         status: dict[str, Any] = {
-            "health": "ok" if self.connected else "down",
-            "state": "open" if self.connected else "closed",
-            "host": f"{self.settings.hostname}:{self.settings.port}",
-            "vhost": self.settings.vhost,
+            "health": "ok" if ok else "down",
+            "state": "blocked" if blocked else ("open" if self.connected else "closed"),
+            "host": broker.address,
+            "vhost": broker.vhost,
+            "connections": {"publish": publisher.health(), "consume": consumer.health()},
         }
         if connection is not None and connection.alive:
             status["connected_since"] = time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.gmtime(connection.opened_at)
             )
             status["unconfirmed_publishes"] = len(connection.pending)
-        elif self._last_error:
-            status["error"] = self._last_error
+        if blocked:
+            status["error"] = f"the broker blocks publishing ({connection.blocked})"
+        else:
+            errors = [link.error for link in self.links if not link.open and link.error]
+            if errors:
+                status["error"] = errors[0]
         return status

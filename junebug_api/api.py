@@ -38,6 +38,7 @@ from .junebug_formats import (
 )
 from .klein_resource import KleinAppResource
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .outbound import OutboundSender
 
 log = logger(__name__)
@@ -95,8 +96,13 @@ class JunebugApi:
         request_timeout: float,
         clock: Any,
         credentials: ApiCredentials | None = None,
+        metrics: Metrics = NO_METRICS,
+        metrics_path: str = "/metrics",
+        metrics_auth: bool = False,
     ) -> None:
         self._credentials = credentials or ApiCredentials()
+        self._metrics = metrics
+        self._metrics_auth = metrics_auth
         self._sender = sender
         self._health = health
         self._timeout = request_timeout
@@ -105,6 +111,8 @@ class JunebugApi:
         for path in (messages_path, messages_path + "/"):
             self.app.route(path, methods=["POST"], strict_slashes=False)(self.post_message)
         self.app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
+        if metrics.enabled:
+            self.app.route(metrics_path, methods=["GET"], strict_slashes=False)(self.get_metrics)
 
     def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
@@ -114,12 +122,28 @@ class JunebugApi:
         if not self._credentials.allow(request.getHeader(b"authorization")):
             request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
             error = Unauthorized("missing or wrong credentials")
+            self._metrics.outbound_request(error.status.value)
             return _answer(request, error.status, error_envelope(error))
         body = request.content.read()
         d = Deferred.fromCoroutine(self._sender.send(body))
         d.addTimeout(self._timeout, self._clock)
-        d.addCallback(_created, request)
+        d.addCallback(self._created, request)
         return d
+
+    def _created(self, result: dict[str, Any], request: IRequest) -> bytes:
+        self._metrics.outbound_request(HTTPStatus.CREATED.value)
+        return _created(result, request)
+
+    def get_metrics(self, request: IRequest) -> bytes:
+        """``metrics_path``: the Prometheus exposition (behind the API
+        credentials when ``metrics_auth`` is set)."""
+        if self._metrics_auth and not self._credentials.allow(request.getHeader(b"authorization")):
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
+            error = Unauthorized("missing or wrong credentials")
+            return _answer(request, error.status, error_envelope(error))
+        body, content_type = self._metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
 
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
@@ -130,6 +154,9 @@ class JunebugApi:
         """The envelope answering a failed request (routing errors included)."""
         if failure.check(ApiError):
             error = failure.value
+            retry_after = getattr(error, "retry_after", None)
+            if retry_after is not None:
+                request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
         elif failure.check(WerkzeugNotFound):
             error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         elif failure.check(WerkzeugMethodNotAllowed):
@@ -150,6 +177,9 @@ class JunebugApi:
         else:
             log.failure("Unexpected error handling a request", failure)
             error = InternalError("internal error")
+        if request.method == b"POST" and not failure.check(HTTPException):
+            # Not a routing error: the answer to a message POST.
+            self._metrics.outbound_request(error.status.value)
         return _answer(request, error.status, error_envelope(error))
 
 

@@ -13,6 +13,7 @@ line that names the option.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import types
@@ -40,6 +41,40 @@ class AmqpConfig:
     username: str = "guest"
     password: str = attrs.field(default="guest", repr=False)
     vhost: str = "/"
+    tls: bool = False
+
+    @property
+    def address(self) -> str:
+        """``host:port``, for log lines and ``/health`` (never credentials)."""
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{host}:{self.port}"
+
+
+AMQP_FAILOVER = ("in_order", "shuffle")
+AMQP_AUTH_MECHANISMS = ("PLAIN", "EXTERNAL")
+AMQP_DECLARE_MODES = ("declare", "passive")
+
+
+@attrs.frozen(kw_only=True)
+class AmqpConnectionSettings:
+    """Everything the AMQP connections need: brokers, TLS, login, limits.
+
+    Built from the options by :attr:`JunebugConfig.amqp_connection`; the
+    replay script and tests build it directly (``brokers`` alone will do).
+    """
+
+    brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),)
+    failover: str = "in_order"
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+    auth_mechanism: str = "PLAIN"
+    heartbeat: int = 30
+    connect_timeout: float = 10.0
+    max_unconfirmed: int = 5000
+    queue_arguments: dict = attrs.field(factory=dict)
+    declare: str = "declare"
 
 
 @attrs.frozen(kw_only=True)
@@ -66,7 +101,7 @@ class JunebugConfig:
     amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
     amqp_url: str = ""
     worker_concurrency: int = 20
-    sentry_dsn: str | None = None
+    sentry_dsn: str | None = attrs.field(default=None, repr=False)
     http_bind: str
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
@@ -89,12 +124,66 @@ class JunebugConfig:
     shutdown_timeout: float = 30.0
     amqp_heartbeat: int = 30
 
+    # Operating it: errors to Sentry, metrics, log format, /health queues.
+    sentry_environment: str | None = None
+    metrics_enabled: bool = True
+    metrics_path: str = "/metrics"
+    metrics_auth: bool = False
+    log_format: str = "text"
+    health_stuck_after: float = 300.0
+
+    # Production brokers: TLS, clusters, limits, topology.
+    amqp_urls: list = attrs.field(factory=list)
+    amqp_failover: str = "in_order"
+    amqp_tls_ca_file: str | None = None
+    amqp_tls_cert_file: str | None = None
+    amqp_tls_key_file: str | None = None
+    amqp_tls_verify: bool = True
+    amqp_auth_mechanism: str = "PLAIN"
+    amqp_connect_timeout: float = 10.0
+    amqp_max_unconfirmed: int = 5000
+    amqp_queue_arguments: dict = attrs.field(factory=dict)
+    amqp_declare: str = "declare"
+
+    @property
+    def amqp_brokers(self) -> list[AmqpConfig]:
+        """The brokers to connect to, in order: ``amqp_urls``, else ``amqp_url``,
+        else the ``amqp`` block."""
+        if self.amqp_urls:
+            return [parse_amqp_url(url, f"amqp_urls[{i}]") for i, url in enumerate(self.amqp_urls)]
+        if self.amqp_url:
+            return [parse_amqp_url(self.amqp_url)]
+        return [self.amqp]
+
     @property
     def amqp_settings(self) -> AmqpConfig:
-        """The broker to use: ``amqp_url`` when set, else the ``amqp`` block."""
-        if self.amqp_url:
-            return parse_amqp_url(self.amqp_url)
-        return self.amqp
+        """The first broker (the only one unless ``amqp_urls`` lists several)."""
+        return self.amqp_brokers[0]
+
+    @property
+    def amqp_connection(self) -> AmqpConnectionSettings:
+        """The settings the AMQP service connects with."""
+        return AmqpConnectionSettings(
+            brokers=tuple(self.amqp_brokers),
+            failover=self.amqp_failover,
+            tls_ca_file=self.amqp_tls_ca_file,
+            tls_cert_file=self.amqp_tls_cert_file,
+            tls_key_file=self.amqp_tls_key_file,
+            tls_verify=self.amqp_tls_verify,
+            auth_mechanism=self.amqp_auth_mechanism.upper(),
+            heartbeat=self.amqp_heartbeat,
+            connect_timeout=self.amqp_connect_timeout,
+            max_unconfirmed=self.amqp_max_unconfirmed,
+            queue_arguments=dict(self.amqp_queue_arguments),
+            declare=self.amqp_declare,
+        )
+
+    @property
+    def sentry(self) -> str | None:
+        """The Sentry DSN to use: None for unset, empty, ``null`` or ``none``
+        (as environment variables spell "unset")."""
+        dsn = (self.sentry_dsn or "").strip()
+        return None if dsn.lower() in ("", "null", "none") else dsn
 
     @property
     def messages_path(self) -> str:
@@ -191,6 +280,9 @@ def _from_string(name: str, hint: Any, text: str) -> Any:
     kind, optional = _base_type(hint)
     if kind is str:
         return text
+    if kind is list and not text.strip().startswith("["):
+        # Lists such as amqp_urls: comma-separated in the environment and CLI.
+        return [item.strip() for item in text.split(",") if item.strip()]
     if optional and text.strip().lower() in ("", "null", "none"):
         return None
     if kind is bool:
@@ -365,12 +457,47 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         raise ConfigError("amqp_heartbeat must not be negative")
     if config.base_url_path and not config.base_url_path.startswith("/"):
         raise ConfigError("base_url_path must start with '/'")
-    config.amqp_settings  # noqa: B018 - parses amqp_url, raising ConfigError
+    _check_operations(config)
+    _check_amqp(config)
     config.http_endpoint  # noqa: B018 - checks http_bind
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
     if cache_class is not None:
         config = attrs.evolve(config, state_cache_class=cache_class)
     return config
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _check_operations(config: JunebugConfig) -> None:
+    """The Sentry, metrics, log format and /health options."""
+    if config.sentry:
+        parts = urlsplit(config.sentry)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError:
+            raise ConfigError("sentry_dsn has an invalid port") from None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not parts.username
+            or not parts.path.strip("/")
+        ):
+            # The DSN itself is not repeated: it holds the project's key.
+            raise ConfigError("sentry_dsn must look like https://<key>@<host>/<project id>")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be text or json, got {config.log_format!r}")
+    if config.health_stuck_after <= 0:
+        raise ConfigError("health_stuck_after must be greater than 0")
+    path = config.metrics_path
+    if not path.startswith("/") or path.rstrip("/") in ("", "/health", config.messages_path):
+        raise ConfigError(
+            "metrics_path must start with '/' and differ from /health and the messages path"
+        )
+    if config.metrics_auth and config.api_auth_username is None and config.api_auth_token is None:
+        raise ConfigError(
+            "metrics_auth needs api_auth_username/api_auth_password or api_auth_token"
+        )
 
 
 def _check_url(name: str, url: str) -> None:
@@ -379,15 +506,92 @@ def _check_url(name: str, url: str) -> None:
         raise ConfigError(f"{name} must be an http:// or https:// URL")
 
 
-def parse_amqp_url(url: str) -> AmqpConfig:
-    """``amqp://user:pass@host:port/vhost`` as an :class:`AmqpConfig`."""
-    parts = urlsplit(url)
-    if parts.scheme != "amqp":
-        raise ConfigError("amqp_url must start with amqp://")
+def _check_amqp(config: JunebugConfig) -> None:
+    """The AMQP options: URLs parse, choices are known, files are readable."""
+    if config.amqp_url and config.amqp_urls:
+        raise ConfigError("set amqp_url or amqp_urls, not both")
+    for i, url in enumerate(config.amqp_urls):
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"amqp_urls[{i}] must be a non-empty amqp:// or amqps:// URL")
+    brokers = config.amqp_brokers  # parses the URLs, raising ConfigError
+    if config.amqp_failover not in AMQP_FAILOVER:
+        raise ConfigError(
+            f"amqp_failover must be one of {', '.join(AMQP_FAILOVER)}, got {config.amqp_failover!r}"
+        )
+    if config.amqp_declare not in AMQP_DECLARE_MODES:
+        raise ConfigError(
+            f"amqp_declare must be one of {', '.join(AMQP_DECLARE_MODES)},"
+            f" got {config.amqp_declare!r}"
+        )
+    mechanism = config.amqp_auth_mechanism.upper()
+    if mechanism not in AMQP_AUTH_MECHANISMS:
+        raise ConfigError(
+            f"amqp_auth_mechanism must be one of {', '.join(AMQP_AUTH_MECHANISMS)},"
+            f" got {config.amqp_auth_mechanism!r}"
+        )
+    if (config.amqp_tls_cert_file is None) != (config.amqp_tls_key_file is None):
+        raise ConfigError("amqp_tls_cert_file and amqp_tls_key_file must be set together")
+    for name in ("amqp_tls_ca_file", "amqp_tls_cert_file", "amqp_tls_key_file"):
+        path = getattr(config, name)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise ConfigError(f"cannot read {name} {path}: {e.strerror}") from None
+            except ValueError:  # a NUL in the path
+                raise ConfigError(f"{name} is not a valid path") from None
+    if mechanism == "EXTERNAL":
+        if config.amqp_tls_cert_file is None:
+            raise ConfigError("amqp_auth_mechanism EXTERNAL needs amqp_tls_cert_file and _key_file")
+        if not all(broker.tls for broker in brokers):
+            raise ConfigError("amqp_auth_mechanism EXTERNAL needs amqps:// (or amqp.tls: true)")
+    if any(broker.tls for broker in brokers):
+        from .amqp_connect import TlsMaterial  # here: it needs Twisted's TLS
+
+        TlsMaterial(config.amqp_connection)  # reads the PEM files, raising ConfigError
+    if not math.isfinite(config.amqp_connect_timeout) or not (
+        0 < config.amqp_connect_timeout <= 3600
+    ):
+        raise ConfigError("amqp_connect_timeout must be greater than 0 and at most 3600")
+    if not 1 <= config.amqp_max_unconfirmed <= 1_000_000:
+        raise ConfigError("amqp_max_unconfirmed must be between 1 and 1000000")
+    for key, value in config.amqp_queue_arguments.items():
+        if not isinstance(key, str) or not 0 < len(key.encode("utf-8")) <= 255:
+            raise ConfigError(f"amqp_queue_arguments: {key!r} is no valid argument name")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"amqp_queue_arguments.{key} is out of range")
+        if not isinstance(value, (str, int, bool)):
+            raise ConfigError(
+                f"amqp_queue_arguments.{key} must be a string, an integer or a boolean,"
+                f" got {value!r}"
+            )
+
+
+def parse_amqp_url(url: str, name: str = "amqp_url") -> AmqpConfig:
+    """``amqp[s]://user:pass@host:port/vhost`` as an :class:`AmqpConfig`.
+
+    ``amqps`` means TLS (default port 5671), as in vumi2. Parts the service
+    would drop (a query string such as ``?heartbeat=10``, a fragment) are
+    refused rather than silently ignored: their options are separate settings.
+    """
     try:
-        port = parts.port or 5672
+        parts = urlsplit(url.strip())
     except ValueError:
-        raise ConfigError("amqp_url has an invalid port") from None
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"{name} must start with amqp:// or amqps://")
+    if parts.query or url.rstrip().endswith("?"):
+        raise ConfigError(
+            f"{name} must not have a query string ({parts.query!r}): use the amqp_* options"
+        )
+    if parts.fragment:
+        raise ConfigError(f"{name} must not have a #fragment")
+    tls = parts.scheme == "amqps"
+    try:
+        port = parts.port or (5671 if tls else 5672)
+    except ValueError:
+        raise ConfigError(f"{name} has an invalid port") from None
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     return AmqpConfig(
         hostname=parts.hostname or "127.0.0.1",
@@ -395,6 +599,7 @@ def parse_amqp_url(url: str) -> AmqpConfig:
         username=unquote(parts.username) if parts.username is not None else "guest",
         password=unquote(parts.password) if parts.password is not None else "guest",
         vhost=vhost,
+        tls=tls,
     )
 
 
@@ -457,6 +662,10 @@ def describe(config: JunebugConfig) -> dict:
     for name in ("mo_message_url", "default_event_url", "amqp_url"):
         if plain.get(name):
             plain[name] = redact_url(plain[name])
+    if plain.get("amqp_urls"):
+        plain["amqp_urls"] = [
+            redact_url(url) if isinstance(url, str) else url for url in plain["amqp_urls"]
+        ]
     if isinstance(plain.get("state_cache_config"), dict):
         cache = dict(plain["state_cache_config"])
         if isinstance(cache.get("url"), str):

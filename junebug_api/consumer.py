@@ -18,6 +18,7 @@ cannot be delivered, or once ``max_age`` has passed since its first failure.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from twisted.python.failure import Failure
 
 from .amqp_service import Acker, PublishFailed
 from .log import logger
+from .metrics import NO_METRICS, Metrics
 from .vumi_messages import generate_message_id, utc_timestamp
 
 log = logger(__name__)
@@ -59,16 +61,23 @@ class HandlingFailed(Exception):
         *,
         retryable: bool,
         message_id: str | None = None,
+        url: str | None = None,
         held: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.message_id = message_id
+        #: Where the failed POST went, without credentials (for log fields).
+        self.url = url
         self.held = held
 
 
-Handler = Callable[[bytes], Awaitable[None]]
+#: What a handler returns for a message it handled by dropping it on purpose
+#: (an event with nowhere to go); anything else it returns means delivered.
+DROPPED = "dropped"
+
+Handler = Callable[[bytes], Awaitable[Any]]
 Publish = Callable[..., Deferred]
 
 
@@ -111,6 +120,20 @@ def _header_text(text: str, limit: int = 1000) -> str:
     # txAMQP writes header strings with their character count as length: keep
     # them ASCII so the frame stays intact.
     return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
+
+
+def peek_message_id(body: bytes) -> str | None:
+    """The id a log line names for a body that failed before its handler
+    could say: an event's ``user_message_id``, else ``message_id``, else None."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = data.get("user_message_id") if data.get("message_type") == "event" else None
+    value = value or data.get("message_id")
+    return value if isinstance(value, str) else None
 
 
 def _header_number(headers: dict[str, Any], name: str) -> int | None:
@@ -185,7 +208,10 @@ class MessageWorker:
     _clock: Any
     retry_queues: dict[int, str] = attrs.field(factory=dict)
     hold_gate: HoldGate | None = None
+    metrics: Metrics = NO_METRICS
+    role: str = ""
     _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+    _last_taken: float | None = attrs.field(default=None, init=False)
     _waiting: set[Deferred] = attrs.field(factory=set, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _publish_failures: int = attrs.field(default=0, init=False)
@@ -202,17 +228,34 @@ class MessageWorker:
         """Take one delivery; the Deferred fires once it is acked, moved or released."""
         d = Deferred.fromCoroutine(self._process(body, acker))
         self._in_flight.add(d)
-        d.addBoth(self._done, d)
+        d.addBoth(self._done, d, body)
         return d
 
-    def _done(self, result: Any, d: Deferred) -> None:
+    def _done(self, result: Any, d: Deferred, body: bytes) -> None:
         self._in_flight.discard(d)
         if isinstance(result, Failure) and not result.check(CancelledError):
-            log.failure("Unexpected error handling a {queue} message", result, queue=self.queue)
+            log.failure(
+                "Unexpected error handling {queue} message {message_id}",
+                result,
+                queue=self.queue,
+                message_id=peek_message_id(body),
+            )
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def last_taken(self) -> float | None:
+        """When a message of this queue was last acked (delivered, dropped,
+        moved to a delay queue or dead-lettered), by the clock; None before
+        the first."""
+        return self._last_taken
+
+    def _taken(self, outcome: str | None) -> None:
+        self._last_taken = self._clock.seconds()
+        if outcome is not None:
+            self.metrics.consumed(self.role, outcome)
 
     async def _process(self, body: bytes, acker: Acker) -> None:
         taken = self._clock.seconds()
@@ -228,7 +271,7 @@ class MessageWorker:
                 return
         while True:
             try:
-                await self.handler(body)
+                result = await self.handler(body)
             except HandlingFailed as e:
                 # Without its traceback: it would hold this frame, which holds
                 # it, a cycle per failure left for the (rare) full collection.
@@ -236,9 +279,12 @@ class MessageWorker:
             except CancelledError:
                 raise
             except Exception as e:
-                failure = HandlingFailed(f"{type(e).__name__}: {e}", retryable=True)
+                failure = HandlingFailed(
+                    f"{type(e).__name__}: {e}", retryable=True, message_id=peek_message_id(body)
+                )
             else:
                 acker.ack()
+                self._taken(DROPPED if result == DROPPED else "delivered")
                 return
             if not acker.alive:
                 return  # the broker has requeued it with its dead connection
@@ -258,6 +304,7 @@ class MessageWorker:
             if not self._may_wait_here(delay, now - taken):
                 await self._delay(body, acker, failure, budget, delay)
                 return
+            self.metrics.retry(self.role)
             log.warn(
                 "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
                 " retrying in {delay:.1f} s",
@@ -266,6 +313,7 @@ class MessageWorker:
                 message_id=failure.message_id,
                 reason=failure.reason,
                 delay=delay,
+                url=failure.url,
             )
             wait = deferLater(self._clock, delay)
             self._waiting.add(wait)
@@ -312,6 +360,7 @@ class MessageWorker:
         """Move the message to the delay queue closest to ``wanted`` seconds."""
         delay = pick_delay(sorted(self.retry_queues), wanted)
         queue = self.retry_queues[delay]
+        started = self.metrics.now()
         try:
             await self.publish(
                 queue,
@@ -320,11 +369,15 @@ class MessageWorker:
                 headers=budget.headers(failure.reason),
             )
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             await self._release(acker, failure, f"could not move it to {queue} ({e})")
             return
+        self.metrics.publish_done(started, confirmed=True)
         self._publish_failures = 0
         acker.ack()
+        self._taken(None)
         if not quiet:
+            self.metrics.retry(self.role)
             log.warn(
                 "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
                 " retrying in {delay} s (via {retry_queue})",
@@ -334,6 +387,7 @@ class MessageWorker:
                 reason=failure.reason,
                 delay=delay,
                 retry_queue=queue,
+                url=failure.url,
             )
 
     async def _release(self, acker: Acker, failure: HandlingFailed, why: str) -> None:
@@ -367,13 +421,17 @@ class MessageWorker:
         headers["x-junebug-source-queue"] = self.queue
         # A body with no usable id is logged and parked under a new one.
         message_id = _safe_message_id(failure.message_id)
+        started = self.metrics.now()
         try:
             await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             await self._release(acker, failure, f"could not dead-letter it ({e})")
             return
+        self.metrics.publish_done(started, confirmed=True)
         self._publish_failures = 0
         acker.ack()
+        self._taken("dead_lettered")
         log.error(
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
@@ -382,6 +440,7 @@ class MessageWorker:
             failed_queue=self.failed_queue,
             attempts=budget.attempts,
             reason=failure.reason,
+            url=failure.url,
         )
 
     async def drain(self, timeout: float) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import CancelledError
 
-from .consumer import HandlingFailed
+from .consumer import DROPPED, HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import Unsendable, junebug_event, to_json
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import InvalidMessage, parse_event
 
@@ -32,8 +33,9 @@ class EventHandler:
     timeout: float
     # Larger bodies are refused at once: no destination should get them.
     max_body_size: int = 1048576
+    metrics: Metrics = NO_METRICS
 
-    async def __call__(self, body: bytes) -> None:
+    async def __call__(self, body: bytes) -> str | None:
         if len(body) > self.max_body_size:
             raise HandlingFailed(
                 f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
@@ -49,6 +51,7 @@ class EventHandler:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
@@ -61,7 +64,7 @@ class EventHandler:
                     event_id=event.get("event_id"),
                     message_id=message_id,
                 )
-                return
+                return DROPPED
             info = EventInfo(self.default_url, self.default_auth_token)
         try:
             payload = to_json(junebug_event(event, self.channel_id))
@@ -70,12 +73,15 @@ class EventHandler:
                 f"event cannot be sent on: {e}", retryable=False, message_id=message_id
             ) from None
         try:
-            await self.delivery.post_json(info.url, payload, info.auth_token, self.timeout)
+            await self.delivery.post_json(
+                info.url, payload, info.auth_token, self.timeout, target="event"
+            )
         except DeliveryFailed as e:
             raise HandlingFailed(
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(info.url),
                 held=e.held,
             ) from None
         if debug_enabled():

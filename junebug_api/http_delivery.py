@@ -35,25 +35,27 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from .junebug_formats import JSON_CONTENT_TYPE
+from .metrics import NO_METRICS, Metrics, status_class
 from .outages import OutageTracker, describe_destination, destination_of
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 
 
 class DeliveryFailed(Exception):
-    """A POST that did not get a 2xx; ``retryable`` says if trying again may help.
+    """A POST that did not get a 2xx; ``retryable`` says if trying again may help."""
 
-    ``outage`` marks failures that look like the destination being down
-    (connection errors, timeouts, 5xx); ``held`` marks a delivery that was
-    not made, or was a probe, because its destination is down: it spends no
-    attempt.
-    """
-
-    def __init__(self, reason: str, retryable: bool, *, outage: bool = False) -> None:
+    def __init__(
+        self, reason: str, retryable: bool, status_class: str = "error", *, outage: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        #: ``4xx``/``5xx`` for an answer, ``timeout`` or ``error`` without one.
+        self.status_class = status_class
+        #: Looks like the destination is down (connection errors, timeouts, 5xx).
         self.outage = outage
+        #: Not made, or only a probe, because the destination is down: it
+        #: spends no attempt.
         self.held = False
 
 
@@ -185,16 +187,21 @@ class HttpDelivery:
 
     _agent: IAgent
     _clock: IReactorTime
+    metrics: Metrics = NO_METRICS
     _outages: OutageTracker | None = None
 
     @classmethod
     def create(
-        cls, reactor: Any, max_per_host: int, outages: OutageTracker | None = None
+        cls,
+        reactor: Any,
+        max_per_host: int,
+        metrics: Metrics = NO_METRICS,
+        outages: OutageTracker | None = None,
     ) -> HttpDelivery:
         agent = Agent.usingEndpointFactory(
             reactor, _EndpointCache(reactor), pool=make_pool(reactor, max_per_host)
         )
-        return cls(agent, reactor, outages)
+        return cls(agent, reactor, metrics, outages)
 
     async def _post(self, url: bytes, headers: Headers, body: bytes) -> Any:
         """The request and the reading of its answer, under one timeout."""
@@ -204,16 +211,24 @@ class HttpDelivery:
         await reader.finished
         return response
 
-    async def post_json(self, url: str, body: bytes, auth_token: str | None, timeout: float) -> int:
+    async def post_json(
+        self,
+        url: str,
+        body: bytes,
+        auth_token: str | None,
+        timeout: float,
+        target: str = "mo",
+    ) -> int:
         """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed.
 
+        ``target`` (``mo`` or ``event``) labels the POST's latency metric.
         With an outage tracker, a POST to a destination that is down is not
         made (DeliveryFailed with ``held``) unless it is due as a probe, and
         every outcome is recorded for the destination.
         """
         outages = self._outages
         if outages is None:
-            return await self._post_json(url, body, auth_token, timeout)
+            return await self._post_json(url, body, auth_token, timeout, target)
         destination = destination_of(url)
         if not outages.admit(destination):
             failure = DeliveryFailed(
@@ -222,7 +237,7 @@ class HttpDelivery:
             failure.held = True
             raise failure
         try:
-            code = await self._post_json(url, body, auth_token, timeout)
+            code = await self._post_json(url, body, auth_token, timeout, target)
         except DeliveryFailed as e:
             if e.outage:
                 outages.failed(destination)
@@ -237,7 +252,7 @@ class HttpDelivery:
         return code
 
     async def _post_json(
-        self, url: str, body: bytes, auth_token: str | None, timeout: float
+        self, url: str, body: bytes, auth_token: str | None, timeout: float, target: str
     ) -> int:
         clean_url, basic = split_credentials(url)
         headers = Headers(
@@ -250,24 +265,40 @@ class HttpDelivery:
             headers.setRawHeaders(b"Authorization", [f"Token {auth_token}".encode()])
         elif basic is not None:
             headers.setRawHeaders(b"Authorization", [basic])
+        started = self._clock.seconds()
         try:
-            posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
-            response = await posting.addTimeout(timeout, self._clock)
-        except TimeoutError:  # addTimeout turns its own cancellation into this
-            raise DeliveryFailed(
-                f"timed out after {timeout:g} s", retryable=True, outage=True
-            ) from None
-        except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-            raise DeliveryFailed(
-                f"connection failed: {type(e).__name__}", True, outage=True
-            ) from None
-        except (ResponseNeverReceived, ResponseFailed) as e:
-            reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-            raise DeliveryFailed(f"no response: {reasons}", retryable=True, outage=True) from None
-        except SchemeNotSupported as e:
-            raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
-        code = response.code
-        if 200 <= code < 300:
-            return code
-        retryable = code >= 500 or code in RETRYABLE_STATUSES
-        raise DeliveryFailed(f"HTTP {code}", retryable=retryable, outage=code >= 500)
+            try:
+                posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
+                response = await posting.addTimeout(timeout, self._clock)
+            except TimeoutError:  # addTimeout turns its own cancellation into this
+                raise DeliveryFailed(
+                    f"timed out after {timeout:g} s",
+                    retryable=True,
+                    status_class="timeout",
+                    outage=True,
+                ) from None
+            except (ConnectError, DNSLookupError, ConnectionClosed) as e:
+                raise DeliveryFailed(
+                    f"connection failed: {type(e).__name__}", True, outage=True
+                ) from None
+            except (ResponseNeverReceived, ResponseFailed) as e:
+                reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
+                raise DeliveryFailed(
+                    f"no response: {reasons}", retryable=True, outage=True
+                ) from None
+            except SchemeNotSupported as e:
+                raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
+            code = response.code
+            if not 200 <= code < 300:
+                retryable = code >= 500 or code in RETRYABLE_STATUSES
+                raise DeliveryFailed(
+                    f"HTTP {code}",
+                    retryable=retryable,
+                    status_class=status_class(code),
+                    outage=code >= 500,
+                )
+        except DeliveryFailed as e:
+            self.metrics.delivery_post(target, e.status_class, self._clock.seconds() - started)
+            raise
+        self.metrics.delivery_post(target, "2xx", self._clock.seconds() - started)
+        return code

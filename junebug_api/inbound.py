@@ -12,6 +12,7 @@ from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
 from .junebug_formats import Unsendable, junebug_message, to_json
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import StateCache
 from .vumi_messages import InvalidMessage, parse_user_message
 
@@ -29,6 +30,7 @@ class InboundHandler:
     timeout: float
     # Larger bodies are refused at once: no destination should get them.
     max_body_size: int = 1048576
+    metrics: Metrics = NO_METRICS
 
     async def __call__(self, body: bytes) -> None:
         if len(body) > self.max_body_size:
@@ -46,6 +48,7 @@ class InboundHandler:
         except CancelledError:
             raise
         except Exception as e:
+            self.metrics.cache_error()
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
@@ -62,6 +65,7 @@ class InboundHandler:
                 f"POST to {safe_url(self.url)} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
+                url=safe_url(self.url),
                 held=e.held,
             ) from None
         if debug_enabled():

@@ -90,6 +90,8 @@ class ServiceUnavailable(ApiError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     description = "service unavailable"
     error_type = "ServiceUnavailable"
+    # Seconds for a Retry-After header, when the service knows when to try again.
+    retry_after: int | None = None
 
 
 class RequestTimedOut(ApiError):

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
-from .amqp_service import PublishFailed
+from .amqp_service import PublishFailed, PublishRefused
 from .junebug_formats import (
     ApiUsageError,
     MessageNotFound,
@@ -25,6 +25,7 @@ from .junebug_formats import (
     reply_message,
 )
 from .log import debug_enabled, logger
+from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -41,6 +42,7 @@ class OutboundSender:
     allow_expired_replies: bool
     cache: StateCache
     publish: Callable[..., Deferred]
+    metrics: Metrics = NO_METRICS
 
     @property
     def routing_key(self) -> str:
@@ -56,10 +58,16 @@ class OutboundSender:
         message_id = message["message_id"]
         if event_url is not None:
             info = EventInfo(event_url, request.get("event_auth_token"))
-            await self._cache_call(self.cache.store_event_info(message_id, info))
+            await self._cache_call(
+                self.cache.store_event_info(message_id, info), "storing event info of", message_id
+            )
+        started = self.metrics.now()
         try:
-            await self.publish(self.routing_key, serialise(message), message_id=message_id)
+            await self.publish(
+                self.routing_key, serialise(message), message_id=message_id, refuse_if_busy=True
+            )
         except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
             log.error(
                 "Outbound message {message_id} not sent: {error}",
                 message_id=message_id,
@@ -70,7 +78,11 @@ class OutboundSender:
                     await self.cache.delete_event_info(message_id)
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
-            raise ServiceUnavailable(f"message not sent: {e}") from None
+            error = ServiceUnavailable(f"message not sent: {e}")
+            if isinstance(e, PublishRefused):
+                error.retry_after = e.retry_after
+            raise error from None
+        self.metrics.publish_done(started, confirmed=True)
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
         return junebug_message(message, self.connector_name)
@@ -78,7 +90,9 @@ class OutboundSender:
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")
         if reply_to is not None:
-            inbound = await self._cache_call(self.cache.fetch_inbound(reply_to))
+            inbound = await self._cache_call(
+                self.cache.fetch_inbound(reply_to), "looking up inbound", reply_to
+            )
             if inbound is not None:
                 return reply_message(request, inbound)
             if request.get("to") is None or not self.allow_expired_replies:
@@ -90,13 +104,19 @@ class OutboundSender:
             default_from_addr=self.default_from_addr,
         )
 
-    async def _cache_call(self, d: Deferred) -> Any:
+    async def _cache_call(self, d: Deferred, action: str, message_id: str) -> Any:
         try:
             return await d
         except CancelledError:
             raise
         except Exception as e:
-            log.error("State cache unavailable: {error}", error=e)
+            self.metrics.cache_error()
+            log.error(
+                "State cache unavailable ({action} message {message_id}): {error}",
+                action=action,
+                message_id=message_id,
+                error=e,
+            )
             raise ServiceUnavailable("state cache unavailable") from None
 
 

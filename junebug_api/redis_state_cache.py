@@ -193,7 +193,8 @@ class RedisStateCache:
     def _failed(self, failure: Any) -> Any:
         if failure.check(CancelledError):
             return failure  # the caller gave up (e.g. its client left): no news of Redis
-        self._healthy = False
+        # One failed operation is news, not a verdict: health follows the
+        # periodic PING, so a single timeout does not flip /health to down.
         self._last_error = failure.getErrorMessage() or failure.type.__name__
         return failure
 
@@ -237,7 +238,9 @@ class RedisStateCache:
         try:
             await self._call("ping")
         except Exception:
-            if self._healthy is not False or self._last_error:
+            was_healthy = self._healthy
+            self._healthy = False
+            if was_healthy is not False or self._last_error:
                 log.warn(
                     "Redis at {url} is unreachable: {error}",
                     url=redact_url(self._url),

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run(reactor: Any) -> None:
         amqp = AmqpService(
-            config.amqp_settings,
+            config.amqp_connection,
             queues=[target, source],
             consumers={},
             prefetch=1,

@@ -16,6 +16,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 
 from .amqp_service import EXCHANGE, AmqpService
 from .api import ApiCredentials, JunebugApi
@@ -25,10 +27,12 @@ from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite
 from .inbound import InboundHandler
-from .log import logger, set_log_level
+from .log import Redactor, logger, set_log_level
+from .metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .outages import OutageTracker, destination_of
 from .outbound import OutboundSender
 from .pause_while_down import PauseWhileDown
+from .queue_health import QueueMonitor
 from .state_cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -90,10 +94,27 @@ def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
 class JunebugService(MultiService):
     """The whole service: API, AMQP, workers and state cache."""
 
-    def __init__(self, config: JunebugConfig, reactor: Any) -> None:
+    def __init__(
+        self, config: JunebugConfig, reactor: Any, log_observer: ILogObserver | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._log_observer = log_observer
+        self.redactor = Redactor.for_config(config)
+        self.metrics: Metrics = (
+            PrometheusMetrics(config.connector_name, reactor)
+            if config.metrics_enabled
+            else NO_METRICS
+        )
+        metrics = self.metrics
+        self.sentry = None
+        if config.sentry:
+            from .error_reporting import SentryReporter
+
+            self.sentry = SentryReporter(
+                config.sentry, config.sentry_environment, config.connector_name, self.redactor
+            )
         self.cache: StateCache = make_state_cache(
             config.state_cache_class,
             config.state_cache_config,
@@ -102,7 +123,9 @@ class JunebugService(MultiService):
         )
         queues = queue_names(config.connector_name)
         self.outages = OutageTracker(reactor, probe_interval=config.delivery_probe_interval)
-        delivery = HttpDelivery.create(reactor, config.worker_concurrency, self.outages)
+        delivery = HttpDelivery.create(
+            reactor, config.worker_concurrency, metrics, outages=self.outages
+        )
 
         def policy(attempt_timeout: float) -> RetryPolicy:
             return RetryPolicy(
@@ -115,18 +138,18 @@ class JunebugService(MultiService):
             )
 
         self.amqp = AmqpService(
-            config.amqp_settings,
-            queues=[*queues.values(), *retry_queue_names(config.connector_name).values()],
+            config.amqp_connection,
+            queues=list(queues.values()),
             consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
-            heartbeat=config.amqp_heartbeat,
             connection_name=f"junebug-api {config.connector_name}",
-            queue_arguments={
-                **retry_queue_arguments(queues["inbound"]),
-                **retry_queue_arguments(queues["event"]),
-            },
+            metrics=metrics,
         )
+        # The delay queues, declared on every connect like the others.
+        for role in ("inbound", "event"):
+            for name, arguments in retry_queue_arguments(queues[role]).items():
+                Deferred.fromCoroutine(self.amqp.declare_queue(name, arguments))
         inbound = InboundHandler(
             self.cache,
             delivery,
@@ -134,6 +157,7 @@ class JunebugService(MultiService):
             config.mo_message_url_auth_token,
             config.mo_message_url_timeout,
             max_body_size=config.max_request_size,
+            metrics=metrics,
         )
         events = EventHandler(
             self.cache,
@@ -143,6 +167,7 @@ class JunebugService(MultiService):
             config.default_event_auth_token,
             config.event_url_timeout,
             max_body_size=config.max_request_size,
+            metrics=metrics,
         )
         # .inbound has one destination: while it is down, stop taking messages.
         self.inbound_gate = PauseWhileDown(
@@ -162,6 +187,8 @@ class JunebugService(MultiService):
             reactor,
             retry_queues=retry_queues(queues["inbound"]),
             hold_gate=self.inbound_gate,
+            metrics=metrics,
+            role="inbound",
         )
         event_worker = MessageWorker(
             queues["event"],
@@ -170,10 +197,28 @@ class JunebugService(MultiService):
             policy(config.event_url_timeout),
             reactor,
             retry_queues=retry_queues(queues["event"]),
+            metrics=metrics,
+            role="event",
         )
         self.workers = [inbound_worker, event_worker]
         self.amqp.consumers.update({w.queue: w for w in self.workers})
         self.amqp.setServiceParent(self)
+        by_queue = {w.queue: w for w in self.workers}
+        self.queue_monitor = QueueMonitor(
+            queues,
+            self.amqp.queue_info,
+            lambda name: by_queue[name].last_taken if name in by_queue else None,
+            reactor,
+            in_work=lambda name: by_queue[name].in_flight if name in by_queue else None,
+            stuck_after=config.health_stuck_after,
+            interval=min(5.0, max(1.0, config.health_stuck_after / 4)),
+            metrics=metrics,
+        )
+        metrics.watch(
+            connections=self.amqp.connection_metrics,
+            in_work=lambda: sum(w.in_flight for w in self.workers),
+            cache_entries=getattr(self.cache, "entry_count", None),
+        )
 
         sender = OutboundSender(
             config.connector_name,
@@ -182,6 +227,7 @@ class JunebugService(MultiService):
             config.allow_expired_replies,
             self.cache,
             self.amqp.publish,
+            metrics,
         )
         self.credentials = ApiCredentials(
             config.api_auth_username, config.api_auth_password, config.api_auth_token
@@ -193,6 +239,9 @@ class JunebugService(MultiService):
             config.request_timeout,
             reactor,
             self.credentials,
+            metrics=metrics,
+            metrics_path=config.metrics_path,
+            metrics_auth=config.metrics_auth,
         )
         site = ApiSite(
             api.resource(),
@@ -208,8 +257,17 @@ class JunebugService(MultiService):
         self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
 
+    def setServiceParent(self, parent: Any) -> None:
+        """Join twistd's application; with ``log_format: json``, give it the
+        JSON log observer, which twistd looks up on the application."""
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
     def startService(self) -> None:
         set_log_level(self.config.log_level)
+        if self.sentry is not None:
+            self.sentry.start()
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
         if not self.credentials.required:
             log.warn(
@@ -220,6 +278,7 @@ class JunebugService(MultiService):
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
         super().startService()
+        self.queue_monitor.start()
         _tune_garbage_collector()
         log.info(
             "Listening on {endpoint}; outbound messages at {path}",
@@ -235,6 +294,9 @@ class JunebugService(MultiService):
             "deliveries": self.outages.health(),
         }
         healthy = all(c.get("health") == "ok" for c in components.values())
+        # A stuck queue is reported, but outbound still works: still "ok".
+        components["amqp"]["queues"] = self.queue_monitor.status()
+        components["amqp"]["stuck"] = self.queue_monitor.any_stuck
         return {"health": "ok" if healthy else "down", "components": components}
 
     async def _stop(self) -> None:
@@ -247,6 +309,7 @@ class JunebugService(MultiService):
                 count=unanswered,
                 timeout=timeout,
             )
+        self.queue_monitor.stop()
         self.inbound_gate.stop()
         await self.amqp.stop_consuming()
         drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
@@ -259,6 +322,8 @@ class JunebugService(MultiService):
             )
         await self.amqp.stopService()
         await self.cache.close()
+        if self.sentry is not None:
+            await self.sentry.stop(self._reactor)
         self.running = 0
         log.info("junebug-api stopped")
 

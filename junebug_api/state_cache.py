@@ -194,6 +194,10 @@ class InMemoryStateCache:
     def health(self) -> dict[str, dict[str, Any]]:
         return {}
 
+    def entry_count(self) -> int:
+        """Inbound messages and event infos held (for ``/metrics``)."""
+        return len(self._inbound) + len(self._event_info)
+
     def close(self) -> Deferred[None]:
         self._inbound.clear()
         self._event_info.clear()

@@ -44,6 +44,15 @@ def makeService(options: Options) -> Any:
     """The service tree for the loaded config."""
     from twisted.internet import reactor
 
+    from .log import Redactor, json_file_log_observer, twistd_log_file
     from .service import JunebugService
 
-    return JunebugService(options.config, reactor)
+    observer = None
+    server_options = getattr(options, "parent", None)
+    if options.config.log_format == "json" and server_options is not None:
+        out = twistd_log_file(server_options)
+        if out is not None:
+            observer = json_file_log_observer(
+                out, Redactor.for_config(options.config), options.config.connector_name
+            )
+    return JunebugService(options.config, reactor, log_observer=observer)

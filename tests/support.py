@@ -62,8 +62,8 @@ async def pause(seconds: float = 0.05) -> None:
 class Broker:
     """A pika connection for publishing to, and reading from, the vumi queues."""
 
-    def __init__(self) -> None:
-        self.connection = pika.BlockingConnection(AMQP_PARAMS)
+    def __init__(self, params: pika.ConnectionParameters = AMQP_PARAMS) -> None:
+        self.connection = pika.BlockingConnection(params)
         self.channel = self.connection.channel()
         self.channel.exchange_declare("vumi", "direct", durable=True)
 

@@ -243,7 +243,9 @@ async def test_deleted_inbound_queue_is_redeclared_and_consumed(
     service = make_service()
     broker.delete(f"{connector}.inbound")
     await wait_for(lambda: "cancelled consumer" in service.log(), what="the cancel notice")
-    await wait_for(lambda: service.log().count("Connected to AMQP") == 2, what="the reconnect")
+    await wait_for(
+        lambda: service.log().count("AMQP consume connection open") == 2, what="the reconnect"
+    )
     inbound = inbound_message(connector)
     broker.publish(f"{connector}.inbound", inbound)
     [request] = await wait_for(lambda: sink.at("/inbound"), what="the inbound POST")

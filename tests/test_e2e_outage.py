@@ -30,7 +30,7 @@ from twisted.web.server import Site
 
 from junebug_api.service import queue_names, retry_queue_names
 
-from .rabbit_node import OwnRabbitNode
+from .rabbit_node import RabbitNode
 from .support import (
     ServiceProcess,
     event_message,
@@ -87,14 +87,14 @@ class CuttableSite(Site):
 
 
 @pytest.fixture(scope="module")
-def low_timeout_node() -> Iterator[OwnRabbitNode]:
-    node = OwnRabbitNode(
-        rabbitmq_conf="consumer_timeout = 30000\n",
-        advanced_config="[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+def low_timeout_node() -> Iterator[RabbitNode]:
+    node = RabbitNode(
+        conf=["consumer_timeout = 30000"],
+        files={"advanced.config": b"[{rabbit, [{channel_tick_interval, 1000}]}].\n"},
     )
     node.start()
     yield node
-    node.stop()
+    node.destroy()
 
 
 def rss_kb(pid: int) -> int:
@@ -113,8 +113,8 @@ def health(service: ServiceProcess) -> dict[str, Any] | None:
         return json.loads(body()) if body else None
 
 
-def publish_all(node: OwnRabbitNode, bodies: list[tuple[str, bytes]]) -> None:
-    connection = pika.BlockingConnection(node.params)
+def publish_all(node: RabbitNode, bodies: list[tuple[str, bytes]]) -> None:
+    connection = node.pika()
     channel = connection.channel()
     channel.confirm_delivery()
     properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
@@ -123,18 +123,18 @@ def publish_all(node: OwnRabbitNode, bodies: list[tuple[str, bytes]]) -> None:
     connection.close()
 
 
-def queue_count(node: OwnRabbitNode, queue: str) -> int:
-    connection = pika.BlockingConnection(node.params)
+def queue_count(node: RabbitNode, queue: str) -> int:
+    connection = node.pika()
     try:
         return connection.channel().queue_declare(queue, passive=True).method.message_count
     finally:
         connection.close()
 
 
-def peek_headers(node: OwnRabbitNode, queues: list[str], wanted: set[str]) -> dict | None:
+def peek_headers(node: RabbitNode, queues: list[str], wanted: set[str]) -> dict | None:
     """The headers of an event for one of ``wanted`` (user_message_id) waiting
     on one of ``queues``; every message looked at is put back."""
-    connection = pika.BlockingConnection(node.params)
+    connection = node.pika()
     try:
         channel = connection.channel()
         for queue in queues:
@@ -159,7 +159,7 @@ def peek_headers(node: OwnRabbitNode, queues: list[str], wanted: set[str]) -> di
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_three_minute_rapidpro_outage_with_a_broker_restart(
-    tmp_path: Path, low_timeout_node: OwnRabbitNode
+    tmp_path: Path, low_timeout_node: RabbitNode
 ) -> None:
     node = low_timeout_node
     for key, value in (("consumer_timeout", "30000"), ("channel_tick_interval", "1000")):

@@ -62,6 +62,14 @@ def run_twistd(tmp_path: Path, config: dict | str | None, *args: str, env=None):
         ({**BASE, "state_cache_class": "no.such.Cache"}, [], "state_cache_class 'no.such.Cache'"),
         ({**BASE, "http_bind": "nonsense"}, [], "http_bind must be"),
         ({**BASE, "amqp_url": "http://x"}, [], "amqp_url must start with amqp://"),
+        (
+            {**BASE, "amqp_url": "amqp://guest:guest@h/?heartbeat=5"},
+            [],
+            "amqp_url must not have a query string ('heartbeat=5')",
+        ),
+        (BASE, ["--amqp-urls", "amqp://a/,ftp://b/"], "amqp_urls[1] must start with amqp://"),
+        ({**BASE, "amqp_failover": "random"}, [], "amqp_failover must be one of"),
+        ({**BASE, "amqp_tls_ca_file": "/no/ca.pem"}, [], "cannot read amqp_tls_ca_file"),
         ({**BASE, "mo_message_url": "ftp://x"}, [], "mo_message_url must be an http"),
         ("key: [unclosed", [], "config file"),
     ],
@@ -94,7 +102,8 @@ def test_dropin_imports_no_reactor():
     code = (
         "import sys; import twisted.plugins.junebug_api_plugin as p; "
         "assert p.junebug_api.tapname == 'junebug-api'; "
-        "bad = [m for m in ('twisted.internet.reactor', 'treq', 'klein', 'junebug_api.tap')"
+        "bad = [m for m in ('twisted.internet.reactor', 'treq', 'klein', 'junebug_api.tap',"
+        " 'sentry_sdk', 'prometheus_client')"
         " if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
@@ -253,3 +262,21 @@ async def test_health_down_and_503_without_broker(make_service):
     answer = json.loads(await response.text())
     assert answer["description"] == "service unavailable"
     assert answer["status"] == 503
+
+
+def test_no_sentry_import_without_a_dsn():
+    """Building the whole service without sentry_dsn loads neither sentry-sdk nor
+    prometheus_client's Twisted module (which imports the reactor)."""
+    code = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactorClock\n"
+        "from junebug_api.config import load_config\n"
+        "from junebug_api.service import JunebugService\n"
+        "cfg = load_config(None, environ={}, cli={'connector_name': 'c',"
+        " 'mo_message_url': 'http://127.0.0.1:9/', 'http_bind': '127.0.0.1:0'})\n"
+        "service = JunebugService(cfg, MemoryReactorClock())\n"
+        "assert service.metrics.enabled\n"
+        "bad = [m for m in ('sentry_sdk', 'prometheus_client.twisted') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

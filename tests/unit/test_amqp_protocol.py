@@ -228,3 +228,35 @@ def test_decode_empty_table() -> None:
     codec = FieldCodec(BytesIO(table([]) + b"rest"))
     assert codec.decode_table() == {}
     assert codec.nread == 4
+
+
+def test_method_frames_count_bytes_and_keep_booleans() -> None:
+    from twisted.internet.task import Clock
+    from txamqp.connection import Frame
+
+    from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate
+
+    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock())
+    spec = load_spec()
+    declare = spec.classes.byname["queue"].methods.byname["declare"]
+    args = [
+        0,
+        "résumé.inbound",
+        False,
+        True,
+        False,
+        False,
+        False,
+        {"x-single-active-consumer": True, "x-message-ttl": 2**40, "x-queue-type": "quorum"},
+    ]
+    data = client._pack_frame(Frame(1, Method(declare, *args)))
+    frame = decode_frame(spec, data)
+    assert frame.channel == 1
+    decoded = dict(zip([f.name for f in declare.fields], frame.payload.args, strict=True))
+    assert decoded["queue"] == "résumé.inbound"
+    assert decoded["durable"] is True
+    assert decoded["arguments"] == {
+        "x-single-active-consumer": True,
+        "x-message-ttl": 2**40,
+        "x-queue-type": "quorum",
+    }

@@ -1,4 +1,5 @@
-"""AmqpService bookkeeping: confirm tags, returns, batched acks; no broker."""
+"""AmqpService bookkeeping: confirm tags, returns, batched acks, blocked and
+busy publishing, broker rotation; no broker."""
 
 from __future__ import annotations
 
@@ -9,21 +10,31 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
-from junebug_api.amqp_service import AmqpService, PublishFailed, _Connection
-from junebug_api.config import AmqpConfig
+from junebug_api.amqp_service import (
+    CONTROL_CHANNEL,
+    AmqpService,
+    PublishFailed,
+    PublishRefused,
+    _Connection,
+)
+from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 
 from .helpers import result_of
 
 
-def connected_service() -> tuple[AmqpService, _Connection, StringTransport, Clock]:
+def connected_service(
+    max_unconfirmed: int = 5000,
+) -> tuple[AmqpService, _Connection, StringTransport, Clock]:
     clock = Clock()
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock)
     transport = StringTransport()
     client.makeConnection(transport)
     transport.clear()
-    service = AmqpService(AmqpConfig(), [], {}, 10, clock)
-    connection = _Connection(client, None, None, opened_at=0.0, clock=clock)
-    service._connection = connection
+    settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
+    service = AmqpService(settings, [], {}, 10, clock)
+    connection = _Connection(client, AmqpConfig(), opened_at=0.0, clock=clock)
+    service._publisher.connection = connection
+    service._consumer.connection = connection
     return service, connection, transport, clock
 
 
@@ -80,14 +91,20 @@ def test_unencodable_headers_fail_without_taking_a_tag() -> None:
 def test_acks_are_batched_with_multiple_for_a_leading_run() -> None:
     _, connection, transport, clock = connected_service()
     for tag in (1, 2, 3, 4, 5):
-        connection.unacked[tag] = False
+        connection.unacked_on(3)[tag] = False
+    connection.unacked_on(4)[1] = False
     for tag in (2, 1, 3, 5):
-        connection.done(tag)
+        connection.done(3, tag)
+    connection.done(4, 1)
     assert transport.value() == b""  # gathered until the end of the reactor turn
     clock.advance(0)
-    acks = [struct.unpack("!HHQB", payload) for _, _, payload in frames(transport.value())]
-    assert acks == [(60, 80, 3, 1), (60, 80, 5, 0)]
-    assert list(connection.unacked) == [4]
+    acks = [
+        (channel, struct.unpack("!HHQB", payload))
+        for _, channel, payload in frames(transport.value())
+    ]
+    assert acks == [(3, (60, 80, 3, 1)), (3, (60, 80, 5, 0)), (4, (60, 80, 1, 0))]
+    assert list(connection.unacked[3]) == [4]
+    assert list(connection.unacked[4]) == []
 
 
 def test_lost_connection_fails_pending_publishes() -> None:
@@ -99,3 +116,75 @@ def test_lost_connection_fails_pending_publishes() -> None:
     with pytest.raises(PublishFailed, match="connection lost"):
         result_of(d)
     assert not service.connected
+
+
+def test_blocked_refuses_api_publishes_and_holds_others_until_unblocked() -> None:
+    service, connection, transport, _ = connected_service()
+    written = service.publish("q", b"before", message_id="a")
+    service._blocked(connection, "low on memory")
+    assert service.health()["state"] == "blocked"
+    assert service.health()["health"] == "down"
+    transport.clear()
+    refused = service.publish("q", b"api", message_id="b", refuse_if_busy=True)
+    with pytest.raises(PublishRefused, match="blocks publishing") as e:
+        result_of(refused)
+    assert e.value.retry_after > 0
+    held = service.publish("q.failed", b"dead letter", message_id="c")
+    assert transport.value() == b""  # nothing new is written while blocked
+    assert not held.called and not written.called
+    service._unblocked(connection)
+    assert len(frames(transport.value())) == 3  # the held publish: method, header, body
+    service._confirmed(connection, 2, True, True)
+    assert result_of(written) is None
+    assert result_of(held) is None
+    assert service.health()["health"] == "ok"
+
+
+def test_max_unconfirmed_refuses_and_a_confirm_makes_room() -> None:
+    service, connection, _, _ = connected_service(max_unconfirmed=2)
+    first = service.publish("q", b"1", message_id="a")
+    service.publish("q", b"2", message_id="b")
+    with pytest.raises(PublishRefused, match="amqp_max_unconfirmed 2"):
+        result_of(service.publish("q", b"3", message_id="c", refuse_if_busy=True))
+    held = service.publish("q", b"4", message_id="d")
+    assert list(connection.pending) == [1, 2]
+    service._confirmed(connection, 1, False, True)
+    assert result_of(first) is None
+    assert list(connection.pending) == [2, 3]  # the held one went out, as tag 3
+    service._confirmed(connection, 3, False, True)
+    assert result_of(held) is None
+
+
+def test_lost_connection_fails_held_publishes() -> None:
+    from twisted.python.failure import Failure
+
+    service, connection, _, _ = connected_service()
+    service._blocked(connection, "disk")
+    held = service.publish("q", b"x", message_id="m")
+    service._lost(connection, Failure(ConnectionError("gone")))
+    with pytest.raises(PublishFailed, match="before the message was sent"):
+        result_of(held)
+
+
+def test_a_closed_control_channel_keeps_the_connection() -> None:
+    from twisted.python.failure import Failure
+
+    service, connection, transport, _ = connected_service()
+    connection.control = type("Channel", (), {"id": CONTROL_CHANNEL, "closed": False})()
+    service._channel_closed(connection, CONTROL_CHANNEL, Failure(ValueError("404")))
+    assert connection.control is None
+    assert not transport.disconnecting
+    service._channel_closed(connection, 1, Failure(ValueError("406")))
+    assert transport.disconnecting
+
+
+def test_connection_metrics_per_connection() -> None:
+    service, connection, _, _ = connected_service()
+    service.publish("q", b"x", message_id="m")
+    service._blocked(connection, "disk")
+    assert service.connection_metrics() == {
+        "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
+        "consume": {"up": 1, "blocked": 1, "unconfirmed": 1},  # one connection in this fake
+    }
+    service._consumer.connection = None
+    assert service.connection_metrics()["consume"] == {"up": 0, "blocked": 0, "unconfirmed": 0}

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp_service import PublishFailed
+from junebug_api.amqp_service import PublishFailed, PublishRefused
 from junebug_api.api import JunebugApi
 from junebug_api.http_server import ApiSite
 from junebug_api.outbound import OutboundSender
@@ -104,7 +104,7 @@ def test_post_message_201_and_publish() -> None:
     assert isinstance(body, bytes)
     message = json.loads(body.decode("utf-8"))
     assert UNICODE_TEXT.encode("utf-8") in body  # UTF-8 on the wire, not \u escapes
-    assert kwargs == {"message_id": message["message_id"]}
+    assert kwargs == {"message_id": message["message_id"], "refuse_if_busy": True}
     assert message["to_addr"] == "+27820000001"
     assert message["from_addr"] == "+27000000009"
     assert message["content"] == UNICODE_TEXT
@@ -235,6 +235,29 @@ def test_publish_failed_is_503_and_event_info_deleted() -> None:
     # It was stored before publishing, and is gone again.
     assert stored_during_publish == [EventInfo("http://rp.example/events", None)]
     assert result_of(h.cache.fetch_event_info(message_id)) is None
+
+
+def test_publish_refused_is_503_with_retry_after() -> None:
+    publish = FakePublish(lambda: fail(PublishRefused("the broker blocks publishing", 5)))
+    h = Harness(publish=publish)
+    d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
+    h.http.flush()
+    response = result_of(d)
+    assert response.code == 503
+    assert response.headers.getRawHeaders(b"Retry-After") == [b"5"]
+    content = h.http.content(response)
+    h.http.flush()
+    data = json.loads(result_of(content))
+    assert data["result"]["errors"][0]["message"] == (
+        "message not sent: the broker blocks publishing"
+    )
+
+
+def test_publish_failed_has_no_retry_after() -> None:
+    h = Harness(publish=FakePublish(lambda: fail(PublishFailed("broker down"))))
+    d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
+    h.http.flush()
+    assert result_of(d).headers.getRawHeaders(b"Retry-After") is None
 
 
 def test_publish_never_confirmed_is_503_after_request_timeout() -> None:

@@ -382,6 +382,119 @@ def test_amqp_url_wins_over_amqp(tmp_path: Path) -> None:
     )
 
 
+def test_amqps_url_means_tls_on_5671() -> None:
+    assert parse_amqp_url("amqps://u:p@rabbit.example/%2F") == AmqpConfig(
+        hostname="rabbit.example", port=5671, username="u", password="p", vhost="/", tls=True
+    )
+    assert parse_amqp_url("amqps://h:5999").port == 5999
+
+
+@pytest.mark.parametrize("url", ["amqp://h/?heartbeat=10", "amqps://h/vh?x=1", "amqp://h/?"])
+def test_amqp_url_with_a_query_string_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^amqp_url must not have a query string"):
+        load({"amqp_url": url}, tmp_path)
+
+
+def test_amqp_urls_in_order_from_yaml_env_and_cli(tmp_path: Path) -> None:
+    urls = ["amqps://u:p@one.example/%2F", "amqp://u:p@two.example:5673/%2F"]
+    cfg = load({"amqp_urls": urls}, tmp_path)
+    assert [b.address for b in cfg.amqp_brokers] == ["one.example:5671", "two.example:5673"]
+    assert [b.tls for b in cfg.amqp_brokers] == [True, False]
+    assert cfg.amqp_settings == cfg.amqp_brokers[0]
+    env = load(None, tmp_path, environ={"AMQP_URLS": " amqp://a/ , amqp://b:1/"})
+    assert [b.address for b in env.amqp_brokers] == ["a:5672", "b:1"]
+    cli = load(None, tmp_path, cli={"amqp_urls": "amqp://c/,amqp://d/"})
+    assert [b.hostname for b in cli.amqp_brokers] == ["c", "d"]
+    json_env = load(None, tmp_path, environ={"AMQP_URLS": '["amqp://e/"]'})
+    assert [b.hostname for b in json_env.amqp_brokers] == ["e"]
+
+
+def test_amqp_connection_settings(tmp_path: Path) -> None:
+    cfg = load(
+        {
+            "amqp": {"hostname": "rabbit", "tls": True},
+            "amqp_failover": "shuffle",
+            "amqp_heartbeat": 5,
+            "amqp_max_unconfirmed": 10,
+            "amqp_queue_arguments": {"x-queue-type": "quorum"},
+            "amqp_declare": "passive",
+            "amqp_connect_timeout": 3,
+            "amqp_tls_verify": False,
+        },
+        tmp_path,
+    )
+    settings = cfg.amqp_connection
+    assert settings.brokers == (AmqpConfig(hostname="rabbit", tls=True),)
+    assert settings.failover == "shuffle"
+    assert settings.heartbeat == 5
+    assert settings.max_unconfirmed == 10
+    assert settings.queue_arguments == {"x-queue-type": "quorum"}
+    assert settings.declare == "passive"
+    assert settings.connect_timeout == 3.0
+    assert settings.tls_verify is False
+    assert settings.auth_mechanism == "PLAIN"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"amqp_url": "amqp://a/", "amqp_urls": ["amqp://b/"]}, "set amqp_url or amqp_urls"),
+        ({"amqp_urls": ["amqp://a/", "http://b/"]}, r"amqp_urls\[1\] must start with amqp://"),
+        ({"amqp_urls": [""]}, r"amqp_urls\[0\] must be a non-empty"),
+        ({"amqp_urls": ["amqp://a/?x=1"]}, r"amqp_urls\[0\] must not have a query string"),
+        ({"amqp_failover": "random"}, "amqp_failover must be one of in_order, shuffle"),
+        ({"amqp_declare": "never"}, "amqp_declare must be one of declare, passive"),
+        ({"amqp_auth_mechanism": "AMQPLAIN"}, "amqp_auth_mechanism must be one of"),
+        (
+            {"amqp_auth_mechanism": "EXTERNAL", "amqp_url": "amqps://h/"},
+            "amqp_auth_mechanism EXTERNAL needs amqp_tls_cert_file",
+        ),
+        ({"amqp_tls_cert_file": "/etc/hostname"}, "must be set together"),
+        ({"amqp_tls_ca_file": "/no/such/ca.pem"}, "cannot read amqp_tls_ca_file /no/such/ca.pem"),
+        (
+            {"amqp_tls_ca_file": "/etc/hostname", "amqp_url": "amqps://h/"},
+            "amqp_tls_ca_file /etc/hostname holds no certificate",
+        ),
+        ({"amqp_max_unconfirmed": 0}, "amqp_max_unconfirmed must be between 1 and"),
+        ({"amqp_connect_timeout": 0}, "amqp_connect_timeout must be greater than 0"),
+        ({"amqp_connect_timeout": float("nan")}, "amqp_connect_timeout must be greater than 0"),
+        ({"amqp_queue_arguments": {"x-ttl": 1.5}}, "amqp_queue_arguments.x-ttl must be a string"),
+        ({"amqp_queue_arguments": {"x-ttl": 2**64}}, "amqp_queue_arguments.x-ttl is out of range"),
+        ({"amqp_tls_ca_file": "a\x00b"}, "amqp_tls_ca_file is not a valid path"),
+    ],
+)
+def test_amqp_option_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(data, tmp_path)
+
+
+def test_external_needs_tls_on_every_broker(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("client")
+    cert_file = tmp_path / "c.pem"
+    key_file = tmp_path / "c.key"
+    cert_file.write_bytes(cert.cert_chain_pems[0].bytes())
+    key_file.write_bytes(cert.private_key_pem.bytes())
+    base = {
+        "amqp_auth_mechanism": "external",
+        "amqp_tls_cert_file": str(cert_file),
+        "amqp_tls_key_file": str(key_file),
+    }
+    with pytest.raises(ConfigError, match="EXTERNAL needs amqps://"):
+        load({**base, "amqp_urls": ["amqps://a/", "amqp://b/"]}, tmp_path)
+    cfg = load({**base, "amqp_urls": ["amqps://a/"]}, tmp_path)
+    assert cfg.amqp_connection.auth_mechanism == "EXTERNAL"
+    with pytest.raises(ConfigError, match="not a certificate and its key"):
+        load({**base, "amqp_tls_key_file": str(cert_file), "amqp_urls": ["amqps://a/"]}, tmp_path)
+
+
+def test_describe_masks_amqp_urls(tmp_path: Path) -> None:
+    cfg = load({"amqp_urls": ["amqp://user:secret@a/", "amqp://b/"]}, tmp_path)
+    assert describe(cfg)["amqp_urls"] == ["amqp://***@a/", "amqp://b/"]
+
+
 # -- http_bind ----------------------------------------------------------------
 
 

@@ -239,7 +239,7 @@ def test_outage_tracking_holds_back_a_down_destination() -> None:
     rapidpro = FakeRapidPro(503)
     agent = RequestTraversalAgent(rapidpro)
     outages = OutageTracker(clock, threshold=3, probe_interval=5.0)
-    delivery = HttpDelivery(agent, clock, outages)
+    delivery = HttpDelivery(agent, clock, outages=outages)
     url = "http://rp.example/in"
 
     def attempt() -> DeliveryFailed | int:
@@ -269,7 +269,7 @@ def test_an_answer_that_is_no_5xx_is_no_outage(code: int) -> None:
     rapidpro = FakeRapidPro(code)
     agent = RequestTraversalAgent(rapidpro)
     outages = OutageTracker(clock, threshold=1)
-    delivery = HttpDelivery(agent, clock, outages)
+    delivery = HttpDelivery(agent, clock, outages=outages)
     d = Deferred.fromCoroutine(delivery.post_json("http://rp.example/in", b"{}", None, 10.0))
     agent.flush()
     with pytest.raises(DeliveryFailed) as info:

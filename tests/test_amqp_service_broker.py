@@ -1,0 +1,92 @@
+"""AmqpService's public surface against the real broker, in-process: queue
+queries, extra queues with arguments (a delay queue), pausing and resuming
+one consumer. Other modules build on these (outage handling, /health queue
+depths)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from junebug_api.amqp_service import AmqpService, PublishFailed
+from junebug_api.config import AmqpConfig
+
+from .support import pause, wait_for
+
+
+@pytest.fixture
+def queues(connector):
+    return {
+        "outbound": f"{connector}.outbound",
+        "inbound": f"{connector}.inbound",
+        "retry": f"{connector}.inbound.retry.1",
+        "unicode": f"{connector}.ünïcödé",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
+    received: list[bytes] = []
+
+    def consume(body, acker):
+        received.append(body)
+        acker.ack()
+
+    amqp = AmqpService(
+        AmqpConfig(),
+        queues=[queues["outbound"], queues["inbound"]],
+        consumers={queues["inbound"]: consume},
+        prefetch=5,
+        reactor=reactor,
+        connection_name="junebug-api test",
+    )
+    amqp.startService()
+    try:
+        await amqp.when_connected(failures=3)
+        assert await amqp.queue_status(queues["inbound"]) == (0, 1)
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await amqp.queue_status(f"{queues['inbound']}.missing")
+        # The query channel the broker closed is replaced; the connection stays.
+        assert await amqp.queue_status(queues["outbound"]) == (0, 0)
+        assert amqp.connected
+
+        # A delay queue: messages expire back onto .inbound after its TTL.
+        await amqp.declare_queue(
+            queues["retry"],
+            {
+                "x-message-ttl": 200,
+                "x-dead-letter-exchange": "vumi",
+                "x-dead-letter-routing-key": queues["inbound"],
+            },
+        )
+        await amqp.publish(queues["retry"], b'{"n": 1}', message_id="m1")
+        await wait_for(lambda: received, what="the delayed message")
+        assert json.loads(received[0]) == {"n": 1}
+
+        await amqp.pause_consumer(queues["inbound"])
+        assert await amqp.queue_status(queues["inbound"]) == (0, 0)
+        broker.publish(queues["inbound"], {"n": 2})
+        await pause(0.5)
+        assert len(received) == 1
+        assert await amqp.count(queues["inbound"]) == 1
+        await amqp.resume_consumer(queues["inbound"])
+        await wait_for(lambda: len(received) == 2, what="delivery after resume")
+        assert (await amqp.queue_status(queues["inbound"]))[1] == 1
+
+        # Names count in bytes and boolean arguments stay booleans.
+        await amqp.declare_queue(queues["unicode"], {"x-single-active-consumer": True})
+        assert await amqp.queue_status(queues["unicode"]) == (0, 0)
+        broker.channel.queue_declare(
+            queues["unicode"], durable=True, arguments={"x-single-active-consumer": True}
+        )  # equivalent, or the broker would close pika's channel
+        await amqp.publish(queues["unicode"], "Sawubona 👋".encode(), message_id="u1")
+        assert broker.get(queues["unicode"])[1] == "Sawubona 👋".encode()
+    finally:
+        await amqp.stopService()
+        broker.delete(queues["retry"])
+        broker.delete(queues["unicode"])
+    with pytest.raises(PublishFailed):
+        await amqp.publish(queues["outbound"], b"{}")
