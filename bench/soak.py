@@ -78,6 +78,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from junebug_api.service import retry_queue_names
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 AMQP_PARAMS = pika.ConnectionParameters(
@@ -91,7 +93,6 @@ AMQP_PARAMS = pika.ConnectionParameters(
 )
 EXCHANGE = "vumi"
 QUEUE_SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
-RETRY_DELAYS = (5, 20, 60, 300)  # junebug_api.consumer.RETRY_DELAYS: delay queues to delete
 BASE_PATH = "/channels/soak"
 IN_FLIGHT = 16  # outbound POSTs at once
 POST_TIMEOUT = 30.0  # client side, per POST
@@ -429,11 +430,9 @@ class Soak:
         self.count = args.messages
         self.run_id = secrets.token_hex(4)
         self.connector = f"soak-{self.run_id}"
-        self.queues = [f"{self.connector}.{suffix}" for suffix in QUEUE_SUFFIXES] + [
-            f"{self.connector}.{kind}.retry.{delay}"
-            for kind in ("inbound", "event")
-            for delay in RETRY_DELAYS
-        ]
+        self.queues = [f"{self.connector}.{suffix}" for suffix in QUEUE_SUFFIXES] + list(
+            retry_queue_names(self.connector).values()
+        )
         self.phase_rows: list[list[Any]] = []
         self.phase_notes: list[str] = []
         self.phase_lost = 0

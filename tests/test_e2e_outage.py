@@ -11,6 +11,7 @@ exactly once, and the service's RSS must stay within 10 MB of where it started.
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 import uuid
@@ -42,6 +43,10 @@ from .support import (
 
 OUTAGE = 180.0
 MESSAGES = 5000
+# Everything must be delivered this long after RapidPro's return. 10,000
+# deliveries take a few seconds on a quiet machine; a machine busy with other
+# work may need more (JUNEBUG_TEST_RETURN_WINDOW, seconds).
+RETURN_WINDOW = float(os.environ.get("JUNEBUG_TEST_RETURN_WINDOW", "30"))
 
 
 class LeanSink(Resource):
@@ -268,8 +273,8 @@ async def test_three_minute_rapidpro_outage_with_a_broker_restart(
                 await wait_for(
                     # Cheap to poll: the sink shares this reactor.
                     lambda: len(sink.requests) >= 2 * MESSAGES,
-                    30,
-                    "everything delivered within 30 s of RapidPro's return",
+                    RETURN_WINDOW,
+                    f"everything delivered within {RETURN_WINDOW:g} s of RapidPro's return",
                 )
             except AssertionError:
                 depths = {
@@ -288,7 +293,7 @@ async def test_three_minute_rapidpro_outage_with_a_broker_restart(
                 early = len(set(sink.ids(b"/inbound")) & first_half)
                 raise AssertionError(
                     f"channels: {channels}; first-half inbound delivered: {early}\n"
-                    f"after 30 s: {sum(sink.ids(b'/inbound').values())} inbound,"
+                    f"after {RETURN_WINDOW:g} s: {sum(sink.ids(b'/inbound').values())} inbound,"
                     f" {sum(sink.ids(b'/event').values())}"
                     f" events; queues {depths}; health {health(service)}\n" + "\n".join(lines[-80:])
                 ) from None
@@ -306,7 +311,7 @@ async def test_three_minute_rapidpro_outage_with_a_broker_restart(
         # where it came from; at most one per prefetch slot, so 20.
         duplicates = sum(n - 1 for n in events_seen.values())
         assert duplicates <= 20, f"{duplicates} events delivered more than once"
-        assert took < 30
+        assert took < RETURN_WINDOW
         assert queue_count(node, queues["inbound_failed"]) == 0
         assert queue_count(node, queues["event_failed"]) == 0
         for name in retry_queue_names(connector).values():
