@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 import yaml
@@ -29,18 +29,118 @@ DEFAULT_STATE_CACHE = "junebug_api.state_cache.InMemoryStateCache"
 
 
 class ConfigError(Exception):
-    """A configuration problem, described in one line naming the option."""
+    """A configuration problem, described in one line naming the option.
+
+    Line breaks in the message (from a quoted value) are escaped, so the
+    message stays one line whatever the value held.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
+
+
+class OptionError(ConfigError):
+    """One option's value is wrong: ``name`` and what is wrong with it.
+
+    Raised by the field validators below; :func:`load_config` puts the dotted
+    prefix of a nested option (``amqp.``) in front of the name.
+    """
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name = name
+        self.problem = problem
+
+
+# -- validators ---------------------------------------------------------------
+#
+# Every option gets its checks where it is declared, as an attrs validator:
+#
+#     my_timeout: float = attrs.field(default=5.0, validator=seconds())
+#     my_count: int = attrs.field(default=3, validator=between(1, 100))
+#     my_url: str | None = attrs.field(default=None, validator=http_url())
+#
+# A validator sees a value already of the field's type (a float is always
+# finite: non-finite numbers are refused while reading) and raises
+# OptionError(name, "must be ..."); None passes for optional fields.
+
+MAX_SECONDS = 86400.0
+"""The longest timeout or delay any option accepts: a day."""
+
+MIN_SECONDS = 0.01
+"""The shortest timeout any option accepts: shorter ones cannot be met."""
+
+Validator = typing.Callable[[Any, "attrs.Attribute", Any], None]
+
+
+def _fmt(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
+def between(low: float, high: float) -> Validator:
+    """A number from ``low`` to ``high``, both included."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not (math.isfinite(value) and low <= value <= high):
+            raise OptionError(
+                attribute.name, f"must be from {_fmt(low)} to {_fmt(high)}, got {value!r}"
+            )
+
+    return check
+
+
+def seconds(low: float = MIN_SECONDS, high: float = MAX_SECONDS) -> Validator:
+    """A duration in seconds; by default from 0.01 s to a day."""
+    return between(low, high)
+
+
+def printable() -> Validator:
+    """A string without control characters (they would end up in headers or logs)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise OptionError(attribute.name, "must not contain control characters")
+
+    return check
+
+
+def amqp_name() -> Validator:
+    """A name sent as an AMQP short string: printable ASCII, at most 255 bytes
+    (the AMQP library counts characters, so other text would break framing)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not (value.isascii() and value.isprintable()):
+            raise OptionError(attribute.name, f"must be printable ASCII, got {value!r}")
+        if len(value) > 255:
+            raise OptionError(attribute.name, f"must have at most 255 characters, got {len(value)}")
+
+    return check
+
+
+def http_url() -> Validator:
+    """An http(s) URL of which every part is used (no fragment)."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            _check_url(attribute.name, value)
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
 class AmqpConfig:
     """Where the RabbitMQ broker is and how to log in."""
 
-    hostname: str = "127.0.0.1"
-    port: int = 5672
-    username: str = "guest"
+    hostname: str = attrs.field(default="127.0.0.1", validator=printable())
+    port: int = attrs.field(default=5672, validator=between(1, 65535))
+    username: str = attrs.field(default="guest", validator=printable())
     password: str = attrs.field(default="guest", repr=False)
-    vhost: str = "/"
+    password_file: str | None = None
+    vhost: str = attrs.field(default="/", validator=amqp_name())
     tls: bool = False
 
     @property
@@ -79,50 +179,63 @@ class AmqpConnectionSettings:
 
 @attrs.frozen(kw_only=True)
 class JunebugConfig:
-    """Every option of the service; see the README's config reference."""
+    """Every option of the service; see the README's config reference.
+
+    Each option's own checks sit on its field (see the validators above);
+    checks of several options together are in :func:`_check_semantics`.
+    """
 
     # The Junebug message API options (the spec's names and defaults).
-    connector_name: str
-    mo_message_url: str
-    mo_message_url_auth_token: str | None = None
-    default_event_url: str | None = None
-    default_event_auth_token: str | None = None
-    base_url_path: str = ""
+    connector_name: str = attrs.field(validator=printable())
+    mo_message_url: str = attrs.field(validator=http_url())
+    mo_message_url_auth_token: str | None = attrs.field(default=None, validator=printable())
+    mo_message_url_auth_token_file: str | None = None
+    default_event_url: str | None = attrs.field(default=None, validator=http_url())
+    default_event_auth_token: str | None = attrs.field(default=None, validator=printable())
+    default_event_auth_token_file: str | None = None
+    base_url_path: str = attrs.field(default="", validator=printable())
     transport_type: str = "sms"
     default_from_addr: str | None = None
     allow_expired_replies: bool = False
     state_cache_class: str = DEFAULT_STATE_CACHE
     state_cache_config: dict = attrs.field(factory=dict)
-    request_timeout: float = 240.0
-    mo_message_url_timeout: float = 10.0
-    event_url_timeout: float = 10.0
+    request_timeout: float = attrs.field(default=240.0, validator=seconds())
+    mo_message_url_timeout: float = attrs.field(default=10.0, validator=seconds())
+    event_url_timeout: float = attrs.field(default=10.0, validator=seconds())
 
     # The vumi2 base worker options.
     amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
-    amqp_url: str = ""
-    worker_concurrency: int = 20
+    amqp_url: str = attrs.field(default="", repr=False)
+    amqp_url_file: str | None = None
+    # AMQP's basic.qos prefetch-count is a 16-bit field.
+    worker_concurrency: int = attrs.field(default=20, validator=between(1, 65535))
     sentry_dsn: str | None = attrs.field(default=None, repr=False)
     http_bind: str
     log_level: str = "INFO"
     middlewares: list = attrs.field(factory=list)
 
     # Protecting the outbound API.
-    api_auth_username: str | None = None
-    api_auth_password: str | None = attrs.field(default=None, repr=False)
-    api_auth_token: str | None = attrs.field(default=None, repr=False)
-    max_request_size: int = 1024 * 1024
-    http_idle_timeout: float = 60.0
-    http_read_timeout: float = 30.0
+    api_auth_username: str | None = attrs.field(default=None, validator=printable())
+    api_auth_password: str | None = attrs.field(default=None, repr=False, validator=printable())
+    api_auth_password_file: str | None = None
+    api_auth_token: str | None = attrs.field(default=None, repr=False, validator=printable())
+    api_auth_token_file: str | None = None
+    max_request_size: int = attrs.field(default=1024 * 1024, validator=between(1, 1 << 30))
+    http_idle_timeout: float = attrs.field(default=60.0, validator=seconds())
+    http_read_timeout: float = attrs.field(default=30.0, validator=seconds())
+    # None: three quarters of the open-file limit, at most DEFAULT_MAX_CONNECTIONS.
+    http_max_connections: int | None = attrs.field(default=None, validator=between(1, 1_000_000))
 
     # Delivery of inbound messages and events to HTTP.
-    delivery_retry_delay: float = 1.0
-    delivery_retry_max_delay: float = 60.0
-    delivery_max_attempts: int = 10
-    delivery_max_age: float = 86400.0
-    delivery_max_hold: float = 60.0
-    delivery_probe_interval: float = 5.0
-    shutdown_timeout: float = 30.0
-    amqp_heartbeat: int = 30
+    delivery_retry_delay: float = attrs.field(default=1.0, validator=seconds())
+    delivery_retry_max_delay: float = attrs.field(default=60.0, validator=seconds())
+    delivery_max_attempts: int = attrs.field(default=10, validator=between(1, 1_000_000))
+    delivery_max_age: float = attrs.field(default=86400.0, validator=seconds(1))
+    delivery_max_hold: float = attrs.field(default=60.0, validator=seconds())
+    delivery_probe_interval: float = attrs.field(default=5.0, validator=seconds())
+    shutdown_timeout: float = attrs.field(default=30.0, validator=seconds(0))
+    # AMQP's connection.tune heartbeat is a 16-bit field; 0 turns heartbeats off.
+    amqp_heartbeat: int = attrs.field(default=30, validator=between(0, 65535))
 
     # Operating it: errors to Sentry, metrics, log format, /health queues.
     sentry_environment: str | None = None
@@ -130,7 +243,7 @@ class JunebugConfig:
     metrics_path: str = "/metrics"
     metrics_auth: bool = False
     log_format: str = "text"
-    health_stuck_after: float = 300.0
+    health_stuck_after: float = attrs.field(default=300.0, validator=seconds())
 
     # Production brokers: TLS, clusters, limits, topology.
     amqp_urls: list = attrs.field(factory=list)
@@ -195,6 +308,22 @@ class JunebugConfig:
         """``http_bind`` as a Twisted server endpoint description."""
         return http_bind_to_endpoint(self.http_bind)
 
+    def max_connections(self, open_file_limit: int) -> int:
+        """``http_max_connections``, or its default under ``open_file_limit``."""
+        if self.http_max_connections is not None:
+            return self.http_max_connections
+        return default_max_connections(open_file_limit)
+
+
+DEFAULT_MAX_CONNECTIONS = 10_000
+"""The most HTTP connections served at once when ``http_max_connections`` is unset."""
+
+
+def default_max_connections(open_file_limit: int) -> int:
+    """Three quarters of the open-file limit (the rest is for AMQP, outgoing
+    HTTP, Redis, logs), at most :data:`DEFAULT_MAX_CONNECTIONS`."""
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, open_file_limit * 3 // 4))
+
 
 # Old Junebug and vumi2 class paths that mean the in-memory cache.
 STATE_CACHE_ALIASES = {
@@ -254,10 +383,18 @@ def _check_value(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if kind is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{name} must not contain NUL characters")
             return value
         raise ConfigError(f"{name} must be a string, got {value!r}")
     if kind is dict:
@@ -279,7 +416,7 @@ def _from_string(name: str, hint: Any, text: str) -> Any:
     """Turn an environment or command-line string into the field's type."""
     kind, optional = _base_type(hint)
     if kind is str:
-        return text
+        return _check_value(name, hint, text)
     if kind is list and not text.strip().startswith("["):
         # Lists such as amqp_urls: comma-separated in the environment and CLI.
         return [item.strip() for item in text.split(",") if item.strip()]
@@ -298,9 +435,10 @@ def _from_string(name: str, hint: Any, text: str) -> Any:
             raise ConfigError(f"{name} must be an integer, got {text!r}") from None
     if kind is float:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {text!r}") from None
+        return _check_value(name, hint, number)
     try:
         value = json.loads(text)
     except ValueError:
@@ -326,7 +464,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             kwargs[name] = _build(hint, data[name] or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_value(f"{prefix}{name}", hint, data[name])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OptionError as e:
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _merge(base: dict, extra: Mapping) -> dict:
@@ -411,59 +552,93 @@ def load_config(
     data = read_yaml_file(path) if path else {}
     data = _merge(data, options_from_environment(environ))
     data = _merge(data, options_from_cli(cli or {}))
-    config = _build(JunebugConfig, data)
+    config = _build(JunebugConfig, _resolve_secret_files(data))
     return _check_semantics(config)
 
 
 def _check_semantics(config: JunebugConfig) -> JunebugConfig:
+    """Checks of several options together, and of names and URLs in depth."""
     for name in ("connector_name", "mo_message_url", "http_bind"):
         if not getattr(config, name).strip():
             raise ConfigError(f"{name} must not be empty")
-    _check_url("mo_message_url", config.mo_message_url)
-    if config.default_event_url is not None:
-        _check_url("default_event_url", config.default_event_url)
+    check_connector_name(config)
     if config.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(
             f"log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
         )
-    if config.worker_concurrency < 1:
-        raise ConfigError("worker_concurrency must be at least 1")
-    if config.delivery_max_attempts < 1:
-        raise ConfigError("delivery_max_attempts must be at least 1")
-    for name in (
-        "request_timeout",
-        "mo_message_url_timeout",
-        "event_url_timeout",
-        "delivery_retry_delay",
-        "delivery_retry_max_delay",
-        "delivery_max_age",
-        "delivery_max_hold",
-        "delivery_probe_interval",
-    ):
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{name} must be greater than 0")
     if (config.api_auth_username is None) != (config.api_auth_password is None):
         raise ConfigError("api_auth_username and api_auth_password must be set together")
     if config.api_auth_token is not None and not config.api_auth_token:
         raise ConfigError("api_auth_token must not be empty")
-    if config.max_request_size < 1:
-        raise ConfigError("max_request_size must be at least 1")
-    for name in ("http_idle_timeout", "http_read_timeout"):
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{name} must be greater than 0")
-    if config.shutdown_timeout < 0:
-        raise ConfigError("shutdown_timeout must not be negative")
-    if config.amqp_heartbeat < 0:
-        raise ConfigError("amqp_heartbeat must not be negative")
     if config.base_url_path and not config.base_url_path.startswith("/"):
         raise ConfigError("base_url_path must start with '/'")
+    if not _URL_PATH.match(config.base_url_path):
+        raise ConfigError(
+            "base_url_path must be a URL path: letters, digits, '/' and -._~!$&'()*+,;=:@,"
+            f" got {config.base_url_path!r}"
+        )
+    try:
+        _check_amqp(config)  # parses the AMQP URLs
+    except OptionError as e:  # a broker's part, e.g. its vhost
+        raise ConfigError(f"{'amqp_urls' if config.amqp_urls else 'amqp_url'}: {e}") from None
+    check_http_bind(config.http_bind)
     _check_operations(config)
-    _check_amqp(config)
-    config.http_endpoint  # noqa: B018 - checks http_bind
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
     if cache_class is not None:
         config = attrs.evolve(config, state_cache_class=cache_class)
     return config
+
+
+_URL_PATH = re.compile(r"^[A-Za-z0-9/\-._~!$&'()*+,;=:@]*$")
+
+AMQP_NAME_LIMIT = 255
+"""AMQP's short strings, queue names among them, hold at most 255 bytes."""
+
+
+def check_connector_name(config: JunebugConfig) -> None:
+    """Every queue the service declares for ``connector_name`` must be a name
+    RabbitMQ takes: printable ASCII (AMQP counts bytes; names stay plain for
+    every client and tool), at most 255 bytes, not in the reserved ``amq.``
+    namespace."""
+    from .service import declared_queue_names  # the one place queue names are made
+
+    name = config.connector_name
+    if not (name.isascii() and name.isprintable()):
+        raise ConfigError(
+            f"connector_name must be printable ASCII (it names AMQP queues), got {name!r}"
+        )
+    if name.startswith("amq."):
+        raise ConfigError("connector_name must not start with 'amq.' (RabbitMQ reserves it)")
+    longest = max(declared_queue_names(config), key=lambda q: len(q.encode("utf-8")))
+    longest_bytes = len(longest.encode("utf-8"))
+    if longest_bytes > AMQP_NAME_LIMIT:
+        allowed = len(name) - (longest_bytes - AMQP_NAME_LIMIT)
+        raise ConfigError(
+            f"connector_name must have at most {allowed} characters, got {len(name)}:"
+            f" its longest queue name would have {longest_bytes} bytes, AMQP allows"
+            f" {AMQP_NAME_LIMIT}"
+        )
+
+
+def check_http_bind(bind: str) -> None:
+    """``http_bind`` as an endpoint the reactor can listen on: known type,
+    arguments Twisted can parse (and, for ``ssl:``, key and certificate files
+    it can read), a TCP port from 0 to 65535."""
+    from twisted.internet.endpoints import serverFromString
+
+    endpoint = http_bind_to_endpoint(bind)
+    try:
+        serverFromString(None, endpoint)
+    except Exception as e:  # Twisted's parsers raise many kinds; all mean "bad value"
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"http_bind {bind!r} is not a usable endpoint: {problem}") from None
+    fields = re.split(r"(?<!\\):", endpoint)
+    if fields[0].lower() in ("tcp", "tcp6", "ssl"):
+        positional = [f for f in fields[1:] if "=" not in f]
+        named = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+        port = named.get("port", positional[0] if positional else "")
+        if not (port.isdigit() and int(port) <= 65535):
+            raise ConfigError(f"http_bind port must be from 0 to 65535, got {port!r}")
 
 
 LOG_FORMATS = ("text", "json")
@@ -487,8 +662,6 @@ def _check_operations(config: JunebugConfig) -> None:
             raise ConfigError("sentry_dsn must look like https://<key>@<host>/<project id>")
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format must be text or json, got {config.log_format!r}")
-    if config.health_stuck_after <= 0:
-        raise ConfigError("health_stuck_after must be greater than 0")
     path = config.metrics_path
     if not path.startswith("/") or path.rstrip("/") in ("", "/health", config.messages_path):
         raise ConfigError(
@@ -501,9 +674,99 @@ def _check_operations(config: JunebugConfig) -> None:
 
 
 def _check_url(name: str, url: str) -> None:
-    parts = urlsplit(url)
+    """An http(s) URL with a host, a valid port and nothing that would be dropped."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ConfigError(f"{name} must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as e:
+        raise ConfigError(f"{name} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http:// or https:// URL")
+    if parts.fragment or url.endswith("#"):
+        raise ConfigError(f"{name} must not have a #fragment (it is never sent)")
+
+
+# -- secrets from files -------------------------------------------------------
+
+SECRET_FILE_OPTIONS = (
+    "api_auth_password",
+    "api_auth_token",
+    "mo_message_url_auth_token",
+    "default_event_auth_token",
+    "amqp_url",
+    "amqp.password",
+)
+"""Options that may instead be given as ``<option>_file``: the path of a file
+holding the value (a container secret), its trailing newline stripped."""
+
+STATE_CACHE_SECRET_FILES = ("url", "password")
+"""``state_cache_config.url_file`` and ``state_cache_config.password_file``
+(the password is put into ``url``, by default ``redis://127.0.0.1:6379/0``)."""
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def read_secret_file(name: str, path: Any) -> str:
+    """The secret in the file at ``path`` for option ``name`` (``..._file``)."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{name} must be a file path, got {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigError(f"{name}: {path!r} is not UTF-8 text") from None
+    return text.rstrip("\r\n")
+
+
+def _resolve_secret_files(data: dict) -> dict:
+    """``data`` with every ``<secret>_file`` read into ``<secret>``."""
+    data = dict(data)
+    for dotted in SECRET_FILE_OPTIONS:
+        head, _, tail = dotted.partition(".")
+        holder = data
+        if tail:
+            if not isinstance(data.get(head), Mapping):
+                continue
+            holder = data[head] = dict(data[head])
+        key = tail or head
+        path = holder.get(f"{key}_file")
+        if path is None:
+            continue
+        if holder.get(key) is not None:
+            raise ConfigError(f"set {dotted} or {dotted}_file, not both")
+        holder[key] = read_secret_file(f"{dotted}_file", path)
+    cache = data.get("state_cache_config")
+    if isinstance(cache, Mapping) and any(f"{k}_file" in cache for k in STATE_CACHE_SECRET_FILES):
+        cache = dict(cache)
+        for key in STATE_CACHE_SECRET_FILES:
+            path = cache.pop(f"{key}_file", None)
+            if path is None:
+                continue
+            if key in cache:
+                raise ConfigError(
+                    f"set state_cache_config.{key} or state_cache_config.{key}_file, not both"
+                )
+            cache[key] = read_secret_file(f"state_cache_config.{key}_file", path)
+        if "password" in cache:
+            cache["url"] = _with_password(
+                cache.get("url", DEFAULT_REDIS_URL), cache.pop("password")
+            )
+        data["state_cache_config"] = cache
+    return data
+
+
+def _with_password(url: Any, password: str) -> Any:
+    """``url`` with ``password`` as its password (percent-encoded)."""
+    if not isinstance(url, str):
+        return url  # the cache's own check names the wrong type
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
 def _check_amqp(config: JunebugConfig) -> None:

@@ -38,6 +38,8 @@ def parse_redis_url(url: str) -> dict[str, Any]:
         port = parts.port or 6379
     except ValueError:
         raise ConfigError("state_cache_config.url has an invalid port") from None
+    if parts.query or parts.fragment:
+        raise ConfigError("state_cache_config.url must not have a ?query or #fragment")
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ConfigError("state_cache_config.url must end with a database number")
@@ -116,8 +118,8 @@ class RedisStateCache:
         for name in ("timeout", "operation_timeout"):
             if result[name] <= 0:
                 raise ConfigError(f"state_cache_config.{name} must be greater than 0")
-        if result["pool_size"] < 1:
-            raise ConfigError("state_cache_config.pool_size must be at least 1")
+        if not 1 <= result["pool_size"] <= 1000:
+            raise ConfigError("state_cache_config.pool_size must be from 1 to 1000")
         if result["tls_ca_file"] is not None:
             try:
                 with open(result["tls_ca_file"], "rb") as f:

@@ -10,12 +10,14 @@ AMQP connection; anything unfinished stays unacked and goes back to its queue.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
@@ -25,7 +27,7 @@ from .config import JunebugConfig, describe
 from .consumer import RETRY_DELAYS, MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
-from .http_server import ApiSite
+from .http_server import ApiSite, with_listen_backlog
 from .inbound import InboundHandler
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
@@ -89,6 +91,15 @@ def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
         }
         for delay, name in retry_queues(queue).items()
     }
+
+
+def declared_queue_names(config: JunebugConfig) -> list[str]:
+    """Every queue the service declares for ``config``; the config check keeps
+    each name within AMQP's 255 bytes, so new queues belong here."""
+    return [
+        *queue_names(config.connector_name).values(),
+        *retry_queue_names(config.connector_name).values(),
+    ]
 
 
 class JunebugService(MultiService):
@@ -249,10 +260,11 @@ class JunebugService(MultiService):
             max_request_size=config.max_request_size,
             read_timeout=config.http_read_timeout,
             idle_timeout=config.http_idle_timeout,
+            max_connections=config.http_max_connections,
         )
         self.site = site
         self.http = StreamServerEndpointService(
-            serverFromString(reactor, config.http_endpoint), site
+            serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
         self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
@@ -277,7 +289,10 @@ class JunebugService(MultiService):
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
         self.cache.start()
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
         self.queue_monitor.start()
         _tune_garbage_collector()
         log.info(
@@ -285,6 +300,23 @@ class JunebugService(MultiService):
             endpoint=self.config.http_endpoint,
             path=self.config.messages_path,
         )
+
+    def privilegedStartService(self) -> None:
+        # twistd listens here, before startService (so ports below 1024 work).
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+
+    def _cannot_listen(self, error: CannotListenError) -> None:
+        """A port taken or an address not local is an operator's mistake, not a
+        bug: one line in the log and on the terminal, and exit status 1."""
+        socket_error = error.socketError
+        reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+        line = f"cannot listen on {self.config.http_bind}: {reason}"
+        log.critical("junebug-api: {line}", line=line)
+        sys.__stderr__.write(f"junebug-api: {line}\n")
+        raise SystemExit(1)
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is."""

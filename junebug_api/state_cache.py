@@ -73,7 +73,17 @@ def check_options(cls_name: str, config: dict, types: dict[str, type]) -> dict:
             raise ConfigError(
                 f"state_cache_config.{key} must be of type {kind.__name__}, got {value!r}"
             )
+        if kind is float and not 0 < value <= MAX_CACHE_SECONDS:
+            # Every float option of a cache is a duration; nan and inf fail here too.
+            raise ConfigError(
+                f"state_cache_config.{key} must be greater than 0 and at most"
+                f" {MAX_CACHE_SECONDS} (ten years), got {value!r}"
+            )
     return config
+
+
+MAX_CACHE_SECONDS = 10 * 365 * 86400
+"""The longest duration a state cache option accepts."""
 
 
 class ExpiringMap:

@@ -41,18 +41,42 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    """The service tree for the loaded config."""
+    """The service tree for the loaded config, with the open-file limit raised
+    and ``http_max_connections`` sized under it."""
+    import attrs
     from twisted.internet import reactor
 
-    from .log import Redactor, json_file_log_observer, twistd_log_file
+    from .limits import raise_open_file_limit
+    from .log import Redactor, json_file_log_observer, logger, twistd_log_file
     from .service import JunebugService
+
+    log = logger(__name__)
+    before, after, hard = raise_open_file_limit()
+    config = options.config
+    max_connections = config.max_connections(after)
+    log.info(
+        "Open-file limit {after} (was {before}, hard limit {hard});"
+        " at most {max_connections} HTTP connections at once",
+        after=after,
+        before=before,
+        hard=hard,
+        max_connections=max_connections,
+    )
+    if max_connections > after * 3 // 4:
+        log.warn(
+            "http_max_connections {max_connections} leaves few of the {limit} file"
+            " descriptors for AMQP, outgoing HTTP and Redis; a flood may exhaust them",
+            max_connections=max_connections,
+            limit=after,
+        )
+    config = attrs.evolve(config, http_max_connections=max_connections)
 
     observer = None
     server_options = getattr(options, "parent", None)
-    if options.config.log_format == "json" and server_options is not None:
+    if config.log_format == "json" and server_options is not None:
         out = twistd_log_file(server_options)
         if out is not None:
             observer = json_file_log_observer(
-                out, Redactor.for_config(options.config), options.config.connector_name
+                out, Redactor.for_config(config), config.connector_name
             )
-    return JunebugService(options.config, reactor, log_observer=observer)
+    return JunebugService(config, reactor, log_observer=observer)

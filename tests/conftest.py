@@ -51,6 +51,8 @@ def make_service(
         wait: bool = True,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        command_prefix: list[str] | None = None,
+        allow_log_errors: bool = False,
         **overrides: Any,
     ) -> ServiceProcess:
         config = {
@@ -64,12 +66,20 @@ def make_service(
         }
         config.update(overrides)
         config = {k: v for k, v in config.items() if v is not None}
-        service = ServiceProcess(tmp_path, config, extra_args, env).start()
+        service = ServiceProcess(
+            tmp_path, config, extra_args, env, command_prefix, allow_log_errors
+        ).start()
         started.append(service)
         if wait:
             service.wait_healthy()
         return service
 
     yield make
+    failures = []
     for service in started:
-        service.stop()
+        try:
+            service.stop()
+        except AssertionError as e:
+            failures.append(str(e))
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)

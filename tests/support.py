@@ -160,8 +160,15 @@ class ServiceProcess:
         config: dict,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        command_prefix: list[str] | None = None,
+        allow_log_errors: bool = False,
     ) -> None:
+        """``command_prefix`` runs twistd under another command (``prlimit ...``);
+        ``allow_log_errors`` is for a test that provokes a traceback on purpose:
+        otherwise :meth:`stop` fails the test when the log holds one."""
         self.config = config
+        self.command_prefix = command_prefix or []
+        self.allow_log_errors = allow_log_errors
         self.config_path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log_path = tmp_path / f"service-{uuid.uuid4().hex[:6]}.log"
@@ -181,6 +188,7 @@ class ServiceProcess:
         env = dict(os.environ, **(self.env or {}))
         self.process = subprocess.Popen(
             [
+                *self.command_prefix,
                 TWISTD,
                 "-n",
                 "--pidfile=",
@@ -224,6 +232,18 @@ class ServiceProcess:
         self.process.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; then fail if the log holds an unhandled error or a
+        traceback (unless ``allow_log_errors``)."""
+        code = self._stop(timeout)
+        if not self.allow_log_errors:
+            errors = log_errors(self.log())
+            if errors:
+                raise AssertionError(
+                    f"{self.log_path} holds unhandled errors or tracebacks:\n" + "\n".join(errors)
+                )
+        return code
+
+    def _stop(self, timeout: float) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
@@ -232,6 +252,20 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+LOG_ERROR_MARKERS = ("Unhandled Error", "Unhandled error in Deferred", "Traceback")
+
+
+def log_errors(text: str, context: int = 3) -> list[str]:
+    """The lines of a service log that show an unhandled error or a traceback,
+    each with the few lines after it."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if any(marker in line for marker in LOG_ERROR_MARKERS):
+            found.append("\n".join(lines[i : i + 1 + context]))
+    return found
 
 
 def inbound_message(connector: str, **fields: Any) -> dict:

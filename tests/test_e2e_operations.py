@@ -171,6 +171,7 @@ async def test_sentry_gets_each_error_once_tagged_and_scrubbed(
             api_auth_token=SECRETS[2],
             state_cache_class="tests.operations_support.ExplodingHealthCache",
             env={"PYTHONPATH": str(ROOT), EXPLODE_ENV: str(explode)},
+            allow_log_errors=True,  # the exploding /health is an unhandled error on purpose
         )
         # An outbound message with an event token, so that secret is in play too.
         code = await post_message(

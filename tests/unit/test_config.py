@@ -196,19 +196,43 @@ def test_yaml_types_accepted(tmp_path: Path) -> None:
         ({"mo_message_url": "ftp://example.com/x"}, "mo_message_url must be an http"),
         ({"default_event_url": "example.com/events"}, "default_event_url must be an http"),
         ({"log_level": "LOUD"}, "log_level must be one of"),
-        ({"worker_concurrency": 0}, "worker_concurrency must be at least 1"),
-        ({"delivery_max_attempts": 0}, "delivery_max_attempts must be at least 1"),
-        ({"request_timeout": 0}, "request_timeout must be greater than 0"),
-        ({"delivery_retry_delay": -1}, "delivery_retry_delay must be greater than 0"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must not be negative"),
-        ({"amqp_heartbeat": -1}, "amqp_heartbeat must not be negative"),
+        ({"worker_concurrency": 0}, "worker_concurrency must be from 1 to 65535, got 0"),
+        ({"worker_concurrency": 70000}, "worker_concurrency must be from 1 to 65535"),
+        ({"delivery_max_attempts": 0}, "delivery_max_attempts must be from 1 to"),
+        ({"request_timeout": 0}, "request_timeout must be from 0.01 to 86400, got 0.0"),
+        ({"request_timeout": float("nan")}, "request_timeout must be a finite number"),
+        ({"http_read_timeout": float("inf")}, "http_read_timeout must be a finite number"),
+        ({"http_idle_timeout": 1e9}, "http_idle_timeout must be from 0.01 to 86400"),
+        ({"delivery_retry_delay": -1}, "delivery_retry_delay must be from 0.01"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be from 0 to 86400"),
+        ({"amqp_heartbeat": -1}, "amqp_heartbeat must be from 0 to 65535"),
+        ({"amqp_heartbeat": 70000}, "amqp_heartbeat must be from 0 to 65535"),
+        ({"amqp": {"port": 0}}, "amqp.port must be from 1 to 65535"),
+        ({"amqp": {"vhost": "é"}}, "amqp.vhost must be printable ASCII"),
+        ({"amqp": {"vhost": "v" * 256}}, "amqp.vhost must have at most 255 characters"),
+        ({"amqp_url": "amqp://h/%C3%A9"}, "amqp_url: vhost must be printable ASCII"),
+        ({"http_max_connections": 0}, "http_max_connections must be from 1 to"),
+        ({"max_request_size": 0}, "max_request_size must be from 1 to"),
+        ({"connector_name": "é"}, "connector_name must be printable ASCII"),
+        ({"connector_name": "a\tb"}, "connector_name must not contain control"),
+        ({"connector_name": "x" * 250}, "connector_name must have at most 237 characters, got 250"),
+        ({"connector_name": "amq.x"}, "connector_name must not start with 'amq.'"),
+        ({"mo_message_url": "http://h/x#frag"}, "mo_message_url must not have a #fragment"),
+        ({"mo_message_url": "http://h:99999/x"}, "mo_message_url is not a valid URL"),
+        ({"mo_message_url": "http://h/a b"}, "mo_message_url must not contain spaces"),
+        ({"amqp_url": "amqp://h/#x"}, "amqp_url must not have a #fragment"),
+        ({"api_auth_token": "a\r\nX: y"}, "api_auth_token must not contain control"),
+        ({"base_url_path": "/é"}, "base_url_path must be a URL path"),
+        ({"http_bind": "tcp:70000"}, "http_bind port must be from 0 to 65535"),
+        ({"http_bind": "ssl:8443:privateKey=/nonexistent"}, "http_bind 'ssl:8443"),
         ({"base_url_path": "channels/x"}, "base_url_path must start with '/'"),
+        ({"base_url_path": "/a b"}, "base_url_path must be a URL path"),
         ({"http_bind": "not a bind"}, "http_bind must be"),
         ({"amqp_url": "http://rabbit/"}, "amqp_url must start with amqp://"),
     ],
 )
 def test_semantic_errors(tmp_path: Path, data: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load(data, tmp_path)
 
 
@@ -457,10 +481,10 @@ def test_amqp_connection_settings(tmp_path: Path) -> None:
         ),
         ({"amqp_max_unconfirmed": 0}, "amqp_max_unconfirmed must be between 1 and"),
         ({"amqp_connect_timeout": 0}, "amqp_connect_timeout must be greater than 0"),
-        ({"amqp_connect_timeout": float("nan")}, "amqp_connect_timeout must be greater than 0"),
+        ({"amqp_connect_timeout": float("nan")}, "amqp_connect_timeout must be a finite number"),
         ({"amqp_queue_arguments": {"x-ttl": 1.5}}, "amqp_queue_arguments.x-ttl must be a string"),
         ({"amqp_queue_arguments": {"x-ttl": 2**64}}, "amqp_queue_arguments.x-ttl is out of range"),
-        ({"amqp_tls_ca_file": "a\x00b"}, "amqp_tls_ca_file is not a valid path"),
+        ({"amqp_tls_ca_file": "a\x00b"}, "amqp_tls_ca_file must not contain NUL characters"),
     ],
 )
 def test_amqp_option_errors(tmp_path: Path, data: dict, message: str) -> None:
@@ -609,3 +633,87 @@ def test_redact_url_hides_a_lone_user_name_too() -> None:
     assert redact_url("https://APIKEY123@rp.example/x") == "https://***@rp.example/x"
     assert redact_url("https://rp.example/x") == "https://rp.example/x"
     assert redact_url("http://[broken/") == "***"
+
+
+# -- secrets from files -----------------------------------------------------------
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    def secret(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    cfg = load(
+        {
+            "api_auth_username": "u",
+            "api_auth_password_file": secret("pw", "pässword\n"),
+            "api_auth_token_file": secret("tok", "tok en\r\n"),
+            "mo_message_url_auth_token_file": secret("mo", "mo-token"),
+            "default_event_auth_token_file": secret("ev", "ev-token\n"),
+            "amqp": {"password_file": secret("amqp", "rabbit\n")},
+            "state_cache_config": {
+                "url": "redis://127.0.0.1:6379/2",
+                "password_file": secret("redis", "r:e/d@is\n"),
+            },
+        },
+        tmp_path,
+    )
+    assert cfg.api_auth_password == "pässword"
+    assert cfg.api_auth_token == "tok en"
+    assert cfg.mo_message_url_auth_token == "mo-token"
+    assert cfg.default_event_auth_token == "ev-token"
+    assert cfg.amqp_settings.password == "rabbit"
+    assert cfg.state_cache_config == {"url": "redis://:r%3Ae%2Fd%40is@127.0.0.1:6379/2"}
+    from junebug_api.redis_state_cache import parse_redis_url
+
+    assert parse_redis_url(cfg.state_cache_config["url"])["password"] == "r:e/d@is"
+    logged = str(describe(cfg))
+    for text in ("pässword", "tok en", "mo-token", "ev-token", "rabbit", "r%3Ae"):
+        assert text not in logged
+
+
+def test_amqp_url_and_redis_url_from_files(tmp_path: Path) -> None:
+    amqp = tmp_path / "amqp"
+    amqp.write_text("amqp://jb:s3cret@rabbit:5673/v\n")
+    redis = tmp_path / "redis"
+    redis.write_text("redis://:pw@127.0.0.1:6379/3\n")
+    cfg = load(
+        {"amqp_url_file": str(amqp), "state_cache_config": {"url_file": str(redis)}}, tmp_path
+    )
+    assert cfg.amqp_settings == AmqpConfig(
+        hostname="rabbit", port=5673, username="jb", password="s3cret", vhost="v"
+    )
+    assert cfg.state_cache_config == {"url": "redis://:pw@127.0.0.1:6379/3"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"api_auth_token": "a", "api_auth_token_file": "/x"}, "set api_auth_token or"),
+        ({"amqp": {"password": "a", "password_file": "/x"}}, "set amqp.password or"),
+        ({"api_auth_token_file": "/nonexistent"}, "api_auth_token_file: cannot read"),
+        ({"amqp_url_file": "/nonexistent"}, "amqp_url_file: cannot read '/nonexistent'"),
+        ({"state_cache_config": {"url_file": "/nonexistent"}}, "state_cache_config.url_file"),
+    ],
+)
+def test_secret_file_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load(data, tmp_path)
+
+
+def test_secret_file_from_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-env-file\n")
+    environ = {k.upper(): v for k, v in REQUIRED.items()}
+    cfg = load_config(None, environ={**environ, "API_AUTH_TOKEN_FILE": str(token)})
+    assert cfg.api_auth_token == "from-env-file"
+
+
+def test_max_connections_default() -> None:
+    cfg = load_config(None, environ={}, cli=REQUIRED)
+    assert cfg.http_max_connections is None
+    assert cfg.max_connections(1024) == 768
+    assert cfg.max_connections(1 << 20) == 10_000
+    cfg = load_config(None, environ={}, cli={**REQUIRED, "http_max_connections": "50"})
+    assert cfg.max_connections(1024) == 50

@@ -233,7 +233,7 @@ def test_metrics_off_does_nothing_and_on_counts() -> None:
     ("options", "error"),
     [
         ({"log_format": "xml"}, "log_format must be text or json, got 'xml'"),
-        ({"health_stuck_after": "0"}, "health_stuck_after must be greater than 0"),
+        ({"health_stuck_after": "0"}, "health_stuck_after must be from 0.01 to 86400"),
         ({"metrics_path": "/health"}, "metrics_path must start with '/'"),
         ({"metrics_path": "metrics"}, "metrics_path must start with '/'"),
         ({"metrics_path": "/messages"}, "metrics_path must start with '/'"),

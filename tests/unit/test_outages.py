@@ -138,8 +138,8 @@ def test_pick_delay() -> None:
     assert pick_delay(delays, 1000) == 300
 
 
-def test_short_retries_wait_in_process_long_ones_on_a_delay_queue() -> None:
-    handler = ScriptedHandler(failing(), failing(), failing(), failing())
+def test_short_retries_wait_in_process() -> None:
+    handler = ScriptedHandler(failing(), failing(), None)
     worker, clock, publish = make_worker(handler, delay=1.0)
     acker = FakeAcker()
     worker(BODY, acker)
@@ -147,16 +147,21 @@ def test_short_retries_wait_in_process_long_ones_on_a_delay_queue() -> None:
     clock.advance(2)  # 1-2 s
     assert handler.calls == 3
     assert publish.calls == []
-    assert acker.acks == 0
-    clock.advance(4)  # 2-4 s
-    assert handler.calls == 4
-    # The fourth failure wants 4-8 s: longer than a few seconds, so it goes to
-    # the 5 s delay queue with its attempt count, and the delivery is acked.
+    assert acker.acks == 1
+
+
+def test_longer_retries_wait_on_a_delay_queue() -> None:
+    """A backoff of a few seconds or more (here 5-10 s) goes to the delay
+    queue not longer than it, with its attempt count; the delivery is acked."""
+    handler = ScriptedHandler(failing())
+    worker, clock, publish = make_worker(handler, delay=10.0)
+    acker = FakeAcker()
+    worker(BODY, acker)
     routing_key, body, kwargs = publish.calls[0]
     assert routing_key == f"{QUEUE}.retry.5"
     assert body == BODY
     headers = kwargs["headers"]
-    assert headers[ATTEMPTS_HEADER] == 4
+    assert headers[ATTEMPTS_HEADER] == 1
     assert headers[FIRST_FAILURE_HEADER] == 1_000_000
     assert headers[HOLDS_HEADER] == 0
     assert headers["x-junebug-reason"] == "HTTP 503"
