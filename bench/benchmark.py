@@ -5,8 +5,9 @@ virtualenv and installs nginx-light and wrk when they are missing::
 
     bench/run [--quick] [--concurrency N] [--inbound N] [--events N] [--keep-tmp]
               [--state-cache memory|redis] [--processes N] [--balancer]
-              [--phases outbound,inbound,events,bare] [--event-url] [--no-lazy-queues]
+              [--phases outbound,inbound,events,bare,roundtrip] [--event-url] [--no-lazy-queues]
     bench/run --compare-scaling
+    bench/run --compare-caches [--quick]
     bench/run --compare-metrics [other options]
     bench/run [--tls] [--compare-code REF]
 
@@ -36,7 +37,8 @@ only; the shared RabbitMQ on 5672 is never touched:
 with the shared Redis (redis://127.0.0.1:6379/15) and the key prefix
 ``jbbench:<random>:``; only keys under that prefix are deleted at the end
 (SCAN MATCH + DEL), and the Redis round trip is measured on its own: SET+GET
-pairs from a Twisted script with txredisapi, one at a time and 50 in flight.
+pairs from a Twisted script with the service's client (and txredisapi and
+redis-py for comparison), one at a time and 50 in flight.
 
 Phases (``--phases``, default all): a bare twisted.web server
 (bench/bare_server.py) under wrk at 1, 16 and 64 connections as the HTTP
@@ -48,9 +50,16 @@ extra message per connection is reported, loudly, but not as a failure); N
 pre-loaded inbound messages drained to nginx by all service processes (each
 ``message_id`` must arrive exactly once, as the expected Junebug JSON; the
 rate counts from the first process's start); N pre-loaded events drained the
-same way. CPU per op is the sum over the service processes. It prints one
-table and writes it to bench/last-results.txt. The exit status is 1 when a
-check failed.
+same way; the session round trip (below). CPU per op is the sum over the
+service processes. It prints one table and writes it to
+bench/last-results.txt. The exit status is 1 when a check failed.
+
+``--compare-caches`` runs one process with the in-memory cache and one with
+Redis against one RabbitMQ node and sink: outbound with ``event_url`` at 1 and
+64 connections, inbound, and the session round trip (``roundtrip`` phase,
+bench/roundtrip.py: inbound published at 200 and 1,000 sessions/s and higher
+steps, a RapidPro stand-in that replies at once, the time from the inbound's
+publish to the reply on ``bench.outbound``), then the Redis/memory ratios.
 
 ``--tls`` runs the same phases once more with the service connected over
 amqps (the node gets a TLS listener with a certificate from a CA made with
@@ -101,6 +110,7 @@ from typing import Any
 
 import pika
 import pika.spec
+import roundtrip
 import yaml
 from cache_memory import TIMESTAMP, inbound
 
@@ -119,7 +129,7 @@ CONNECTOR = "bench"
 BASE_PATH = "/channels/bench"
 REDIS_URL = "redis://127.0.0.1:6379/15"  # the shared Redis; only our prefix is touched
 REDIS_CLASS = "junebug_api.state_cache.RedisStateCache"
-ALL_PHASES = ("outbound", "inbound", "events", "bare")
+ALL_PHASES = ("outbound", "inbound", "events", "bare", "roundtrip")
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
@@ -981,6 +991,7 @@ def service_group(
     cache: dict[str, Any] | None,
     tls: bool = False,
     code: Path | None = None,
+    mo_message_url: str | None = None,
 ) -> ServiceGroup:
     """n service processes, identical but for http_bind; cache: the
     state_cache_class and state_cache_config (None: the in-memory default);
@@ -993,7 +1004,7 @@ def service_group(
             "connector_name": CONNECTOR,
             "http_bind": f"{HOST}:{port}",
             "base_url_path": BASE_PATH,
-            "mo_message_url": f"{nginx.url}/inbound",
+            "mo_message_url": mo_message_url or f"{nginx.url}/inbound",
             "default_event_url": f"{nginx.url}/event",
             "default_from_addr": "8110",
             "amqp": {
@@ -1512,10 +1523,12 @@ def redis_server_pid() -> int | None:
 
 
 REDIS_RTT_SCRIPT = '''\
-"""SET+GET pairs against Redis with txredisapi, as RedisStateCache makes them
-(a pool of 10 connections, SET with EX). Written and run by bench/benchmark.py:
+"""SET+GET pairs against Redis: with the service's own client
+(junebug_api.redis_client: one pipelining connection), and for comparison with
+txredisapi (a pool of 10, as the service used before) and blocking redis-py.
+Written and run by bench/benchmark.py:
     python redis_rtt.py URL PREFIX N IN_FLIGHT
-prints one JSON line: wall and CPU seconds, one pair at a time and N_IN_FLIGHT
+prints one JSON line: wall and CPU seconds, one pair at a time and IN_FLIGHT
 pairs in flight."""
 
 import json
@@ -1524,8 +1537,9 @@ import sys
 import time
 
 import txredisapi
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 
+from junebug_api.redis_client import FixedLocator, RedisClient
 from junebug_api.redis_state_cache import parse_redis_url
 
 
@@ -1534,13 +1548,13 @@ def cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-async def pairs(redis, keys, value, in_flight):
+async def pairs(set_, get, keys, value, in_flight):
     keys = iter(keys)
 
     async def worker():
         for key in keys:
-            await redis.set(key, value, expire=600)
-            got = await redis.get(key)
+            await set_(key, value)
+            got = await get(key)
             if got not in (value, value.encode()):
                 raise RuntimeError(f"GET {key} gave {got!r}")
 
@@ -1551,30 +1565,58 @@ async def pairs(redis, keys, value, in_flight):
     return time.monotonic() - started, cpu() - cpu0
 
 
+async def measure(set_, get, prefix, n, in_flight):
+    value = "x" * 300  # about a cached inbound
+    await pairs(set_, get, [f"{prefix}warm:{i}" for i in range(500)], value, 1)
+    sequential = await pairs(set_, get, [f"{prefix}seq:{i}" for i in range(n)], value, 1)
+    concurrent = await pairs(
+        set_, get, [f"{prefix}con:{i}" for i in range(n)], value, in_flight
+    )
+    return sequential, concurrent
+
+
 async def main(reactor, url, prefix, n, in_flight):
     args = parse_redis_url(url)
     args.pop("tls")
+    result = {}
+    client = RedisClient(
+        reactor,
+        FixedLocator(args["host"], args["port"]),
+        dbid=args["dbid"],
+        username=args["username"],
+        password=args["password"],
+    )
+    client.start()
+    await client.command(b"PING")
+    result["ours"] = await measure(
+        lambda k, v: client.command(b"SET", k, v, b"EX", 600),
+        lambda k: client.command(b"GET", k),
+        f"{prefix}rtt:ours:",
+        n,
+        in_flight,
+    )
+    await client.stop()
     redis = await txredisapi.ConnectionPool(
         poolsize=10, reconnect=False, charset="utf-8", convertNumbers=False, **args
     )
-    value = "x" * 300  # about a cached inbound
-    await pairs(redis, [f"{prefix}rtt:warm:{i}" for i in range(500)], value, 1)
-    sequential = await pairs(redis, [f"{prefix}rtt:seq:{i}" for i in range(n)], value, 1)
-    concurrent = await pairs(
-        redis, [f"{prefix}rtt:con:{i}" for i in range(n)], value, in_flight
+    result["txredisapi"] = await measure(
+        lambda k, v: redis.set(k, v, expire=600),
+        redis.get,
+        f"{prefix}rtt:tx:",
+        n,
+        in_flight,
     )
     await redis.disconnect()
     # The same pairs with the blocking redis-py client: what any client pays here.
     import redis as redis_py
 
-    client = redis_py.Redis.from_url(url)
+    blocking = redis_py.Redis.from_url(url)
     started, cpu0 = time.monotonic(), cpu()
     for i in range(n):
-        client.set(f"{prefix}rtt:py:{i}", value, ex=600)
-        client.get(f"{prefix}rtt:py:{i}")
-    blocking = (time.monotonic() - started, cpu() - cpu0)
-    client.close()
-    result = {"sequential": sequential, "concurrent": concurrent, "redis-py": blocking}
+        blocking.set(f"{prefix}rtt:py:{i}", "x" * 300, ex=600)
+        blocking.get(f"{prefix}rtt:py:{i}")
+    result["redis-py"] = (time.monotonic() - started, cpu() - cpu0)
+    blocking.close()
     print(json.dumps(result), flush=True)
 
 
@@ -1601,21 +1643,27 @@ def redis_round_trips(
             f" {result.stdout}{result.stderr[-2000:]}"
         ) from None
     lines = [
-        f"Redis round trip (txredisapi, pool of 10 as the service, 300-byte values, client"
-        f" on core {SERVICE_CORE}, {redis.url}):"
+        f"Redis round trip (300-byte values, client on core {SERVICE_CORE}, {redis.url};"
+        " CPU is the client's own):"
     ]
     for key, label in (
-        ("sequential", f"{n:,} SET+GET pairs one at a time"),
-        ("concurrent", f"{n:,} SET+GET pairs, {in_flight} in flight"),
-        ("redis-py", f"for reference, blocking redis-py, {n:,} pairs one at a time"),
+        ("ours", "the service's client (one pipelining connection)"),
+        ("txredisapi", "txredisapi, pool of 10 (the service before)"),
     ):
-        wall, cpu = data[key]
-        trips = 2 * n
-        lines.append(
-            f"  {label}: {wall * 1e6 / trips:.1f} us per round trip wall"
-            f" ({wall * 1e6 / n:.1f} us per pair, {trips / wall:,.0f} commands/s),"
-            f" client CPU {cpu * 1e6 / trips:.1f} us per round trip"
-        )
+        for (wall, cpu), how in zip(
+            data[key], ("one at a time", f"{in_flight} in flight"), strict=True
+        ):
+            trips = 2 * n
+            lines.append(
+                f"  {label}, {how}: {wall * 1e6 / trips:.1f} us per round trip wall"
+                f" ({trips / wall:,.0f} commands/s), client CPU {cpu * 1e6 / trips:.1f} us"
+                " per command"
+            )
+    wall, cpu = data["redis-py"]
+    lines.append(
+        f"  for reference, blocking redis-py one at a time: {wall * 1e6 / (2 * n):.1f} us wall,"
+        f" client CPU {cpu * 1e6 / (2 * n):.1f} us per command"
+    )
     return lines
 
 
@@ -1862,9 +1910,97 @@ def run_setup(ctx: Context, setup: Setup) -> SetupResult:
                 )
                 if stored != n:
                     shout(f"{row.name}: {stored:,} inbound keys in Redis for {n:,} messages")
+    if "roundtrip" in ctx.phases:
+        result.rows += roundtrip_rows(ctx, setup, cache, code)
     if ctx.redis is not None and setup.cache == "redis":
         ctx.redis.cleanup()
     return result
+
+
+def roundtrip_rows(
+    ctx: Context, setup: Setup, cache: dict[str, Any] | None, code: Path | None
+) -> list[Row]:
+    """The session round trip (bench/roundtrip.py) for one configuration."""
+
+    def start(mo_url: str) -> ServiceGroup:
+        group = service_group(
+            ctx.tmp,
+            f"{setup.key}-rt",
+            1,
+            ctx.rabbit,
+            ctx.nginx,
+            ctx.concurrency,
+            cache,
+            tls=setup.tls,
+            code=code,
+            mo_message_url=mo_url,
+        )
+        group.start().wait_healthy()
+        ctx.ours.update(group.pids)
+        return group
+
+    def purge(queue: str) -> None:
+        ctx.broker.declare(queue)
+        ctx.broker.purge(queue)
+
+    plan = roundtrip.RoundTripPlan(
+        tmp=ctx.tmp,
+        amqp_port=ctx.rabbit.port,
+        other_core=OTHER_CORE,
+        seconds=ctx.duration,
+        start_service=start,
+        service_url=lambda g: f"http://{HOST}:{g.ports[0]}{BASE_PATH}/messages",
+        service_cpu=lambda g: g.cpu_ticks() / CLK_TCK,
+        stop_service=lambda g: g.stop(),
+        purge=purge,
+        say=say,
+        free_port=free_port,
+    )
+    try:
+        trips = roundtrip.roundtrip_phase(plan, setup.tag(1), BENCH)
+    except RuntimeError as e:
+        raise BenchError(str(e)) from None
+    rows = []
+    for name, trip in trips:
+        row = Row(name, "ses/s", trip.rate, trip.p50, trip.p90, trip.p99)
+        row.cpu_ms = trip.cpu_seconds * 1000 / max(1, trip.replied)
+        row.status = "ok" if trip.replied == trip.published else "lost"
+        row.notes.append(
+            f"{trip.published:,} inbound published at {trip.offered:,.0f}/s, {trip.replied:,}"
+            f" replies on {CONNECTOR}.outbound within {roundtrip.GRACE:g} s of the last;"
+            f" round trip = inbound publish to reply consumed (driver's clock)"
+            + (
+                ""
+                if trip.sustained
+                else f"; not sustained (p99 > {roundtrip.SUSTAINED_P99_MS:g} ms, replies"
+                " missing, or the driver could not publish at that rate)"
+            )
+        )
+        if trip.legs:
+            row.notes.append(trip.legs)
+        if trip.replied != trip.published and "max" not in name:
+            row.status = "not sustained"
+        rows.append(row)
+    return rows
+
+
+def cache_ratios(results: list[SetupResult]) -> list[str]:
+    """Redis rate / memory rate for each row both configurations have."""
+    by_cache = {r.setup.cache: r for r in results}
+    if not {"memory", "redis"} <= by_cache.keys():
+        return []
+    memory = {row.name: row for row in by_cache["memory"].rows}
+    tag = by_cache["redis"].setup.tag()
+    lines = ["Redis / memory (same run, one process; the issue's target: 0.90 or more):"]
+    for row in by_cache["redis"].rows:
+        base = memory.get(row.name.replace(tag, ""))
+        if base is None or not base.rate or not row.rate or row.unit == "ses/s":
+            continue
+        lines.append(
+            f"  {row.name.replace(tag, '')}: {row.rate:,.0f} / {base.rate:,.0f} ="
+            f" {row.rate / base.rate:.2f}"
+        )
+    return lines
 
 
 def render_scaling(results: list[SetupResult], connections: int) -> str:
@@ -1961,7 +2097,9 @@ def main() -> int:
         "--balancer", action="store_true", help="outbound through nginx even with 1 process"
     )
     parser.add_argument(
-        "--phases", default=",".join(ALL_PHASES), help="subset of outbound,inbound,events,bare"
+        "--phases",
+        default=",".join(ALL_PHASES),
+        help="subset of outbound,inbound,events,bare,roundtrip",
     )
     parser.add_argument(
         "--event-url",
@@ -1993,6 +2131,12 @@ def main() -> int:
         help="1 process memory, 1 process Redis, 2 processes Redis: outbound @64, inbound",
     )
     parser.add_argument(
+        "--compare-caches",
+        action="store_true",
+        help="memory and Redis side by side, one process: outbound with event_url @1 and @64,"
+        " inbound, session round trip (--phases and --connections narrow it)",
+    )
+    parser.add_argument(
         "--compare-metrics",
         action="store_true",
         help="every phase with metrics on, then again with metrics_enabled: false",
@@ -2014,6 +2158,14 @@ def main() -> int:
             Setup("redis1", "1 process, Redis cache", 1, "redis", True),
             Setup("redis2", "2 processes, Redis cache", 2, "redis", True),
         ]
+        event_url = args.event_url is not False
+    elif args.compare_caches:
+        if args.phases == parser.get_default("phases"):
+            phases = {"outbound", "inbound", "roundtrip"}
+        if args.connections == parser.get_default("connections"):
+            args.connections = "1,64"
+        connections = [int(c) for c in args.connections.split(",")]
+        setups = [Setup(k, f"1 process, {k} cache", 1, k, False) for k in ("memory", "redis")]
         event_url = args.event_url is not False
     else:
         connections = [int(c) for c in args.connections.split(",")]
@@ -2139,6 +2291,8 @@ def main() -> int:
                 results.append(result)
                 rows += result.rows
                 extra += result.extra
+            if args.compare_caches:
+                extra += cache_ratios(results)
             if redis is not None and (args.compare_scaling or "outbound" in phases):
                 extra += redis_round_trips(tmp, redis)
             if args.compare_metrics:

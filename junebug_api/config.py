@@ -933,5 +933,7 @@ def describe(config: JunebugConfig) -> dict:
         cache = dict(plain["state_cache_config"])
         if isinstance(cache.get("url"), str):
             cache["url"] = redact_url(cache["url"])
+        if cache.get("sentinel_password"):
+            cache["sentinel_password"] = "***"
         plain["state_cache_config"] = cache
     return plain

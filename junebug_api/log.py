@@ -90,6 +90,9 @@ class Redactor:
         cache_url = config.state_cache_config.get("url")
         if isinstance(cache_url, str):
             urls.append(cache_url)
+        sentinel_password = config.state_cache_config.get("sentinel_password")
+        if isinstance(sentinel_password, str):
+            values.append(sentinel_password)
         for url in urls:
             if url:
                 try:

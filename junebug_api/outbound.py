@@ -56,11 +56,32 @@ class OutboundSender:
             raise ApiUsageError('"event_url" must be an http:// or https:// URL')
         message = await self._build(request)
         message_id = message["message_id"]
-        if event_url is not None:
+        if event_url is None:
+            await self._publish(message_id, message, event_info=False, stored=None)
+        else:
             info = EventInfo(event_url, request.get("event_auth_token"))
-            await self._cache_call(
-                self.cache.store_event_info(message_id, info), "storing event info of", message_id
-            )
+            stored = self.cache.store_event_info(message_id, info)
+            if self._cache_down():
+                # Known trouble: no publish before the state is written, or every
+                # retry of RapidPro's would send the message once more.
+                await self._cache_call(stored, "storing event info of", message_id)
+                await self._publish(message_id, message, event_info=True, stored=None)
+            else:
+                # The write and the publish travel together; the 201 waits for both.
+                await self._publish(message_id, message, event_info=True, stored=stored)
+        if debug_enabled():
+            log.debug("Sent outbound message {message_id}", message_id=message_id)
+        return junebug_message(message, self.connector_name)
+
+    async def _publish(
+        self, message_id: str, message: VumiMessage, *, event_info: bool, stored: Deferred | None
+    ) -> None:
+        """Publish; with ``stored`` (the event info write in flight) wait for it too.
+
+        Only both answer 201. A publish that failed takes its event info back;
+        a write that failed after a confirmed publish is answered 503 like a
+        crash at that point: RapidPro's retry may send the message twice.
+        """
         started = self.metrics.now()
         try:
             await self.publish(
@@ -73,19 +94,42 @@ class OutboundSender:
                 message_id=message_id,
                 error=e,
             )
-            if event_url is not None:
+            if event_info:
                 try:
+                    if stored is not None:
+                        await stored  # the delete must not overtake the write
                     await self.cache.delete_event_info(message_id)
+                except CancelledError:
+                    raise
                 except Exception:
                     pass  # an orphaned entry only expires; it sends nothing
             error = ServiceUnavailable(f"message not sent: {e}")
             if isinstance(e, PublishRefused):
                 error.retry_after = e.retry_after
             raise error from None
+        except BaseException:
+            if stored is not None:  # the request is gone (cancelled): nobody waits for it
+                stored.addErrback(lambda _: None)
+            raise
         self.metrics.publish_done(started, confirmed=True)
-        if debug_enabled():
-            log.debug("Sent outbound message {message_id}", message_id=message_id)
-        return junebug_message(message, self.connector_name)
+        if stored is None:
+            return
+        try:
+            await stored
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.metrics.cache_error()
+            log.error(
+                "Outbound message {message_id} was sent but its event info was not stored"
+                " (answered 503; a retry sends it again): {error}",
+                message_id=message_id,
+                error=e,
+            )
+            raise ServiceUnavailable("state cache unavailable") from None
+
+    def _cache_down(self) -> bool:
+        return any(c.get("health") == "down" for c in self.cache.health().values())
 
     async def _build(self, request: dict) -> VumiMessage:
         reply_to = request.get("reply_to")

@@ -236,7 +236,7 @@ def make_state_cache(
 
 
 def __getattr__(name: str) -> Any:
-    # RedisStateCache lives in its own module so that txredisapi (which
+    # RedisStateCache lives in its own module so that its client (which
     # imports the reactor) loads only when a config names it.
     if name == "RedisStateCache":
         from .redis_state_cache import RedisStateCache

@@ -226,3 +226,43 @@ def test_memory_is_the_default():
         ),
         InMemoryStateCache,
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_of_one_turn_share_one_mget(redis_keys):
+    from twisted.internet.defer import gatherResults
+
+    case = RedisCase(redis_keys)
+    case.opened = []
+    cache = case.make()
+    try:
+        messages = [inbound_message("c") for _ in range(5)]
+        await gatherResults([cache.store_inbound(m) for m in messages])
+        await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
+        ids = [m["message_id"] for m in messages]
+        found = await gatherResults(
+            [cache.fetch_inbound(i) for i in [*ids, "unknown"]]
+            + [cache.fetch_event_info("m1"), cache.fetch_event_info("m2")]
+        )
+        assert [f["message_id"] for f in found[:5]] == ids
+        assert found[5:] == [None, EventInfo("http://rp/e", "t"), None]
+        before = redis_keys.client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+        await gatherResults([cache.fetch_inbound(i) for i in ids])
+        after = redis_keys.client.info("commandstats")["cmdstat_mget"]["calls"]
+        assert after - before >= 1  # one from us (the shared Redis may count others too)
+    finally:
+        cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_min_replicas_fails_writes_no_replica_confirmed(redis_keys):
+    from junebug_api.redis_state_cache import ReplicationError
+
+    case = RedisCase(redis_keys)
+    case.opened = []
+    cache = case.make(min_replicas=1, operation_timeout=0.4)
+    try:
+        with pytest.raises(ReplicationError, match="only 0 of 1 replica"):
+            await cache.store_event_info("m1", EventInfo("http://rp/e", None))
+    finally:
+        cache.close()
