@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError
 
 from .consumer import DROPPED, HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
-from .junebug_formats import junebug_event, to_json
+from .junebug_formats import Unsendable, junebug_event, to_json
 from .log import debug_enabled, logger
 from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
@@ -31,9 +31,16 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
     metrics: Metrics = NO_METRICS
 
     async def __call__(self, body: bytes) -> str | None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
         try:
             event = parse_event(body)
         except InvalidMessage as e:
@@ -59,7 +66,12 @@ class EventHandler:
                 )
                 return DROPPED
             info = EventInfo(self.default_url, self.default_auth_token)
-        payload = to_json(junebug_event(event, self.channel_id))
+        try:
+            payload = to_json(junebug_event(event, self.channel_id))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
         try:
             await self.delivery.post_json(
                 info.url, payload, info.auth_token, self.timeout, target="event"
@@ -70,6 +82,7 @@ class EventHandler:
                 retryable=e.retryable,
                 message_id=message_id,
                 url=safe_url(info.url),
+                held=e.held,
             ) from None
         if debug_enabled():
             log.debug("Delivered event for message {message_id}", message_id=message_id)

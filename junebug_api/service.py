@@ -21,17 +21,19 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
-from .amqp_service import AmqpService
+from .amqp_service import EXCHANGE, AmqpService
 from .api import ApiCredentials, JunebugApi
 from .config import JunebugConfig, describe
-from .consumer import MessageWorker, RetryPolicy
+from .consumer import RETRY_DELAYS, MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite, with_listen_backlog
 from .inbound import InboundHandler
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
+from .outages import OutageTracker, destination_of
 from .outbound import OutboundSender
+from .pause_while_down import PauseWhileDown
 from .queue_health import QueueMonitor
 from .state_cache import StateCache, make_state_cache
 
@@ -62,10 +64,42 @@ def queue_names(connector_name: str) -> dict[str, str]:
     }
 
 
+def retry_queues(queue: str) -> dict[int, str]:
+    """The delay queues of a consumed queue, by their delay in seconds."""
+    return {delay: f"{queue}.retry.{delay}" for delay in RETRY_DELAYS}
+
+
+def retry_queue_names(connector_name: str) -> dict[str, str]:
+    """The connector's delay queues, by role (``inbound_retry_5``, ...)."""
+    queues = queue_names(connector_name)
+    return {
+        f"{role}_retry_{delay}": name
+        for role in ("inbound", "event")
+        for delay, name in retry_queues(queues[role]).items()
+    }
+
+
+def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
+    """Declare arguments of ``queue``'s delay queues: each holds a message
+    for its delay, then dead-letters it to the vumi exchange with ``queue``
+    as routing key, so it is back at the end of its queue."""
+    return {
+        name: {
+            "x-message-ttl": delay * 1000,
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": queue,
+        }
+        for delay, name in retry_queues(queue).items()
+    }
+
+
 def declared_queue_names(config: JunebugConfig) -> list[str]:
     """Every queue the service declares for ``config``; the config check keeps
     each name within AMQP's 255 bytes, so new queues belong here."""
-    return list(queue_names(config.connector_name).values())
+    return [
+        *queue_names(config.connector_name).values(),
+        *retry_queue_names(config.connector_name).values(),
+    ]
 
 
 class JunebugService(MultiService):
@@ -99,12 +133,21 @@ class JunebugService(MultiService):
             connector_name=config.connector_name,
         )
         queues = queue_names(config.connector_name)
-        delivery = HttpDelivery.create(reactor, config.worker_concurrency, metrics)
-        policy = RetryPolicy(
-            config.delivery_retry_delay,
-            config.delivery_retry_max_delay,
-            config.delivery_max_attempts,
+        self.outages = OutageTracker(reactor, probe_interval=config.delivery_probe_interval)
+        delivery = HttpDelivery.create(
+            reactor, config.worker_concurrency, metrics, outages=self.outages
         )
+
+        def policy(attempt_timeout: float) -> RetryPolicy:
+            return RetryPolicy(
+                config.delivery_retry_delay,
+                config.delivery_retry_max_delay,
+                config.delivery_max_attempts,
+                max_age=config.delivery_max_age,
+                max_hold=config.delivery_max_hold,
+                attempt_timeout=attempt_timeout,
+            )
+
         self.amqp = AmqpService(
             config.amqp_connection,
             queues=list(queues.values()),
@@ -114,13 +157,18 @@ class JunebugService(MultiService):
             connection_name=f"junebug-api {config.connector_name}",
             metrics=metrics,
         )
+        # The delay queues, declared on every connect like the others.
+        for role in ("inbound", "event"):
+            for name, arguments in retry_queue_arguments(queues[role]).items():
+                Deferred.fromCoroutine(self.amqp.declare_queue(name, arguments))
         inbound = InboundHandler(
             self.cache,
             delivery,
             config.mo_message_url,
             config.mo_message_url_auth_token,
             config.mo_message_url_timeout,
-            metrics,
+            max_body_size=config.max_request_size,
+            metrics=metrics,
         )
         events = EventHandler(
             self.cache,
@@ -129,16 +177,41 @@ class JunebugService(MultiService):
             config.default_event_url,
             config.default_event_auth_token,
             config.event_url_timeout,
-            metrics,
+            max_body_size=config.max_request_size,
+            metrics=metrics,
         )
-        self.workers = [
-            MessageWorker(
-                queues["inbound"], inbound, self.amqp.publish, policy, reactor, metrics, "inbound"
-            ),
-            MessageWorker(
-                queues["event"], events, self.amqp.publish, policy, reactor, metrics, "event"
-            ),
-        ]
+        # .inbound has one destination: while it is down, stop taking messages.
+        self.inbound_gate = PauseWhileDown(
+            queues["inbound"],
+            destination_of(config.mo_message_url),
+            self.outages,
+            self.amqp,
+            lambda body, acker: inbound_worker.handle(body, acker),
+            reactor,
+            probe_interval=config.delivery_probe_interval,
+        )
+        inbound_worker = MessageWorker(
+            queues["inbound"],
+            inbound,
+            self.amqp.publish,
+            policy(config.mo_message_url_timeout),
+            reactor,
+            retry_queues=retry_queues(queues["inbound"]),
+            hold_gate=self.inbound_gate,
+            metrics=metrics,
+            role="inbound",
+        )
+        event_worker = MessageWorker(
+            queues["event"],
+            events,
+            self.amqp.publish,
+            policy(config.event_url_timeout),
+            reactor,
+            retry_queues=retry_queues(queues["event"]),
+            metrics=metrics,
+            role="event",
+        )
+        self.workers = [inbound_worker, event_worker]
         self.amqp.consumers.update({w.queue: w for w in self.workers})
         self.amqp.setServiceParent(self)
         by_queue = {w.queue: w for w in self.workers}
@@ -189,6 +262,7 @@ class JunebugService(MultiService):
             idle_timeout=config.http_idle_timeout,
             max_connections=config.http_max_connections,
         )
+        self.site = site
         self.http = StreamServerEndpointService(
             serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
@@ -250,7 +324,11 @@ class JunebugService(MultiService):
 
     def health(self) -> dict[str, Any]:
         """``/health``: ok only when every component is."""
-        components = {"amqp": self.amqp.health(), **self.cache.health()}
+        components = {
+            "amqp": self.amqp.health(),
+            **self.cache.health(),
+            "deliveries": self.outages.health(),
+        }
         healthy = all(c.get("health") == "ok" for c in components.values())
         # A stuck queue is reported, but outbound still works: still "ok".
         components["amqp"]["queues"] = self.queue_monitor.status()
@@ -258,10 +336,18 @@ class JunebugService(MultiService):
         return {"health": "ok" if healthy else "down", "components": components}
 
     async def _stop(self) -> None:
-        await self.http.stopService()
-        self.queue_monitor.stop()
-        await self.amqp.stop_consuming()
         timeout = self.config.shutdown_timeout
+        await self.http.stopService()
+        unanswered = await self.site.drain(timeout)
+        if unanswered:
+            log.warn(
+                "{count} HTTP request(s) still unanswered after {timeout} s are cut off",
+                count=unanswered,
+                timeout=timeout,
+            )
+        self.queue_monitor.stop()
+        self.inbound_gate.stop()
+        await self.amqp.stop_consuming()
         drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
         cancelled = sum(await gatherResults(drains))
         if cancelled:
