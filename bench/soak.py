@@ -30,6 +30,19 @@ if anything was lost or could not be sent. Whatever happens, the service is
 stopped with SIGTERM, the connector's queues are deleted and the broker is
 left running. The service log stays in a temporary directory, printed at the
 end.
+
+Two more phases follow when asked for (``--restarts 0`` leaves the broker
+alone, so these can run on a shared machine):
+
+- ``--outage SECONDS``: RapidPro goes away (the sink stops listening:
+  connections are refused) for that long while N more inbound messages and
+  N events arrive; then it comes back. Its rows must show 0 lost and 0
+  dead-lettered; the time from RapidPro's return to the last delivery is
+  printed.
+- ``--poison N``: N of each poison body (a lone surrogate, NaN, Infinity,
+  nesting too deep, wrong field types, 10 MB, not UTF-8) and N good messages
+  are published; every poison body must be on ``.inbound.failed`` with its
+  ``x-junebug-reason``, every good one delivered.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -60,8 +74,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from junebug_api.service import retry_queue_names
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -119,6 +136,40 @@ def queue_depths(queues: list[str]) -> dict[str, int]:
         if len(parts) == 2 and parts[0] in queues:
             depths[parts[0]] = int(parts[1])
     return depths
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _not_utf8(body: bytes) -> bytes:
+    return body.replace(b'"soak inbound', b'"soak \xff inbound', 1)
+
+
+def _with(field: str, value: Any) -> Callable[[bytes], bytes]:
+    def make(body: bytes) -> bytes:
+        message = json.loads(body)
+        message[field] = value
+        return json.dumps(message).encode()
+
+    return make
+
+
+DEEP = "[" * 200_000 + "]" * 200_000
+POISON: dict[str, Callable[[bytes], bytes]] = {
+    "lone surrogate": lambda b: b.replace(b'"soak inbound', b'"\\ud800 soak inbound', 1),
+    "NaN": _with("helper_metadata", {"x": float("nan")}),
+    "Infinity": _with("helper_metadata", {"x": float("inf")}),
+    "too deep": lambda b: b.replace(
+        b'"helper_metadata": {}', f'"helper_metadata": {{"d": {DEEP}}}'.encode()
+    ),
+    "wrong types": _with("to_addr", ["not", "a", "string"]),
+    "10 MB": _with("content", "x" * 10_000_000),
+    "not UTF-8": _not_utf8,
+}
 
 
 def sleep(seconds: float) -> Deferred:
@@ -199,6 +250,27 @@ class Sink(Resource):
             return b'{"error": "soak failure"}'
         self.ok[path][message_id] += 1
         return b'{"ok": true}'
+
+
+class SinkSite(Site):
+    """The sink's Site; remembers its connections, so an outage can cut them."""
+
+    noisy = False
+    protocol = HTTPChannel  # plain HTTP/1.1 (no h2 switch), with a transport to close
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(sink)
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.connections.add(protocol)
+        return protocol
+
+    def cut(self) -> None:
+        for protocol in list(self.connections):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
 
 
 class Outbound:
@@ -358,7 +430,12 @@ class Soak:
         self.count = args.messages
         self.run_id = secrets.token_hex(4)
         self.connector = f"soak-{self.run_id}"
-        self.queues = [f"{self.connector}.{suffix}" for suffix in QUEUE_SUFFIXES]
+        self.queues = [f"{self.connector}.{suffix}" for suffix in QUEUE_SUFFIXES] + list(
+            retry_queue_names(self.connector).values()
+        )
+        self.phase_rows: list[list[Any]] = []
+        self.phase_notes: list[str] = []
+        self.phase_lost = 0
         self.tmp = Path(tempfile.mkdtemp(prefix="junebug-soak-"))
         self.log_path = self.tmp / "soak.log"
         self.stop = threading.Event()
@@ -390,7 +467,7 @@ class Soak:
             "amqp": {"hostname": HOST, "port": 5672, "username": "guest", "password": "guest"},
             "delivery_retry_delay": 0.05,
             "delivery_retry_max_delay": 1,
-            "delivery_max_attempts": 1000,
+            "delivery_max_attempts": 10,
             "worker_concurrency": 20,
             "amqp_heartbeat": 10,
             "shutdown_timeout": 10,
@@ -518,9 +595,8 @@ class Soak:
     async def soak(self) -> int:
         rng = random.Random(self.args.seed)
         sink = Sink(self.args.fail_rate, rng)
-        site = Site(sink)
-        site.noisy = False
-        listening = reactor.listenTCP(0, site, interface=HOST)
+        self.site = SinkSite(sink)
+        listening = reactor.listenTCP(0, self.site, interface=HOST)
         sink_url = f"http://{HOST}:{listening.getHost().port}"
         url = self.start_service(sink_url)
         self.note(f"connector {self.connector}; sink {sink_url}; service {url}; logs in {self.tmp}")
@@ -572,8 +648,132 @@ class Soak:
         bodies = await deferToThread(
             with_channel, lambda ch: drain(ch, outbound_queue, 10 * self.count + 1000)
         )
+        sink.fail_rate = 0.0  # the phases below want a RapidPro that is up or down
+        if self.args.outage:
+            listening = await self.outage_phase(sink, listening)
+        if self.args.poison:
+            await self.poison_phase(sink)
         await listening.stopListening()
         return self.report(sink, on_queue.method.message_count, bodies, depths)
+
+    # -- the long-outage and poison phases -----------------------------
+
+    async def outage_phase(self, sink: Sink, listening: Any) -> Any:
+        """RapidPro refuses connections for ``--outage`` s while N inbound
+        messages and N events arrive; then it comes back."""
+        port = listening.getHost().port
+        await listening.stopListening()
+        self.site.cut()  # kept-alive connections too: every try is refused
+        self.note(f"outage phase: RapidPro down for {self.args.outage:g} s")
+        down_at = time.monotonic()
+        rss_before = rss_kb(self.process.pid) if self.process else 0
+        publisher = Publisher(
+            self.connector, self.count, f"{self.run_id}-outage", down_at + SEND_LIMIT, self.stop
+        )
+        publisher.start()
+        while time.monotonic() - down_at < self.args.outage or not publisher.finished:
+            self.check_alive()
+            await sleep(0.5)
+        if publisher.failure:
+            raise RuntimeError(f"the outage publisher failed:\n{publisher.failure}")
+        listening = reactor.listenTCP(port, self.site, interface=HOST)
+        back = time.monotonic()
+        self.note("outage phase: RapidPro is back")
+
+        def missing() -> dict[str, set[str]]:
+            return {
+                kind: publisher.confirmed[kind] - set(sink.ok[path]) - self.dead[kind]
+                for kind, path in (("inbound", "/inbound"), ("event", "/event"))
+            }
+
+        while any(missing().values()) and time.monotonic() - back < DELIVERY_LIMIT:
+            self.check_alive()
+            await self.collect_dead_letters()
+            await sleep(0.2)
+        took = time.monotonic() - back
+        await sleep(2)  # late duplicates
+        await self.collect_dead_letters()
+        left = missing()
+        for kind, path, label in (
+            ("inbound", "/inbound", "outage inbound"),
+            ("event", "/event", "outage events"),
+        ):
+            confirmed = publisher.confirmed[kind]
+            received = sink.ok[path]
+            delivered = len(confirmed & set(received))
+            duplicates = sum(received[i] - 1 for i in confirmed if received[i] > 1)
+            dead = len(self.dead[kind] & confirmed)
+            self.phase_lost += len(left[kind]) + dead
+            self.phase_rows.append(
+                [label, len(confirmed), delivered, duplicates, dead, "-", len(left[kind])]
+            )
+        rss_after = rss_kb(self.process.pid) if self.process else 0
+        self.phase_notes.append(
+            f"outage: RapidPro refused connections for {back - down_at:.0f} s; everything"
+            f" delivered {took:.1f} s after its return; service RSS {rss_before / 1024:.1f}"
+            f" -> {rss_after / 1024:.1f} MiB"
+        )
+        return listening
+
+    async def poison_phase(self, sink: Sink) -> None:
+        """N of each poison body, and N good messages, on the inbound queue."""
+        await self.collect_dead_letters()  # start from an empty .failed queue
+        count = self.args.poison
+        good = [f"{self.run_id}-good-{i}" for i in range(count)]
+        poison = [
+            make(inbound_body(self.connector, f"{self.run_id}-poison-{name}-{i}"))
+            for i in range(count)
+            for name, make in POISON.items()
+        ]
+        queue = f"{self.connector}.inbound"
+
+        def publish(channel: Any) -> None:
+            channel.confirm_delivery()
+            for index, body in enumerate(poison):
+                channel.basic_publish(EXCHANGE, queue, body, PROPERTIES)
+                if index % len(POISON) == 0:
+                    message_id = good[index // len(POISON)]
+                    channel.basic_publish(
+                        EXCHANGE, queue, inbound_body(self.connector, message_id), PROPERTIES
+                    )
+
+        self.note(f"poison phase: {len(poison)} poison bodies, {count} good messages")
+        started = time.monotonic()
+        await deferToThread(with_channel, publish)
+        reasons: Counter[str] = Counter()
+
+        def take(channel: Any) -> None:
+            while True:
+                method, properties, _ = channel.basic_get(f"{queue}.failed", auto_ack=True)
+                if method is None:
+                    return
+                reason = (properties.headers or {}).get("x-junebug-reason", "(no reason)")
+                reasons[reason.split(":")[0]] += 1
+
+        while time.monotonic() - started < DELIVERY_LIMIT:
+            await deferToThread(with_channel, take)
+            if reasons.total() >= len(poison) and set(good) <= set(sink.ok["/inbound"]):
+                break
+            await sleep(0.2)
+        took = time.monotonic() - started
+        delivered = len(set(good) & set(sink.ok["/inbound"]))
+        lost = len(poison) - min(reasons.total(), len(poison)) + count - delivered
+        self.phase_lost += lost
+        self.phase_rows.append(
+            [
+                "poison (+ good)",
+                f"{len(poison)} (+{count})",
+                f"- (+{delivered})",
+                "-",
+                reasons.total(),
+                "-",
+                lost,
+            ]
+        )
+        self.phase_notes.append(
+            f"poison: all on {queue}.failed and the good ones delivered within {took:.1f} s;"
+            f" reasons: {dict(reasons)}"
+        )
 
     # -- the summary ---------------------------------------------------
 
@@ -619,6 +819,8 @@ class Soak:
             lost = len(missing[kind])
             lost_total += lost
             rows.append([label, len(confirmed), delivered, duplicates, dead, "-", lost])
+        rows.extend(self.phase_rows)
+        lost_total += self.phase_lost
 
         header = ["stream", "sent", "delivered", "duplicates", "dead-lettered"]
         header += ["refused-then-retried", "lost"]
@@ -640,7 +842,7 @@ class Soak:
         for row in rows:
             print(line(row))
         print()
-        for text in self.restarts:
+        for text in self.restarts + self.phase_notes:
             print(text)
         unsent = self.count - len(outbound.answered)
         unsent_in = self.count - len(publisher.confirmed["inbound"])
@@ -659,8 +861,9 @@ class Soak:
         print(
             f"sink: {sum(sink.posts.values())} POSTs, {sum(sink.refused.values())} answered 500,"
             f" {sink.unreadable} unreadable;"
-            f" unknown ids: {len(set(sink.ok['/inbound']) - publisher.confirmed['inbound'])}"
-            f" inbound, {len(set(sink.ok['/event']) - publisher.confirmed['event'])} events"
+            f" ids from outside the main run (phases):"
+            f" {len(set(sink.ok['/inbound']) - publisher.confirmed['inbound'])} inbound,"
+            f" {len(set(sink.ok['/event']) - publisher.confirmed['event'])} events"
         )
         print(f"left on queues after settling (ready + unacked): {depths}")
         if self.dead_unreadable:
@@ -738,9 +941,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fail-rate", type=float, default=0.2, help="share of sink answers that are 500"
     )
     parser.add_argument("--seed", type=int, default=None, help="for the sink's answers")
+    parser.add_argument(
+        "--outage",
+        type=float,
+        default=0,
+        help="seconds of a RapidPro outage after the main run (default 0: none; try 600)",
+    )
+    parser.add_argument(
+        "--poison", type=int, default=0, help="poison bodies of each kind (default 0: none)"
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.restarts < 0 or not 0 <= args.fail_rate < 1:
         parser.error("--messages must be >= 1, --restarts >= 0 and 0 <= --fail-rate < 1")
+    if args.outage < 0 or args.poison < 0:
+        parser.error("--outage and --poison must not be negative")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
     return args

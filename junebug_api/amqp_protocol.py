@@ -229,6 +229,7 @@ class JunebugDelegate(TwistedDelegate):
 
 _BASIC = 60
 _BASIC_PUBLISH, _BASIC_DELIVER, _BASIC_ACK, _BASIC_REJECT, _BASIC_NACK = 40, 60, 80, 90, 120
+_HEADERS_FLAG = 0x2000
 _HEADER_FLAGS = {
     "content-type": 0x8000,
     "headers": 0x2000,
@@ -277,7 +278,15 @@ def _read_shortstr(data: bytes, offset: int) -> tuple[str, int]:
 class _IncomingDelivery:
     """A basic.deliver whose content frames are still arriving."""
 
-    __slots__ = ("chunks", "consumer_tag", "delivery_tag", "received", "redelivered", "size")
+    __slots__ = (
+        "chunks",
+        "consumer_tag",
+        "delivery_tag",
+        "headers",
+        "received",
+        "redelivered",
+        "size",
+    )
 
     def __init__(self, consumer_tag: str, delivery_tag: int, redelivered: bool) -> None:
         self.consumer_tag = consumer_tag
@@ -286,6 +295,7 @@ class _IncomingDelivery:
         self.size: int | None = None
         self.received = 0
         self.chunks: list[bytes] = []
+        self.headers: dict[str, Any] = {}
 
 
 class JunebugAMQPClient(AMQClient):
@@ -300,7 +310,7 @@ class JunebugAMQPClient(AMQClient):
     still takes txAMQP's path.
 
     The connection's owner sets ``on_delivery(channel_id, consumer_tag,
-    delivery_tag, redelivered, body)``, ``on_confirm(tag, multiple, ok)``,
+    delivery_tag, redelivered, body, headers)``, ``on_confirm(tag, multiple, ok)``,
     ``on_return(message)``, ``on_lost(reason)``, ``on_blocked(reason)``,
     ``on_unblocked()`` and ``on_channel_closed(channel_id, reason)`` (by
     default a closed channel drops the connection).
@@ -314,7 +324,7 @@ class JunebugAMQPClient(AMQClient):
     def __init__(self, *args: Any, connection_name: str = "junebug-api", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connection_name = connection_name
-        self.on_delivery: Callable[[int, str, int, bool, bytes], None] = lambda *a: None
+        self.on_delivery: Callable[[int, str, int, bool, bytes, dict], None] = lambda *a: None
         self.on_confirm: Callable[[int, bool, bool], None] = lambda *a: None
         self.on_return: Callable[[Message], None] = lambda msg: None
         self.on_lost: Callable[[Failure], None] = lambda reason: None
@@ -388,6 +398,12 @@ class JunebugAMQPClient(AMQClient):
             delivery = self._incoming.get(channel)
             if delivery is not None:
                 (delivery.size,) = struct.unpack_from("!Q", frame, 11)
+                (flags,) = struct.unpack_from("!H", frame, 19)
+                if flags & _HEADERS_FLAG:
+                    # Only messages with headers (retries carry their
+                    # attempt count there) take the slow decoder.
+                    header = decode_frame(self.spec, frame).payload
+                    delivery.headers = dict(header.properties.get("headers") or {})
                 if delivery.size == 0:
                     self._delivered(channel)
                 return
@@ -408,7 +424,12 @@ class JunebugAMQPClient(AMQClient):
         delivery = self._incoming.pop(channel)
         body = b"".join(delivery.chunks)
         self.on_delivery(
-            channel, delivery.consumer_tag, delivery.delivery_tag, delivery.redelivered, body
+            channel,
+            delivery.consumer_tag,
+            delivery.delivery_tag,
+            delivery.redelivered,
+            body,
+            delivery.headers,
         )
 
     def _unpack_frame(self, data: bytes) -> Frame:

@@ -94,6 +94,8 @@ class Acker:
     _channel: int
     delivery_tag: int
     redelivered: bool
+    # The message's AMQP headers (retries carry their attempt count there).
+    headers: dict[str, Any] = attrs.field(factory=dict)
 
     def ack(self) -> None:
         """Tell the broker this message is done (no-op if its connection is gone).
@@ -483,8 +485,8 @@ class AmqpService(Service):
         control = connection.control = await self._open_channel(connection, CONTROL_CHANNEL)
         await self._declare_topology(control, connection)
         if link is self._consumer:
-            client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body: (
-                self._deliver(connection, channel, consumer_tag, tag, redelivered, body)
+            client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body, headers: (
+                self._deliver(connection, channel, consumer_tag, tag, redelivered, body, headers)
             )
 
             async def start(queue: str) -> None:
@@ -791,8 +793,10 @@ class AmqpService(Service):
         if reply.method.name == "get-empty":
             return None
         connection.unacked_on(channel.id)[reply.delivery_tag] = False
-        acker = Acker(connection, channel.id, reply.delivery_tag, reply.redelivered)
-        return body_bytes(reply), dict(reply.content.properties), acker
+        properties = dict(reply.content.properties)
+        headers = dict(properties.get("headers") or {})
+        acker = Acker(connection, channel.id, reply.delivery_tag, reply.redelivered, headers)
+        return body_bytes(reply), properties, acker
 
     async def queue_status(self, queue: str) -> tuple[int, int]:
         """``(ready messages, consumers)`` of ``queue``: a passive declare on
@@ -881,9 +885,10 @@ class AmqpService(Service):
         delivery_tag: int,
         redelivered: bool,
         body: bytes,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         connection.unacked_on(channel)[delivery_tag] = False
-        acker = Acker(connection, channel, delivery_tag, redelivered)
+        acker = Acker(connection, channel, delivery_tag, redelivered, headers or {})
         consumer = self.consumers.get(consumer_tag)
         if consumer is None:
             acker.reject()

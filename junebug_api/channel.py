@@ -29,7 +29,9 @@ from .http_delivery import HttpDelivery
 from .inbound import InboundHandler
 from .message_status import message_status, status_event
 from .metrics import NO_METRICS, Metrics
+from .outages import OutageTracker, destination_of
 from .outbound import OutboundSender
+from .pause_while_down import PauseWhileDown, QueueControl
 from .state_cache import StateCache
 from .vumi_messages import VumiMessage, generate_message_id
 
@@ -165,7 +167,13 @@ class Channel:
         cache: StateCache,
         delivery: HttpDelivery,
         publish: Callable[..., Deferred],
-        policy: RetryPolicy,
+        inbound_policy: RetryPolicy,
+        event_policy: RetryPolicy,
+        retry_queues: Callable[[str], dict[int, str]],
+        outages: OutageTracker,
+        control: QueueControl,
+        probe_interval: float,
+        max_body_size: int,
         clock: IReactorTime,
         mo_message_url_timeout: float,
         event_url_timeout: float,
@@ -207,6 +215,7 @@ class Channel:
             settings.mo_message_url,
             settings.mo_message_url_auth_token,
             mo_message_url_timeout,
+            max_body_size=max_body_size,
             metrics=metrics,
         )
         self._events = EventHandler(
@@ -216,30 +225,43 @@ class Channel:
             settings.default_event_url,
             settings.default_event_auth_token,
             event_url_timeout,
+            max_body_size=max_body_size,
             metrics=metrics,
             on_event=self._store_event if store_message_events else None,
             on_done=self._event_done,
         )
-        self.workers = [
-            MessageWorker(
-                queues["inbound"],
-                self._handle_inbound,
-                publish,
-                policy,
-                clock,
-                metrics=metrics,
-                role="inbound",
-            ),
-            MessageWorker(
-                queues["event"],
-                self._handle_event,
-                publish,
-                policy,
-                clock,
-                metrics=metrics,
-                role="event",
-            ),
-        ]
+        # .inbound has one destination: while it is down, stop taking messages.
+        self.inbound_gate = PauseWhileDown(
+            queues["inbound"],
+            destination_of(settings.mo_message_url),
+            outages,
+            control,
+            lambda body, acker: inbound_worker.handle(body, acker),
+            clock,
+            probe_interval=probe_interval,
+        )
+        inbound_worker = MessageWorker(
+            queues["inbound"],
+            self._handle_inbound,
+            publish,
+            inbound_policy,
+            clock,
+            retry_queues=retry_queues(queues["inbound"]),
+            hold_gate=self.inbound_gate,
+            metrics=metrics,
+            role="inbound",
+        )
+        event_worker = MessageWorker(
+            queues["event"],
+            self._handle_event,
+            publish,
+            event_policy,
+            clock,
+            retry_queues=retry_queues(queues["event"]),
+            metrics=metrics,
+            role="event",
+        )
+        self.workers = [inbound_worker, event_worker]
         self._by_queue = {w.queue: w for w in self.workers}
 
     @property

@@ -277,6 +277,9 @@ class JunebugConfig:
     delivery_retry_delay: float = attrs.field(default=1.0, validator=seconds())
     delivery_retry_max_delay: float = attrs.field(default=60.0, validator=seconds())
     delivery_max_attempts: int = attrs.field(default=10, validator=between(1, 1_000_000))
+    delivery_max_age: float = attrs.field(default=86400.0, validator=seconds(1))
+    delivery_max_hold: float = attrs.field(default=60.0, validator=seconds())
+    delivery_probe_interval: float = attrs.field(default=5.0, validator=seconds())
     shutdown_timeout: float = attrs.field(default=30.0, validator=seconds(0))
     # AMQP's connection.tune heartbeat is a 16-bit field; 0 turns heartbeats off.
     amqp_heartbeat: int = attrs.field(default=30, validator=between(0, 65535))

@@ -1,12 +1,19 @@
-"""Working off consumed messages: retry with backoff, dead-letter, then ack.
+"""Working off consumed messages: retries, delay queues, dead-lettering, acks.
 
 A :class:`MessageWorker` runs its handler for each message of one queue. A
-message is acked only when the handler succeeded, or once the message sits on
-the queue's ``.failed`` dead-letter queue (published with a confirm): after
-the last attempt, on a permanent failure, or for a body that is no vumi
-message. While a message waits for its next attempt it keeps its prefetch
-slot, and others flow through the rest; if the process dies, the broker puts
-it back on the queue.
+message is acked only when the handler succeeded, or once the message sits
+where it goes next (published with a confirm): on a delay queue for a later
+try, or on the queue's ``.failed`` dead-letter queue.
+
+Retries wait in the process only while that is short: a retry due within a
+few seconds that keeps the delivery unacked no longer than ``max_hold``
+waits here; a longer wait goes to a delay queue ``<queue>.retry.<seconds>``
+whose TTL sends the message back to its queue. The attempt count and the
+time of the first failure travel in the message's headers, so a restart
+resets neither. Attempts made while the destination is down are not
+counted (see :mod:`junebug_api.outages`); a message is dead-lettered after
+``max_attempts`` counted attempts, on a permanent failure, for a body that
+cannot be delivered, or once ``max_age`` has passed since its first failure.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -28,9 +35,25 @@ from .vumi_messages import generate_message_id, utc_timestamp
 
 log = logger(__name__)
 
+ATTEMPTS_HEADER = "x-junebug-attempts"
+FIRST_FAILURE_HEADER = "x-junebug-first-failure"
+HOLDS_HEADER = "x-junebug-holds"
+REASON_HEADER = "x-junebug-reason"
+# Delay queues: ``<queue>.retry.<seconds>`` for each of these.
+RETRY_DELAYS = (5, 20, 60, 300)
+# A delivery held back because its destination is down waits this long
+# (the first time, then the second), so it is back soon after the destination.
+HELD_DELAYS = (5, 20)
+# Dead-letter publishes that fail back off up to this long before release.
+MAX_RELEASE_DELAY = 30.0
+
 
 class HandlingFailed(Exception):
-    """A message could not be handled; ``retryable`` says if another try may help."""
+    """A message could not be handled; ``retryable`` says if another try may help.
+
+    ``held``: no attempt was made, or only a probe, because the destination
+    is down; such a failure spends no attempt.
+    """
 
     def __init__(
         self,
@@ -39,6 +62,7 @@ class HandlingFailed(Exception):
         retryable: bool,
         message_id: str | None = None,
         url: str | None = None,
+        held: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -46,6 +70,7 @@ class HandlingFailed(Exception):
         self.message_id = message_id
         #: Where the failed POST went, without credentials (for log fields).
         self.url = url
+        self.held = held
 
 
 #: What a handler returns for a message it handled by dropping it on purpose
@@ -56,13 +81,29 @@ Handler = Callable[[bytes], Awaitable[Any]]
 Publish = Callable[..., Deferred]
 
 
+class HoldGate(Protocol):
+    """What a worker whose queue pauses while its destination is down needs."""
+
+    def wait_paused(self) -> Deferred[None]:
+        """Fires once the queue's consumer is paused (at once if it is)."""
+
+
 @attrs.frozen
 class RetryPolicy:
-    """Exponential backoff with jitter, capped, for a bounded number of attempts."""
+    """Exponential backoff with jitter, capped; the budgets of a message.
+
+    ``max_attempts`` counts attempts made while the destination was up;
+    ``max_age`` (s) is the longest a message may wait since its first
+    failure; ``max_hold`` (s) is the longest a delivery stays unacked for
+    retries in the process; ``attempt_timeout`` (s) is what one attempt may take.
+    """
 
     delay: float = 1.0
     max_delay: float = 60.0
     max_attempts: int = 10
+    max_age: float = 86400.0
+    max_hold: float = 60.0
+    attempt_timeout: float = 10.0
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (from 1).
@@ -86,7 +127,7 @@ def peek_message_id(body: bytes) -> str | None:
     could say: an event's ``user_message_id``, else ``message_id``, else None."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
@@ -95,21 +136,85 @@ def peek_message_id(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _header_number(headers: dict[str, Any], name: str) -> int | None:
+    value = headers.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def _safe_message_id(message_id: str | None) -> str:
+    """An id that can be an AMQP message-id: the message's, or a new one."""
+    if message_id:
+        try:
+            if len(message_id.encode("utf-8")) <= 255:
+                return message_id
+        except UnicodeEncodeError:
+            pass
+    return generate_message_id()
+
+
+def pick_delay(delays: list[int], wanted: float) -> int:
+    """The longest delay of ``delays`` (sorted) not over ``wanted``, else the shortest."""
+    chosen = delays[0]
+    for delay in delays:
+        if delay <= wanted:
+            chosen = delay
+    return chosen
+
+
+@attrs.define
+class _Budget:
+    """What is known of one message's history, from its headers and this delivery."""
+
+    attempts: int
+    first_failure: int | None
+    holds: int
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, Any]) -> _Budget:
+        return cls(
+            attempts=max(0, _header_number(headers, ATTEMPTS_HEADER) or 0),
+            first_failure=_header_number(headers, FIRST_FAILURE_HEADER),
+            holds=max(0, _header_number(headers, HOLDS_HEADER) or 0),
+        )
+
+    def headers(self, reason: str) -> dict[str, Any]:
+        headers: dict[str, Any] = {
+            ATTEMPTS_HEADER: self.attempts,
+            HOLDS_HEADER: self.holds,
+            REASON_HEADER: _header_text(reason),
+        }
+        if self.first_failure is not None:
+            headers[FIRST_FAILURE_HEADER] = self.first_failure
+        return headers
+
+
 @attrs.define(eq=False)
 class MessageWorker:
-    """Handles the messages of ``queue``; parks failures on ``queue.failed``."""
+    """Handles the messages of ``queue``; delays retries, parks failures on ``queue.failed``.
+
+    ``retry_queues`` maps a delay in seconds to its delay queue (none: every
+    retry waits in the process). ``hold_gate``, for a queue with one
+    destination, pauses its consumer while that destination is down: a
+    message held back then goes back to the head of its queue instead of a
+    delay queue, so the queue keeps its order.
+    """
 
     queue: str
     handler: Handler
     publish: Publish
     policy: RetryPolicy
     _clock: Any
+    retry_queues: dict[int, str] = attrs.field(factory=dict)
+    hold_gate: HoldGate | None = None
     metrics: Metrics = NO_METRICS
     role: str = ""
     _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
     _last_taken: float | None = attrs.field(default=None, init=False)
     _waiting: set[Deferred] = attrs.field(factory=set, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    _publish_failures: int = attrs.field(default=0, init=False)
 
     @property
     def failed_queue(self) -> str:
@@ -117,9 +222,14 @@ class MessageWorker:
 
     def __call__(self, body: bytes, acker: Acker) -> None:
         """Take one delivery (the AMQP consumer callback)."""
+        self.handle(body, acker)
+
+    def handle(self, body: bytes, acker: Acker) -> Deferred[None]:
+        """Take one delivery; the Deferred fires once it is acked, moved or released."""
         d = Deferred.fromCoroutine(self._process(body, acker))
         self._in_flight.add(d)
         d.addBoth(self._done, d, body)
+        return d
 
     def _done(self, result: Any, d: Deferred, body: bytes) -> None:
         self._in_flight.discard(d)
@@ -137,22 +247,35 @@ class MessageWorker:
 
     @property
     def last_taken(self) -> float | None:
-        """When a message of this queue was last acked (delivered, dropped or
-        dead-lettered), by the clock; None before the first."""
+        """When a message of this queue was last acked (delivered, dropped,
+        moved to a delay queue or dead-lettered), by the clock; None before
+        the first."""
         return self._last_taken
 
-    def _taken(self, outcome: str) -> None:
+    def _taken(self, outcome: str | None) -> None:
         self._last_taken = self._clock.seconds()
-        self.metrics.consumed(self.role, outcome)
+        if outcome is not None:
+            self.metrics.consumed(self.role, outcome)
 
     async def _process(self, body: bytes, acker: Acker) -> None:
-        attempt = 0
+        taken = self._clock.seconds()
+        budget = _Budget.from_headers(acker.headers)
+        if budget.first_failure is not None:
+            age = taken - budget.first_failure
+            if age >= self.policy.max_age:
+                failure = HandlingFailed(
+                    f"waited {age:.0f} s since its first failure, over delivery_max_age",
+                    retryable=False,
+                )
+                await self._dead_letter(body, acker, failure, budget)
+                return
         while True:
-            attempt += 1
             try:
                 result = await self.handler(body)
             except HandlingFailed as e:
-                failure = e
+                # Without its traceback: it would hold this frame, which holds
+                # it, a cycle per failure left for the (rare) full collection.
+                failure = e.with_traceback(None)
             except CancelledError:
                 raise
             except Exception as e:
@@ -165,56 +288,148 @@ class MessageWorker:
                 return
             if not acker.alive:
                 return  # the broker has requeued it with its dead connection
-            if failure.retryable and attempt < self.policy.max_attempts:
-                if self._stopping:
-                    return  # shutting down: unacked, it goes back to its queue
-                delay = self.policy.backoff(attempt)
-                self.metrics.retry(self.role)
-                log.warn(
-                    "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
-                    " retrying in {delay:.1f} s",
-                    attempt=attempt,
-                    queue=self.queue,
-                    message_id=failure.message_id,
-                    reason=failure.reason,
-                    delay=delay,
-                    url=failure.url,
-                )
-                wait = deferLater(self._clock, delay)
-                self._waiting.add(wait)
-                try:
-                    await wait
-                finally:
-                    self._waiting.discard(wait)
-                continue
-            await self._dead_letter(body, acker, failure, attempt)
+            now = self._clock.seconds()
+            if budget.first_failure is None:
+                budget.first_failure = int(now)
+            if failure.held and failure.retryable:
+                await self._hold(body, acker, failure, budget)
+                return
+            budget.attempts += 1
+            if not failure.retryable or budget.attempts >= self.policy.max_attempts:
+                await self._dead_letter(body, acker, failure, budget)
+                return
+            if self._stopping:
+                return  # shutting down: unacked, it goes back to its queue
+            delay = self.policy.backoff(budget.attempts)
+            if not self._may_wait_here(delay, now - taken):
+                await self._delay(body, acker, failure, budget, delay)
+                return
+            self.metrics.retry(self.role)
+            log.warn(
+                "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
+                " retrying in {delay:.1f} s",
+                attempt=budget.attempts,
+                queue=self.queue,
+                message_id=failure.message_id,
+                reason=failure.reason,
+                delay=delay,
+                url=failure.url,
+            )
+            wait = deferLater(self._clock, delay)
+            self._waiting.add(wait)
+            try:
+                await wait
+            finally:
+                self._waiting.discard(wait)
+
+    def _may_wait_here(self, delay: float, held_for: float) -> bool:
+        """A retry waits in the process if it is soon and keeps the delivery
+        unacked no longer than ``max_hold``; otherwise on a delay queue."""
+        if not self.retry_queues:
+            return True
+        if delay >= min(self.retry_queues):
+            return False
+        return held_for + delay + self.policy.attempt_timeout <= self.policy.max_hold
+
+    async def _hold(
+        self, body: bytes, acker: Acker, failure: HandlingFailed, budget: _Budget
+    ) -> None:
+        """The destination is down: no attempt spent; the message waits."""
+        if self.hold_gate is not None:
+            # Back to the head of the queue, once its consumer is paused (so it
+            # is not delivered again at once); the probe takes it from there.
+            await self.hold_gate.wait_paused()
+            acker.reject()
             return
+        if not self.retry_queues:
+            acker.reject()
+            return
+        wanted = HELD_DELAYS[min(budget.holds, len(HELD_DELAYS) - 1)]
+        budget.holds += 1
+        await self._delay(body, acker, failure, budget, wanted, quiet=True)
+
+    async def _delay(
+        self,
+        body: bytes,
+        acker: Acker,
+        failure: HandlingFailed,
+        budget: _Budget,
+        wanted: float,
+        quiet: bool = False,
+    ) -> None:
+        """Move the message to the delay queue closest to ``wanted`` seconds."""
+        delay = pick_delay(sorted(self.retry_queues), wanted)
+        queue = self.retry_queues[delay]
+        started = self.metrics.now()
+        try:
+            await self.publish(
+                queue,
+                body,
+                message_id=_safe_message_id(failure.message_id),
+                headers=budget.headers(failure.reason),
+            )
+        except PublishFailed as e:
+            self.metrics.publish_done(started, confirmed=False)
+            await self._release(acker, failure, f"could not move it to {queue} ({e})")
+            return
+        self.metrics.publish_done(started, confirmed=True)
+        self._publish_failures = 0
+        acker.ack()
+        self._taken(None)
+        if not quiet:
+            self.metrics.retry(self.role)
+            log.warn(
+                "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
+                " retrying in {delay} s (via {retry_queue})",
+                attempt=budget.attempts,
+                queue=self.queue,
+                message_id=failure.message_id,
+                reason=failure.reason,
+                delay=delay,
+                retry_queue=queue,
+                url=failure.url,
+            )
+
+    async def _release(self, acker: Acker, failure: HandlingFailed, why: str) -> None:
+        """Give the message back to its queue after a backoff that grows with
+        each failing publish in a row, so a broken queue is no hot loop."""
+        self._publish_failures += 1
+        delay = min(MAX_RELEASE_DELAY, 0.5 * 2 ** (self._publish_failures - 1))
+        log.error(
+            "{why}: {queue} message {message_id} goes back to its queue in {delay:.1f} s",
+            why=why[:1].upper() + why[1:],
+            queue=self.queue,
+            message_id=failure.message_id,
+            delay=delay,
+        )
+        if not self._stopping:
+            wait = deferLater(self._clock, delay)
+            self._waiting.add(wait)
+            try:
+                await wait
+            except CancelledError:
+                pass  # shutting down: released now
+            finally:
+                self._waiting.discard(wait)
+        acker.reject()
 
     async def _dead_letter(
-        self, body: bytes, acker: Acker, failure: HandlingFailed, attempts: int
+        self, body: bytes, acker: Acker, failure: HandlingFailed, budget: _Budget
     ) -> None:
-        headers = {
-            "x-junebug-reason": _header_text(failure.reason),
-            "x-junebug-attempts": attempts,
-            "x-junebug-failed-at": utc_timestamp(),
-            "x-junebug-source-queue": self.queue,
-        }
-        message_id = failure.message_id or generate_message_id()
+        headers = budget.headers(failure.reason)
+        headers["x-junebug-failed-at"] = utc_timestamp()
+        headers["x-junebug-source-queue"] = self.queue
+        # A body with no usable id is logged and parked under a new one.
+        message_id = _safe_message_id(failure.message_id)
         started = self.metrics.now()
         try:
             await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
         except PublishFailed as e:
             self.metrics.publish_done(started, confirmed=False)
-            log.error(
-                "Could not dead-letter {queue} message {message_id} ({error});"
-                " it goes back to its queue",
-                queue=self.queue,
-                message_id=message_id,
-                error=e,
-            )
-            acker.reject()
+            await self._release(acker, failure, f"could not dead-letter it ({e})")
             return
         self.metrics.publish_done(started, confirmed=True)
+        self._publish_failures = 0
         acker.ack()
         self._taken("dead_lettered")
         log.error(
@@ -223,7 +438,7 @@ class MessageWorker:
             queue=self.queue,
             message_id=message_id,
             failed_queue=self.failed_queue,
-            attempts=attempts,
+            attempts=budget.attempts,
             reason=failure.reason,
             url=failure.url,
         )

@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError
 
 from .consumer import DROPPED, HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
-from .junebug_formats import junebug_event, to_json
+from .junebug_formats import Unsendable, junebug_event, to_json
 from .log import debug_enabled, logger
 from .metrics import NO_METRICS, Metrics
 from .state_cache import EventInfo, StateCache
@@ -33,6 +33,8 @@ class EventHandler:
     default_url: str | None
     default_auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
     metrics: Metrics = NO_METRICS
     #: Called with each parsed event before it is delivered (message status);
     #: a failure there is retried like a state cache failure.
@@ -41,6 +43,11 @@ class EventHandler:
     on_done: Callable[[VumiMessage], None] | None = None
 
     async def __call__(self, body: bytes) -> str | None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
         try:
             event = parse_event(body)
         except InvalidMessage as e:
@@ -71,7 +78,12 @@ class EventHandler:
                     self.on_done(event)
                 return DROPPED
             info = EventInfo(self.default_url, self.default_auth_token)
-        payload = to_json(junebug_event(event, self.channel_id))
+        try:
+            payload = to_json(junebug_event(event, self.channel_id))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
         try:
             await self.delivery.post_json(
                 info.url, payload, info.auth_token, self.timeout, target="event"
@@ -82,6 +94,7 @@ class EventHandler:
                 retryable=e.retryable,
                 message_id=message_id,
                 url=safe_url(info.url),
+                held=e.held,
             ) from None
         if self.on_done is not None:
             self.on_done(event)

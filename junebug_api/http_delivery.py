@@ -20,7 +20,7 @@ from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupErro
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed
+from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -29,12 +29,14 @@ from twisted.web.client import (
     SchemeNotSupported,
     _HTTP11ClientFactory,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from .junebug_formats import JSON_CONTENT_TYPE
 from .metrics import NO_METRICS, Metrics, status_class
+from .outages import OutageTracker, describe_destination, destination_of
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 
@@ -42,12 +44,19 @@ RETRYABLE_STATUSES = frozenset({408, 429})
 class DeliveryFailed(Exception):
     """A POST that did not get a 2xx; ``retryable`` says if trying again may help."""
 
-    def __init__(self, reason: str, retryable: bool, status_class: str = "error") -> None:
+    def __init__(
+        self, reason: str, retryable: bool, status_class: str = "error", *, outage: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         #: ``4xx``/``5xx`` for an answer, ``timeout`` or ``error`` without one.
         self.status_class = status_class
+        #: Looks like the destination is down (connection errors, timeouts, 5xx).
+        self.outage = outage
+        #: Not made, or only a probe, because the destination is down: it
+        #: spends no attempt.
+        self.held = False
 
 
 @lru_cache(maxsize=1024)
@@ -134,17 +143,36 @@ class _BytesProducer:
 
 
 class _Discard(Protocol):
-    """Reads a response body to its end, so its connection goes back to the pool."""
+    """Reads a response body to its end, so its connection goes back to the pool.
 
-    def __init__(self, finished: Deferred[None]) -> None:
-        self._finished = finished
+    Its Deferred fires when the body is complete and fails when the body was
+    cut short; cancelling it (a delivery's timeout) aborts the connection,
+    as ``readBody`` does, instead of waiting for the peer to close it.
+    """
+
+    def __init__(self) -> None:
+        self.finished: Deferred[None] = Deferred(self._abort)
+
+    def _abort(self, _: Deferred) -> None:
+        # The body's transport is the client's proxy for the connection: it
+        # has loseConnection (which closes at once, nothing being written),
+        # and abortConnection in Twisted versions that proxy it.
+        transport = self.transport
+        if transport is None:
+            return
+        close = getattr(transport, "abortConnection", None) or transport.loseConnection
+        close()
 
     def dataReceived(self, data: bytes) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self._finished.called:
-            self._finished.callback(None)
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
 
 
 @attrs.define(eq=False)
@@ -160,20 +188,27 @@ class HttpDelivery:
     _agent: IAgent
     _clock: IReactorTime
     metrics: Metrics = NO_METRICS
+    _outages: OutageTracker | None = None
 
     @classmethod
-    def create(cls, reactor: Any, max_per_host: int, metrics: Metrics = NO_METRICS) -> HttpDelivery:
+    def create(
+        cls,
+        reactor: Any,
+        max_per_host: int,
+        metrics: Metrics = NO_METRICS,
+        outages: OutageTracker | None = None,
+    ) -> HttpDelivery:
         agent = Agent.usingEndpointFactory(
             reactor, _EndpointCache(reactor), pool=make_pool(reactor, max_per_host)
         )
-        return cls(agent, reactor, metrics)
+        return cls(agent, reactor, metrics, outages)
 
     async def _post(self, url: bytes, headers: Headers, body: bytes) -> Any:
         """The request and the reading of its answer, under one timeout."""
         response = await self._agent.request(b"POST", url, headers, _BytesProducer(body))
-        finished: Deferred[None] = Deferred()
-        response.deliverBody(_Discard(finished))
-        await finished
+        reader = _Discard()
+        response.deliverBody(reader)
+        await reader.finished
         return response
 
     async def post_json(
@@ -187,7 +222,38 @@ class HttpDelivery:
         """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed.
 
         ``target`` (``mo`` or ``event``) labels the POST's latency metric.
+        With an outage tracker, a POST to a destination that is down is not
+        made (DeliveryFailed with ``held``) unless it is due as a probe, and
+        every outcome is recorded for the destination.
         """
+        outages = self._outages
+        if outages is None:
+            return await self._post_json(url, body, auth_token, timeout, target)
+        destination = destination_of(url)
+        if not outages.admit(destination):
+            failure = DeliveryFailed(
+                f"{describe_destination(destination)} is down", retryable=True, outage=True
+            )
+            failure.held = True
+            raise failure
+        try:
+            code = await self._post_json(url, body, auth_token, timeout, target)
+        except DeliveryFailed as e:
+            if e.outage:
+                outages.failed(destination)
+                e.held = outages.is_down(destination)
+            else:
+                outages.succeeded(destination)
+            raise
+        except BaseException:
+            outages.abandoned(destination)
+            raise
+        outages.succeeded(destination)
+        return code
+
+    async def _post_json(
+        self, url: str, body: bytes, auth_token: str | None, timeout: float, target: str
+    ) -> int:
         clean_url, basic = split_credentials(url)
         headers = Headers(
             {
@@ -206,20 +272,30 @@ class HttpDelivery:
                 response = await posting.addTimeout(timeout, self._clock)
             except TimeoutError:  # addTimeout turns its own cancellation into this
                 raise DeliveryFailed(
-                    f"timed out after {timeout:g} s", retryable=True, status_class="timeout"
+                    f"timed out after {timeout:g} s",
+                    retryable=True,
+                    status_class="timeout",
+                    outage=True,
                 ) from None
             except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-                raise DeliveryFailed(f"connection failed: {type(e).__name__}", True) from None
+                raise DeliveryFailed(
+                    f"connection failed: {type(e).__name__}", True, outage=True
+                ) from None
             except (ResponseNeverReceived, ResponseFailed) as e:
                 reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-                raise DeliveryFailed(f"no response: {reasons}", retryable=True) from None
+                raise DeliveryFailed(
+                    f"no response: {reasons}", retryable=True, outage=True
+                ) from None
             except SchemeNotSupported as e:
                 raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
             code = response.code
             if not 200 <= code < 300:
                 retryable = code >= 500 or code in RETRYABLE_STATUSES
                 raise DeliveryFailed(
-                    f"HTTP {code}", retryable=retryable, status_class=status_class(code)
+                    f"HTTP {code}",
+                    retryable=retryable,
+                    status_class=status_class(code),
+                    outage=code >= 500,
                 )
         except DeliveryFailed as e:
             self.metrics.delivery_post(target, e.status_class, self._clock.seconds() - started)

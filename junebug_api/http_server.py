@@ -26,6 +26,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
@@ -44,6 +46,10 @@ MAX_CLOSING = 64
 
 EVICTION_LOG_INTERVAL = 60.0
 """Seconds between log lines about connections closed for the limit."""
+
+# On shutdown, how long a connection without a request in progress may
+# still bring one before it is closed.
+IDLE_GRACE = 0.5
 
 
 class RequestTooLarge(ApiError):
@@ -91,6 +97,9 @@ class LimitedRequest(Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         site = getattr(channel, "site", None)
+        self._drain_site = site if isinstance(site, ApiSite) else None
+        if self._drain_site is not None:
+            self._drain_site.request_started(self)
         self._max_size = getattr(site, "max_request_size", None)
 
     def gotLength(self, length: int | None) -> None:
@@ -119,6 +128,35 @@ class LimitedRequest(Request):
             return
         self._refused = True
         answer_and_close(self.channel.transport, error)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._request_ended()
+
+    # -- shutdown drain ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self._close_after_answer_if_draining()
+        super().write(data)
+
+    def finish(self) -> None:
+        if not self.startedWriting:
+            self._close_after_answer_if_draining()
+        super().finish()
+        self._request_ended()
+
+    def _close_after_answer_if_draining(self) -> None:
+        """While the site drains, answer with ``Connection: close`` and close
+        the connection after the answer (HTTPChannel's ``persistent``)."""
+        site = self._drain_site
+        if site is not None and site.draining and self.channel is not None:
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.channel.persistent = False
+
+    def _request_ended(self) -> None:
+        if self._drain_site is not None:
+            self._drain_site.request_ended(self)
 
 
 class ApiChannel(HTTPChannel):
@@ -212,6 +250,7 @@ class ApiSite(Site):
         self._evicted = 0
         self._refused = 0
         self._last_report: float | None = None
+        self._init_drain()
 
     @property
     def open_connections(self) -> int:
@@ -263,3 +302,59 @@ class ApiSite(Site):
     def log(self, request: Any) -> None:
         if debug_enabled():
             super().log(request)
+
+    # -- shutdown drain ------------------------------------------------------
+
+    def _init_drain(self) -> None:
+        self.draining = False
+        self._requests: set[Any] = set()
+        self._drain_waiter: Deferred[None] | None = None
+
+    def request_started(self, request: Any) -> None:
+        self._requests.add(request)
+
+    def request_ended(self, request: Any) -> None:
+        requests = self._requests
+        requests.discard(request)
+        if not requests and self.draining:
+            self._drained()
+
+    def _drained(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.called:
+            waiter.callback(None)
+
+    async def drain(self, timeout: float) -> int:
+        """Answer the requests in progress, then close every connection.
+
+        For shutdown, after the port stopped listening: from now on every
+        answer carries ``Connection: close``; keep-alive connections still
+        idle after ``IDLE_GRACE`` s close cleanly; requests in progress get
+        up to ``timeout`` s (the grace included) to be answered. Returns how
+        many were not answered in time (their connections are closed).
+        """
+        self.draining = True
+        # A client may be sending its next request on a connection that looks
+        # idle right now: give it a moment to arrive (it then gets its answer
+        # with Connection: close), and close only what stays idle.
+        grace = min(IDLE_GRACE, timeout)
+        if grace > 0:
+            await deferLater(self.clock, grace)
+        busy = {request.channel for request in self._requests}
+        for channel in list(self._open):
+            transport = channel.transport
+            if channel not in busy and transport is not None and not transport.disconnecting:
+                transport.loseConnection()
+        if self._requests and timeout - grace > 0:
+            waiter: Deferred[None] = Deferred()
+            self._drain_waiter = waiter
+            timer = self.clock.callLater(timeout - grace, self._drained)
+            await waiter
+            if timer.active():
+                timer.cancel()
+        left = list(self._requests)
+        for request in left:
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+        return len(left)

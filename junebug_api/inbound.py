@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 
 from .consumer import HandlingFailed
 from .http_delivery import DeliveryFailed, HttpDelivery, safe_url
-from .junebug_formats import junebug_message, to_json
+from .junebug_formats import Unsendable, junebug_message, to_json
 from .log import debug_enabled, logger
 from .metrics import NO_METRICS, Metrics
 from .state_cache import StateCache
@@ -28,9 +28,16 @@ class InboundHandler:
     url: str
     auth_token: str | None = attrs.field(repr=False)
     timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
     metrics: Metrics = NO_METRICS
 
     async def __call__(self, body: bytes) -> None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
         try:
             message = parse_user_message(body)
         except InvalidMessage as e:
@@ -45,7 +52,12 @@ class InboundHandler:
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
-        payload = to_json(junebug_message(message, message["transport_name"]))
+        try:
+            payload = to_json(junebug_message(message, message["transport_name"]))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"inbound message cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
         try:
             await self.delivery.post_json(self.url, payload, self.auth_token, self.timeout)
         except DeliveryFailed as e:
@@ -54,6 +66,7 @@ class InboundHandler:
                 retryable=e.retryable,
                 message_id=message_id,
                 url=safe_url(self.url),
+                held=e.held,
             ) from None
         if debug_enabled():
             log.debug("Delivered inbound message {message_id}", message_id=message_id)

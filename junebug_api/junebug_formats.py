@@ -326,6 +326,22 @@ def junebug_event(event: VumiMessage, channel_id: str) -> dict[str, Any]:
     }
 
 
+class Unsendable(ValueError):
+    """Data that cannot become strict JSON: NaN or Infinity, a lone surrogate,
+    nesting too deep."""
+
+
+# allow_nan=False: NaN and Infinity are no JSON, and RapidPro refuses them.
+_strict_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def to_json(data: Any) -> bytes:
-    """Compact UTF-8 JSON for an HTTP body."""
-    return compact_json(data)
+    """Compact, strict UTF-8 JSON for an HTTP body; Unsendable if it cannot be."""
+    try:
+        return _strict_encoder.encode(data).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Unsendable("it contains an unpaired UTF-16 surrogate") from None
+    except RecursionError:
+        raise Unsendable("it is nested too deeply") from None
+    except ValueError as e:
+        raise Unsendable(f"it cannot be JSON: {e}") from None

@@ -21,16 +21,17 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.components import Componentized
 
-from .amqp_service import AmqpService
+from .amqp_service import EXCHANGE, AmqpService
 from .api import ApiCredentials, JunebugApi
 from .channel import Channel, ChannelLogRouter, ChannelMetrics
 from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
-from .consumer import RetryPolicy
+from .consumer import RETRY_DELAYS, RetryPolicy
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite, with_listen_backlog
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
+from .outages import OutageTracker
 from .queue_health import QueueMonitor
 from .state_cache import StateCache, make_state_cache
 
@@ -61,11 +62,43 @@ def queue_names(connector_name: str) -> dict[str, str]:
     }
 
 
+def retry_queues(queue: str) -> dict[int, str]:
+    """The delay queues of a consumed queue, by their delay in seconds."""
+    return {delay: f"{queue}.retry.{delay}" for delay in RETRY_DELAYS}
+
+
+def retry_queue_names(connector_name: str) -> dict[str, str]:
+    """The connector's delay queues, by role (``inbound_retry_5``, ...)."""
+    queues = queue_names(connector_name)
+    return {
+        f"{role}_retry_{delay}": name
+        for role in ("inbound", "event")
+        for delay, name in retry_queues(queues[role]).items()
+    }
+
+
+def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
+    """Declare arguments of ``queue``'s delay queues: each holds a message
+    for its delay, then dead-letters it to the vumi exchange with ``queue``
+    as routing key, so it is back at the end of its queue."""
+    return {
+        name: {
+            "x-message-ttl": delay * 1000,
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": queue,
+        }
+        for delay, name in retry_queues(queue).items()
+    }
+
+
 def connector_queue_names(connector_name: str) -> list[str]:
     """Every queue the service declares for one connector (a channel's too);
     the config check keeps each name within AMQP's 255 bytes, so new queues
     belong here."""
-    return list(queue_names(connector_name).values())
+    return [
+        *queue_names(connector_name).values(),
+        *retry_queue_names(connector_name).values(),
+    ]
 
 
 def declared_queue_names(config: JunebugConfig) -> list[str]:
@@ -105,13 +138,22 @@ class JunebugService(MultiService):
             connector_name=name,
             message_status_ttl=config.outbound_message_ttl,
         )
-        delivery = HttpDelivery.create(reactor, config.worker_concurrency, metrics)
-        policy = RetryPolicy(
-            config.delivery_retry_delay,
-            config.delivery_retry_max_delay,
-            config.delivery_max_attempts,
+        self.outages = OutageTracker(reactor, probe_interval=config.delivery_probe_interval)
+        delivery = HttpDelivery.create(
+            reactor, config.worker_concurrency, metrics, outages=self.outages
         )
-        all_queues = [q for c in settings for q in connector_queue_names(c.connector_name)]
+
+        def policy(attempt_timeout: float) -> RetryPolicy:
+            return RetryPolicy(
+                config.delivery_retry_delay,
+                config.delivery_retry_max_delay,
+                config.delivery_max_attempts,
+                max_age=config.delivery_max_age,
+                max_hold=config.delivery_max_hold,
+                attempt_timeout=attempt_timeout,
+            )
+
+        all_queues = [q for c in settings for q in queue_names(c.connector_name).values()]
         self.amqp = AmqpService(
             config.amqp_connection,
             queues=all_queues,
@@ -121,6 +163,12 @@ class JunebugService(MultiService):
             connection_name=f"junebug-api {name}",
             metrics=metrics,
         )
+        # The delay queues, declared on every connect like the others.
+        for channel in settings:
+            queues = queue_names(channel.connector_name)
+            for role in ("inbound", "event"):
+                for name, arguments in retry_queue_arguments(queues[role]).items():
+                    Deferred.fromCoroutine(self.amqp.declare_queue(name, arguments))
         self.channels = [
             Channel(
                 channel,
@@ -128,7 +176,13 @@ class JunebugService(MultiService):
                 cache=self.cache,
                 delivery=delivery,
                 publish=self.amqp.publish,
-                policy=policy,
+                inbound_policy=policy(config.mo_message_url_timeout),
+                event_policy=policy(config.event_url_timeout),
+                retry_queues=retry_queues,
+                outages=self.outages,
+                control=self.amqp,
+                probe_interval=config.delivery_probe_interval,
+                max_body_size=config.max_request_size,
                 clock=reactor,
                 mo_message_url_timeout=config.mo_message_url_timeout,
                 event_url_timeout=config.event_url_timeout,
@@ -190,6 +244,7 @@ class JunebugService(MultiService):
             idle_timeout=config.http_idle_timeout,
             max_connections=config.http_max_connections,
         )
+        self.site = site
         self.http = StreamServerEndpointService(
             serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
@@ -267,7 +322,11 @@ class JunebugService(MultiService):
         """``/health``: ok only when every component is; ``channels`` shows each
         channel's state (a degraded channel does not make the process down)."""
         amqp = self.amqp.health()
-        components = {"amqp": amqp, **self.cache.health()}
+        components = {
+            "amqp": amqp,
+            **self.cache.health(),
+            "deliveries": self.outages.health(),
+        }
         healthy = all(c.get("health") == "ok" for c in components.values())
         # A stuck queue is reported, but outbound still works: still "ok".
         queues: dict[str, Any] = {}
@@ -283,11 +342,20 @@ class JunebugService(MultiService):
         }
 
     async def _stop(self) -> None:
+        timeout = self.config.shutdown_timeout
         await self.http.stopService()
+        unanswered = await self.site.drain(timeout)
+        if unanswered:
+            log.warn(
+                "{count} HTTP request(s) still unanswered after {timeout} s are cut off",
+                count=unanswered,
+                timeout=timeout,
+            )
         for monitor in self.queue_monitors.values():
             monitor.stop()
+        for channel in self.channels:
+            channel.inbound_gate.stop()
         await self.amqp.stop_consuming()
-        timeout = self.config.shutdown_timeout
         drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
         cancelled = sum(await gatherResults(drains))
         if cancelled:

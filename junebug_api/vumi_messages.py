@@ -89,6 +89,8 @@ def _decode(body: bytes) -> dict:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidMessage(f"body is not JSON: {e}") from None
+    except RecursionError:
+        raise InvalidMessage("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidMessage("body is not a JSON object")
     return data

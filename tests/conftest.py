@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from .support import Broker, ServiceProcess, free_port, start_sink
+from junebug_api.service import queue_names, retry_queue_names
 
-QUEUE_SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
+from .support import Broker, ServiceProcess, free_port, start_sink
 
 
 @pytest.fixture
@@ -20,8 +20,8 @@ def connector() -> Iterator[str]:
     name = f"jbtest-{uuid.uuid4().hex[:10]}"
     yield name
     broker = Broker()
-    for suffix in QUEUE_SUFFIXES:
-        broker.delete(f"{name}.{suffix}")
+    for queue in [*queue_names(name).values(), *retry_queue_names(name).values()]:
+        broker.delete(queue)
     broker.close()
 
 

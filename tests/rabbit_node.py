@@ -48,8 +48,10 @@ class RabbitNode:
 
     @property
     def env(self) -> dict[str, str]:
+        advanced = self.dir / "advanced.config"  # given in ``files``, if at all
         return dict(
             os.environ,
+            **({"RABBITMQ_ADVANCED_CONFIG_FILE": str(advanced)} if advanced.exists() else {}),
             RABBITMQ_NODENAME=self.name,
             RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
             RABBITMQ_NODE_PORT=str(self.port),
@@ -110,6 +112,17 @@ class RabbitNode:
             time.sleep(0.5)
         self.pid = self._find_pid()
         return self
+
+    def restart_app(self) -> None:
+        """``stop_app`` and ``start_app``: every connection drops; durable
+        queues and persistent messages stay."""
+        for command in ("stop_app", "start_app"):
+            result = self.ctl(command, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"rabbitmqctl {command}: {result.stdout}{result.stderr}")
+        result = self.ctl("await_startup", "--timeout", "60", timeout=90)
+        if result.returncode != 0:
+            raise RuntimeError(f"node {self.name} did not come back: {result.stdout}")
 
     def log(self) -> str:
         return "".join(

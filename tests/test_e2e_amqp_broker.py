@@ -14,6 +14,8 @@ import pytest_twisted
 import treq
 from twisted.internet.error import ConnectionRefusedError
 
+from junebug_api.service import retry_queue_arguments
+
 from .rabbit_node import RabbitNode
 from .support import Broker, inbound_message, pause, wait_for
 
@@ -195,6 +197,11 @@ async def test_passive_declare_of_missing_queues_recovers_once_they_exist(
     ), amqp
     for suffix in SUFFIXES:
         node_broker.declare(f"{connector}.{suffix}")
+    # The delay queues too: in passive mode the operator declares every queue.
+    for role in ("inbound", "event"):
+        for queue, arguments in retry_queue_arguments(f"{connector}.{role}").items():
+            node_broker.channel.queue_declare(queue, durable=True, arguments=arguments)
+            node_broker.channel.queue_bind(queue, "vumi", routing_key=queue)
     await wait_health(service, lambda code, a: code == 200, timeout=40, what="recovery")
     response = await post(service, "passive")
     assert response.code == 201

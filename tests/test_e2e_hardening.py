@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from junebug_api.service import queue_names, retry_queue_names
+
 from .support import TWISTD, free_port
 
 MESSAGES = "/channels/test-channel/messages"
@@ -244,15 +246,16 @@ def test_bad_configs_of_the_issue_exit_with_one_line(tmp_path, overrides, option
 
 def test_longest_connector_name_works(make_service, broker):
     """The longest connector_name the check allows declares all its queues."""
-    name = "jbtest-" + "n" * 233  # 240 characters: ".inbound.failed" makes 255 bytes
+    name = "jbtest-" + "n" * 230  # 237 characters: ".inbound.retry.300" makes 255 bytes
     service = make_service(connector_name=name)
     try:
         assert post_message(service) == 201
         assert broker.count(f"{name}.inbound.failed") == 0
+        assert broker.count(f"{name}.inbound.retry.300") == 0
     finally:
         service.stop()
-        for suffix in ("outbound", "inbound", "event", "inbound.failed", "event.failed"):
-            broker.delete(f"{name}.{suffix}")
+        for queue in [*queue_names(name).values(), *retry_queue_names(name).values()]:
+            broker.delete(queue)
 
 
 # -- secrets from files ---------------------------------------------------------------

@@ -309,14 +309,18 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
 
 @pytest_twisted.ensureDeferred
 async def test_health_reports_depths_and_stuck_queue(make_service, broker, connector):
-    """RapidPro unreachable: the inbound messages sit in the prefetch window,
-    retrying, none ready; the queue is stuck all the same, and health stays 200."""
+    """RapidPro unreachable: it is soon down, so the inbound consumer is
+    paused and the messages wait ready in the queue; the queue is stuck all
+    the same, and health stays 200."""
     nowhere = f"http://127.0.0.1:{free_port()}/inbound"
     service = make_service(
         mo_message_url=nowhere,
         delivery_max_attempts=1000,
         delivery_retry_delay=0.5,
         health_stuck_after=2,
+        # No probe (a basic.get) during the test: a message taken as a probe
+        # lowers the ready count for a moment, which reads as progress.
+        delivery_probe_interval=600,
     )
     for _ in range(3):
         broker.publish(f"{connector}.inbound", inbound_message(connector))
@@ -328,7 +332,8 @@ async def test_health_reports_depths_and_stuck_queue(make_service, broker, conne
     result = None
     for _ in range(200):
         code, body = await health()
-        if body["components"]["amqp"]["stuck"]:
+        inbound = body["components"]["amqp"]["queues"].get(f"{connector}.inbound", {})
+        if body["components"]["amqp"]["stuck"] and inbound.get("messages_ready") == 3:
             result = code, body
             break
         await pause(0.1)
@@ -339,11 +344,12 @@ async def test_health_reports_depths_and_stuck_queue(make_service, broker, conne
     queues = body["components"]["amqp"]["queues"]
     inbound = queues[f"{connector}.inbound"]
     assert inbound == {
-        "messages_ready": 0,
-        "messages_in_work": 3,
-        "consumers": 1,
+        "messages_ready": 3,
+        "messages_in_work": 0,
+        "consumers": 0,
         "stuck": True,
     }
+    assert "is down after 5 failures" in service.log()
     assert queues[f"{connector}.event"] == {
         "messages_ready": 0,
         "messages_in_work": 0,
@@ -360,7 +366,8 @@ async def test_health_reports_depths_and_stuck_queue(make_service, broker, conne
     channel = ("channel", connector)
     assert samples[("junebug_queue_stuck", (channel, ("queue_role", "inbound")))] == 1
     assert samples[("junebug_queue_stuck", (channel, ("queue_role", "event")))] == 0
-    assert samples[("junebug_queue_consumers", (channel, ("queue_role", "inbound")))] == 1
+    # paused
+    assert samples[("junebug_queue_consumers", (channel, ("queue_role", "inbound")))] == 0
 
     # A queue with messages ready that nothing consumes (no transport): stuck too.
     for _ in range(2):

@@ -453,3 +453,68 @@ def test_requests_leave_no_cyclic_garbage() -> None:
     assert transport.value().count(b"HTTP/1.1 201 Created") == 101
     assert len(h.publish.calls) == 101
     assert garbage <= 8 * 100
+
+
+def test_shutdown_drain_answers_in_flight_requests_then_closes() -> None:
+    """Draining: a request waiting for its confirm is answered (with
+    Connection: close) and its connection closes after the answer; an idle
+    kept-alive connection is closed cleanly after the grace period."""
+    confirms: list[Deferred[None]] = []
+
+    def pending() -> Deferred[None]:
+        confirms.append(Deferred())
+        return confirms[-1]
+
+    h = Harness(FakePublish(pending))
+    site = ApiSite(
+        h.api.resource(), clock=h.clock, max_request_size=1000, read_timeout=5, idle_timeout=60
+    )
+    body = json.dumps({"to": "+2782", "from": "8110", "content": "hi"}).encode()
+    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        PATH.encode(),
+        len(body),
+        body,
+    )
+    busy_channel, idle_channel = site.buildProtocol(None), site.buildProtocol(None)
+    busy, idle = StringTransport(), StringTransport()
+    busy_channel.makeConnection(busy)
+    idle_channel.makeConnection(idle)
+    idle_channel.dataReceived(request)
+    confirms[0].callback(None)
+    assert idle.value().startswith(b"HTTP/1.1 201 Created")
+    busy_channel.dataReceived(request)
+    assert busy.value() == b""  # waiting for its confirm
+
+    drained = Deferred.fromCoroutine(site.drain(10))
+    assert not idle.disconnecting  # the grace period: a request may be on its way
+    h.clock.advance(0.5)
+    assert idle.disconnecting  # idle after the grace period: closed
+    assert not busy.disconnecting
+    assert not drained.called
+    confirms[1].callback(None)
+    answer = busy.value()
+    assert answer.startswith(b"HTTP/1.1 201 Created")
+    assert b"\r\nConnection: close\r\n" in answer
+    assert busy.disconnecting  # closed after its answer
+    assert result_of(drained) == 0
+
+
+def test_shutdown_drain_cuts_what_is_not_answered_in_time() -> None:
+    h = Harness(FakePublish(Deferred))
+    site = ApiSite(
+        h.api.resource(), clock=h.clock, max_request_size=1000, read_timeout=5, idle_timeout=60
+    )
+    body = json.dumps({"to": "+2782", "from": "8110", "content": "hi"}).encode()
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (PATH.encode(), len(body), body)
+    )
+    drained = Deferred.fromCoroutine(site.drain(3))
+    h.clock.advance(0.5)
+    h.clock.advance(2.4)
+    assert not drained.called
+    h.clock.advance(0.2)
+    assert result_of(drained) == 1

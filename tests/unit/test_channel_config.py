@@ -257,7 +257,7 @@ def test_channel_secrets_from_files(tmp_path) -> None:
 
 def test_a_channels_queue_names_fit_amqp() -> None:
     with pytest.raises(
-        ConfigError, match=r"^channels\.a\.connector_name must have at most 240 characters"
+        ConfigError, match=r"^channels\.a\.connector_name must have at most 237 characters"
     ):
         load(channels={"a": {"mo_url": MO, "connector_name": "c" * 250}})
     with pytest.raises(ConfigError, match=r"^channels\.a\.connector_name must not start with"):

@@ -19,6 +19,7 @@ from junebug_api.consumer import RetryPolicy
 from junebug_api.http_delivery import HttpDelivery
 from junebug_api.log import logger
 from junebug_api.message_status import message_status, status_event
+from junebug_api.outages import OutageTracker
 from junebug_api.state_cache import InMemoryStateCache
 
 from .helpers import result_of
@@ -46,6 +47,19 @@ def vumi_event(message_id: str, event_type: str, timestamp: str, **fields: Any) 
         "sent_message_id": message_id,
         **fields,
     }
+
+
+class NoQueueControl:
+    """The consumer controls a channel's pause gate needs; unused here."""
+
+    async def pause_consumer(self, queue: str) -> None:
+        raise AssertionError("not paused in these tests")
+
+    async def resume_consumer(self, queue: str) -> None:
+        raise AssertionError("not resumed in these tests")
+
+    async def get(self, queue: str) -> Any:
+        raise AssertionError("no probes in these tests")
 
 
 class Harness:
@@ -77,7 +91,13 @@ class Harness:
                 cache=self.cache,
                 delivery=delivery,
                 publish=self.publish,
-                policy=RetryPolicy(),
+                inbound_policy=RetryPolicy(),
+                event_policy=RetryPolicy(),
+                retry_queues=lambda queue: {},
+                outages=OutageTracker(self.clock),
+                control=NoQueueControl(),
+                probe_interval=5,
+                max_body_size=1 << 20,
                 clock=self.clock,
                 mo_message_url_timeout=1,
                 event_url_timeout=1,

@@ -215,7 +215,7 @@ def test_yaml_types_accepted(tmp_path: Path) -> None:
         ({"max_request_size": 0}, "max_request_size must be from 1 to"),
         ({"connector_name": "é"}, "connector_name must be printable ASCII"),
         ({"connector_name": "a\tb"}, "connector_name must not contain control"),
-        ({"connector_name": "x" * 250}, "connector_name must have at most 240 characters, got 250"),
+        ({"connector_name": "x" * 250}, "connector_name must have at most 237 characters, got 250"),
         ({"connector_name": "amq.x"}, "connector_name must not start with 'amq.'"),
         ({"mo_message_url": "http://h/x#frag"}, "mo_message_url must not have a #fragment"),
         ({"mo_message_url": "http://h:99999/x"}, "mo_message_url is not a valid URL"),

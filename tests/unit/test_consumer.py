@@ -57,6 +57,7 @@ class FakeAcker:
         self.rejects = 0
         self.delivery_tag = 1
         self.redelivered = False
+        self.headers: dict[str, Any] = {}
 
     def ack(self) -> None:
         self.acks += 1
@@ -256,15 +257,28 @@ def test_max_attempts_one_means_no_retry() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_dead_letter_publish_failed_rejects() -> None:
-    publish = FakePublish(lambda: fail(PublishFailed("nacked")))
-    handler = ScriptedHandler(HandlingFailed("bad", retryable=False))
-    worker, _, _ = make_worker(handler, publish)
+def test_dead_letter_publish_failed_rejects_after_a_growing_backoff() -> None:
+    """A .failed queue that refuses messages is no hot loop: each release
+    waits, longer for each failure in a row, and a success resets it."""
+    nack = lambda: fail(PublishFailed("nacked"))  # noqa: E731
+    publish = FakePublish(nack, nack, nack)
+    handler = ScriptedHandler(*[HandlingFailed("bad", retryable=False) for _ in range(4)])
+    worker, clock, _ = make_worker(handler, publish)
+    waits = []
+    for _ in range(3):
+        acker = FakeAcker()
+        worker(BODY, acker)
+        assert acker.rejects == 0
+        waited = 0.0
+        while not acker.rejects:
+            clock.advance(0.25)
+            waited += 0.25
+        waits.append(waited)
+        assert acker.acks == 0
+    assert waits == [0.5, 1.0, 2.0]
     acker = FakeAcker()
-    worker(BODY, acker)
-    assert len(publish.calls) == 1
-    assert acker.rejects == 1
-    assert acker.acks == 0
+    worker(BODY, acker)  # the fourth publish succeeds
+    assert acker.acks == 1
     assert worker.in_flight == 0
 
 

@@ -7,15 +7,19 @@ import json
 from typing import Any
 
 import pytest
+import pytest_twisted
 from treq.testing import RequestTraversalAgent
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 
 from junebug_api.http_delivery import DeliveryFailed, HttpDelivery, safe_url, split_credentials
+from junebug_api.outages import OutageTracker, destination_of
 
 from .helpers import result_of
 
@@ -223,3 +227,92 @@ def test_cancelling_a_delivery_is_not_a_failed_attempt() -> None:
     with pytest.raises(CancelledError):
         result_of(d)
     assert agent.cancelled
+
+
+# -- outages and aborts ----------------------------------------------------------------
+
+
+def test_outage_tracking_holds_back_a_down_destination() -> None:
+    """Three 503s make the destination down: further POSTs are not made (held,
+    no attempt) until a probe is due; its 200 brings the destination back."""
+    clock = Clock()
+    rapidpro = FakeRapidPro(503)
+    agent = RequestTraversalAgent(rapidpro)
+    outages = OutageTracker(clock, threshold=3, probe_interval=5.0)
+    delivery = HttpDelivery(agent, clock, outages=outages)
+    url = "http://rp.example/in"
+
+    def attempt() -> DeliveryFailed | int:
+        d = Deferred.fromCoroutine(delivery.post_json(url, b"{}", None, 10.0))
+        agent.flush()
+        try:
+            return result_of(d)
+        except DeliveryFailed as e:
+            return e
+
+    results = [attempt() for _ in range(3)]
+    assert [(r.outage, r.held) for r in results] == [(True, False), (True, False), (True, True)]
+    held = attempt()
+    assert held.held and held.retryable
+    assert "http://rp.example:80 is down" in held.reason
+    assert len(rapidpro.requests) == 3  # no POST for the held one
+    clock.advance(5)
+    rapidpro.code = 200
+    assert attempt() == 200  # the probe
+    assert len(rapidpro.requests) == 4
+    assert not outages.is_down(destination_of(url))
+
+
+@pytest.mark.parametrize("code", [400, 404, 429])
+def test_an_answer_that_is_no_5xx_is_no_outage(code: int) -> None:
+    clock = Clock()
+    rapidpro = FakeRapidPro(code)
+    agent = RequestTraversalAgent(rapidpro)
+    outages = OutageTracker(clock, threshold=1)
+    delivery = HttpDelivery(agent, clock, outages=outages)
+    d = Deferred.fromCoroutine(delivery.post_json("http://rp.example/in", b"{}", None, 10.0))
+    agent.flush()
+    with pytest.raises(DeliveryFailed) as info:
+        result_of(d)
+    assert not info.value.outage and not info.value.held
+    assert not outages.is_down(destination_of("http://rp.example/in"))
+
+
+class StallingBody(Protocol):
+    """A server that answers 200 with a Content-Length it never completes."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not getattr(self, "answered", False):
+            self.answered = True
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b'{"partial": '
+            )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_during_the_body_aborts_the_connection() -> None:
+    """The timeout fires while the body is arriving: the connection is
+    closed by us at once, not left open until the peer gives up."""
+    factory = ServerFactory.forProtocol(StallingBody)
+    factory.connections = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        delivery = HttpDelivery.create(reactor, 2)
+        url = f"http://127.0.0.1:{port.getHost().port}/in"
+        started = reactor.seconds()
+        with pytest.raises(DeliveryFailed) as info:
+            await delivery.post_json(url, b"{}", None, 0.5)
+        assert info.value.reason == "timed out after 0.5 s"
+        assert info.value.outage
+        (server_side,) = factory.connections
+        await server_side.lost.addTimeout(3, reactor)  # the client closed it
+        assert reactor.seconds() - started < 5
+    finally:
+        await port.stopListening()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -311,3 +312,31 @@ def test_fast_schema_check_agrees_with_jsonschema(data) -> None:
 
     if _plainly_valid(data):
         assert list(_validator.iter_errors(data)) == []
+
+
+# -- strict outgoing JSON ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"x": float("nan")}, "cannot be JSON"),
+        ({"x": float("inf")}, "cannot be JSON"),
+        ({"x": "\ud800"}, "unpaired UTF-16 surrogate"),
+    ],
+)
+def test_to_json_refuses_what_is_no_strict_json(data: Any, reason: str) -> None:
+    from junebug_api.junebug_formats import Unsendable, to_json
+
+    with pytest.raises(Unsendable, match=reason):
+        to_json(data)
+
+
+def test_to_json_refuses_too_deep_nesting() -> None:
+    from junebug_api.junebug_formats import Unsendable, to_json
+
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(Unsendable, match="nested too deeply"):
+        to_json(deep)

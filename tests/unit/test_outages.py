@@ -1,0 +1,381 @@
+"""Outages: the per-destination tracker, the worker's budgets and delay
+queues, and pausing a queue while its destination is down (all on Clock)."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from junebug_api.consumer import (
+    ATTEMPTS_HEADER,
+    FIRST_FAILURE_HEADER,
+    HOLDS_HEADER,
+    HandlingFailed,
+    MessageWorker,
+    RetryPolicy,
+    pick_delay,
+)
+from junebug_api.outages import OutageTracker, describe_destination, destination_of
+from junebug_api.pause_while_down import PauseWhileDown
+
+from .test_consumer import BODY, QUEUE, FakeAcker, FakePublish, ScriptedHandler
+
+RAPIDPRO = destination_of("http://rapidpro.example:8000/c/jn/x/receive")
+RETRY_QUEUES = {d: f"{QUEUE}.retry.{d}" for d in (5, 20, 60, 300)}
+
+
+# -- destinations -------------------------------------------------------------
+
+
+def test_destination_is_scheme_host_port_without_credentials() -> None:
+    assert destination_of("https://u:p@Example.org/a?b") == ("https", "example.org", 443)
+    assert destination_of("http://example.org/a") == ("http", "example.org", 80)
+    assert destination_of("http://127.0.0.1:8000/x") == ("http", "127.0.0.1", 8000)
+    assert describe_destination(destination_of("http://[::1]:81/")) == "http://[::1]:81"
+
+
+# -- OutageTracker ------------------------------------------------------------
+
+
+def make_tracker() -> tuple[OutageTracker, Clock, list[tuple[Any, bool]]]:
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=3, probe_interval=5.0)
+    changes: list[tuple[Any, bool]] = []
+    tracker.subscribe(lambda dest, down: changes.append((dest, down)))
+    return tracker, clock, changes
+
+
+def test_down_after_threshold_consecutive_failures_only() -> None:
+    tracker, clock, changes = make_tracker()
+    tracker.failed(RAPIDPRO)
+    tracker.failed(RAPIDPRO)
+    tracker.succeeded(RAPIDPRO)  # a success in between: not an outage
+    tracker.failed(RAPIDPRO)
+    tracker.failed(RAPIDPRO)
+    assert not tracker.is_down(RAPIDPRO)
+    assert changes == []
+    clock.advance(100)
+    tracker.failed(RAPIDPRO)
+    assert tracker.is_down(RAPIDPRO)
+    assert changes == [(RAPIDPRO, True)]
+    health = tracker.health()
+    assert health["health"] == "ok"
+    assert health["destinations_down"] == {
+        "http://rapidpro.example:8000": {"down_since": "1970-01-01 00:01:40", "failures": 3}
+    }
+
+
+def test_down_destination_admits_one_probe_per_interval() -> None:
+    tracker, clock, changes = make_tracker()
+    for _ in range(3):
+        tracker.failed(RAPIDPRO)
+    assert not tracker.admit(RAPIDPRO)
+    clock.advance(4.9)
+    assert not tracker.admit(RAPIDPRO)
+    clock.advance(0.1)
+    assert tracker.admit(RAPIDPRO)  # the probe
+    assert not tracker.admit(RAPIDPRO)  # only one at a time
+    tracker.failed(RAPIDPRO)
+    assert tracker.is_down(RAPIDPRO)
+    assert not tracker.admit(RAPIDPRO)
+    clock.advance(5)
+    assert tracker.admit(RAPIDPRO)
+    tracker.abandoned(RAPIDPRO)  # cancelled: the next may probe
+    assert tracker.admit(RAPIDPRO)
+    tracker.succeeded(RAPIDPRO)
+    assert not tracker.is_down(RAPIDPRO)
+    assert tracker.admit(RAPIDPRO)
+    assert changes == [(RAPIDPRO, True), (RAPIDPRO, False)]
+    assert tracker.health()["destinations_down"] == {}
+
+
+def test_other_destinations_are_unaffected() -> None:
+    tracker, _, _ = make_tracker()
+    other = destination_of("http://events.example/")
+    for _ in range(5):
+        tracker.failed(RAPIDPRO)
+    assert tracker.is_down(RAPIDPRO)
+    assert tracker.admit(other)
+    assert not tracker.is_down(other)
+
+
+# -- MessageWorker: delay queues and budgets -----------------------------------
+
+
+def make_worker(
+    handler: Any, publish: Any = None, gate: Any = None, **policy: Any
+) -> tuple[MessageWorker, Clock, FakePublish]:
+    clock = Clock()
+    clock.advance(1_000_000)
+    publish = publish if publish is not None else FakePublish()
+    policy = {"delay": 1.0, "max_delay": 60.0, "max_attempts": 5, **policy}
+    worker = MessageWorker(
+        QUEUE,
+        handler,
+        publish,
+        RetryPolicy(**policy),
+        clock,
+        retry_queues=RETRY_QUEUES,
+        hold_gate=gate,
+    )
+    return worker, clock, publish
+
+
+def failing(reason: str = "HTTP 503", held: bool = False) -> HandlingFailed:
+    return HandlingFailed(reason, retryable=True, message_id="m-1", held=held)
+
+
+def test_pick_delay() -> None:
+    delays = [5, 20, 60, 300]
+    assert pick_delay(delays, 0.1) == 5
+    assert pick_delay(delays, 19.9) == 5
+    assert pick_delay(delays, 20) == 20
+    assert pick_delay(delays, 59) == 20
+    assert pick_delay(delays, 1000) == 300
+
+
+def test_short_retries_wait_in_process() -> None:
+    handler = ScriptedHandler(failing(), failing(), None)
+    worker, clock, publish = make_worker(handler, delay=1.0)
+    acker = FakeAcker()
+    worker(BODY, acker)
+    clock.advance(1)  # backoff 0.5-1 s: in the process
+    clock.advance(2)  # 1-2 s
+    assert handler.calls == 3
+    assert publish.calls == []
+    assert acker.acks == 1
+
+
+def test_longer_retries_wait_on_a_delay_queue() -> None:
+    """A backoff of a few seconds or more (here 5-10 s) goes to the delay
+    queue not longer than it, with its attempt count; the delivery is acked."""
+    handler = ScriptedHandler(failing())
+    worker, clock, publish = make_worker(handler, delay=10.0)
+    acker = FakeAcker()
+    worker(BODY, acker)
+    routing_key, body, kwargs = publish.calls[0]
+    assert routing_key == f"{QUEUE}.retry.5"
+    assert body == BODY
+    headers = kwargs["headers"]
+    assert headers[ATTEMPTS_HEADER] == 1
+    assert headers[FIRST_FAILURE_HEADER] == 1_000_000
+    assert headers[HOLDS_HEADER] == 0
+    assert headers["x-junebug-reason"] == "HTTP 503"
+    assert acker.acks == 1
+    assert worker.in_flight == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_attempts_continue_from_the_headers() -> None:
+    """A restart (or a trip through a delay queue) resets nothing."""
+    handler = ScriptedHandler(failing())
+    worker, _clock, publish = make_worker(handler, max_attempts=5)
+    acker = FakeAcker()
+    acker.headers = {ATTEMPTS_HEADER: 4, FIRST_FAILURE_HEADER: 999_000}
+    worker(BODY, acker)
+    routing_key, _, kwargs = publish.calls[0]
+    assert routing_key == f"{QUEUE}.failed"
+    assert kwargs["headers"][ATTEMPTS_HEADER] == 5
+    assert kwargs["headers"][FIRST_FAILURE_HEADER] == 999_000
+    assert acker.acks == 1
+
+
+def test_max_age_dead_letters_without_an_attempt() -> None:
+    handler = ScriptedHandler(None)
+    worker, _clock, publish = make_worker(handler, max_age=3600)
+    acker = FakeAcker()
+    acker.headers = {ATTEMPTS_HEADER: 1, FIRST_FAILURE_HEADER: 1_000_000 - 3600}
+    worker(BODY, acker)
+    assert handler.calls == 0
+    routing_key, _, kwargs = publish.calls[0]
+    assert routing_key == f"{QUEUE}.failed"
+    assert "delivery_max_age" in kwargs["headers"]["x-junebug-reason"]
+    assert acker.acks == 1
+
+
+def test_young_enough_message_is_tried() -> None:
+    handler = ScriptedHandler(None)
+    worker, _, publish = make_worker(handler, max_age=3600)
+    acker = FakeAcker()
+    acker.headers = {ATTEMPTS_HEADER: 1, FIRST_FAILURE_HEADER: 1_000_000 - 3599}
+    worker(BODY, acker)
+    assert handler.calls == 1
+    assert publish.calls == []
+    assert acker.acks == 1
+
+
+def test_held_messages_spend_no_attempts_and_wait_on_delay_queues() -> None:
+    handler = ScriptedHandler(failing("down", held=True))
+    worker, _, publish = make_worker(handler, max_attempts=1)
+    acker = FakeAcker()
+    worker(BODY, acker)
+    routing_key, _, kwargs = publish.calls[0]
+    assert routing_key == f"{QUEUE}.retry.5"
+    assert kwargs["headers"][ATTEMPTS_HEADER] == 0
+    assert kwargs["headers"][HOLDS_HEADER] == 1
+    assert acker.acks == 1
+    # Held again: the longer wait.
+    handler = ScriptedHandler(failing("down", held=True))
+    worker, _, publish = make_worker(handler, max_attempts=1)
+    acker = FakeAcker()
+    acker.headers = kwargs["headers"]
+    worker(BODY, acker)
+    routing_key, _, kwargs = publish.calls[0]
+    assert routing_key == f"{QUEUE}.retry.20"
+    assert kwargs["headers"][ATTEMPTS_HEADER] == 0
+    assert kwargs["headers"][HOLDS_HEADER] == 2
+
+
+def test_in_process_wait_respects_max_hold() -> None:
+    """A retry that would keep the delivery unacked past max_hold goes to a
+    delay queue even when it is short."""
+    handler = ScriptedHandler(failing(), failing())
+    worker, _clock, publish = make_worker(handler, delay=4.0, max_hold=12, attempt_timeout=10)
+    acker = FakeAcker()
+    worker(BODY, acker)
+    # 2-4 s + 10 s for the next attempt > 12 s
+    assert publish.calls[0][0] == f"{QUEUE}.retry.5"
+    assert acker.acks == 1
+
+
+class FakeGate:
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[None]] = []
+
+    def wait_paused(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiting.append(d)
+        return d
+
+
+def test_held_message_of_a_pausing_queue_goes_back_once_paused() -> None:
+    gate = FakeGate()
+    handler = ScriptedHandler(failing("down", held=True))
+    worker, _, publish = make_worker(handler, gate=gate)
+    acker = FakeAcker()
+    worker(BODY, acker)
+    assert acker.rejects == 0
+    gate.waiting[0].callback(None)
+    assert acker.rejects == 1
+    assert acker.acks == 0
+    assert publish.calls == []
+
+
+# -- PauseWhileDown -------------------------------------------------------------
+
+
+class FakeControl:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.ready: list[bytes] = []
+        self.ackers: list[FakeAcker] = []
+
+    async def pause_consumer(self, queue: str) -> None:
+        self.calls.append(f"pause {queue}")
+
+    async def resume_consumer(self, queue: str) -> None:
+        self.calls.append(f"resume {queue}")
+
+    async def get(self, queue: str) -> Any:
+        self.calls.append(f"get {queue}")
+        if not self.ready:
+            return None
+        acker = FakeAcker()
+        self.ackers.append(acker)
+        return self.ready.pop(0), {}, acker
+
+
+def test_pause_while_down_probes_then_resumes() -> None:
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=2, probe_interval=5.0)
+    control = FakeControl()
+    control.ready = [b"first", b"second"]
+    outcomes = ["fail", "ok"]
+    probes: list[bytes] = []
+
+    def probe(body: bytes, acker: Any) -> Deferred[None]:
+        probes.append(body)
+        assert tracker.admit(RAPIDPRO)
+        if outcomes.pop(0) == "ok":
+            tracker.succeeded(RAPIDPRO)
+        else:
+            tracker.failed(RAPIDPRO)
+        return succeed(None)
+
+    gate = PauseWhileDown(QUEUE, RAPIDPRO, tracker, control, probe, clock, probe_interval=5.0)
+    tracker.failed(destination_of("http://elsewhere/"))
+    tracker.failed(destination_of("http://elsewhere/"))
+    assert control.calls == []  # another destination: not ours
+    tracker.failed(RAPIDPRO)
+    tracker.failed(RAPIDPRO)
+    assert gate.paused
+    assert control.calls == [f"pause {QUEUE}"]
+    assert gate.wait_paused().called
+    clock.advance(4.9)
+    assert probes == []
+    clock.advance(0.1)
+    assert probes == [b"first"]  # failed: still paused
+    assert gate.paused
+    clock.advance(5)
+    assert probes == [b"first", b"second"]
+    assert not gate.paused
+    assert control.calls == [f"pause {QUEUE}", f"get {QUEUE}", f"get {QUEUE}", f"resume {QUEUE}"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_pause_keeps_polling_an_empty_queue_and_stops_on_shutdown() -> None:
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
+    control = FakeControl()
+    gate = PauseWhileDown(
+        QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock, probe_interval=5.0
+    )
+    tracker.failed(RAPIDPRO)
+    clock.advance(5)
+    clock.advance(5)
+    assert control.calls == [f"pause {QUEUE}", f"get {QUEUE}", f"get {QUEUE}"]
+    gate.stop()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("down", [True, False])
+def test_wait_paused_pauses_only_while_down(down: bool) -> None:
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=1)
+    control = FakeControl()
+    gate = PauseWhileDown(QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock)
+    if down:
+        tracker.failed(RAPIDPRO)
+    assert gate.wait_paused().called
+    assert control.calls == ([f"pause {QUEUE}"] if down else [])
+    assert gate.paused == down
+
+
+def test_held_messages_leave_no_cyclic_garbage() -> None:
+    """During an outage every event is held again and again: each one must be
+    freed at once, not left in a cycle (frame -> failure -> traceback ->
+    frame) for the collector, whose full runs are rare (service.py)."""
+
+    class DownHandler:
+        async def __call__(self, body: bytes) -> None:
+            try:
+                raise ConnectionRefusedError("down")
+            except ConnectionRefusedError:
+                raise failing("down", held=True) from None
+
+    worker, _, publish = make_worker(DownHandler())
+    worker(BODY, FakeAcker())  # warm up
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(100):
+            worker(BODY, FakeAcker())
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert len(publish.calls) == 101
+    assert garbage < 100
