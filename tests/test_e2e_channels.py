@@ -17,7 +17,8 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .conftest import QUEUE_SUFFIXES
+from junebug_api.service import connector_queue_names
+
 from .support import (
     Broker,
     ServiceProcess,
@@ -46,8 +47,8 @@ def ids() -> Iterator[list[str]]:
     yield names
     broker = Broker()
     for name in names:
-        for suffix in QUEUE_SUFFIXES:
-            broker.delete(f"{name}.{suffix}")
+        for queue in connector_queue_names(name):
+            broker.delete(queue)
     broker.close()
 
 
@@ -370,12 +371,14 @@ async def test_one_channels_rapidpro_down_never_holds_back_another(start, ids, s
             await wait_for(lambda: len(hanging.requests) == 5, what="a's prefetch in use")
         else:
             await wait_for(lambda: len(sinks[0].at("/inbound")) >= 5, what="a's failures")
-        assert broker.count(f"{a}.inbound") == 35  # the rest waits in RabbitMQ
+        # The rest waits in RabbitMQ (a 500 may also put a's consumer on pause,
+        # or messages on its delay queues: issue 11's outage handling).
+        assert broker.count(f"{a}.inbound") >= 30
 
         during = await delivery_rate(broker, sinks[1:], [b, c], n)
         # Measured, with a margin for a busy 2-core machine.
         assert during >= 0.5 * baseline, (during, baseline)
-        assert broker.count(f"{a}.inbound") == 35
+        assert broker.count(f"{a}.inbound") >= 30
     finally:
         broker.close()
         for request in hanging.requests:
