@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -290,25 +290,20 @@ class Channel:
         return result
 
     async def _handle_inbound(self, body: bytes) -> str | None:
-        state = self.mo_delivery
-        state.in_flight += 1
-        try:
-            result = await self._inbound(body)
-        except Exception as e:
-            state.last_failure = self._clock_seconds()
-            state.last_error = str(e)
-            raise
-        finally:
-            state.in_flight -= 1
-        state.last_success = self._clock_seconds()
+        result = await self._tracked(self.mo_delivery, self._inbound, body)
         self.rates.hit("inbound")
         return result
 
     async def _handle_event(self, body: bytes) -> str | None:
-        state = self.event_delivery
+        return await self._tracked(self.event_delivery, self._events, body)
+
+    async def _tracked(
+        self, state: DeliveryState, handle: Callable[[bytes], Awaitable[str | None]], body: bytes
+    ) -> str | None:
+        """Run one delivery, keeping ``state``'s in-flight count and last outcome."""
         state.in_flight += 1
         try:
-            result = await self._events(body)
+            result = await handle(body)
         except Exception as e:
             state.last_failure = self._clock_seconds()
             state.last_error = str(e)
