@@ -2055,6 +2055,7 @@ def roundtrip_rows(
         purge=purge,
         say=say,
         free_port=free_port,
+        broker_pid=ctx.rabbit.pid,
     )
     try:
         trips = roundtrip.roundtrip_phase(plan, setup.tag(1), BENCH)

@@ -1,23 +1,27 @@
 """The session round trip: what a USSD user feels, measured by bench/benchmark.py.
 
-A driver publishes inbound messages to ``bench.inbound`` at a fixed rate, as a
-transport does; the service delivers each to a RapidPro stand-in, which
-answers 200 and at once POSTs a reply (``reply_to``) to the service; the
-service publishes the reply to ``bench.outbound``, where the driver consumes
-it. The round trip is the time from the inbound's publish to the reply's
-arrival, both taken by the driver (one clock). Rates: 200 and 1,000
-sessions/s, then higher steps until one is not sustained (a reply missing
-after the grace time, or p99 above ``SUSTAINED_P99_MS``); the last sustained
-step is the "max" row.
+A peer process (bench/roundtrip_peer.py) plays the vumi transport and
+RapidPro: it publishes inbound messages to ``bench.inbound`` at a fixed
+rate; the service delivers each to the peer's RapidPro side, which answers
+200 and at once POSTs a reply (``reply_to``) to the service; the service
+publishes the reply to ``bench.outbound``, where the peer consumes it. The
+round trip is the time from the inbound's publish to the reply's arrival,
+both taken by the peer (one clock). Rates: 200 and 1,000 sessions/s, then
+higher steps until one is not sustained (a reply missing after the grace
+time, or p99 above ``SUSTAINED_P99_MS``); the last sustained step is the
+"max" row.
 
-The stand-in (Twisted, one persistent connection pool) and the driver (pika,
-one connection for publishing, one for consuming) run on the other core with
-RabbitMQ, the service on its own core, as in every other phase.
+The peer runs on the other core with RabbitMQ, the service on its own core,
+as in every other phase. Each row's notes split the round trip into stages
+(the peer's own lag included) and give the CPU each process spent, so a
+figure that comes from the benchmark's side shows as such.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 import time
@@ -30,193 +34,10 @@ RATES = (200, 1000)
 HIGHER = (1500, 2000, 2500, 3000, 4000, 5000, 6000)
 SUSTAINED_P99_MS = 250.0
 GRACE = 5.0  # seconds after the last publish for the last replies
-
-STANDIN_SCRIPT = '''\
-"""RapidPro stand-in: answers 200 to every inbound POST and at once POSTs a
-reply to it. Written and run by bench/roundtrip.py:
-    python standin.py PORT SERVICE_MESSAGES_URL ARRIVALS_JSON
-On SIGTERM it prints one JSON line of counts and writes when each inbound
-arrived (time.monotonic()) to ARRIVALS_JSON."""
-
-import json
-import sys
-import time
-
-from twisted.internet import reactor
-from twisted.internet.protocol import Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-
-port, url = int(sys.argv[1]), sys.argv[2].encode()
-pool = HTTPConnectionPool(reactor, persistent=True)
-pool.maxPersistentPerHost = 64
-pool.retryAutomatically = False
-agent = Agent(reactor, pool=pool)
-headers = Headers({b"Content-Type": [b"application/json"]})
-arrivals = {}
-counts = {"inbound": 0, "replied": 0, "not_201": 0, "errors": 0, "last_error": ""}
-
-
-class _Body:
-    def __init__(self, data):
-        self.data, self.length = data, len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self.data)
-        from twisted.internet.defer import succeed
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-def reply(message_id):
-    body = json.dumps({"reply_to": message_id, "content": "next menu"}).encode()
-    d = agent.request(b"POST", url, headers, _Body(body))
-
-    def answered(response):
-        if response.code == 201:
-            counts["replied"] += 1
-        else:
-            counts["not_201"] += 1
-            counts["last_error"] = str(response.code)
-        response.deliverBody(_Discard())
-
-    def failed(failure):
-        counts["errors"] += 1
-        counts["last_error"] = failure.getErrorMessage()[:200]
-
-    d.addCallbacks(answered, failed).addErrback(failed)
-
-
-class _Discard(Protocol):
-    def dataReceived(self, data):
-        pass
-
-
-class Inbound(Resource):
-    isLeaf = True
-
-    def render_POST(self, request):
-        message = json.loads(request.content.read())
-        counts["inbound"] += 1
-        arrivals[message["message_id"]] = time.monotonic()
-        reactor.callLater(0, reply, message["message_id"])
-        request.setHeader(b"Content-Type", b"application/json")
-        return b"{}"
-
-    def render_GET(self, request):
-        return b"ok"
-
-
-def report():
-    print(json.dumps(counts), flush=True)
-    with open(sys.argv[3], "w") as f:
-        json.dump(arrivals, f)
-
-
-reactor.addSystemEventTrigger("before", "shutdown", report)
-site = Site(Inbound())
-site.noisy = False
-reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
-reactor.run()
-'''
-
-DRIVER_SCRIPT = '''\
-"""Publishes inbound messages at a fixed rate and times each one's reply.
-Written and run by bench/roundtrip.py:
-    python driver.py AMQP_PORT RATE SECONDS GRACE
-prints one JSON line: published, replied, the round trips in ms (sorted), the
-seconds publishing took, when each inbound was published and its reply consumed."""
-
-import json
-import sys
-import threading
-import time
-import uuid
-
-import pika
-
-port, rate = int(sys.argv[1]), float(sys.argv[2])
-seconds, grace = float(sys.argv[3]), float(sys.argv[4])
-sys.path.insert(0, sys.argv[5])
-from cache_memory import inbound  # noqa: E402
-
-params = pika.ConnectionParameters("127.0.0.1", port, "/", pika.PlainCredentials("guest", "guest"))
-sent = {}
-sent_at = {}
-got_at = {}
-rtt = []
-done = threading.Event()
-lock = threading.Lock()
-
-
-def consume():
-    connection = pika.BlockingConnection(params)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=2000)
-
-    def on_message(ch, method, properties, body):
-        now = time.monotonic()
-        reply = json.loads(body)
-        with lock:
-            started = sent.pop(reply.get("in_reply_to"), None)
-        if started is not None:
-            rtt.append((now - started) * 1000)
-            got_at[reply.get("in_reply_to")] = now
-
-    channel.basic_consume("bench.outbound", on_message, auto_ack=True)
-    while not done.is_set():
-        connection.process_data_events(time_limit=0.05)
-    connection.close()
-
-
-consumer = threading.Thread(target=consume, daemon=True)
-consumer.start()
-time.sleep(0.5)  # the consumer is attached
-connection = pika.BlockingConnection(params)
-channel = connection.channel()
-props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-n = 0
-start = time.monotonic()
-end = start + seconds
-for i in range(int(rate * seconds)):
-    due = start + i / rate
-    now = time.monotonic()
-    if now > end:
-        break  # this publisher cannot keep the rate: what it managed is reported
-    if due > now:
-        time.sleep(due - now)
-    n += 1
-    message_id = uuid.uuid4().hex
-    body = json.dumps(inbound(message_id, transport_name="bench")).encode()
-    with lock:
-        sent[message_id] = time.monotonic()
-        sent_at[message_id] = sent[message_id]
-    channel.basic_publish("vumi", "bench.inbound", body, props)
-took = time.monotonic() - start
-connection.close()
-deadline = time.monotonic() + grace
-while time.monotonic() < deadline:
-    with lock:
-        if not sent:
-            break
-    time.sleep(0.02)
-done.set()
-consumer.join(5)
-rtt.sort()
-result = {"published": n, "replied": len(rtt), "rtt": rtt, "took": took}
-result.update(sent_at=sent_at, got_at=got_at)
-print(json.dumps(result), flush=True)
-'''
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PEER = Path(__file__).with_name("roundtrip_peer.py")
+# Slots of a message's times in the peer's answer (see roundtrip_peer.py).
+DUE, SENT, ARRIVED, REPLY_SENT, ANSWERED, GOT = range(6)
 
 
 @dataclass
@@ -231,9 +52,14 @@ class RoundTrip:
     p90: float | None
     p99: float | None
     cpu_seconds: float
-    sent_at: dict[str, float] = field(default_factory=dict, repr=False)
-    got_at: dict[str, float] = field(default_factory=dict, repr=False)
-    legs: str = ""  # publish -> RapidPro and RapidPro -> reply consumed
+    # Per inbound message id: due, published, at RapidPro, reply POSTed,
+    # reply answered, reply consumed (time.monotonic(); None: did not happen).
+    times: dict[str, list[float | None]] = field(default_factory=dict, repr=False)
+    errors: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds of the other processes while this rate ran (None: unknown).
+    helpers_cpu: dict[str, float | None] = field(default_factory=dict)
+    cores_busy: list[float] = field(default_factory=list)  # per core, 0..1
+    legs: str = ""  # where the time goes, stage by stage
 
     @property
     def rate(self) -> float:
@@ -269,6 +95,7 @@ class RoundTripPlan:
     purge: Callable[[str], None]
     say: Callable[[str], None]
     free_port: Callable[[], int]
+    broker_pid: int | None = None
     results: list[RoundTrip] = field(default_factory=list)
 
 
@@ -288,29 +115,85 @@ def _wait_port(port: int, timeout: float = 20) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the RapidPro stand-in does not listen on {port}") from None
+                raise RuntimeError(f"the round-trip peer does not listen on {port}") from None
             time.sleep(0.05)
 
 
-def run_rate(plan: RoundTripPlan, group: Any, rate: float, bench_dir: Path) -> RoundTrip:
-    driver = plan.tmp / "roundtrip_driver.py"
-    cpu0 = plan.service_cpu(group)
-    cmd = ["taskset", "-c", plan.other_core, sys.executable, str(driver)]
-    cmd += [str(plan.amqp_port), str(rate), str(plan.seconds), str(GRACE), str(bench_dir)]
+def _process_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far; None if unknown."""
+    if pid is None:
+        return None
     try:
-        result = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=plan.seconds + GRACE + 120
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _core_ticks() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of each core, from /proc/stat."""
+    ticks = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            numbers = [int(v) for v in values[:8]]
+            idle = numbers[3] + numbers[4]  # idle + iowait
+            ticks.append((sum(numbers) - idle, sum(numbers)))
+    return ticks
+
+
+class Peer:
+    """The running bench/roundtrip_peer.py: one rate per command."""
+
+    def __init__(self, plan: RoundTripPlan, http_port: int, service_url: str) -> None:
+        self.log_path = plan.tmp / f"roundtrip-peer-{http_port}.log"
+        self.log = open(self.log_path, "w")
+        cmd = ["taskset", "-c", plan.other_core, sys.executable, str(PEER)]
+        cmd += [str(plan.amqp_port), str(http_port), service_url]
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
         )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the round-trip driver did not finish at {rate:,}/s") from None
+        self.pid = self.process.pid
+
+    def run(self, rate: float, seconds: float) -> dict[str, Any]:
+        """One rate's answer (see roundtrip_peer.py); RuntimeError if none came."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{rate} {seconds} {GRACE}\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], seconds + GRACE + 120)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the round-trip peer gave no answer at {rate:,}/s: {self.tail()}")
+        return json.loads(line)
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-2000:] or "(no output)"
+
+    def stop(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()  # the peer stops at the end of its stdin
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def run_rate(plan: RoundTripPlan, group: Any, peer: Peer, rate: float) -> RoundTrip:
+    cpu0 = plan.service_cpu(group)
+    broker0, peer0 = _process_cpu(plan.broker_pid), _process_cpu(peer.pid)
+    cores0 = _core_ticks()
+    data = peer.run(rate, plan.seconds)
     cpu = plan.service_cpu(group) - cpu0
-    try:
-        data = json.loads(result.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(
-            f"the round-trip driver failed ({result.returncode}): {result.stderr[-2000:]}"
-        ) from None
-    rtt = data["rtt"]
+    broker1, peer1 = _process_cpu(plan.broker_pid), _process_cpu(peer.pid)
+    cores_busy = [
+        (busy1 - busy0) / max(1, total1 - total0)
+        for (busy0, total0), (busy1, total1) in zip(cores0, _core_ticks(), strict=True)
+    ]
+    times = data["times"]
+    rtt = sorted((t[GOT] - t[SENT]) * 1000 for t in times.values() if t[GOT] is not None)
     return RoundTrip(
         offered=rate,
         published=data["published"],
@@ -320,8 +203,13 @@ def run_rate(plan: RoundTripPlan, group: Any, rate: float, bench_dir: Path) -> R
         p90=percentile(rtt, 90),
         p99=percentile(rtt, 99),
         cpu_seconds=cpu,
-        sent_at=data["sent_at"],
-        got_at=data["got_at"],
+        times=times,
+        errors=data["errors"],
+        helpers_cpu={
+            "peer": None if peer0 is None or peer1 is None else peer1 - peer0,
+            "broker": None if broker0 is None or broker1 is None else broker1 - broker0,
+        },
+        cores_busy=cores_busy,
     )
 
 
@@ -329,41 +217,29 @@ def roundtrip_phase(
     plan: RoundTripPlan, label: str, bench_dir: Path
 ) -> list[tuple[str, RoundTrip]]:
     """Rows (name, result) for one service configuration: @200, @1000, max."""
-    (plan.tmp / "roundtrip_driver.py").write_text(DRIVER_SCRIPT)
-    standin_script = plan.tmp / "roundtrip_standin.py"
-    standin_script.write_text(STANDIN_SCRIPT)
-    standin_port = plan.free_port()
-    group = plan.start_service(f"http://127.0.0.1:{standin_port}/inbound")
-    out_path = plan.tmp / f"standin-{standin_port}.out"
-    out = open(out_path, "w")
-    standin = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            plan.other_core,
-            sys.executable,
-            str(standin_script),
-            str(standin_port),
-            plan.service_url(group),
-            str(plan.tmp / "arrivals.json"),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    http_port = plan.free_port()
+    group = plan.start_service(f"http://127.0.0.1:{http_port}/inbound")
+    peer: Peer | None = None
     rows: list[tuple[str, RoundTrip]] = []
     try:
-        _wait_port(standin_port)
-        run_rate(plan, group, 100, bench_dir)  # warm-up
+        peer = Peer(plan, http_port, plan.service_url(group))
+        _wait_port(http_port)
+        run_rate(plan, group, peer, 100)  # warm-up
         best: RoundTrip | None = None
         for rate in (*RATES, *HIGHER):
             plan.purge("bench.outbound")
-            result = run_rate(plan, group, rate, bench_dir)
+            result = run_rate(plan, group, peer, rate)
+            result.legs = legs(result)
+            plan.results.append(result)
             plan.say(
                 f"round trip{label} @{rate:,}/s: {result.replied:,} of {result.published:,}"
                 f" replies, {result.rate:,.0f}/s, p50 {result.p50 or 0:.2f}"
                 f" p90 {result.p90 or 0:.2f} p99 {result.p99 or 0:.2f} ms"
                 + ("" if result.sustained else " (not sustained)")
             )
+            plan.say(f"round trip{label} @{rate:,}/s: {result.legs}")
+            if any(result.errors.get(k) for k in ("not_201", "failed", "unexpected")):
+                plan.say(f"round trip{label} @{rate:,}/s: peer errors {result.errors}")
             if rate in RATES:
                 rows.append((f"round trip @{rate:,}/s{label}", result))
             if not result.sustained:
@@ -373,33 +249,47 @@ def roundtrip_phase(
         if best is not None:
             rows.append((f"round trip max {best.offered:,.0f}/s{label}", best))
     finally:
-        standin.terminate()
-        try:
-            standin.wait(10)
-        except subprocess.TimeoutExpired:
-            standin.kill()
-        out.close()
+        if peer is not None:
+            peer.stop()
         plan.stop_service(group)
-    counts = out_path.read_text()
-    plan.say(f"round trip{label}: stand-in counts {counts.strip().splitlines()[-1:]}")
-    try:
-        arrivals = json.loads((plan.tmp / "arrivals.json").read_text())
-    except (OSError, ValueError):
-        arrivals = {}
-    for _, trip in rows:
-        trip.legs = legs(trip, arrivals)
     return rows
 
 
-def legs(trip: RoundTrip, arrivals: dict[str, float]) -> str:
-    """Where the time goes: inbound publish -> the stand-in's receipt, and the
-    stand-in's receipt -> the reply consumed (one monotonic clock: one machine)."""
-    inbound = sorted((arrivals[i] - t) * 1000 for i, t in trip.sent_at.items() if i in arrivals)
-    reply = sorted((t - arrivals[i]) * 1000 for i, t in trip.got_at.items() if i in arrivals)
-    if not inbound or not reply:
+STAGES = (
+    # name, from slot, to slot
+    ("peer lag", DUE, SENT),
+    ("to RapidPro", SENT, ARRIVED),
+    ("reply -> 201", REPLY_SENT, ANSWERED),
+    ("reply to .outbound", REPLY_SENT, GOT),
+)
+
+
+def legs(trip: RoundTrip) -> str:
+    """Where the time goes, stage by stage, p50/p99 in ms, and the CPU of each
+    process while the rate ran (as a share of one core, over the publishing time).
+
+    peer lag: an inbound's publish after its scheduled time (the peer's own
+    delay, outside the round trip); to RapidPro: publish -> the peer's
+    RapidPro side has the POST; reply -> 201: the service's answer to the
+    reply POST (the broker's confirm included); reply to .outbound: the reply
+    POSTed -> consumed by the peer.
+    """
+    parts = []
+    for name, start, end in STAGES:
+        values = sorted(
+            (t[end] - t[start]) * 1000
+            for t in trip.times.values()
+            if t[start] is not None and t[end] is not None
+        )
+        if values:
+            parts.append(f"{name} {percentile(values, 50):.2f}/{percentile(values, 99):.2f}")
+    if not parts:
         return ""
-    return (
-        f"publish -> RapidPro p50 {percentile(inbound, 50):.2f} p99 {percentile(inbound, 99):.2f}"
-        f" ms; RapidPro -> reply on .outbound p50 {percentile(reply, 50):.2f}"
-        f" p99 {percentile(reply, 99):.2f} ms"
+    took = max(trip.took, 1e-9)
+    cpu = ", ".join(
+        f"{name} {seconds / took * 100:.0f}%"
+        for name, seconds in {"service": trip.cpu_seconds, **trip.helpers_cpu}.items()
+        if seconds is not None
     )
+    cores = ", ".join(f"cpu{i} {busy * 100:.0f}%" for i, busy in enumerate(trip.cores_busy))
+    return f"stages p50/p99 ms: {'; '.join(parts)}; of one core: {cpu}; busy: {cores}"
