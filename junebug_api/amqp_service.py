@@ -409,7 +409,9 @@ class AmqpService(Service):
     ``queues`` are declared (durable, with ``settings.queue_arguments``,
     bound to the vumi exchange by their own name) on every connect;
     ``consumers`` maps a queue name to the callable that gets its messages,
-    each with ``prefetch`` messages in work at most.
+    each with ``prefetch`` messages in work at most. Consumers built after
+    the service (they need its ``publish``) are added with
+    :meth:`add_consumer` before it starts.
 
     ``settings`` may be a single :class:`AmqpConfig` (one plain broker, the
     other settings at their defaults).
@@ -417,7 +419,7 @@ class AmqpService(Service):
 
     settings: AmqpConnectionSettings | AmqpConfig
     queues: list[str]
-    consumers: dict[str, Consumer]
+    _consumers: dict[str, Consumer] = attrs.field(converter=dict)
     prefetch: int
     _reactor: Any
     heartbeat: int | None = None
@@ -506,7 +508,7 @@ class AmqpService(Service):
 
         A connection opened after this does not consume either.
         """
-        for queue in list(self.consumers):
+        for queue in list(self._consumers):
             await self.pause_consumer(queue)
 
     # -- the connection loop ----------------------------------------------
@@ -607,7 +609,7 @@ class AmqpService(Service):
             self._reactor,
             self.settings.max_unconfirmed,
             publishing=link is self._publisher,
-            consumer_for=self.consumers.get if link is self._consumer else None,
+            consumer_for=self._consumers.get if link is self._consumer else None,
         )
         factory = JunebugAMQPFactory(
             broker.vhost,
@@ -666,14 +668,14 @@ class AmqpService(Service):
 
             # Each consumer on a channel of its own, so all at once: with many
             # channels (issue 14) one after another cost three round trips each.
-            await _all([start(queue) for queue in list(self.consumers)])
+            await _all([start(queue) for queue in list(self._consumers)])
         log.info(
             "AMQP {role} connection open to {broker}, vhost {vhost}{consuming}",
             role=link.role,
             broker=broker.address,
             vhost=broker.vhost,
             consuming=(
-                _consuming(set(self.consumers) - self._paused) if link is self._consumer else ""
+                _consuming(set(self._consumers) - self._paused) if link is self._consumer else ""
             ),
         )
         return connection
@@ -705,7 +707,7 @@ class AmqpService(Service):
         # once, since each declare of a durable queue waits for the broker
         # (100 channels' 500 queues: 12 s one after another on a loaded
         # machine, 3 s over eight lanes). The lanes close again afterwards.
-        first = FIRST_CONSUMER_CHANNEL + len(self.consumers)
+        first = FIRST_CONSUMER_CHANNEL + len(self._consumers)
         count = min(DECLARE_LANES, len(items) // DECLARE_LANE_SIZE)
         lanes = [channel] + [
             await self._open_channel(connection, number)
@@ -739,7 +741,7 @@ class AmqpService(Service):
             raise
 
     def _consumer_channel(self, queue: str) -> int:
-        return FIRST_CONSUMER_CHANNEL + list(self.consumers).index(queue)
+        return FIRST_CONSUMER_CHANNEL + list(self._consumers).index(queue)
 
     def _prefetch(self, queue: str) -> int:
         return self._prefetches.get(queue, self.prefetch)
@@ -896,9 +898,15 @@ class AmqpService(Service):
 
     # -- consuming --------------------------------------------------------
 
-    def set_prefetch(self, queue: str, prefetch: int) -> None:
-        """The prefetch of ``queue``'s consumer from its next connect on."""
-        self._prefetches[queue] = prefetch
+    def add_consumer(self, queue: str, consumer: Consumer, prefetch: int | None = None) -> None:
+        """Consume ``queue`` with ``consumer``, ``prefetch`` messages in work
+        at most (the service's ``prefetch`` if None). Only before the service
+        starts: consumers are set up as its connections open."""
+        if self.running:
+            raise RuntimeError(f"consumer for {queue} added after the AMQP service started")
+        self._consumers[queue] = consumer
+        if prefetch is not None:
+            self._prefetches[queue] = prefetch
 
     async def pause_consumer(self, queue: str) -> None:
         """Stop taking messages from ``queue`` (``basic.cancel``); messages in

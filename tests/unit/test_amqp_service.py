@@ -30,7 +30,7 @@ def connected_service(
     service = AmqpService(settings, [], {}, 10, clock)
     # One connection both publishes and consumes in this fake.
     connection = _Connection(
-        AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=service.consumers.get
+        AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=lambda queue: None
     )
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock, events=connection)
     transport = StringTransport()
@@ -212,3 +212,34 @@ def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
         globalLogPublisher.removeObserver(events.append)
     errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
     assert errors == [], errors
+
+
+def test_a_consumer_added_before_start_gets_the_deliveries_of_its_queue() -> None:
+    """Consumers built after the service (they need its ``publish``) are
+    registered with add_consumer; the consuming connection hands them their
+    queue's deliveries. Once started, no consumer can be added."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
+    got: list[tuple[bytes, int]] = []
+    service.add_consumer("q", lambda body, acker: got.append((body, acker.delivery_tag)), 7)
+    service.startService()
+    try:
+        consuming = reactor.tcpClients[1][2]  # publish connects first, then consume
+        client = consuming.buildProtocol(None)
+        client.makeConnection(StringTransport())
+        deliver = struct.pack("!HH", 60, 60) + b"\x01q" + struct.pack("!QB", 9, 0) + b"\x00\x00"
+        header = struct.pack("!HHQH", 60, 0, 2, 0)
+        client.dataReceived(
+            b"".join(
+                struct.pack("!BHI", kind, 3, len(payload)) + payload + b"\xce"
+                for kind, payload in ((1, deliver), (2, header), (3, b"hi"))
+            )
+        )
+        assert got == [(b"hi", 9)]
+        with pytest.raises(RuntimeError, match="after the AMQP service started"):
+            service.add_consumer("other", lambda body, acker: None)
+    finally:
+        service.stopService()
+        reactor.advance(0)
