@@ -21,6 +21,7 @@ records what it was given so that a test can assert on it:
 - :class:`FakeBroker` and the ``*_frames`` builders: the broker's side of an
   AMQP connection, feeding frames to a client over a ``StringTransport``
   (whole, or split wherever the test likes) and reading what it wrote.
+- :func:`captured_logs`: the log events published while a block runs.
 
 Nothing here touches the network or a real reactor: drive time with
 ``twisted.internet.task.Clock``.
@@ -29,13 +30,15 @@ Nothing here touches the network or a real reactor: drive time with
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -430,3 +433,18 @@ class FakeBroker:
 
     def clear(self) -> None:
         self.transport.clear()
+
+
+# -- log events -------------------------------------------------------------
+
+
+@contextmanager
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Every log event published while the block runs (all levels, any
+    namespace), in a list that stays readable afterwards."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)

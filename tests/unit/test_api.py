@@ -11,14 +11,14 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from junebug_api.amqp_service import PublishFailed, PublishRefused
 from junebug_api.api import ApiCredentials, JunebugApi
 from junebug_api.http_server import ApiSite
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
-from junebug_api.testing import RecordingPublisher
+from junebug_api.testing import RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -279,12 +279,8 @@ def test_publish_never_confirmed_is_503_after_request_timeout() -> None:
     h.http.flush()
     assert answered == []
     assert len(h.publish.published) == 1
-    logged: list[dict] = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
+    with captured_logs() as logged:
         h.clock.advance(1)
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
     code, data, _ = h.answer(d)
     assert code == 503
     message_id = json.loads(h.publish.published[0].body)["message_id"]
