@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from junebug_api.amqp_service import PublishFailed
 from junebug_api.consumer import HandlingFailed, MessageWorker, RetryPolicy
-from junebug_api.testing import RecordingAcker, RecordingPublisher
+from junebug_api.testing import RecordingAcker, RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -371,4 +371,47 @@ def test_no_retry_after_drain() -> None:
     worker(BODY, acker)
     assert clock.getDelayedCalls() == []
     assert (acker.acks, acker.rejects, publish.published) == (0, 0, [])
+    assert worker.in_flight == 0
+
+
+# -- what is known of a message, and errors no handler should raise ------------------
+
+
+def test_last_taken_is_when_a_message_was_last_acked() -> None:
+    worker, clock, _ = make_worker(ScriptedHandler(None, HandlingFailed("bad", retryable=False)))
+    assert worker.last_taken is None
+    clock.advance(7)
+    worker(BODY, RecordingAcker())
+    assert worker.last_taken == 7
+    clock.advance(3)
+    worker(BODY, RecordingAcker())  # dead-lettered: taken too
+    assert worker.last_taken == 10
+
+
+@pytest.mark.parametrize(
+    "message_id", ["x" * 256, "\ud800", ""], ids=["too long", "not UTF-8", "empty"]
+)
+def test_a_message_id_that_cannot_be_an_amqp_message_id_is_replaced(message_id: str) -> None:
+    handler = ScriptedHandler(HandlingFailed("bad", retryable=False, message_id=message_id))
+    worker, _, publish = make_worker(handler)
+    worker(BODY, RecordingAcker())
+    [sent] = publish.published
+    assert sent.message_id != message_id
+    assert len(sent.message_id) == 32
+
+
+def test_an_error_outside_the_handler_is_logged_with_the_message_id() -> None:
+    """A failing ack (a bug, not a delivery problem) is no silent loss: logged."""
+
+    class BrokenAcker(RecordingAcker):
+        def ack(self) -> None:
+            raise RuntimeError("ack failed")
+
+    worker, _, _ = make_worker(ScriptedHandler(None))
+    with captured_logs() as logged:
+        d = worker.handle(BODY, BrokenAcker())
+    assert result_of(d) is None  # logged, not left unhandled in the Deferred
+    [line] = [e for e in logged if "log_failure" in e]
+    assert line["message_id"] == "m-1"
+    assert line["queue"] == QUEUE
     assert worker.in_flight == 0

@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from junebug_api.amqp_service import PublishFailed
 from junebug_api.consumer import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
@@ -21,8 +22,14 @@ from junebug_api.consumer import (
 )
 from junebug_api.outages import OutageTracker, describe_destination, destination_of
 from junebug_api.pause_while_down import PauseWhileDown
-from junebug_api.testing import RecordingAcker, RecordingPublisher, RecordingQueueControl
+from junebug_api.testing import (
+    RecordingAcker,
+    RecordingPublisher,
+    RecordingQueueControl,
+    captured_logs,
+)
 
+from .helpers import result_of
 from .test_consumer import BODY, QUEUE, ScriptedHandler
 
 RAPIDPRO = destination_of("http://rapidpro.example:8000/c/jn/x/receive")
@@ -359,3 +366,44 @@ def test_held_messages_leave_no_cyclic_garbage() -> None:
         gc.enable()
     assert len(publish.published) == 101
     assert garbage < 100
+
+
+def test_a_delay_queue_that_refuses_the_message_releases_it_after_a_backoff() -> None:
+    """The longer retry branch: the move to the delay queue is not confirmed,
+    so the delivery goes back to its queue (after 0.5 s), unacked, not lost."""
+    handler = ScriptedHandler(failing())
+    publish = RecordingPublisher()
+    publish.fail_next(PublishFailed("nacked"))
+    worker, clock, _ = make_worker(handler, publish, delay=10.0)
+    acker = RecordingAcker()
+    with captured_logs() as logged:
+        worker(BODY, acker)
+        assert [p.routing_key for p in publish.published] == [f"{QUEUE}.retry.5"]
+        assert (acker.acks, acker.rejects) == (0, 0)
+        clock.advance(0.5)
+    assert (acker.acks, acker.rejects) == (0, 1)
+    assert worker.in_flight == 0
+    [line] = [e for e in logged if e.get("why")]
+    assert line["why"] == f"Could not move it to {QUEUE}.retry.5 (nacked)"
+
+
+def test_a_release_waiting_out_its_backoff_is_released_at_once_by_drain() -> None:
+    handler = ScriptedHandler(failing())
+    publish = RecordingPublisher()
+    publish.fail_next(PublishFailed("nacked"))
+    worker, clock, _ = make_worker(handler, publish, delay=10.0)
+    acker = RecordingAcker()
+    worker(BODY, acker)
+    assert result_of(Deferred.fromCoroutine(worker.drain(5))) == 1
+    assert (acker.acks, acker.rejects) == (0, 1)  # back to its queue now
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_held_message_without_delay_queues_or_gate_goes_back_at_once() -> None:
+    handler = ScriptedHandler(failing("down", held=True))
+    publish = RecordingPublisher()
+    worker = MessageWorker(QUEUE, handler, publish, RetryPolicy(max_attempts=1), Clock())
+    acker = RecordingAcker()
+    worker(BODY, acker)
+    assert (acker.acks, acker.rejects) == (0, 1)
+    assert publish.published == []  # no attempt spent, nothing dead-lettered
