@@ -155,14 +155,15 @@ class RecordingQueueControl:
     """Stands in for the consumer controls of ``AmqpService`` (``QueueControl``).
 
     ``calls`` records ``"pause <queue>"``, ``"resume <queue>"`` and
-    ``"get <queue>"`` in order; ``get`` answers the bodies in ``ready``, one
-    per call, each with a new :class:`RecordingAcker` (kept in ``ackers``),
-    then None, as an empty queue does.
+    ``"get <queue>"`` in order; ``get`` answers the messages in ``ready`` (a
+    body, or a body and its AMQP properties), one per call, each with a new
+    :class:`RecordingAcker` (kept in ``ackers``), then None, as an empty
+    queue does.
     """
 
-    def __init__(self, *ready: bytes) -> None:
+    def __init__(self, *ready: bytes | tuple[bytes, dict[str, Any]]) -> None:
         self.calls: list[str] = []
-        self.ready: list[bytes] = list(ready)
+        self.ready: list[bytes | tuple[bytes, dict[str, Any]]] = list(ready)
         self.ackers: list[RecordingAcker] = []
 
     async def pause_consumer(self, queue: str) -> None:
@@ -177,7 +178,9 @@ class RecordingQueueControl:
             return None
         acker = RecordingAcker()
         self.ackers.append(acker)
-        return self.ready.pop(0), {}, acker
+        message = self.ready.pop(0)
+        body, properties = message if isinstance(message, tuple) else (message, {})
+        return body, properties, acker
 
 
 # -- the state cache --------------------------------------------------------
