@@ -102,8 +102,9 @@ def test_one_connector_the_tree_holds_amqp_then_http() -> None:
     assert isinstance(http, StreamServerEndpointService) and http is service.http
     assert sorted(amqp.queues) == sorted(queue_names("conn").values())
     # Its workers consume .inbound and .event; .outbound is the transport's.
-    assert sorted(amqp.consumers) == ["conn.event", "conn.inbound"]
-    assert sorted(amqp.consumers.values(), key=id) == sorted(service.workers, key=id)
+    [channel] = service.channels
+    assert sorted(channel.consumers) == ["conn.event", "conn.inbound"]
+    assert sorted(channel.consumers.values(), key=id) == sorted(service.workers, key=id)
     assert sorted(w.queue for w in service.workers) == ["conn.event", "conn.inbound"]
     assert [c.id for c in service.channels] == ["conn"]
     assert list(service.queue_monitors) == ["conn"]
@@ -120,12 +121,9 @@ def test_each_channel_has_its_queues_workers_and_monitor() -> None:
     assert sorted(service.amqp.queues) == sorted(
         [*queue_names("a").values(), *queue_names("b-conn").values()]
     )
-    assert sorted(service.amqp.consumers) == [
-        "a.event",
-        "a.inbound",
-        "b-conn.event",
-        "b-conn.inbound",
-    ]
+    consumed = ["a.event", "a.inbound", "b-conn.event", "b-conn.inbound"]
+    assert sorted(q for c in service.channels for q in c.consumers) == consumed
+    assert sorted(w.queue for w in service.workers) == consumed
     assert len(service.workers) == 4
     assert sorted(service.queue_monitors) == ["a", "b"]
     assert service.metrics is NO_METRICS
