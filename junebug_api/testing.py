@@ -18,9 +18,10 @@ records what it was given so that a test can assert on it:
   the POSTs it gets and answers the status codes it is told;
   :meth:`FakeRapidPro.delivery` is an ``HttpDelivery`` that reaches it
   in memory.
-- :class:`FakeBroker` and the ``*_frames`` builders: the broker's side of an
-  AMQP connection, feeding frames to a client over a ``StringTransport``
-  (whole, or split wherever the test likes) and reading what it wrote.
+- :class:`FakeBroker` and the ``*_frame(s)`` builders: the broker's side of
+  an AMQP connection, feeding frames to a client over a ``StringTransport``
+  (whole, or split wherever the test likes) and reading what it wrote;
+  :class:`RecordingConnectionEvents` hears what the client reports.
 - :func:`captured_logs`: the log events published while a block runs.
 
 Nothing here touches the network or a real reactor: drive time with
@@ -37,8 +38,10 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -399,16 +402,70 @@ def split_frames(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
+class RecordingConnectionEvents:
+    """A :class:`~junebug_api.amqp_protocol.ConnectionEvents` listener that
+    records each event as ``(name, args)`` in ``events``, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        """The arguments of each event called ``name``."""
+        return [args for event, args in self.events if event == name]
+
+    def connection_made(self, client: Any) -> None:
+        self.events.append(("connection_made", (client,)))
+
+    def message_delivered(
+        self,
+        channel: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        body: bytes,
+        headers: dict[str, Any],
+    ) -> None:
+        self.events.append(
+            ("message_delivered", (channel, consumer_tag, delivery_tag, redelivered, body, headers))
+        )
+
+    def publish_confirmed(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        self.events.append(("publish_confirmed", (delivery_tag, multiple, ok)))
+
+    def message_returned(self, message: Any) -> None:
+        self.events.append(("message_returned", (message,)))
+
+    def broker_blocked(self, reason: str) -> None:
+        self.events.append(("broker_blocked", (reason,)))
+
+    def broker_unblocked(self) -> None:
+        self.events.append(("broker_unblocked", ()))
+
+    def channel_closed(self, channel: int, reason: Failure) -> None:
+        self.events.append(("channel_closed", (channel, reason)))
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.events.append(("connection_lost", (reason,)))
+
+
 class FakeBroker:
     """The broker's end of a client's connection, in memory.
 
-    Connects ``client`` (an AMQP client protocol) to a ``StringTransport``;
-    :meth:`feed` hands it bytes as the broker would send them, whole or cut
-    at the given offsets (a stream can arrive in any pieces); :meth:`written`
-    is what the client sent since the last :meth:`clear`.
+    Connects ``client`` (an AMQP client protocol; by default a
+    ``JunebugAMQPClient`` reporting to a :class:`RecordingConnectionEvents`,
+    kept in ``events``) to a ``StringTransport``; :meth:`feed` hands it bytes
+    as the broker would send them, whole or cut at the given offsets (a
+    stream can arrive in any pieces); :meth:`written` is what the client
+    sent since the last :meth:`clear`.
     """
 
-    def __init__(self, client: IProtocol) -> None:
+    def __init__(self, client: IProtocol | None = None, clock: IReactorTime | None = None) -> None:
+        self.events = RecordingConnectionEvents()
+        if client is None:
+            from .amqp_protocol import JunebugAMQPFactory
+
+            factory = JunebugAMQPFactory("/", 0, clock or Clock(), self.events)
+            client = factory.buildProtocol(None)
         self.client = client
         self.transport = StringTransport()
         client.makeConnection(self.transport)
