@@ -56,11 +56,11 @@ from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
 from .metrics import NO_METRICS, Metrics
+from .queue_names import EXCHANGE
 from .vumi_messages import generate_message_id
 
 log = logger(__name__)
 
-EXCHANGE = "vumi"
 PUBLISH_CHANNEL = 1  # publishing connection: confirm mode
 CONTROL_CHANNEL = 2  # either connection: declarations, basic.get, queue queries
 FIRST_CONSUMER_CHANNEL = 3  # consuming connection: one channel per consumer

@@ -25,6 +25,7 @@ from .config import (
     check_queue_prefix,
     read_secret_file,
 )
+from .queue_names import QueueNames
 
 #: Old Junebug names accepted for the options they mean.
 ALIASES = {"mo_url": "mo_message_url", "mo_url_auth_token": "mo_message_url_auth_token"}
@@ -182,12 +183,10 @@ def _check_settings(settings: ChannelSettings, where: str) -> None:
         )
     if not settings.connector_name.strip():
         raise ConfigError(f"{where}.connector_name must not be empty")
-    from .service import connector_queue_names  # the one place queue names are made
-
     check_queue_prefix(
         f"{where}.connector_name",
         settings.connector_name,
-        connector_queue_names(settings.connector_name),
+        QueueNames.for_connector(settings.connector_name).all(),
     )
     _check_url(f"{where}.mo_message_url", settings.mo_message_url)
     if settings.default_event_url is not None:

@@ -26,6 +26,8 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 import yaml
 
+from .queue_names import QueueNames
+
 DEFAULT_STATE_CACHE = "junebug_api.state_cache.InMemoryStateCache"
 
 
@@ -665,9 +667,8 @@ def check_connector_name(config: JunebugConfig) -> None:
     RabbitMQ takes: printable ASCII (AMQP counts bytes; names stay plain for
     every client and tool), at most 255 bytes, not in the reserved ``amq.``
     namespace."""
-    from .service import declared_queue_names  # the one place queue names are made
-
-    check_queue_prefix("connector_name", config.connector_name, declared_queue_names(config))
+    queues = QueueNames.for_connector(config.connector_name).all()
+    check_queue_prefix("connector_name", config.connector_name, queues)
 
 
 def check_queue_prefix(option: str, name: str, queues: list[str]) -> None:

@@ -24,7 +24,8 @@ from junebug_api.config import (
     load_config,
     option_names,
 )
-from junebug_api.service import JunebugService, declared_queue_names
+from junebug_api.queue_names import QueueNames
+from junebug_api.service import JunebugService
 from junebug_api.state_cache import load_state_cache_class
 
 REQUIRED = {
@@ -151,7 +152,7 @@ def assert_config_works(config: JunebugConfig) -> None:
     assert 1 <= config.worker_concurrency <= 65535
     assert 0 <= config.amqp_heartbeat <= 65535
     assert 1 <= config.amqp_settings.port <= 65535
-    for queue in declared_queue_names(config):
+    for queue in QueueNames.for_connector(config.connector_name).all():
         assert queue.isascii() and len(queue.encode()) <= 255
     reactor = MemoryReactorClock()
     serverFromString(reactor, config.http_endpoint)

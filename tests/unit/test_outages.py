@@ -21,11 +21,12 @@ from junebug_api.consumer import (
 )
 from junebug_api.outages import OutageTracker, describe_destination, destination_of
 from junebug_api.pause_while_down import PauseWhileDown
+from junebug_api.queue_names import delay_queues
 
 from .test_consumer import BODY, QUEUE, FakeAcker, FakePublish, ScriptedHandler
 
 RAPIDPRO = destination_of("http://rapidpro.example:8000/c/jn/x/receive")
-RETRY_QUEUES = {d: f"{QUEUE}.retry.{d}" for d in (5, 20, 60, 300)}
+RETRY_QUEUES = delay_queues(QUEUE)
 
 
 # -- destinations -------------------------------------------------------------
