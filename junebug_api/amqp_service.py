@@ -55,9 +55,9 @@ from .amqp_connect import (
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
+from .message_ids import generate_message_id
 from .metrics import NO_METRICS, Metrics
 from .queue_names import EXCHANGE
-from .vumi_messages import generate_message_id
 
 log = logger(__name__)
 

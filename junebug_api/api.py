@@ -30,8 +30,8 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
+from .json_bodies import JSON_CONTENT_TYPE
 from .junebug_formats import (
-    JSON_CONTENT_TYPE,
     ApiError,
     ApiUsageError,
     ChannelNotFound,

@@ -27,6 +27,7 @@ from .consumer import MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .inbound import InboundHandler
+from .message_ids import generate_message_id
 from .message_status import message_status, status_event
 from .metrics import NO_METRICS, Metrics
 from .outages import OutageTracker, destination_of
@@ -34,7 +35,7 @@ from .outbound import OutboundSender
 from .pause_while_down import PauseWhileDown, QueueControl
 from .queue_names import QueueNames
 from .state_cache import StateCache
-from .vumi_messages import VumiMessage, generate_message_id
+from .vumi_messages import VumiMessage
 
 #: Old Junebug's rate fields, by what is counted.
 RATE_FIELDS = {

@@ -30,9 +30,10 @@ from twisted.python.failure import Failure
 
 from .amqp_service import Acker, PublishFailed
 from .log import logger
+from .message_ids import generate_message_id
 from .metrics import NO_METRICS, Metrics
 from .queue_names import failed_queue
-from .vumi_messages import generate_message_id, utc_timestamp
+from .vumi_messages import utc_timestamp
 
 log = logger(__name__)
 

@@ -31,7 +31,8 @@ from twisted.internet.task import deferLater
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from .junebug_formats import JSON_CONTENT_TYPE, ApiError, error_envelope
+from .json_bodies import JSON_CONTENT_TYPE
+from .junebug_formats import ApiError, error_envelope
 from .log import debug_enabled, logger
 
 log = logger(__name__)

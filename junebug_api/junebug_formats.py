@@ -16,7 +16,8 @@ from typing import Any
 import jsonschema
 
 from . import vumi_messages
-from .vumi_messages import VumiMessage, compact_json
+from .json_bodies import compact_json
+from .vumi_messages import VumiMessage
 
 _OPTIONAL_STRING = {"type": ["string", "null"]}
 
@@ -131,10 +132,6 @@ class ChannelsReadOnly(ApiError):
     status = HTTPStatus.METHOD_NOT_ALLOWED
     description = "method not allowed"
     error_type = "MethodNotAllowed"
-
-
-#: The Content-Type of every JSON body the service sends, answers and POSTs alike.
-JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 
 def envelope(status: HTTPStatus, description: str, result: Any) -> bytes:
