@@ -28,8 +28,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadRequest
 
+from .api_errors import InternalError, error_envelope
 from .json_bodies import JSON_CONTENT_TYPE
-from .junebug_formats import InternalError, error_envelope
 from .log import logger
 
 log = logger(__name__)

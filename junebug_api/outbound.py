@@ -15,11 +15,8 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
 from .amqp_service import PublishFailed, PublishRefused
+from .api_errors import ApiUsageError, MessageNotFound, MessageTooLong, ServiceUnavailable
 from .junebug_formats import (
-    ApiUsageError,
-    MessageNotFound,
-    MessageTooLong,
-    ServiceUnavailable,
     junebug_message,
     outbound_message,
     parse_outbound_request,
