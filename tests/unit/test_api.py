@@ -17,8 +17,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from junebug_api.amqp_service import PublishFailed, PublishRefused
 from junebug_api.api import ApiCredentials, JunebugApi
 from junebug_api.http_server import ApiSite
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.outbound import OutboundSender
-from junebug_api.state_cache import EventInfo, InMemoryStateCache
+from junebug_api.state_cache import EventInfo
 
 from .helpers import result_of
 

@@ -18,10 +18,10 @@ from junebug_api.config import load_config
 from junebug_api.consumer import RetryPolicy
 from junebug_api.http_delivery import HttpDelivery
 from junebug_api.log import logger
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.message_status import message_status, status_event
 from junebug_api.outages import OutageTracker
 from junebug_api.queue_names import QueueNames
-from junebug_api.state_cache import InMemoryStateCache
 
 from .helpers import result_of
 
