@@ -19,11 +19,11 @@ from junebug_api.config import (
     MAX_SECONDS,
     ConfigError,
     JunebugConfig,
-    _base_type,
     _hint_for,
     load_config,
     option_names,
 )
+from junebug_api.config_checks import base_type
 from junebug_api.queue_names import QueueNames
 from junebug_api.service import JunebugService
 from junebug_api.state_cache import load_state_cache_class
@@ -80,7 +80,7 @@ SECRET_FILE = Path(__file__).with_name("helpers.py")  # any readable file
 def plausible(dotted: str) -> st.SearchStrategy:
     """Values of the option's own type, mostly near the working range."""
     hint = _hint_for(dotted)
-    kind, optional = _base_type(hint)
+    kind, optional = base_type(hint)
     if dotted.endswith("_file"):
         strategy = st.sampled_from([str(SECRET_FILE), "/nonexistent", ""])
     elif dotted.endswith("_url"):
