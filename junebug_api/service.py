@@ -111,8 +111,8 @@ class JunebugService(MultiService):
         )
         # The delay queues, declared on every connect like the others.
         for names in queue_names.values():
-            for name, arguments in names.delay_queue_arguments().items():
-                Deferred.fromCoroutine(self.amqp.declare_queue(name, arguments))
+            for queue, arguments in names.delay_queue_arguments().items():
+                Deferred.fromCoroutine(self.amqp.declare_queue(queue, arguments))
         self.channels = [
             Channel(
                 channel,
