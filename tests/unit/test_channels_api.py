@@ -17,9 +17,10 @@ from junebug_api.config import load_config
 from junebug_api.consumer import RetryPolicy
 from junebug_api.http_delivery import HttpDelivery
 from junebug_api.log import logger
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.message_status import message_status, status_event
 from junebug_api.outages import OutageTracker
-from junebug_api.state_cache import InMemoryStateCache
+from junebug_api.queue_names import QueueNames
 from junebug_api.testing import RecordingPublisher
 
 from .helpers import result_of
@@ -87,13 +88,12 @@ class Harness:
         self.channels = {
             s.id: Channel(
                 s,
-                queues={"inbound": f"{s.id}.inbound", "event": f"{s.id}.event"},
+                queues=QueueNames.for_connector(s.id, retry_delays=()),
                 cache=self.cache,
                 delivery=delivery,
                 publish=self.publish,
                 inbound_policy=RetryPolicy(),
                 event_policy=RetryPolicy(),
-                retry_queues=lambda queue: {},
                 outages=OutageTracker(self.clock),
                 control=NoQueueControl(),
                 probe_interval=5,
