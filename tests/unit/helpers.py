@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 
@@ -17,6 +18,17 @@ def result_of(d: Deferred) -> Any:
     if isinstance(results[0], Failure):
         results[0].raiseException()
     return results[0]
+
+
+class ServerFactory(Factory):
+    """Builds ``protocol(server)`` for each connection a fake server accepts."""
+
+    def __init__(self, protocol: Callable[[Any], Protocol], server: Any) -> None:
+        self.make = protocol
+        self.server = server
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.make(self.server)
 
 
 # -- an in-memory network: MemoryReactorClock + iosim pumps --------------------
@@ -71,6 +83,17 @@ class FakeNetwork:
     def advance(self, seconds: float) -> None:
         self.reactor.advance(seconds)
         self.flush()
+
+    def advance_until(self, condition: Any, limit: float, step: float = 0.1) -> float:
+        """Advance the clock ``step`` at a time until ``condition()`` holds
+        (for timers with random jitter); the seconds it took."""
+        start = self.reactor.seconds()
+        self.flush()
+        while not condition():
+            if self.reactor.seconds() - start >= limit:
+                raise AssertionError(f"not within {limit} s of (fake) time")
+            self.advance(step)
+        return self.reactor.seconds() - start
 
 
 # -- a broker that speaks enough AMQP 0-9-1 for AmqpService -------------------
@@ -142,18 +165,9 @@ class FakeBroker:
         self.confirm: str | None = "ack"
         self.exchange_error: tuple[int, str] | None = None
 
-    def factory(self) -> Any:
-        from twisted.internet.protocol import Factory
-
-        broker = self
-
-        class _Factory(Factory):
-            def buildProtocol(self, addr: Any) -> FakeBrokerConnection:
-                connection = FakeBrokerConnection(broker)
-                broker.connections.append(connection)
-                return connection
-
-        return _Factory()
+    def factory(self) -> ServerFactory:
+        """The factory to listen with; each connection is kept in ``connections``."""
+        return ServerFactory(FakeBrokerConnection, self)
 
     @property
     def open_connections(self) -> list[FakeBrokerConnection]:
@@ -172,6 +186,7 @@ class FakeBrokerConnection(Protocol):
 
     def __init__(self, broker: FakeBroker) -> None:
         self.broker = broker
+        broker.connections.append(self)
         self.buffer = b""
         self.greeted = False
         self.opened = False
@@ -431,3 +446,154 @@ class FakeBrokerConnection(Protocol):
     def drop(self) -> None:
         """The socket closes under the client (a broker restart)."""
         self.transport.loseConnection()
+
+
+# -- a Redis that speaks enough RESP for RedisStateCache ------------------------
+
+
+class FakeRedis:
+    """A Redis server in memory: strings with expiry, hashes, the state cache's
+    two Lua scripts (recognised by what they call), ``WAIT``, ``AUTH``,
+    ``SELECT``, ``ROLE``, and ``SENTINEL get-master-addr-by-name``.
+
+    ``commands`` records every command received (as lists of bytes).
+    ``silent`` makes it read and never answer; ``role`` is what ``ROLE``
+    says; ``replicas`` what ``WAIT`` answers; ``masters`` (for a Sentinel)
+    maps a service name to ``(host, port)``; ``password`` requires AUTH.
+    """
+
+    def __init__(self, clock: Any, password: str | None = None) -> None:
+        self.clock = clock
+        self.password = password
+        self.data: dict[bytes, Any] = {}
+        self.expires: dict[bytes, float] = {}
+        self.commands: list[list[bytes]] = []
+        self.silent = False
+        self.readonly = False
+        self.role = b"master"
+        self.replicas = 0
+        self.masters: dict[bytes, tuple[str, int]] = {}
+        self.connections: list[FakeRedisConnection] = []
+
+    def factory(self) -> ServerFactory:
+        """The factory to listen with; each connection is kept in ``connections``."""
+        return ServerFactory(FakeRedisConnection, self)
+
+    def ttl(self, key: bytes) -> float | None:
+        self._expire(key)
+        if key not in self.expires:
+            return None
+        return self.expires[key] - self.clock.seconds()
+
+    def _expire(self, key: bytes) -> None:
+        if key in self.expires and self.expires[key] <= self.clock.seconds():
+            del self.expires[key]
+            self.data.pop(key, None)
+
+    def execute(self, args: list[bytes]) -> Any:
+        """The reply to one command: bytes, int, str (a simple string), list,
+        None, or an Exception (an error reply)."""
+        name = args[0].upper()
+        for key in self.data.copy():
+            self._expire(key)
+        if name == b"AUTH":
+            return "OK" if args[-1].decode() == self.password else ValueError("WRONGPASS")
+        if name == b"SELECT":
+            return "OK"
+        if name == b"PING":
+            return "PONG"
+        if name == b"ROLE":
+            return [self.role, 0, []]
+        if name == b"SENTINEL":
+            address = self.masters.get(args[2])
+            return None if address is None else [address[0].encode(), str(address[1]).encode()]
+        if name == b"GET":
+            return self.data.get(args[1])
+        if name == b"MGET":
+            return [self.data.get(key) for key in args[1:]]
+        if name == b"DEL":
+            found = [key for key in args[1:] if key in self.data]
+            for key in found:
+                del self.data[key]
+                self.expires.pop(key, None)
+            return len(found)
+        if name == b"WAIT":
+            return self.replicas
+        if self.readonly:
+            return ValueError("READONLY You can't write against a read only replica.")
+        if name == b"SET":
+            key, value = args[1], args[2]
+            self.data[key] = value
+            self.expires.pop(key, None)
+            if len(args) == 5 and args[3].upper() == b"EX":
+                self.expires[key] = self.clock.seconds() + int(args[4])
+            return "OK"
+        if name == b"EVAL":
+            script, key, rest = args[1], args[3], args[4:]
+            if b"HSET" in script:  # field, value, seconds
+                self.data.setdefault(key, {})[rest[0]] = rest[1]
+                self.expires[key] = self.clock.seconds() + int(rest[2])
+                return 1
+            if b"HVALS" in script:  # seconds
+                values = list(self.data.get(key, {}).values())
+                if values:
+                    self.expires[key] = self.clock.seconds() + int(rest[0])
+                return values
+        return ValueError(f"ERR unknown command {name!r}")
+
+
+def resp(reply: Any) -> bytes:
+    """A reply in RESP2."""
+    if reply is None:
+        return b"$-1\r\n"
+    if isinstance(reply, Exception):
+        return b"-" + str(reply).encode() + b"\r\n"
+    if isinstance(reply, str):
+        return b"+" + reply.encode() + b"\r\n"
+    if isinstance(reply, int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, bytes):
+        return b"$%d\r\n%s\r\n" % (len(reply), reply)
+    return b"*%d\r\n" % len(reply) + b"".join(resp(item) for item in reply)
+
+
+class FakeRedisConnection(Protocol):
+    """One client connection to :class:`FakeRedis`."""
+
+    def __init__(self, server: FakeRedis) -> None:
+        self.server = server
+        server.connections.append(self)
+        self.buffer = b""
+        self.closed = False
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            args = self._command()
+            if args is None:
+                return
+            self.server.commands.append(args)
+            if not self.server.silent:
+                self.transport.write(resp(self.server.execute(args)))
+
+    def _command(self) -> list[bytes] | None:
+        """One whole command off the buffer (an array of bulk strings), or None."""
+        buf = self.buffer
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return None
+        count, pos, args = int(buf[1:end]), end + 2, []
+        for _ in range(count):
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None
+            size = int(buf[pos + 1 : end])
+            if len(buf) < end + 2 + size + 2:
+                return None
+            args.append(buf[end + 2 : end + 2 + size])
+            pos = end + 2 + size + 2
+        self.buffer = buf[pos:]
+        return args
