@@ -195,9 +195,8 @@ class JunebugService(MultiService):
         ]
         self.workers = [w for c in self.channels for w in c.workers]
         for channel in self.channels:
-            self.amqp.consumers.update(channel.consumers)
-            for queue in channel.consumers:
-                self.amqp.set_prefetch(queue, channel.prefetch)
+            for queue, consumer in channel.consumers.items():
+                self.amqp.add_consumer(queue, consumer, channel.prefetch)
         self.amqp.setServiceParent(self)
         self._log_router = ChannelLogRouter(self.channels)
         # One monitor per channel: its queues by role, its gauges labelled with

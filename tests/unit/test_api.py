@@ -12,6 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from junebug_api.amqp_service import PublishFailed, PublishRefused
 from junebug_api.api import ApiCredentials, JunebugApi
@@ -283,9 +284,18 @@ def test_publish_never_confirmed_is_503_after_request_timeout() -> None:
     h.http.flush()
     assert answered == []
     assert len(h.publish.calls) == 1
-    h.clock.advance(1)
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        h.clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
     code, data, _ = h.answer(d)
     assert code == 503
+    message_id = json.loads(h.publish.calls[0][1])["message_id"]
+    unanswered = [e for e in logged if e.get("message_id") == message_id]
+    assert len(unanswered) == 1 and "unanswered" in unanswered[0]["log_format"]
+    assert unanswered[0]["log_level"] == LogLevel.error
     assert data["code"] == "Service Unavailable"
     assert data["description"] == "service unavailable"
     assert data["result"]["errors"] == [
