@@ -17,7 +17,6 @@ from twisted.logger import capturedLogs
 from junebug_api.amqp_protocol import (
     JunebugAMQPClient,
     JunebugAMQPFactory,
-    JunebugDelegate,
     decode_frame,
     encode_table,
     load_spec,
@@ -91,16 +90,46 @@ EXPECTED = [
 ]
 
 
-def client_recording(clock: Any = None) -> tuple[JunebugAMQPClient, StringTransport, list]:
-    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock or Clock())
-    calls: list[tuple] = []
-    client.on_delivery = lambda *args: calls.append(("delivery", *args))
-    client.on_confirm = lambda *args: calls.append(("confirm", *args))
-    client.on_blocked = lambda reason: calls.append(("blocked", reason))
-    client.on_unblocked = lambda: calls.append(("unblocked",))
+class Recorder:
+    """ConnectionEvents that records what the client reports."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def connection_made(self, client: JunebugAMQPClient) -> None:
+        pass
+
+    def message_delivered(self, *args: Any) -> None:
+        self.calls.append(("delivery", *args))
+
+    def publish_confirmed(self, *args: Any) -> None:
+        self.calls.append(("confirm", *args))
+
+    def message_returned(self, message: Any) -> None:
+        self.calls.append(("returned", message))
+
+    def broker_blocked(self, reason: str) -> None:
+        self.calls.append(("blocked", reason))
+
+    def broker_unblocked(self) -> None:
+        self.calls.append(("unblocked",))
+
+    def channel_closed(self, channel: int, reason: Any) -> None:
+        self.calls.append(("channel closed", channel))
+
+    def connection_lost(self, reason: Any) -> None:
+        self.calls.append(("lost",))
+
+
+def client_recording(
+    heartbeat: int = 0, clock: Any = None, vhost: str = "/", name: str = "junebug-api"
+) -> tuple[JunebugAMQPClient, StringTransport, list]:
+    events = Recorder()
+    factory = JunebugAMQPFactory(vhost, heartbeat, clock or Clock(), events, name)
+    client = factory.buildProtocol(None)
     transport = StringTransport()
     client.makeConnection(transport)
-    return client, transport, calls
+    return client, transport, events.calls
 
 
 def feed(pieces: list[bytes]) -> tuple[list, StringTransport]:
@@ -155,12 +184,22 @@ def test_a_frame_without_its_end_octet_drops_the_connection() -> None:
 
 
 def test_frames_after_the_connection_drops_are_not_handled() -> None:
-    client, transport, calls = client_recording()
-    client.on_delivery = lambda *args: (calls.append(args), transport.loseConnection())
+    """A consumer that drops the connection (say, a channel error) stops the
+    reading of the rest of that input."""
+    transport = StringTransport()
+
+    class Dropping(Recorder):
+        def message_delivered(self, *args: Any) -> None:
+            super().message_delivered(*args)
+            transport.loseConnection()
+
+    events = Dropping()
+    client = JunebugAMQPFactory("/", 0, Clock(), events).buildProtocol(None)
+    client.makeConnection(transport)
     client.dataReceived(
         deliver(3, 1) + amqp_content(3, b"one") + deliver(3, 2) + amqp_content(3, b"two")
     )
-    assert [args[4] for args in calls] == [b"one"]
+    assert [call[5] for call in events.calls] == [b"one"]
 
 
 def test_encode_publish_frames_decode_to_what_was_given() -> None:
@@ -236,10 +275,7 @@ def test_ack_and_reject_frames() -> None:
 
 
 def test_login_answers_connection_start_with_our_capabilities() -> None:
-    clock = Clock()
-    client = JunebugAMQPFactory("/vhost", 0, clock, "svc (publish)").buildProtocol(None)
-    transport = StringTransport()
-    client.makeConnection(transport)
+    client, transport, _ = client_recording(vhost="/vhost", name="svc (publish)")
     assert transport.value()[:4] == b"AMQP" and len(transport.value()) == 8  # the protocol header
     transport.clear()
     client.login("user", "pässword")
@@ -266,9 +302,7 @@ def test_external_login_sends_an_empty_response() -> None:
 
 def test_heartbeats_are_sent_and_silence_drops_the_connection() -> None:
     clock = Clock()
-    client = JunebugAMQPFactory("/", 5, clock).buildProtocol(None)
-    transport = StringTransport()
-    client.makeConnection(transport)
+    client, transport, _ = client_recording(heartbeat=5, clock=clock)
     client.start(b"\0u\0p", mechanism="PLAIN")
     client.dataReceived(amqp_method(0, "connection", "start"))
     client.dataReceived(amqp_method(0, "connection", "tune", frame_max=4096, heartbeat=5))

@@ -36,6 +36,7 @@ class Setup:
         consumed: tuple[str, ...] = ("c.inbound", "c.event"),
         brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),),
         listen: tuple[int, ...] = (5672,),
+        prefetch: dict[str, int] | None = None,
         **settings: Any,
     ) -> None:
         self.net = FakeNetwork()
@@ -43,16 +44,17 @@ class Setup:
         for port in listen:
             self.net.listen(port, self.broker.factory())
         self.received: list[tuple[str, bytes, Acker]] = []
-        consumers = {queue: self._consumer(queue) for queue in consumed}
         settings.setdefault("heartbeat", 0)
         self.service = AmqpService(
             AmqpConnectionSettings(brokers=brokers, **settings),
             list(queues),
-            consumers,
+            {},
             7,
             self.net.reactor,
             connection_name="unit",
         )
+        for queue in consumed:
+            self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
 
     def _consumer(self, queue: str) -> Any:
         return lambda body, acker: self.received.append((queue, body, acker))
@@ -94,8 +96,7 @@ def setup() -> Setup:
 
 
 def test_both_connections_open_and_declare_the_topology() -> None:
-    s = Setup(queue_arguments={"x-queue-type": "quorum"})
-    s.service.set_prefetch("c.event", 3)
+    s = Setup(queue_arguments={"x-queue-type": "quorum"}, prefetch={"c.event": 3})
     with capturedLogs() as events:
         s.start()
     assert result_of(s.service.when_connected()) is None
@@ -125,6 +126,11 @@ def test_both_connections_open_and_declare_the_topology() -> None:
     lines = [e["log_format"] for e in events if e.get("role") == "consume"]
     assert any("connection open" in line for line in lines)
     assert any(e.get("consuming") == ", consuming ['c.event', 'c.inbound']" for e in events)
+
+
+def test_consumers_are_added_before_the_start_only(setup: Setup) -> None:
+    with pytest.raises(RuntimeError, match=r"consumer for c\.late added after"):
+        setup.service.add_consumer("c.late", lambda body, acker: None)
 
 
 def test_publish_is_confirmed_by_the_broker(setup: Setup) -> None:
