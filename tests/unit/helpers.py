@@ -149,8 +149,9 @@ def amqp_content(
     return frames
 
 
-class FakeBroker:
-    """The broker side of AMQP connections, in memory: answers the handshake
+class BrokerServer:
+    """A whole broker, in memory, for the AMQP service's connections (where
+    ``junebug_api.testing.FakeBroker`` feeds one client frames): answers the handshake
     and the channel, exchange, queue and basic methods; records what clients
     publish, ack and reject; delivers on demand.
 
@@ -162,7 +163,7 @@ class FakeBroker:
 
     def __init__(self, refuse_login: bool = False) -> None:
         self.refuse_login = refuse_login
-        self.connections: list[FakeBrokerConnection] = []
+        self.connections: list[BrokerServerConnection] = []
         self.queues: dict[str, list[bytes]] = {}
         self.bindings: list[tuple[str, str]] = []
         self.published: list[tuple[str, bytes, dict]] = []
@@ -171,13 +172,13 @@ class FakeBroker:
 
     def factory(self) -> ServerFactory:
         """The factory to listen with; each connection is kept in ``connections``."""
-        return ServerFactory(FakeBrokerConnection, self)
+        return ServerFactory(BrokerServerConnection, self)
 
     @property
-    def open_connections(self) -> list[FakeBrokerConnection]:
+    def open_connections(self) -> list[BrokerServerConnection]:
         return [c for c in self.connections if c.opened and not c.closed]
 
-    def consumer(self, queue: str) -> FakeBrokerConnection:
+    def consumer(self, queue: str) -> BrokerServerConnection:
         """The open connection consuming ``queue``."""
         for connection in self.open_connections:
             if queue in connection.consumers:
@@ -185,10 +186,10 @@ class FakeBroker:
         raise AssertionError(f"nobody consumes {queue}")
 
 
-class FakeBrokerConnection(Protocol):
-    """One client connection to :class:`FakeBroker`."""
+class BrokerServerConnection(Protocol):
+    """One client connection to :class:`BrokerServer`."""
 
-    def __init__(self, broker: FakeBroker) -> None:
+    def __init__(self, broker: BrokerServer) -> None:
         self.broker = broker
         broker.connections.append(self)
         self.buffer = b""

@@ -21,6 +21,7 @@ from junebug_api.amqp_protocol import (
     encode_table,
     load_spec,
 )
+from junebug_api.testing import FakeBroker, RecordingConnectionEvents
 
 from .helpers import amqp_content, amqp_method
 
@@ -80,90 +81,67 @@ STREAM = b"".join(
 )
 
 EXPECTED = [
-    ("delivery", 3, "c.inbound", 1, False, UNICODE_BODY, {"attempt": 2, "x-death": {"count": 1}}),
-    ("confirm", 7, True, True),
-    ("delivery", 3, "c.inbound", 2, False, b"", {}),
-    ("delivery", 4, "c.event", 1, True, b'{"event": 1}', {}),
-    ("blocked", "low on memory"),
-    ("confirm", 8, False, False),
-    ("unblocked",),
+    (
+        "message_delivered",
+        (3, "c.inbound", 1, False, UNICODE_BODY, {"attempt": 2, "x-death": {"count": 1}}),
+    ),
+    ("publish_confirmed", (7, True, True)),
+    ("message_delivered", (3, "c.inbound", 2, False, b"", {})),
+    ("message_delivered", (4, "c.event", 1, True, b'{"event": 1}', {})),
+    ("broker_blocked", ("low on memory",)),
+    ("publish_confirmed", (8, False, False)),
+    ("broker_unblocked", ()),
 ]
 
 
-class Recorder:
-    """ConnectionEvents that records what the client reports."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def connection_made(self, client: JunebugAMQPClient) -> None:
-        pass
-
-    def message_delivered(self, *args: Any) -> None:
-        self.calls.append(("delivery", *args))
-
-    def publish_confirmed(self, *args: Any) -> None:
-        self.calls.append(("confirm", *args))
-
-    def message_returned(self, message: Any) -> None:
-        self.calls.append(("returned", message))
-
-    def broker_blocked(self, reason: str) -> None:
-        self.calls.append(("blocked", reason))
-
-    def broker_unblocked(self) -> None:
-        self.calls.append(("unblocked",))
-
-    def channel_closed(self, channel: int, reason: Any) -> None:
-        self.calls.append(("channel closed", channel))
-
-    def connection_lost(self, reason: Any) -> None:
-        self.calls.append(("lost",))
+def reported(events: RecordingConnectionEvents) -> list[tuple[str, tuple]]:
+    """What the client reported after its connection_made."""
+    return [e for e in events.events if e[0] != "connection_made"]
 
 
 def client_recording(
-    heartbeat: int = 0, clock: Any = None, vhost: str = "/", name: str = "junebug-api"
-) -> tuple[JunebugAMQPClient, StringTransport, list]:
-    events = Recorder()
+    heartbeat: int = 0,
+    clock: Any = None,
+    vhost: str = "/",
+    name: str = "junebug-api",
+    events: RecordingConnectionEvents | None = None,
+) -> tuple[JunebugAMQPClient, StringTransport, RecordingConnectionEvents]:
+    events = events or RecordingConnectionEvents()
     factory = JunebugAMQPFactory(vhost, heartbeat, clock or Clock(), events, name)
     client = factory.buildProtocol(None)
     transport = StringTransport()
     client.makeConnection(transport)
-    return client, transport, events.calls
-
-
-def feed(pieces: list[bytes]) -> tuple[list, StringTransport]:
-    client, transport, calls = client_recording()
-    for piece in pieces:
-        client.dataReceived(piece)
-    return calls, transport
+    return client, transport, events
 
 
 def test_the_stream_whole() -> None:
-    calls, transport = feed([STREAM])
-    assert calls == EXPECTED
-    assert not transport.disconnecting
+    broker = FakeBroker()
+    broker.feed(STREAM)
+    assert reported(broker.events) == EXPECTED
+    assert not broker.transport.disconnecting
 
 
 def test_the_stream_one_byte_at_a_time() -> None:
-    calls, _ = feed([STREAM[i : i + 1] for i in range(len(STREAM))])
-    assert calls == EXPECTED
+    broker = FakeBroker()
+    broker.feed_bytewise(STREAM)
+    assert reported(broker.events) == EXPECTED
 
 
 def test_the_stream_split_at_every_byte() -> None:
     for cut in range(len(STREAM) + 1):
-        calls, transport = feed([STREAM[:cut], STREAM[cut:]])
-        assert calls == EXPECTED, f"split at byte {cut}"
-        assert not transport.disconnecting
+        broker = FakeBroker()
+        broker.feed(STREAM, [cut])
+        assert reported(broker.events) == EXPECTED, f"split at byte {cut}"
+        assert not broker.transport.disconnecting
 
 
 def test_the_stream_split_at_every_pair_of_frame_boundaries_and_bytes() -> None:
     """Three pieces: cut inside a frame and again in a later one."""
-    cuts = range(0, len(STREAM) + 1, 7)
-    for first in cuts:
+    for first in range(0, len(STREAM) + 1, 7):
         for second in range(first, len(STREAM) + 1, 13):
-            calls, _ = feed([STREAM[:first], STREAM[first:second], STREAM[second:]])
-            assert calls == EXPECTED, f"split at bytes {first} and {second}"
+            broker = FakeBroker()
+            broker.feed(STREAM, [first, second])
+            assert reported(broker.events) == EXPECTED, f"split at bytes {first} and {second}"
 
 
 def test_the_first_bytes_are_kept_for_explaining_a_failed_set_up() -> None:
@@ -175,31 +153,28 @@ def test_the_first_bytes_are_kept_for_explaining_a_failed_set_up() -> None:
 
 def test_a_frame_without_its_end_octet_drops_the_connection() -> None:
     bad = HEARTBEAT[:-1] + b"\x00"
-    client, transport, calls = client_recording()
-    with capturedLogs() as events:
+    client, transport, events = client_recording()
+    with capturedLogs() as logged:
         client.dataReceived(deliver(3, 1) + bad + deliver(3, 2))
     assert transport.disconnecting
-    assert calls == []
-    assert any("framing error" in e["log_format"] for e in events)
+    assert reported(events) == []
+    assert any("framing error" in e["log_format"] for e in logged)
 
 
 def test_frames_after_the_connection_drops_are_not_handled() -> None:
     """A consumer that drops the connection (say, a channel error) stops the
     reading of the rest of that input."""
-    transport = StringTransport()
 
-    class Dropping(Recorder):
+    class Dropping(RecordingConnectionEvents):
         def message_delivered(self, *args: Any) -> None:
             super().message_delivered(*args)
             transport.loseConnection()
 
-    events = Dropping()
-    client = JunebugAMQPFactory("/", 0, Clock(), events).buildProtocol(None)
-    client.makeConnection(transport)
+    client, transport, events = client_recording(events=Dropping())
     client.dataReceived(
         deliver(3, 1) + amqp_content(3, b"one") + deliver(3, 2) + amqp_content(3, b"two")
     )
-    assert [call[5] for call in events.calls] == [b"one"]
+    assert [args[4] for args in events.named("message_delivered")] == [b"one"]
 
 
 def test_encode_publish_frames_decode_to_what_was_given() -> None:

@@ -1,7 +1,7 @@
 """AmqpService against an in-memory broker: set-up, publishing with confirms,
 consuming and acks, blocked publishing, reconnects and failover, queue
 queries, pausing consumers, and an orderly stop. No RabbitMQ: the broker is
-:class:`~tests.unit.helpers.FakeBroker` over ``iosim`` connections on a
+:class:`~tests.unit.helpers.BrokerServer` over ``iosim`` connections on a
 MemoryReactorClock, so every timer (backoff, heartbeats, the connect
 timeout) runs on the test's clock."""
 
@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 from junebug_api.amqp_service import Acker, AmqpService, PublishFailed, PublishRefused
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 
-from .helpers import FakeBroker, FakeNetwork, amqp_content, amqp_method, result_of
+from .helpers import BrokerServer, FakeNetwork, amqp_content, amqp_method, result_of
 
 QUEUES = ["c.inbound", "c.event", "c.outbound"]
 
@@ -40,7 +40,7 @@ class Setup:
         **settings: Any,
     ) -> None:
         self.net = FakeNetwork()
-        self.broker = FakeBroker()
+        self.broker = BrokerServer()
         for port in listen:
             self.net.listen(port, self.broker.factory())
         self.received: list[tuple[str, bytes, Acker]] = []

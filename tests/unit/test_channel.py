@@ -5,18 +5,15 @@ leave, message status, and the per-channel series on /metrics."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.web.resource import Resource
 
 from junebug_api.channel import ChannelLog, ChannelMetrics
 from junebug_api.consumer import RetryPolicy
-from junebug_api.http_delivery import HttpDelivery
 from junebug_api.metrics import PrometheusMetrics
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
+from junebug_api.testing import FakeRapidPro, RecordingAcker, RecordingPublisher
 
 from .helpers import result_of
 from .test_channels_api import channel_settings, make_channel, vumi_event
@@ -25,51 +22,19 @@ MO = "http://rapidpro.example/c/in"
 EVENTS = "http://rapidpro.example/c/events"
 
 
-class RapidPro(Resource):
-    """Answers every POST with ``code``; keeps what it got."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.code = 200
-        self.posts: list[tuple[bytes, dict]] = []
-
-    def render_POST(self, request: Any) -> bytes:
-        self.posts.append((request.uri, json.loads(request.content.read())))
-        request.setResponseCode(self.code)
-        return b"{}"
-
-
-class Acker:
-    def __init__(self) -> None:
-        self.alive = True
-        self.done: list[str] = []
-        self.delivery_tag = 1
-        self.redelivered = False
-        self.headers: dict[str, Any] = {}
-
-    def ack(self) -> None:
-        self.done.append("ack")
-
-    def reject(self) -> None:
-        self.done.append("reject")
-
-
 class Setup:
     def __init__(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.rapidpro = RapidPro()
-        self.agent = RequestTraversalAgent(self.rapidpro)
+        self.rapidpro = FakeRapidPro()
         self.metrics = PrometheusMetrics("c", self.clock)
         self.cache = InMemoryStateCache(self.clock)
-        self.published: list[tuple[str, bytes]] = []
+        self.publish = RecordingPublisher()
         (settings,) = channel_settings({"c": {"mo_message_url": MO, "default_event_url": EVENTS}})
         self.channel = make_channel(
             settings,
             self.cache,
-            HttpDelivery(self.agent, self.clock, self.metrics),
+            self.rapidpro.delivery(self.clock, self.metrics),
             self.publish,
             self.clock,
             policy=RetryPolicy(max_attempts=1),
@@ -78,16 +43,10 @@ class Setup:
         )
         self.metrics.watch_channels([self.channel])
 
-    def publish(self, routing_key: str, body: bytes, **kwargs: Any) -> Deferred:
-        self.published.append((routing_key, body))
-        d: Deferred = Deferred()
-        d.callback(None)
-        return d
-
-    def consume(self, queue: str, message: dict) -> Acker:
-        acker = Acker()
+    def consume(self, queue: str, message: dict) -> RecordingAcker:
+        acker = RecordingAcker()
         self.channel.consumers[queue].handle(json.dumps(message).encode(), acker)
-        self.agent.flush()
+        self.rapidpro.flush()
         self.clock.advance(0)
         return acker
 
@@ -124,9 +83,9 @@ def inbound(message_id: str) -> dict:
 def test_an_inbound_reaches_rapidpro_and_counts() -> None:
     s = Setup()
     acker = s.consume("c.inbound", inbound("in-1"))
-    assert acker.done == ["ack"]
-    ((uri, posted),) = s.rapidpro.posts
-    assert uri == b"/c/in" and posted["message_id"] == "in-1"
+    assert (acker.acks, acker.rejects) == (1, 0)
+    (post,) = s.rapidpro.requests
+    assert post.uri == b"/c/in" and json.loads(post.body)["message_id"] == "in-1"
     assert s.channel.mo_delivery.status() == {"health": "ok", "in_flight": 0}
     assert s.channel.last_taken("c.inbound") == 1000
     assert s.channel.in_work("c.inbound") == 0
@@ -145,8 +104,8 @@ def test_a_failing_rapidpro_degrades_the_channel_until_a_post_succeeds() -> None
     s = Setup()
     s.rapidpro.code = 500
     acker = s.consume("c.inbound", inbound("in-1"))  # one attempt: dead-lettered
-    assert acker.done == ["ack"]
-    assert [queue for queue, _ in s.published] == ["c.inbound.failed"]
+    assert (acker.acks, acker.rejects) == (1, 0)
+    assert [p.routing_key for p in s.publish.published] == ["c.inbound.failed"]
     assert s.channel.mo_delivery.status() == {
         "health": "degraded",
         "in_flight": 0,
@@ -177,8 +136,8 @@ def test_events_go_to_their_url_count_by_kind_and_make_the_message_status() -> N
         vumi_event("out-2", "nack", "2026-01-01 00:00:03", transport_name="c", nack_reason="no"),
     ]
     for event in events:
-        assert s.consume("c.event", event).done == ["ack"]
-    assert [uri for uri, _ in s.rapidpro.posts] == [b"/own", b"/own", b"/c/events"]
+        assert s.consume("c.event", event).acks == 1
+    assert [r.uri for r in s.rapidpro.requests] == [b"/own", b"/own", b"/c/events"]
     totals = s.channel.rates.totals
     assert (totals["submitted"], totals["delivery_succeeded"], totals["rejected"]) == (1, 1, 1)
     status = result_of(Deferred.fromCoroutine(s.channel.message_status("out-1")))
