@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from junebug_api.service import queue_names, retry_queue_names
+from junebug_api.queue_names import QueueNames
 
 from .support import Broker, ServiceProcess, free_port, start_sink
 
@@ -77,7 +77,7 @@ def connector() -> Iterator[str]:
     name = f"jbtest-{uuid.uuid4().hex[:10]}"
     yield name
     broker = Broker()
-    for queue in [*queue_names(name).values(), *retry_queue_names(name).values()]:
+    for queue in QueueNames.for_connector(name).all():
         broker.delete(queue)
     broker.close()
 

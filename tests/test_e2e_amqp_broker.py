@@ -13,7 +13,7 @@ import pytest_twisted
 import treq
 from twisted.internet.error import ConnectionRefusedError
 
-from junebug_api.service import retry_queue_arguments
+from junebug_api.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
 from .support import Broker, health, inbound_message, pause, wait_for
@@ -184,10 +184,9 @@ async def test_passive_declare_of_missing_queues_recovers_once_they_exist(
     for suffix in SUFFIXES:
         node_broker.declare(f"{connector}.{suffix}")
     # The delay queues too: in passive mode the operator declares every queue.
-    for role in ("inbound", "event"):
-        for queue, arguments in retry_queue_arguments(f"{connector}.{role}").items():
-            node_broker.channel.queue_declare(queue, durable=True, arguments=arguments)
-            node_broker.channel.queue_bind(queue, "vumi", routing_key=queue)
+    for queue, arguments in QueueNames.for_connector(connector).delay_queue_arguments().items():
+        node_broker.channel.queue_declare(queue, durable=True, arguments=arguments)
+        node_broker.channel.queue_bind(queue, "vumi", routing_key=queue)
     await wait_health(service, lambda code, a: code == 200, timeout=40, what="recovery")
     response = await post(service, "passive")
     assert response.code == 201

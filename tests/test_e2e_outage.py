@@ -31,7 +31,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.service import queue_names, retry_queue_names
+from junebug_api.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
 from .support import (
@@ -173,7 +173,8 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
         result = node.ctl("eval", f"application:get_env(rabbit, {key}).")
         assert result.stdout.strip() == f"{{ok,{value}}}", result.stdout + result.stderr
     connector = f"jboutage-{uuid.uuid4().hex[:8]}"
-    queues = queue_names(connector)
+    names = QueueNames.for_connector(connector)
+    queues = names.by_role()
     rapidpro_port = free_port()
     rapidpro = f"http://127.0.0.1:{rapidpro_port}"
     sink = LeanSink()
@@ -255,9 +256,7 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
         node.restart_app()
         service.wait_healthy(60)
         publish_all(node, interleaved(half, MESSAGES))
-        retry_queues = [
-            name for role, name in retry_queue_names(connector).items() if role.startswith("event")
-        ]
+        retry_queues = list(names.delay_queues("event").values())
         old = set(event_ids[:half])
         headers = await wait_for(
             lambda: peek_headers(node, retry_queues, old), 30, "an old event on a delay queue"
@@ -284,10 +283,7 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
                     f"everything delivered within {RETURN_WINDOW:g} s of RapidPro's return",
                 )
             except AssertionError:
-                depths = {
-                    name: queue_count(node, name)
-                    for name in [*queues.values(), *retry_queue_names(connector).values()]
-                }
+                depths = {name: queue_count(node, name) for name in names.all()}
                 lines = [
                     line[:300]
                     for line in service.log().splitlines()
@@ -321,7 +317,7 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
         assert took < RETURN_WINDOW
         assert queue_count(node, queues["inbound_failed"]) == 0
         assert queue_count(node, queues["event_failed"]) == 0
-        for name in retry_queue_names(connector).values():
+        for name in names.all_delay_queues():
             assert queue_count(node, name) == 0
 
         log = service.log()
