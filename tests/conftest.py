@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 DESELECTED_E2E = pytest.StashKey[int]()
+SERVICES_NEEDED = pytest.StashKey[bool]()
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -47,7 +48,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     """Say so when e2e tests were left out: RabbitMQ and Redis (and their
     install) were not checked by this run."""
     deselected = config.stash.get(DESELECTED_E2E, 0)
-    if deselected:
+    if deselected and not config.stash.get(SERVICES_NEEDED, False):
         terminalreporter.write_line(
             f"{deselected} e2e tests deselected: RabbitMQ and Redis were neither checked"
             " nor started (a run without -m runs them)"
@@ -61,6 +62,7 @@ def local_services(request: pytest.FixtureRequest) -> None:
     is missing."""
     if not any(item.get_closest_marker("e2e") for item in request.session.items):
         return
+    request.config.stash[SERVICES_NEEDED] = True
     started = subprocess.run(
         ["bash", "-c", 'source "$0" && ensure_rabbitmq && ensure_redis', str(COMMON_SH)],
         env=dict(os.environ, JUNEBUG_VENV=sys.prefix),

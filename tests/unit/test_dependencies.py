@@ -15,6 +15,7 @@ import warnings
 from twisted.internet.task import Clock
 
 from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
+from junebug_api.testing import RecordingConnectionEvents
 
 RETURN_VALUE_DEPRECATION = "twisted.internet.defer.returnValue was deprecated"
 AMQP_MODULES = [
@@ -50,7 +51,9 @@ def test_the_amqp_layer_imports_with_warnings_as_errors() -> None:
 
 
 def test_txamqp_calls_returnValue_and_warns_of_nothing_else() -> None:
-    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock())
+    client = JunebugAMQPClient(
+        JunebugDelegate(), "/", load_spec(), clock=Clock(), events=RecordingConnectionEvents()
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         queue = client.queue("a-consumer-tag")  # an inlineCallbacks ending in returnValue
