@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-import pika
 import pytest
 import pytest_twisted
 import treq
@@ -17,7 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from junebug_api.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
-from .support import Broker, inbound_message, pause, wait_for
+from .support import Broker, health, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
@@ -32,18 +31,9 @@ def node():
 
 @pytest.fixture
 def node_broker(node):
-    broker = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    broker = node.broker()
     yield broker
     broker.close()
-
-
-async def health(service) -> tuple[int, dict]:
-    response = await treq.get(service.url + "/health")
-    return response.code, json.loads(await response.text())
 
 
 async def wait_health(service, predicate, timeout: float = 30.0, what: str = "health") -> dict:
@@ -154,11 +144,7 @@ async def test_memory_alarm_blocks_publishing_not_consuming(
     await wait_health(service, lambda code, a: code == 200, what="unblocked")
     response = await post(service, "after the alarm")
     assert response.code == 201
-    fresh = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    fresh = node.broker()
     try:
         contents = [m["content"] for m in drain(fresh, f"{connector}.outbound")]
     finally:
@@ -269,11 +255,7 @@ async def test_dead_letter_during_an_alarm_waits_unacked_for_the_unblock(
         ),
         what="dead-lettered and acked after the unblock",
     )
-    fresh = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    fresh = node.broker()
     try:
         _, body = fresh.get(f"{connector}.inbound.failed")
         assert body == b"not a vumi message"

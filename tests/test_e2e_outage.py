@@ -2,8 +2,10 @@
 of the test's own whose consumer_timeout is low (30 s, checked every second).
 
 RapidPro (mo_message_url and default_event_url, one destination) refuses
-connections for three minutes while 5,000 inbound messages and 5,000 events
-arrive; then it comes back. Nothing may go to ``.failed``, the broker may
+connections for 90 s, three consumer timeouts (``JUNEBUG_TEST_OUTAGE``,
+seconds, for a longer one), while 5,000 inbound messages and 5,000 events
+arrive; the broker restarts halfway, each half longer than a consumer
+timeout; then RapidPro comes back. Nothing may go to ``.failed``, the broker may
 close no channel, everything must arrive within 30 s of RapidPro's return,
 exactly once, and the service's RSS must stay within 10 MB of where it started.
 """
@@ -41,7 +43,7 @@ from .support import (
     wait_for,
 )
 
-OUTAGE = 180.0
+OUTAGE = float(os.environ.get("JUNEBUG_TEST_OUTAGE", "90"))
 MESSAGES = 5000
 # Everything must be delivered this long after RapidPro's return. 10,000
 # deliveries take a few seconds on a quiet machine; a machine busy with other
@@ -163,7 +165,7 @@ def peek_headers(node: RabbitNode, queues: list[str], wanted: set[str]) -> dict 
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_three_minute_rapidpro_outage_with_a_broker_restart(
+async def test_long_rapidpro_outage_with_a_broker_restart(
     tmp_path: Path, low_timeout_node: RabbitNode
 ) -> None:
     node = low_timeout_node
@@ -244,7 +246,9 @@ async def test_three_minute_rapidpro_outage_with_a_broker_restart(
             "RapidPro reported down",
         )
         assert f"http://127.0.0.1:{rapidpro_port}" in down
-        await wait_for(lambda: time.monotonic() - started > 60, 70, "a minute of outage")
+        await wait_for(
+            lambda: time.monotonic() - started > OUTAGE / 2, OUTAGE / 2 + 10, "half the outage"
+        )
         assert queue_count(node, queues["inbound"]) >= half - 30
 
         # The broker restarts in the middle of the outage.
