@@ -1,4 +1,5 @@
-"""txAMQP, made fit for this service: spec, codec fixes, delegate hooks.
+"""txAMQP, made fit for this service: spec, codec fixes, delegate hooks, and
+the interface the client reports through.
 
 txAMQP 0.8.2 has three problems this module mends, in our subclasses only:
 
@@ -15,6 +16,9 @@ txAMQP 0.8.2 has three problems this module mends, in our subclasses only:
   acks as bytes.
 
 Publishing non-ASCII ``str`` corrupts frames in txAMQP; callers publish bytes.
+
+The client reports to the owner of its connection through one interface,
+:class:`ConnectionEvents`, given to it at construction.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from decimal import Decimal
 from functools import cache
 from importlib.resources import files
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
@@ -34,9 +38,14 @@ from twisted.python.failure import Failure
 
 from .log import logger
 
-# txAMQP still calls Twisted's deprecated returnValue; hide that warning for
-# txAMQP's own modules only, before they are imported.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"txamqp(\.|$)")
+# txAMQP still calls Twisted's deprecated returnValue; hide that one warning,
+# for txAMQP's own modules only, before they are imported.
+warnings.filterwarnings(
+    "ignore",
+    message=r"twisted\.internet\.defer\.returnValue was deprecated",
+    category=DeprecationWarning,
+    module=r"txamqp(\.|$)",
+)
 
 from txamqp import spec as txamqp_spec  # noqa: E402
 from txamqp.client import TwistedDelegate  # noqa: E402
@@ -213,13 +222,13 @@ class JunebugDelegate(TwistedDelegate):
         super().connection_close(channel, message)
 
     def connection_blocked(self, channel: Any, message: Message) -> None:
-        self.client.on_blocked(message.reason or "resource alarm")
+        self.client.events.broker_blocked(message.reason or "resource alarm")
 
     def connection_unblocked(self, channel: Any, message: Message) -> None:
-        self.client.on_unblocked()
+        self.client.events.broker_unblocked()
 
     def basic_return_(self, channel: Any, message: Message) -> None:
-        self.client.on_return(message)
+        self.client.events.message_returned(message)
 
     def basic_cancel(self, channel: Any, message: Message) -> None:
         # The broker cancels a consumer whose queue was deleted: start over.
@@ -298,6 +307,50 @@ class _IncomingDelivery:
         self.headers: dict[str, Any] = {}
 
 
+@runtime_checkable
+class ConnectionEvents(Protocol):
+    """What a :class:`JunebugAMQPClient` tells the owner of its connection.
+
+    The client is given one at construction (through
+    :class:`JunebugAMQPFactory`) and calls nothing else of its owner;
+    ``tests/unit/test_connection_events.py`` checks that the service's
+    implementation has every method, with these parameters.
+    """
+
+    def connection_made(self, client: JunebugAMQPClient) -> None:
+        """The transport is connected; ``client`` is the connection's client
+        (as Twisted hands a protocol its transport)."""
+
+    def message_delivered(
+        self,
+        channel: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        body: bytes,
+        headers: dict[str, Any],
+    ) -> None:
+        """A ``basic.deliver`` arrived with all of its content."""
+
+    def publish_confirmed(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        """The broker's ``basic.ack`` (``ok``) or ``basic.nack`` of a publish."""
+
+    def message_returned(self, message: Message) -> None:
+        """The broker returned an unroutable ``mandatory`` publish (``basic.return``)."""
+
+    def broker_blocked(self, reason: str) -> None:
+        """The broker blocks publishing (``connection.blocked``)."""
+
+    def broker_unblocked(self) -> None:
+        """The broker takes publishes again (``connection.unblocked``)."""
+
+    def channel_closed(self, channel: int, reason: Failure) -> None:
+        """The broker closed one channel; the connection is still open."""
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The transport closed (after txAMQP's own clean-up)."""
+
+
 class JunebugAMQPClient(AMQClient):
     """An AMQClient with correct frame decoding and fast paths for the hot frames.
 
@@ -309,11 +362,9 @@ class JunebugAMQPClient(AMQClient):
     (connection set-up, channel methods, ``basic.return``, ``basic.get``)
     still takes txAMQP's path.
 
-    The connection's owner sets ``on_delivery(channel_id, consumer_tag,
-    delivery_tag, redelivered, body, headers)``, ``on_confirm(tag, multiple, ok)``,
-    ``on_return(message)``, ``on_lost(reason)``, ``on_blocked(reason)``,
-    ``on_unblocked()`` and ``on_channel_closed(channel_id, reason)`` (by
-    default a closed channel drops the connection).
+    ``events`` (the connection's owner, a :class:`ConnectionEvents`) hears
+    of the connection's start and end, deliveries, confirms, returns,
+    blocking and closed channels.
 
     ``lost_reason`` (why the transport closed), ``close_reason`` (the
     broker's ``connection.close``, if it sent one) and ``received`` (the
@@ -321,16 +372,16 @@ class JunebugAMQPClient(AMQClient):
     failed set-up.
     """
 
-    def __init__(self, *args: Any, connection_name: str = "junebug-api", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        events: ConnectionEvents,
+        connection_name: str = "junebug-api",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.events = events
         self.connection_name = connection_name
-        self.on_delivery: Callable[[int, str, int, bool, bytes, dict], None] = lambda *a: None
-        self.on_confirm: Callable[[int, bool, bool], None] = lambda *a: None
-        self.on_return: Callable[[Message], None] = lambda msg: None
-        self.on_lost: Callable[[Failure], None] = lambda reason: None
-        self.on_blocked: Callable[[str], None] = lambda reason: None
-        self.on_unblocked: Callable[[], None] = lambda: None
-        self.on_channel_closed: Callable[[int, Failure], None] = self._drop_on_channel_close
         self.lost_reason: Failure | None = None
         self.close_reason: Message | None = None
         self.received = b""
@@ -338,11 +389,6 @@ class JunebugAMQPClient(AMQClient):
         self._incoming: dict[int, _IncomingDelivery] = {}
         self._publish_methods: dict[tuple[int, str, str], bytes] = {}
         self._last_input = self.clock.seconds()
-
-    def unwrapped(self) -> JunebugAMQPClient:
-        """This client itself, also when called through ClientService's proxy
-        (which forwards reads but keeps attribute writes to itself)."""
-        return self
 
     def channel(self, id: int) -> Deferred:
         ch = self.channels.get(id)
@@ -385,7 +431,7 @@ class JunebugAMQPClient(AMQClient):
             if class_id == _BASIC:
                 if method_id == _BASIC_ACK or method_id == _BASIC_NACK:
                     tag, bits = struct.unpack_from("!QB", frame, 11)
-                    self.on_confirm(tag, bool(bits & 1), method_id == _BASIC_ACK)
+                    self.events.publish_confirmed(tag, bool(bits & 1), method_id == _BASIC_ACK)
                     return
                 if method_id == _BASIC_DELIVER:
                     consumer_tag, at = _read_shortstr(frame, 11)
@@ -423,7 +469,7 @@ class JunebugAMQPClient(AMQClient):
     def _delivered(self, channel: int) -> None:
         delivery = self._incoming.pop(channel)
         body = b"".join(delivery.chunks)
-        self.on_delivery(
+        self.events.message_delivered(
             channel,
             delivery.consumer_tag,
             delivery.delivery_tag,
@@ -531,21 +577,16 @@ class JunebugAMQPClient(AMQClient):
     # -- the rest -----------------------------------------------------------
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
-        self.on_channel_closed(channel.id, reason)
+        self.events.channel_closed(channel.id, reason)
 
-    def _drop_on_channel_close(self, channel_id: int, reason: Failure) -> None:
-        log.error(
-            "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
-            channel=channel_id,
-            reason=reason.getErrorMessage(),
-        )
-        if self.transport is not None:
-            self.transport.loseConnection()
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.events.connection_made(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost_reason = reason
         super().connectionLost(reason)
-        self.on_lost(reason)
+        self.events.connection_lost(reason)
 
     def login(self, username: str, password: str, mechanism: str = "PLAIN") -> Deferred:
         """Authenticate with SASL PLAIN (bytes, so any password encodes right),
@@ -557,16 +598,22 @@ class JunebugAMQPClient(AMQClient):
 
 
 class JunebugAMQPFactory(Factory):
-    """Builds :class:`JunebugAMQPClient` for one vhost."""
+    """Builds :class:`JunebugAMQPClient` for one vhost, reporting to ``events``."""
 
     noisy = False
 
     def __init__(
-        self, vhost: str, heartbeat: int, clock: Any, connection_name: str = "junebug-api"
+        self,
+        vhost: str,
+        heartbeat: int,
+        clock: Any,
+        events: ConnectionEvents,
+        connection_name: str = "junebug-api",
     ) -> None:
         self.vhost = vhost
         self.heartbeat = heartbeat
         self.clock = clock
+        self.events = events
         self.connection_name = connection_name
 
     def buildProtocol(self, addr: Any) -> JunebugAMQPClient:
@@ -576,6 +623,7 @@ class JunebugAMQPFactory(Factory):
             load_spec(),
             heartbeat=self.heartbeat,
             clock=self.clock,
+            events=self.events,
             connection_name=self.connection_name,
         )
 

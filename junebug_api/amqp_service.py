@@ -55,12 +55,12 @@ from .amqp_connect import (
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
+from .message_ids import generate_message_id
 from .metrics import NO_METRICS, Metrics
-from .vumi_messages import generate_message_id
+from .queue_names import EXCHANGE
 
 log = logger(__name__)
 
-EXCHANGE = "vumi"
 PUBLISH_CHANNEL = 1  # publishing connection: confirm mode
 CONTROL_CHANNEL = 2  # either connection: declarations, basic.get, queue queries
 FIRST_CONSUMER_CHANNEL = 3  # consuming connection: one channel per consumer
@@ -103,14 +103,11 @@ class Acker:
         Acks are gathered for the rest of the reactor turn and sent as few
         ``basic.ack`` frames as possible (``multiple`` for a run of tags).
         """
-        if self._connection.alive:
-            self._connection.done(self._channel, self.delivery_tag)
+        self._connection.ack(self._channel, self.delivery_tag)
 
     def reject(self) -> None:
         """Give the message back to its queue now (no-op if the connection is gone)."""
-        if self._connection.alive:
-            self._connection.unacked_on(self._channel).pop(self.delivery_tag, None)
-            self._connection.client.reject(self._channel, self.delivery_tag, requeue=True)
+        self._connection.reject(self._channel, self.delivery_tag)
 
     @property
     def alive(self) -> bool:
@@ -122,12 +119,24 @@ Consumer = Callable[[bytes, Acker], None]
 
 @attrs.define(eq=False)
 class _Connection:
-    """One open AMQP connection and the state tied to its life."""
+    """One AMQP connection and the state tied to its life; the
+    :class:`~junebug_api.amqp_protocol.ConnectionEvents` its client reports to.
 
-    client: JunebugAMQPClient
+    Made before its client, which is given it at construction and hands
+    itself over in ``connection_made`` (as Twisted hands a protocol its
+    transport). A ``publishing`` connection keeps track of confirms, returns
+    and blocking, with at most ``max_unconfirmed`` publishes unconfirmed; a
+    consuming one (``consumer_for`` given) hands each delivery to the
+    consumer of its queue.
+    """
+
     broker: AmqpConfig
-    opened_at: float
     clock: Any
+    max_unconfirmed: int
+    publishing: bool = False
+    consumer_for: Callable[[str], Consumer | None] | None = None
+    client: JunebugAMQPClient = attrs.field(init=False)
+    opened_at: float = attrs.field(default=0.0, init=False)
     channels: dict[int, Any] = attrs.field(factory=dict)
     # The channel for declarations and queries; None once the broker closed it.
     control: Any = None
@@ -147,19 +156,40 @@ class _Connection:
     next_channel: int = 100
     _flush_scheduled: bool = False
 
-    def unacked_on(self, channel: int) -> OrderedDict[int, bool]:
+    # -- deliveries and their acks ------------------------------------------
+
+    def _unacked_on(self, channel: int) -> OrderedDict[int, bool]:
         tags = self.unacked.get(channel)
         if tags is None:
             tags = self.unacked[channel] = OrderedDict()
         return tags
 
-    def done(self, channel: int, tag: int) -> None:
+    def track(
+        self, channel: int, delivery_tag: int, redelivered: bool, headers: dict[str, Any]
+    ) -> Acker:
+        """Count a delivery (or a ``basic.get`` reply) as unacked; its Acker."""
+        self._unacked_on(channel)[delivery_tag] = False
+        return Acker(self, channel, delivery_tag, redelivered, headers)
+
+    def ack(self, channel: int, delivery_tag: int) -> None:
+        """Mark a delivery done; its ack goes out at the end of the reactor
+        turn (:meth:`flush_acks`). No-op once the connection is gone."""
+        if not self.alive:
+            return
         tags = self.unacked.get(channel)
-        if tags is not None and tag in tags:
-            tags[tag] = True
+        if tags is not None and delivery_tag in tags:
+            tags[delivery_tag] = True
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.clock.callLater(0, self.flush_acks)
+
+    def reject(self, channel: int, delivery_tag: int) -> None:
+        """Give a delivery back to its queue now (``basic.reject``, requeued).
+        No-op once the connection is gone."""
+        if not self.alive:
+            return
+        self._unacked_on(channel).pop(delivery_tag, None)
+        self.client.reject(channel, delivery_tag, requeue=True)
 
     def flush_acks(self) -> None:
         """Ack the finished deliveries of each channel: the leading run with
@@ -180,6 +210,155 @@ class _Connection:
             for tag in [tag for tag, finished in unacked.items() if finished]:
                 del unacked[tag]
                 self.client.ack(channel, tag)
+
+    # -- publishing ---------------------------------------------------------
+
+    def write(self, frames: bytes, message_id: str) -> Deferred[None]:
+        """Write one encoded publish; fires once the broker confirms it."""
+        # The tag is the broker's count of publishes on this channel: take it
+        # only for frames that are certainly written.
+        tag = self.next_tag
+        self.next_tag += 1
+        confirmed: Deferred[None] = Deferred()
+        self.pending[tag] = confirmed
+        self.returned[message_id] = tag
+        self.client.transport.write(frames)
+        confirmed.addBoth(self._forget_id, message_id, tag)
+        return confirmed
+
+    def write_held(self) -> None:
+        """Write waiting publishes while the connection takes them."""
+        while (
+            self.held
+            and self.alive
+            and self.blocked is None
+            and len(self.pending) < self.max_unconfirmed
+        ):
+            (frames, message_id), held = self.held.popleft()
+            if held.called:
+                continue  # cancelled meanwhile
+            self.write(frames, message_id).chainDeferred(held)
+
+    def _forget_id(self, result: Any, message_id: str, tag: int) -> Any:
+        if self.returned.get(message_id) == tag:
+            del self.returned[message_id]
+        return result
+
+    # -- ConnectionEvents ---------------------------------------------------
+
+    def connection_made(self, client: JunebugAMQPClient) -> None:
+        self.client = client
+        self.opened_at = self.clock.seconds()
+
+    def message_delivered(
+        self,
+        channel: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        body: bytes,
+        headers: dict[str, Any],
+    ) -> None:
+        if self.consumer_for is None:
+            return
+        acker = self.track(channel, delivery_tag, redelivered, headers or {})
+        consumer = self.consumer_for(consumer_tag)
+        if consumer is None:
+            acker.reject()
+            return
+        consumer(body, acker)
+
+    def publish_confirmed(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        if not self.publishing:
+            return
+        pending = self.pending
+        if multiple:
+            done = []
+            while pending:
+                first = next(iter(pending))
+                if first > delivery_tag:
+                    break
+                done.append(pending.popitem(last=False))
+        else:
+            d = pending.pop(delivery_tag, None)
+            done = [] if d is None else [(delivery_tag, d)]
+        for done_tag, d in done:
+            failure = self.failed_tags.pop(done_tag, None)
+            if d.called:
+                continue  # cancelled: the API client went away
+            if not ok:
+                d.errback(PublishFailed("the broker refused the message (basic.nack)"))
+            elif failure is not None:
+                d.errback(PublishFailed(failure))
+            else:
+                d.callback(None)
+        if self.held:
+            self.write_held()
+
+    def message_returned(self, message: Any) -> None:
+        if not self.publishing:
+            return
+        message_id = message.content.properties.get("message-id")
+        tag = self.returned.get(message_id)
+        reason = f"{message.reply_code} {message.reply_text}"
+        if tag is None:
+            log.error(
+                "The broker returned message {message_id} to {routing_key}: {reason}",
+                message_id=message_id,
+                routing_key=message.routing_key,
+                reason=reason,
+            )
+            return
+        self.failed_tags[tag] = f"unroutable ({reason})"
+
+    def broker_blocked(self, reason: str) -> None:
+        if not self.publishing:
+            return
+        self.blocked = reason or "resource alarm"
+        log.warn(
+            "The broker {broker} blocks publishing ({reason}): outbound requests get 503"
+            " until it unblocks",
+            broker=self.broker.address,
+            reason=self.blocked,
+        )
+
+    def broker_unblocked(self) -> None:
+        if not self.publishing:
+            return
+        self.blocked = None
+        log.info("The broker {broker} unblocked publishing", broker=self.broker.address)
+        self.write_held()
+
+    def channel_closed(self, channel: int, reason: Failure) -> None:
+        """A query channel is reopened when next needed; any other closed
+        channel means the connection starts over."""
+        self.channels.pop(channel, None)
+        if self.control is not None and self.control.id == channel:
+            self.control = None
+            return
+        log.error(
+            "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
+            channel=channel,
+            reason=reason.getErrorMessage(),
+        )
+        if self.client.transport is not None:
+            self.client.transport.loseConnection()
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.alive = False
+        pending = list(self.pending.values())
+        self.pending.clear()
+        held = list(self.held)
+        self.held.clear()
+        for d in pending:
+            if not d.called:
+                d.errback(PublishFailed("AMQP connection lost before the broker confirmed"))
+        for _, d in held:
+            if not d.called:
+                d.errback(PublishFailed("AMQP connection lost before the message was sent"))
+        self.lost_reason = reason
+        if not self.lost.called:
+            self.lost.callback(None)
 
 
 @attrs.define(eq=False)
@@ -230,7 +409,9 @@ class AmqpService(Service):
     ``queues`` are declared (durable, with ``settings.queue_arguments``,
     bound to the vumi exchange by their own name) on every connect;
     ``consumers`` maps a queue name to the callable that gets its messages,
-    each with ``prefetch`` messages in work at most.
+    each with ``prefetch`` messages in work at most. Consumers built after
+    the service (they need its ``publish``) are added with
+    :meth:`add_consumer` before it starts.
 
     ``settings`` may be a single :class:`AmqpConfig` (one plain broker, the
     other settings at their defaults).
@@ -238,7 +419,7 @@ class AmqpService(Service):
 
     settings: AmqpConnectionSettings | AmqpConfig
     queues: list[str]
-    consumers: dict[str, Consumer]
+    _consumers: dict[str, Consumer] = attrs.field(converter=dict)
     prefetch: int
     _reactor: Any
     heartbeat: int | None = None
@@ -327,7 +508,7 @@ class AmqpService(Service):
 
         A connection opened after this does not consume either.
         """
-        for queue in list(self.consumers):
+        for queue in list(self._consumers):
             await self.pause_consumer(queue)
 
     # -- the connection loop ----------------------------------------------
@@ -423,10 +604,18 @@ class AmqpService(Service):
     async def _attempt(self, link: _Link, broker: AmqpConfig) -> _Connection:
         """One connection attempt, set-up included; SetupFailed says why not."""
         timeout = self.settings.connect_timeout
+        connection = _Connection(
+            broker,
+            self._reactor,
+            self.settings.max_unconfirmed,
+            publishing=link is self._publisher,
+            consumer_for=self._consumers.get if link is self._consumer else None,
+        )
         factory = JunebugAMQPFactory(
             broker.vhost,
             self.settings.heartbeat,
             self._reactor,
+            connection,
             f"{self.connection_name} ({link.role})",
         )
         endpoint = broker_endpoint(self._reactor, broker, timeout, self._tls)
@@ -436,7 +625,6 @@ class AmqpService(Service):
             raise
         except Exception as e:
             raise SetupFailed(explain(e, broker, self.settings)) from None
-        client = client.unwrapped()
         timed_out = False
 
         def give_up() -> None:
@@ -447,7 +635,7 @@ class AmqpService(Service):
 
         timer = self._reactor.callLater(timeout, give_up)
         try:
-            return await self._setup(link, client, broker)
+            return await self._setup(link, connection)
         except CancelledError:
             if client.transport is not None:
                 client.transport.abortConnection()
@@ -462,32 +650,15 @@ class AmqpService(Service):
             if timer.active():
                 timer.cancel()
 
-    async def _setup(
-        self, link: _Link, client: JunebugAMQPClient, broker: AmqpConfig
-    ) -> _Connection:
-        connection = _Connection(
-            client, broker, opened_at=self._reactor.seconds(), clock=self._reactor
-        )
-        client.on_lost = lambda reason: self._lost(connection, reason)
-        client.on_channel_closed = lambda channel, reason: self._channel_closed(
-            connection, channel, reason
-        )
+    async def _setup(self, link: _Link, connection: _Connection) -> _Connection:
+        client, broker = connection.client, connection.broker
         await client.login(broker.username, broker.password, self.settings.auth_mechanism)
         if link is self._publisher:
             publish_channel = await self._open_channel(connection, PUBLISH_CHANNEL)
             await publish_channel.confirm_select()
-            client.on_confirm = lambda tag, multiple, ok: self._confirmed(
-                connection, tag, multiple, ok
-            )
-            client.on_return = lambda msg: self._returned(connection, msg)
-            client.on_blocked = lambda reason: self._blocked(connection, reason)
-            client.on_unblocked = lambda: self._unblocked(connection)
         control = connection.control = await self._open_channel(connection, CONTROL_CHANNEL)
         await self._declare_topology(control, connection)
         if link is self._consumer:
-            client.on_delivery = lambda channel, consumer_tag, tag, redelivered, body, headers: (
-                self._deliver(connection, channel, consumer_tag, tag, redelivered, body, headers)
-            )
 
             async def start(queue: str) -> None:
                 channel = await self._open_channel(connection, self._consumer_channel(queue))
@@ -497,14 +668,14 @@ class AmqpService(Service):
 
             # Each consumer on a channel of its own, so all at once: with many
             # channels (issue 14) one after another cost three round trips each.
-            await _all([start(queue) for queue in list(self.consumers)])
+            await _all([start(queue) for queue in list(self._consumers)])
         log.info(
             "AMQP {role} connection open to {broker}, vhost {vhost}{consuming}",
             role=link.role,
             broker=broker.address,
             vhost=broker.vhost,
             consuming=(
-                _consuming(set(self.consumers) - self._paused) if link is self._consumer else ""
+                _consuming(set(self._consumers) - self._paused) if link is self._consumer else ""
             ),
         )
         return connection
@@ -536,7 +707,7 @@ class AmqpService(Service):
         # once, since each declare of a durable queue waits for the broker
         # (100 channels' 500 queues: 12 s one after another on a loaded
         # machine, 3 s over eight lanes). The lanes close again afterwards.
-        first = FIRST_CONSUMER_CHANNEL + len(self.consumers)
+        first = FIRST_CONSUMER_CHANNEL + len(self._consumers)
         count = min(DECLARE_LANES, len(items) // DECLARE_LANE_SIZE)
         lanes = [channel] + [
             await self._open_channel(connection, number)
@@ -570,41 +741,10 @@ class AmqpService(Service):
             raise
 
     def _consumer_channel(self, queue: str) -> int:
-        return FIRST_CONSUMER_CHANNEL + list(self.consumers).index(queue)
+        return FIRST_CONSUMER_CHANNEL + list(self._consumers).index(queue)
 
     def _prefetch(self, queue: str) -> int:
         return self._prefetches.get(queue, self.prefetch)
-
-    def _channel_closed(self, connection: _Connection, channel_id: int, reason: Failure) -> None:
-        """A channel the broker closed: a query channel is reopened when next
-        needed; any other means the connection starts over."""
-        connection.channels.pop(channel_id, None)
-        if connection.control is not None and connection.control.id == channel_id:
-            connection.control = None
-            return
-        log.error(
-            "AMQP channel {channel} closed by the broker: {reason}; reconnecting",
-            channel=channel_id,
-            reason=reason.getErrorMessage(),
-        )
-        if connection.client.transport is not None:
-            connection.client.transport.loseConnection()
-
-    def _lost(self, connection: _Connection, reason: Failure) -> None:
-        connection.alive = False
-        pending = list(connection.pending.values())
-        connection.pending.clear()
-        held = list(connection.held)
-        connection.held.clear()
-        for d in pending:
-            if not d.called:
-                d.errback(PublishFailed("AMQP connection lost before the broker confirmed"))
-        for _, d in held:
-            if not d.called:
-                d.errback(PublishFailed("AMQP connection lost before the message was sent"))
-        connection.lost_reason = reason
-        if not connection.lost.called:
-            connection.lost.callback(None)
 
     def _fail_waiters(self, link: _Link) -> None:
         keep = []
@@ -614,22 +754,6 @@ class AmqpService(Service):
             else:
                 keep.append((waiter, failures))
         link.waiters[:] = keep
-
-    # -- blocked connections ------------------------------------------------
-
-    def _blocked(self, connection: _Connection, reason: str) -> None:
-        connection.blocked = reason or "resource alarm"
-        log.warn(
-            "The broker {broker} blocks publishing ({reason}): outbound requests get 503"
-            " until it unblocks",
-            broker=connection.broker.address,
-            reason=connection.blocked,
-        )
-
-    def _unblocked(self, connection: _Connection) -> None:
-        connection.blocked = None
-        log.info("The broker {broker} unblocked publishing", broker=connection.broker.address)
-        self._write_held(connection)
 
     # -- publishing -------------------------------------------------------
 
@@ -685,7 +809,7 @@ class AmqpService(Service):
             held: Deferred[None] = Deferred()
             connection.held.append(((frames, message_id), held))
             return held
-        return self._write(connection, frames, message_id)
+        return connection.write(frames, message_id)
 
     def _busy(self, connection: _Connection) -> PublishRefused | None:
         if connection.blocked is not None:
@@ -699,77 +823,6 @@ class AmqpService(Service):
                 BUSY_RETRY_AFTER,
             )
         return None
-
-    def _write(self, connection: _Connection, frames: bytes, message_id: str) -> Deferred[None]:
-        # The tag is the broker's count of publishes on this channel: take it
-        # only for frames that are certainly written.
-        tag = connection.next_tag
-        connection.next_tag += 1
-        confirmed: Deferred[None] = Deferred()
-        connection.pending[tag] = confirmed
-        connection.returned[message_id] = tag
-        connection.client.transport.write(frames)
-        confirmed.addBoth(self._forget_id, connection, message_id, tag)
-        return confirmed
-
-    def _write_held(self, connection: _Connection) -> None:
-        """Write waiting publishes while the connection takes them."""
-        limit = self.settings.max_unconfirmed
-        while (
-            connection.held
-            and connection.alive
-            and connection.blocked is None
-            and len(connection.pending) < limit
-        ):
-            (frames, message_id), held = connection.held.popleft()
-            if held.called:
-                continue  # cancelled meanwhile
-            self._write(connection, frames, message_id).chainDeferred(held)
-
-    @staticmethod
-    def _forget_id(result: Any, connection: _Connection, message_id: str, tag: int) -> Any:
-        if connection.returned.get(message_id) == tag:
-            del connection.returned[message_id]
-        return result
-
-    def _returned(self, connection: _Connection, message: Any) -> None:
-        message_id = message.content.properties.get("message-id")
-        tag = connection.returned.get(message_id)
-        reason = f"{message.reply_code} {message.reply_text}"
-        if tag is None:
-            log.error(
-                "The broker returned message {message_id} to {routing_key}: {reason}",
-                message_id=message_id,
-                routing_key=message.routing_key,
-                reason=reason,
-            )
-            return
-        connection.failed_tags[tag] = f"unroutable ({reason})"
-
-    def _confirmed(self, connection: _Connection, tag: int, multiple: bool, ok: bool) -> None:
-        pending = connection.pending
-        if multiple:
-            done = []
-            while pending:
-                first = next(iter(pending))
-                if first > tag:
-                    break
-                done.append(pending.popitem(last=False))
-        else:
-            d = pending.pop(tag, None)
-            done = [] if d is None else [(tag, d)]
-        for done_tag, d in done:
-            failure = connection.failed_tags.pop(done_tag, None)
-            if d.called:
-                continue  # cancelled: the API client went away
-            if not ok:
-                d.errback(PublishFailed("the broker refused the message (basic.nack)"))
-            elif failure is not None:
-                d.errback(PublishFailed(failure))
-            else:
-                d.callback(None)
-        if connection.held:
-            self._write_held(connection)
 
     # -- queues -----------------------------------------------------------
 
@@ -792,10 +845,9 @@ class AmqpService(Service):
         reply = await channel.basic_get(queue=queue, no_ack=False)
         if reply.method.name == "get-empty":
             return None
-        connection.unacked_on(channel.id)[reply.delivery_tag] = False
         properties = dict(reply.content.properties)
         headers = dict(properties.get("headers") or {})
-        acker = Acker(connection, channel.id, reply.delivery_tag, reply.redelivered, headers)
+        acker = connection.track(channel.id, reply.delivery_tag, reply.redelivered, headers)
         return body_bytes(reply), properties, acker
 
     async def queue_status(self, queue: str) -> tuple[int, int]:
@@ -846,9 +898,15 @@ class AmqpService(Service):
 
     # -- consuming --------------------------------------------------------
 
-    def set_prefetch(self, queue: str, prefetch: int) -> None:
-        """The prefetch of ``queue``'s consumer from its next connect on."""
-        self._prefetches[queue] = prefetch
+    def add_consumer(self, queue: str, consumer: Consumer, prefetch: int | None = None) -> None:
+        """Consume ``queue`` with ``consumer``, ``prefetch`` messages in work
+        at most (the service's ``prefetch`` if None). Only before the service
+        starts: consumers are set up as its connections open."""
+        if self.running:
+            raise RuntimeError(f"consumer for {queue} added after the AMQP service started")
+        self._consumers[queue] = consumer
+        if prefetch is not None:
+            self._prefetches[queue] = prefetch
 
     async def pause_consumer(self, queue: str) -> None:
         """Stop taking messages from ``queue`` (``basic.cancel``); messages in
@@ -876,24 +934,6 @@ class AmqpService(Service):
         channel = connection.channels.get(self._consumer_channel(queue))
         if channel is not None:
             await channel.basic_consume(queue=queue, consumer_tag=queue)
-
-    def _deliver(
-        self,
-        connection: _Connection,
-        channel: int,
-        consumer_tag: str,
-        delivery_tag: int,
-        redelivered: bool,
-        body: bytes,
-        headers: dict[str, Any] | None = None,
-    ) -> None:
-        connection.unacked_on(channel)[delivery_tag] = False
-        acker = Acker(connection, channel, delivery_tag, redelivered, headers or {})
-        consumer = self.consumers.get(consumer_tag)
-        if consumer is None:
-            acker.reject()
-            return
-        consumer(body, acker)
 
     # -- waiting and health -------------------------------------------------
 

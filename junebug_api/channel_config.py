@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from .config import (
+from .config_checks import (
     ConfigError,
-    JunebugConfig,
-    _check_url,
-    _check_value,
     check_queue_prefix,
+    check_url,
+    check_value,
     read_secret_file,
+    redact_url,
 )
+from .queue_names import QueueNames
+
+if TYPE_CHECKING:
+    from .config import JunebugConfig
 
 #: Old Junebug names accepted for the options they mean.
 ALIASES = {"mo_url": "mo_message_url", "mo_url_auth_token": "mo_message_url_auth_token"}
@@ -102,8 +106,6 @@ class ChannelSettings:
     def public(self) -> dict[str, Any]:
         """The settings for ``GET /channels/<id>``: without any secret, and
         with URL credentials masked."""
-        from .config import redact_url
-
         return {
             "id": self.id,
             "label": self.label,
@@ -163,7 +165,7 @@ def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> Channe
         if name in given:
             raise ConfigError(f"{where}.{key}: {name} is given twice (once by its alias)")
         given.add(name)
-        values[name] = _check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
+        values[name] = check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
         if isinstance(values[name], str) and any(
             ord(c) < 32 or ord(c) == 127 for c in values[name]
         ):
@@ -182,16 +184,14 @@ def _check_settings(settings: ChannelSettings, where: str) -> None:
         )
     if not settings.connector_name.strip():
         raise ConfigError(f"{where}.connector_name must not be empty")
-    from .service import connector_queue_names  # the one place queue names are made
-
     check_queue_prefix(
         f"{where}.connector_name",
         settings.connector_name,
-        connector_queue_names(settings.connector_name),
+        QueueNames.for_connector(settings.connector_name).all(),
     )
-    _check_url(f"{where}.mo_message_url", settings.mo_message_url)
+    check_url(f"{where}.mo_message_url", settings.mo_message_url)
     if settings.default_event_url is not None:
-        _check_url(f"{where}.default_event_url", settings.default_event_url)
+        check_url(f"{where}.default_event_url", settings.default_event_url)
     if settings.character_limit is not None and not 0 <= settings.character_limit <= 1_000_000:
         raise ConfigError(
             f"{where}.character_limit must be from 0 to 1000000, got {settings.character_limit}"

@@ -15,11 +15,8 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
 from .amqp_service import PublishFailed, PublishRefused
+from .api_errors import ApiUsageError, MessageNotFound, MessageTooLong, ServiceUnavailable
 from .junebug_formats import (
-    ApiUsageError,
-    MessageNotFound,
-    MessageTooLong,
-    ServiceUnavailable,
     junebug_message,
     outbound_message,
     parse_outbound_request,
@@ -27,6 +24,7 @@ from .junebug_formats import (
 )
 from .log import debug_enabled, logger
 from .metrics import NO_METRICS, Metrics
+from .queue_names import QueueNames
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -49,9 +47,12 @@ class OutboundSender:
     #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
     channel_id: str | None = None
 
-    @property
-    def routing_key(self) -> str:
-        return f"{self.connector_name}.outbound"
+    #: The queue messages are published to: the connector's ``.outbound``.
+    routing_key: str = attrs.field(init=False)
+
+    @routing_key.default
+    def _outbound_queue(self) -> str:
+        return QueueNames.for_connector(self.connector_name).outbound
 
     async def send(self, body: bytes) -> dict[str, Any]:
         """Publish the message a request body describes; its Junebug JSON."""
@@ -116,9 +117,18 @@ class OutboundSender:
             if isinstance(e, PublishRefused):
                 error.retry_after = e.retry_after
             raise error from None
-        except BaseException:
+        except BaseException as e:
             if stored is not None:  # the request is gone (cancelled): nobody waits for it
                 stored.addErrback(lambda _: None)
+            if isinstance(e, CancelledError):
+                log.error(
+                    "Outbound message {message_id} unanswered: its request timed out or its"
+                    " client went away before the broker confirmed it (it may still be"
+                    " on {queue})",
+                    message_id=message_id,
+                    queue=self.routing_key,
+                    channel=self.channel_id or self.connector_name,
+                )
             raise
         self.metrics.publish_done(started, confirmed=True)
         if stored is None:

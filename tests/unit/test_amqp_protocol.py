@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from decimal import Decimal
 from io import BytesIO
+from unittest import mock
 
 import pytest
 from txamqp.connection import Body, Header, Heartbeat, Method
@@ -234,9 +235,10 @@ def test_method_frames_count_bytes_and_keep_booleans() -> None:
     from twisted.internet.task import Clock
     from txamqp.connection import Frame
 
-    from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate
+    from junebug_api.amqp_protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
 
-    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock())
+    events = mock.create_autospec(ConnectionEvents, instance=True)
+    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock(), events=events)
     spec = load_spec()
     declare = spec.classes.byname["queue"].methods.byname["declare"]
     args = [

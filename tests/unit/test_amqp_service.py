@@ -26,13 +26,16 @@ def connected_service(
     max_unconfirmed: int = 5000,
 ) -> tuple[AmqpService, _Connection, StringTransport, Clock]:
     clock = Clock()
-    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock)
+    settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
+    service = AmqpService(settings, [], {}, 10, clock)
+    # One connection both publishes and consumes in this fake.
+    connection = _Connection(
+        AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=lambda queue: None
+    )
+    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock, events=connection)
     transport = StringTransport()
     client.makeConnection(transport)
     transport.clear()
-    settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
-    service = AmqpService(settings, [], {}, 10, clock)
-    connection = _Connection(client, AmqpConfig(), opened_at=0.0, clock=clock)
     service._publisher.connection = connection
     service._consumer.connection = connection
     return service, connection, transport, clock
@@ -55,11 +58,11 @@ def test_confirms_resolve_their_own_publish_and_multiple_covers_earlier() -> Non
     second = service.publish("q", b"2", message_id="b")
     third = service.publish("q", b"3", message_id="c")
     assert list(connection.pending) == [1, 2, 3]
-    service._confirmed(connection, 2, True, True)
+    connection.publish_confirmed(2, True, True)
     assert result_of(first) is None
     assert result_of(second) is None
     assert not third.called
-    service._confirmed(connection, 3, False, False)
+    connection.publish_confirmed(3, False, False)
     with pytest.raises(PublishFailed, match=r"basic\.nack"):
         result_of(third)
 
@@ -72,7 +75,7 @@ def test_a_too_long_message_id_is_replaced_and_keeps_tags_in_step() -> None:
     assert body[2] == "Sawubona 👋".encode()
     assert long_id.encode() not in header[2]
     assert list(connection.pending) == [1]
-    service._confirmed(connection, 1, False, True)
+    connection.publish_confirmed(1, False, True)
     assert result_of(d) is None
 
 
@@ -84,18 +87,17 @@ def test_unencodable_headers_fail_without_taking_a_tag() -> None:
     assert transport.value() == b""
     good = service.publish("q", b"y", message_id="m")
     assert list(connection.pending) == [1]
-    service._confirmed(connection, 1, False, True)
+    connection.publish_confirmed(1, False, True)
     assert result_of(good) is None
 
 
 def test_acks_are_batched_with_multiple_for_a_leading_run() -> None:
     _, connection, transport, clock = connected_service()
-    for tag in (1, 2, 3, 4, 5):
-        connection.unacked_on(3)[tag] = False
-    connection.unacked_on(4)[1] = False
+    ackers = {tag: connection.track(3, tag, False, {}) for tag in (1, 2, 3, 4, 5)}
+    other = connection.track(4, 1, False, {})
     for tag in (2, 1, 3, 5):
-        connection.done(3, tag)
-    connection.done(4, 1)
+        ackers[tag].ack()
+    other.ack()
     assert transport.value() == b""  # gathered until the end of the reactor turn
     clock.advance(0)
     acks = [
@@ -112,7 +114,7 @@ def test_lost_connection_fails_pending_publishes() -> None:
 
     service, connection, _, _ = connected_service()
     d = service.publish("q", b"x", message_id="m")
-    service._lost(connection, Failure(ConnectionError("gone")))
+    connection.connection_lost(Failure(ConnectionError("gone")))
     with pytest.raises(PublishFailed, match="connection lost"):
         result_of(d)
     assert not service.connected
@@ -121,7 +123,7 @@ def test_lost_connection_fails_pending_publishes() -> None:
 def test_blocked_refuses_api_publishes_and_holds_others_until_unblocked() -> None:
     service, connection, transport, _ = connected_service()
     written = service.publish("q", b"before", message_id="a")
-    service._blocked(connection, "low on memory")
+    connection.broker_blocked("low on memory")
     assert service.health()["state"] == "blocked"
     assert service.health()["health"] == "down"
     transport.clear()
@@ -132,9 +134,9 @@ def test_blocked_refuses_api_publishes_and_holds_others_until_unblocked() -> Non
     held = service.publish("q.failed", b"dead letter", message_id="c")
     assert transport.value() == b""  # nothing new is written while blocked
     assert not held.called and not written.called
-    service._unblocked(connection)
+    connection.broker_unblocked()
     assert len(frames(transport.value())) == 3  # the held publish: method, header, body
-    service._confirmed(connection, 2, True, True)
+    connection.publish_confirmed(2, True, True)
     assert result_of(written) is None
     assert result_of(held) is None
     assert service.health()["health"] == "ok"
@@ -148,10 +150,10 @@ def test_max_unconfirmed_refuses_and_a_confirm_makes_room() -> None:
         result_of(service.publish("q", b"3", message_id="c", refuse_if_busy=True))
     held = service.publish("q", b"4", message_id="d")
     assert list(connection.pending) == [1, 2]
-    service._confirmed(connection, 1, False, True)
+    connection.publish_confirmed(1, False, True)
     assert result_of(first) is None
     assert list(connection.pending) == [2, 3]  # the held one went out, as tag 3
-    service._confirmed(connection, 3, False, True)
+    connection.publish_confirmed(3, False, True)
     assert result_of(held) is None
 
 
@@ -159,9 +161,9 @@ def test_lost_connection_fails_held_publishes() -> None:
     from twisted.python.failure import Failure
 
     service, connection, _, _ = connected_service()
-    service._blocked(connection, "disk")
+    connection.broker_blocked("disk")
     held = service.publish("q", b"x", message_id="m")
-    service._lost(connection, Failure(ConnectionError("gone")))
+    connection.connection_lost(Failure(ConnectionError("gone")))
     with pytest.raises(PublishFailed, match="before the message was sent"):
         result_of(held)
 
@@ -169,19 +171,19 @@ def test_lost_connection_fails_held_publishes() -> None:
 def test_a_closed_control_channel_keeps_the_connection() -> None:
     from twisted.python.failure import Failure
 
-    service, connection, transport, _ = connected_service()
+    _, connection, transport, _ = connected_service()
     connection.control = type("Channel", (), {"id": CONTROL_CHANNEL, "closed": False})()
-    service._channel_closed(connection, CONTROL_CHANNEL, Failure(ValueError("404")))
+    connection.channel_closed(CONTROL_CHANNEL, Failure(ValueError("404")))
     assert connection.control is None
     assert not transport.disconnecting
-    service._channel_closed(connection, 1, Failure(ValueError("406")))
+    connection.channel_closed(1, Failure(ValueError("406")))
     assert transport.disconnecting
 
 
 def test_connection_metrics_per_connection() -> None:
     service, connection, _, _ = connected_service()
     service.publish("q", b"x", message_id="m")
-    service._blocked(connection, "disk")
+    connection.broker_blocked("disk")
     assert service.connection_metrics() == {
         "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
         "consume": {"up": 1, "blocked": 1, "unconfirmed": 1},  # one connection in this fake
@@ -210,3 +212,34 @@ def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
         globalLogPublisher.removeObserver(events.append)
     errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
     assert errors == [], errors
+
+
+def test_a_consumer_added_before_start_gets_the_deliveries_of_its_queue() -> None:
+    """Consumers built after the service (they need its ``publish``) are
+    registered with add_consumer; the consuming connection hands them their
+    queue's deliveries. Once started, no consumer can be added."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
+    got: list[tuple[bytes, int]] = []
+    service.add_consumer("q", lambda body, acker: got.append((body, acker.delivery_tag)), 7)
+    service.startService()
+    try:
+        consuming = reactor.tcpClients[1][2]  # publish connects first, then consume
+        client = consuming.buildProtocol(None)
+        client.makeConnection(StringTransport())
+        deliver = struct.pack("!HH", 60, 60) + b"\x01q" + struct.pack("!QB", 9, 0) + b"\x00\x00"
+        header = struct.pack("!HHQH", 60, 0, 2, 0)
+        client.dataReceived(
+            b"".join(
+                struct.pack("!BHI", kind, 3, len(payload)) + payload + b"\xce"
+                for kind, payload in ((1, deliver), (2, header), (3, b"hi"))
+            )
+        )
+        assert got == [(b"hi", 9)]
+        with pytest.raises(RuntimeError, match="after the AMQP service started"):
+            service.add_consumer("other", lambda body, acker: None)
+    finally:
+        service.stopService()
+        reactor.advance(0)

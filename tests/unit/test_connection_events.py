@@ -1,0 +1,114 @@
+"""The seam between the AMQP client and AmqpService: ``ConnectionEvents``.
+
+The client is given its listener at construction and reports through that
+interface only; the service's listener (one ``_Connection`` per connection)
+has every method of it, with the same parameters. A method renamed, missing
+or with other parameters on either side fails here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import struct
+from unittest import mock
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from junebug_api.amqp_protocol import (
+    ConnectionEvents,
+    JunebugAMQPClient,
+    JunebugAMQPFactory,
+    JunebugDelegate,
+    load_spec,
+)
+from junebug_api.amqp_service import _Connection
+from junebug_api.config import AmqpConfig
+
+EVENTS = sorted(
+    name
+    for name, value in vars(ConnectionEvents).items()
+    if callable(value) and not name.startswith("_")
+)
+
+
+def parameters(function: object) -> list[tuple[str, inspect._ParameterKind]]:
+    return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
+
+
+def test_the_interface_names_every_event_the_client_reports() -> None:
+    assert EVENTS == [
+        "broker_blocked",
+        "broker_unblocked",
+        "channel_closed",
+        "connection_lost",
+        "connection_made",
+        "message_delivered",
+        "message_returned",
+        "publish_confirmed",
+    ]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_the_service_connection_implements_each_event_with_its_parameters(event: str) -> None:
+    implementation = getattr(_Connection, event, None)
+    assert implementation is not None, f"_Connection has no {event}"
+    assert parameters(implementation) == parameters(getattr(ConnectionEvents, event))
+
+
+def test_a_service_connection_is_connection_events() -> None:
+    assert isinstance(_Connection(AmqpConfig(), Clock(), 10), ConnectionEvents)
+
+
+def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce"
+
+
+def test_the_client_reports_through_the_interface_only() -> None:
+    """A listener that has the interface's methods and nothing else (an
+    autospec: an unknown method or wrong arguments raise) hears every event."""
+    events = mock.create_autospec(ConnectionEvents, instance=True)
+    factory = JunebugAMQPFactory("/", 0, Clock(), events)
+    client = factory.buildProtocol(None)
+    assert client.events is events
+    client.makeConnection(StringTransport())
+    events.connection_made.assert_called_once_with(client)
+
+    ack = struct.pack("!HHQB", 60, 80, 7, 1)
+    nack = struct.pack("!HHQB", 60, 120, 8, 0)
+    tag = b"q"
+    deliver = struct.pack("!HH", 60, 60) + bytes((len(tag),)) + tag + struct.pack("!QB", 3, 1)
+    deliver += b"\x00\x00"  # exchange (empty) and routing key (empty) short strings
+    header = struct.pack("!HHQH", 60, 0, 2, 0)
+    client.dataReceived(
+        frame(1, 1, ack) + frame(1, 1, nack) + frame(1, 5, deliver) + frame(2, 5, header)
+    )
+    client.dataReceived(frame(3, 5, b"hi"))
+    events.publish_confirmed.assert_has_calls(
+        [mock.call(7, True, True), mock.call(8, False, False)]
+    )
+    events.message_delivered.assert_called_once_with(5, "q", 3, True, b"hi", {})
+
+    delegate = JunebugDelegate()
+    delegate.client = client
+    delegate.connection_blocked(None, mock.Mock(reason="low on memory"))
+    delegate.connection_unblocked(None, mock.Mock())
+    returned = mock.Mock()
+    delegate.basic_return_(None, returned)
+    events.broker_blocked.assert_called_once_with("low on memory")
+    events.broker_unblocked.assert_called_once_with()
+    events.message_returned.assert_called_once_with(returned)
+
+    closed = Failure(ValueError("406"))
+    client.channel_failed(mock.Mock(id=4), closed)
+    events.channel_closed.assert_called_once_with(4, closed)
+    lost = Failure(ConnectionError("gone"))
+    client.connectionLost(lost)
+    events.connection_lost.assert_called_once_with(lost)
+
+
+def test_a_client_needs_a_listener() -> None:
+    with pytest.raises(TypeError, match="events"):
+        JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock())  # type: ignore[call-arg]
