@@ -53,12 +53,14 @@ def logger(namespace: str) -> Logger:
 
 def set_log_level(name: str) -> None:
     """Drop this package's events below ``name`` (DEBUG, INFO, WARNING, ...)."""
-    _predicate.defaultLogLevel = _LEVELS[name.upper()]
+    # The predicate filters by the level of namespace "": its defaultLogLevel
+    # is only what clearLogLevels resets to.
+    _predicate.setLogLevelForNamespace("", _LEVELS[name.upper()])
 
 
 def debug_enabled() -> bool:
     """Whether debug events are logged (so callers can skip building them)."""
-    return _predicate.defaultLogLevel is LogLevel.debug
+    return _predicate.logLevelForNamespace("") is LogLevel.debug
 
 
 # -- secrets out of log lines and error reports -------------------------------

@@ -116,9 +116,18 @@ class OutboundSender:
             if isinstance(e, PublishRefused):
                 error.retry_after = e.retry_after
             raise error from None
-        except BaseException:
+        except BaseException as e:
             if stored is not None:  # the request is gone (cancelled): nobody waits for it
                 stored.addErrback(lambda _: None)
+            if isinstance(e, CancelledError):
+                log.error(
+                    "Outbound message {message_id} unanswered: its request timed out or its"
+                    " client went away before the broker confirmed it (it may still be"
+                    " on {queue})",
+                    message_id=message_id,
+                    queue=self.routing_key,
+                    channel=self.channel_id or self.connector_name,
+                )
             raise
         self.metrics.publish_done(started, confirmed=True)
         if stored is None:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 
 from junebug_api.amqp_service import PublishFailed, PublishRefused
 from junebug_api.api import ApiCredentials, JunebugApi
 from junebug_api.http_server import ApiSite
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo, InMemoryStateCache
+from junebug_api.testing import RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -25,19 +26,6 @@ PATH = "/channels/x/messages"
 URL = "http://junebug.example" + PATH
 TIMEOUT = 30.0
 UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
-
-
-class FakePublish:
-    def __init__(self, answer: Callable[[], Deferred] | None = None) -> None:
-        self.calls: list[tuple[str, bytes, dict[str, Any]]] = []
-        self.answer = answer or (lambda: succeed(None))
-        self.on_call: Callable[[str, bytes, dict[str, Any]], None] | None = None
-
-    def __call__(self, routing_key: str, body: bytes, **kwargs: Any) -> Deferred:
-        self.calls.append((routing_key, body, kwargs))
-        if self.on_call is not None:
-            self.on_call(routing_key, body, kwargs)
-        return self.answer()
 
 
 class SenderChannel:
@@ -54,14 +42,14 @@ class SenderChannel:
 class Harness:
     def __init__(
         self,
-        publish: FakePublish | None = None,
+        publish: RecordingPublisher | None = None,
         health: dict | None = None,
         allow_expired_replies: bool = False,
         default_from_addr: str | None = "+27000000000",
     ) -> None:
         self.clock = Clock()
         self.cache = InMemoryStateCache(self.clock)
-        self.publish = publish or FakePublish()
+        self.publish = publish or RecordingPublisher()
         self.health = health or {"health": "ok", "components": {}}
         sender = OutboundSender(
             connector_name="conn",
@@ -109,13 +97,17 @@ def test_post_message_201_and_publish() -> None:
         }
     )
     assert code == 201
-    assert len(h.publish.calls) == 1
-    routing_key, body, kwargs = h.publish.calls[0]
-    assert routing_key == "conn.outbound"
-    assert isinstance(body, bytes)
-    message = json.loads(body.decode("utf-8"))
-    assert UNICODE_TEXT.encode("utf-8") in body  # UTF-8 on the wire, not \u escapes
-    assert kwargs == {"message_id": message["message_id"], "refuse_if_busy": True}
+    assert len(h.publish.published) == 1
+    sent = h.publish.published[0]
+    assert sent.routing_key == "conn.outbound"
+    assert isinstance(sent.body, bytes)
+    message = json.loads(sent.body.decode("utf-8"))
+    assert UNICODE_TEXT.encode("utf-8") in sent.body  # UTF-8 on the wire, not \u escapes
+    assert (sent.message_id, sent.headers, sent.refuse_if_busy) == (
+        message["message_id"],
+        None,
+        True,
+    )
     assert message["to_addr"] == "+27820000001"
     assert message["from_addr"] == "+27000000009"
     assert message["content"] == UNICODE_TEXT
@@ -150,7 +142,7 @@ def test_post_uses_default_from_addr_and_trailing_slash() -> None:
     h = Harness()
     code, _ = h.call("POST", URL + "/", {"to": "+2782", "content": "hi"})
     assert code == 201
-    message = json.loads(h.publish.calls[0][1])
+    message = json.loads(h.publish.published[0].body)
     assert message["from_addr"] == "+27000000000"
 
 
@@ -159,7 +151,7 @@ def test_post_without_from_and_without_default_is_400() -> None:
     code, data = h.post({"to": "+2782", "content": "hi"})
     assert code == 400
     assert data["description"] == "api usage error"
-    assert h.publish.calls == []
+    assert h.publish.published == []
 
 
 def test_event_url_is_stored_for_the_message() -> None:
@@ -194,7 +186,7 @@ def test_reply_to_cached_inbound() -> None:
         {"reply_to": "in-1", "content": "bye", "channel_data": {"continue_session": False}}
     )
     assert code == 201
-    message = json.loads(h.publish.calls[0][1])
+    message = json.loads(h.publish.published[0].body)
     assert message["to_addr"] == "+27820000001"
     assert message["from_addr"] == "*120#"
     assert message["in_reply_to"] == "in-1"
@@ -215,26 +207,32 @@ def test_reply_to_unknown_inbound_is_400() -> None:
     assert data["result"]["errors"] == [
         {"type": "MessageNotFound", "message": "Inbound message with id gone not found"}
     ]
-    assert h.publish.calls == []
+    assert h.publish.published == []
 
 
 def test_expired_reply_with_to_when_allowed() -> None:
     h = Harness(allow_expired_replies=True)
     code, _ = h.post({"reply_to": "gone", "to": "+2782", "content": "hi"})
     assert code == 201
-    message = json.loads(h.publish.calls[0][1])
+    message = json.loads(h.publish.published[0].body)
     assert message["to_addr"] == "+2782"
     assert message["in_reply_to"] is None
 
 
 def test_publish_failed_is_503_and_event_info_deleted() -> None:
-    publish = FakePublish(lambda: fail(PublishFailed("broker down")))
+    publish = RecordingPublisher(auto_confirm=False)
     h = Harness(publish=publish)
-    stored_during_publish = []
-    publish.on_call = lambda rk, body, kw: stored_during_publish.append(
-        result_of(h.cache.fetch_event_info(kw["message_id"]))
+    d = h.request(
+        "POST", URL, {"to": "+2782", "content": "hi", "event_url": "http://rp.example/events"}
     )
-    code, data = h.post({"to": "+2782", "content": "hi", "event_url": "http://rp.example/events"})
+    h.http.flush()
+    [sent] = publish.pending
+    # It was stored before the publish was answered...
+    assert result_of(h.cache.fetch_event_info(sent.message_id)) == EventInfo(
+        "http://rp.example/events", None
+    )
+    publish.nack(PublishFailed("broker down"))
+    code, data, _ = h.answer(d)
     assert code == 503
     assert data["status"] == 503
     assert data["code"] == "Service Unavailable"
@@ -242,15 +240,13 @@ def test_publish_failed_is_503_and_event_info_deleted() -> None:
     assert data["result"]["errors"] == [
         {"type": "ServiceUnavailable", "message": "message not sent: broker down"}
     ]
-    message_id = publish.calls[0][2]["message_id"]
-    # It was stored before publishing, and is gone again.
-    assert stored_during_publish == [EventInfo("http://rp.example/events", None)]
-    assert result_of(h.cache.fetch_event_info(message_id)) is None
+    # ... and is gone again.
+    assert result_of(h.cache.fetch_event_info(sent.message_id)) is None
 
 
 def test_publish_refused_is_503_with_retry_after() -> None:
-    publish = FakePublish(lambda: fail(PublishRefused("the broker blocks publishing", 5)))
-    h = Harness(publish=publish)
+    h = Harness()
+    h.publish.failure = PublishRefused("the broker blocks publishing", 5)
     d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
     h.http.flush()
     response = result_of(d)
@@ -265,15 +261,15 @@ def test_publish_refused_is_503_with_retry_after() -> None:
 
 
 def test_publish_failed_has_no_retry_after() -> None:
-    h = Harness(publish=FakePublish(lambda: fail(PublishFailed("broker down"))))
+    h = Harness()
+    h.publish.failure = PublishFailed("broker down")
     d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
     h.http.flush()
     assert result_of(d).headers.getRawHeaders(b"Retry-After") is None
 
 
 def test_publish_never_confirmed_is_503_after_request_timeout() -> None:
-    never: Deferred[None] = Deferred()
-    h = Harness(publish=FakePublish(lambda: never))
+    h = Harness(publish=RecordingPublisher(auto_confirm=False))
     d = h.request("POST", URL, {"to": "+2782", "content": "hi"})
     answered: list[Any] = []
     d.addBoth(lambda r: answered.append(r) or r)
@@ -282,16 +278,21 @@ def test_publish_never_confirmed_is_503_after_request_timeout() -> None:
     h.clock.advance(TIMEOUT - 1)
     h.http.flush()
     assert answered == []
-    assert len(h.publish.calls) == 1
-    h.clock.advance(1)
+    assert len(h.publish.published) == 1
+    with captured_logs() as logged:
+        h.clock.advance(1)
     code, data, _ = h.answer(d)
     assert code == 503
+    message_id = json.loads(h.publish.published[0].body)["message_id"]
+    unanswered = [e for e in logged if e.get("message_id") == message_id]
+    assert len(unanswered) == 1 and "unanswered" in unanswered[0]["log_format"]
+    assert unanswered[0]["log_level"] == LogLevel.error
     assert data["code"] == "Service Unavailable"
     assert data["description"] == "service unavailable"
     assert data["result"]["errors"] == [
         {"type": "RequestTimeout", "message": "request not handled within 30 s"}
     ]
-    assert never.called  # the publish wait was cancelled
+    assert h.publish.published[0].confirmed.called  # the publish wait was cancelled
     assert h.clock.getDelayedCalls() == []
 
 
@@ -307,7 +308,7 @@ def test_event_url_not_http_is_400() -> None:
                 "message": '"event_url" must be an http:// or https:// URL',
             }
         ]
-    assert h.publish.calls == []
+    assert h.publish.published == []
 
 
 def test_invalid_json_is_400() -> None:
@@ -384,7 +385,7 @@ def test_repeated_slashes_redirect_to_the_path_with_single_ones() -> None:
     assert response.headers.getRawHeaders(b"Location") == [location.encode()]
     body = json.loads(result_of(h.http.content(response)))
     assert body["result"] == {"location": location}
-    assert h.publish.calls == []
+    assert h.publish.published == []
 
 
 def test_path_that_is_not_utf8_is_400_envelope() -> None:
@@ -397,7 +398,8 @@ def test_path_that_is_not_utf8_is_400_envelope() -> None:
 
 
 def test_unexpected_error_is_500_envelope() -> None:
-    h = Harness(publish=FakePublish(lambda: fail(ZeroDivisionError())))
+    h = Harness()
+    h.publish.failure = ZeroDivisionError()
     code, data = h.post({"to": "+2782", "from": "8110", "content": "hi"})
     assert code == 500
     assert data["result"]["errors"][0]["type"] == "InternalError"
@@ -417,7 +419,7 @@ def test_bad_event_urls_are_400(event_url: str) -> None:
     assert (
         data["result"]["errors"][0]["message"] == '"event_url" must be an http:// or https:// URL'
     )
-    assert h.publish.calls == []
+    assert h.publish.published == []
 
 
 def test_requests_leave_no_cyclic_garbage() -> None:
@@ -451,7 +453,7 @@ def test_requests_leave_no_cyclic_garbage() -> None:
     finally:
         gc.enable()
     assert transport.value().count(b"HTTP/1.1 201 Created") == 101
-    assert len(h.publish.calls) == 101
+    assert len(h.publish.published) == 101
     assert garbage <= 8 * 100
 
 
@@ -459,13 +461,7 @@ def test_shutdown_drain_answers_in_flight_requests_then_closes() -> None:
     """Draining: a request waiting for its confirm is answered (with
     Connection: close) and its connection closes after the answer; an idle
     kept-alive connection is closed cleanly after the grace period."""
-    confirms: list[Deferred[None]] = []
-
-    def pending() -> Deferred[None]:
-        confirms.append(Deferred())
-        return confirms[-1]
-
-    h = Harness(FakePublish(pending))
+    h = Harness(RecordingPublisher(auto_confirm=False))
     site = ApiSite(
         h.api.resource(), clock=h.clock, max_request_size=1000, read_timeout=5, idle_timeout=60
     )
@@ -480,7 +476,7 @@ def test_shutdown_drain_answers_in_flight_requests_then_closes() -> None:
     busy_channel.makeConnection(busy)
     idle_channel.makeConnection(idle)
     idle_channel.dataReceived(request)
-    confirms[0].callback(None)
+    h.publish.confirm()
     assert idle.value().startswith(b"HTTP/1.1 201 Created")
     busy_channel.dataReceived(request)
     assert busy.value() == b""  # waiting for its confirm
@@ -491,7 +487,7 @@ def test_shutdown_drain_answers_in_flight_requests_then_closes() -> None:
     assert idle.disconnecting  # idle after the grace period: closed
     assert not busy.disconnecting
     assert not drained.called
-    confirms[1].callback(None)
+    h.publish.confirm()
     answer = busy.value()
     assert answer.startswith(b"HTTP/1.1 201 Created")
     assert b"\r\nConnection: close\r\n" in answer
@@ -500,7 +496,7 @@ def test_shutdown_drain_answers_in_flight_requests_then_closes() -> None:
 
 
 def test_shutdown_drain_cuts_what_is_not_answered_in_time() -> None:
-    h = Harness(FakePublish(Deferred))
+    h = Harness(RecordingPublisher(auto_confirm=False))
     site = ApiSite(
         h.api.resource(), clock=h.clock, max_request_size=1000, read_timeout=5, idle_timeout=60
     )

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -21,6 +20,7 @@ from junebug_api.log import logger
 from junebug_api.message_status import message_status, status_event
 from junebug_api.outages import OutageTracker
 from junebug_api.state_cache import InMemoryStateCache
+from junebug_api.testing import RecordingPublisher
 
 from .helpers import result_of
 
@@ -67,7 +67,7 @@ class Harness:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.cache = InMemoryStateCache(self.clock)
-        self.published: list[tuple[str, bytes]] = []
+        self.publish = RecordingPublisher()
         cfg = load_config(
             None,
             environ={},
@@ -117,10 +117,6 @@ class Harness:
         )
         self.http = StubTreq(self.api.resource())
 
-    def publish(self, routing_key: str, body: bytes, **kwargs: Any) -> Any:
-        self.published.append((routing_key, body))
-        return succeed(None)
-
     def call(
         self, method: str, path: str, body: Any = None, token: str | None = None
     ) -> tuple[int, dict]:
@@ -155,7 +151,7 @@ def test_unknown_channel_is_404_channel_not_found() -> None:
         assert code == 404, path
         assert data["description"] == "channel not found"
         assert data["result"]["errors"][0]["type"] == "ChannelNotFound"
-    assert h.published == []
+    assert h.publish.published == []
 
 
 def test_post_with_and_without_slash_goes_to_the_channels_queue() -> None:
@@ -164,7 +160,7 @@ def test_post_with_and_without_slash_goes_to_the_channels_queue() -> None:
         code, data = h.call("POST", path, {"to": "+2782", "content": "hi"})
         assert (code, data["description"]) == (201, "message submitted")
         assert data["result"]["channel_id"] == "a"
-    assert [key for key, _ in h.published] == ["a.outbound", "a.outbound"]
+    assert [p.routing_key for p in h.publish.published] == ["a.outbound", "a.outbound"]
 
 
 def test_content_over_character_limit_is_400_message_too_long() -> None:
@@ -175,7 +171,7 @@ def test_content_over_character_limit_is_400_message_too_long() -> None:
     assert data["result"]["errors"][0]["type"] == "MessageTooLong"
     code, _ = h.call("POST", "/channels/a/messages", {"to": "+2782", "content": "12345"})
     assert code == 201
-    assert len(h.published) == 1
+    assert len(h.publish.published) == 1
 
 
 def test_channel_credentials_are_the_channels_own() -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from junebug_api.amqp_service import PublishFailed
 from junebug_api.consumer import HandlingFailed, MessageWorker, RetryPolicy
+from junebug_api.testing import RecordingAcker, RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -50,36 +50,6 @@ def test_backoff_defaults() -> None:
 # -- MessageWorker ------------------------------------------------------------------
 
 
-class FakeAcker:
-    def __init__(self) -> None:
-        self.alive = True
-        self.acks = 0
-        self.rejects = 0
-        self.delivery_tag = 1
-        self.redelivered = False
-        self.headers: dict[str, Any] = {}
-
-    def ack(self) -> None:
-        self.acks += 1
-
-    def reject(self) -> None:
-        self.rejects += 1
-
-
-class FakePublish:
-    """Records calls; each answers with the next of ``results`` (default success)."""
-
-    def __init__(self, *results: Callable[[], Deferred]) -> None:
-        self.calls: list[tuple[str, bytes, dict[str, Any]]] = []
-        self.results = list(results)
-
-    def __call__(self, routing_key: str, body: bytes, **kwargs: Any) -> Deferred:
-        self.calls.append((routing_key, body, kwargs))
-        if self.results:
-            return self.results.pop(0)()
-        return succeed(None)
-
-
 class ScriptedHandler:
     """Runs the next step per call: an exception to raise, a Deferred, or None."""
 
@@ -102,9 +72,9 @@ class ScriptedHandler:
 
 def make_worker(
     handler: Any, publish: Any = None, **policy: Any
-) -> tuple[MessageWorker, Clock, FakePublish]:
+) -> tuple[MessageWorker, Clock, RecordingPublisher]:
     clock = Clock()
-    publish = publish if publish is not None else FakePublish()
+    publish = publish if publish is not None else RecordingPublisher()
     policy = {"delay": 1.0, "max_delay": 60.0, "max_attempts": 5, **policy}
     worker = MessageWorker(QUEUE, handler, publish, RetryPolicy(**policy), clock)
     return worker, clock, publish
@@ -117,12 +87,12 @@ def retryable(reason: str = "rapidpro down") -> HandlingFailed:
 def test_success_acks_once() -> None:
     handler = ScriptedHandler(None)
     worker, clock, publish = make_worker(handler)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert handler.bodies == [BODY]
     assert acker.acks == 1
     assert acker.rejects == 0
-    assert publish.calls == []
+    assert publish.published == []
     assert worker.in_flight == 0
     assert clock.getDelayedCalls() == []
 
@@ -131,7 +101,7 @@ def test_ack_waits_for_the_handler() -> None:
     pending: Deferred[None] = Deferred()
     handler = ScriptedHandler(pending)
     worker, _, _ = make_worker(handler)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert acker.acks == 0
     assert worker.in_flight == 1
@@ -143,7 +113,7 @@ def test_ack_waits_for_the_handler() -> None:
 def test_retries_then_success_acks_after_backoffs() -> None:
     handler = ScriptedHandler(retryable(), retryable(), None)
     worker, clock, publish = make_worker(handler, delay=1.0)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert handler.calls == 1
     # First wait is between 0.5 and 1 s.
@@ -161,7 +131,7 @@ def test_retries_then_success_acks_after_backoffs() -> None:
     assert handler.calls == 3
     assert acker.acks == 1
     assert acker.rejects == 0
-    assert publish.calls == []
+    assert publish.published == []
     assert handler.bodies == [BODY] * 3
     assert worker.in_flight == 0
     assert clock.getDelayedCalls() == []
@@ -170,31 +140,30 @@ def test_retries_then_success_acks_after_backoffs() -> None:
 def test_unexpected_exception_is_retried() -> None:
     handler = ScriptedHandler(KeyError("boom"), None)
     worker, clock, publish = make_worker(handler)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert acker.acks == 0
     clock.advance(1)
     assert handler.calls == 2
     assert acker.acks == 1
-    assert publish.calls == []
+    assert publish.published == []
 
 
 def test_permanent_failure_dead_letters_then_acks() -> None:
-    confirm: Deferred[None] = Deferred()
-    publish = FakePublish(lambda: confirm)
+    publish = RecordingPublisher(auto_confirm=False)
     reason = "RapidPro said 400: ñ 漢字 👋"
     handler = ScriptedHandler(HandlingFailed(reason, retryable=False, message_id="m-1"))
     worker, clock, _ = make_worker(handler, publish)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert handler.calls == 1
-    assert len(publish.calls) == 1
-    routing_key, body, kwargs = publish.calls[0]
-    assert routing_key == "conn.inbound.failed"
-    assert routing_key == worker.failed_queue
-    assert body == BODY
-    assert kwargs["message_id"] == "m-1"
-    headers = kwargs["headers"]
+    assert len(publish.published) == 1
+    sent = publish.published[0]
+    assert sent.routing_key == "conn.inbound.failed"
+    assert sent.routing_key == worker.failed_queue
+    assert sent.body == BODY
+    assert sent.message_id == "m-1"
+    headers = sent.headers
     assert headers["x-junebug-reason"].isascii()
     assert headers["x-junebug-reason"] == reason.encode("ascii", "backslashreplace").decode()
     assert headers["x-junebug-reason"].startswith("RapidPro said 400: \\xf1 \\u6f22")
@@ -203,7 +172,7 @@ def test_permanent_failure_dead_letters_then_acks() -> None:
     assert isinstance(headers["x-junebug-failed-at"], str)
     # Acked only once the dead letter is confirmed.
     assert acker.acks == 0
-    confirm.callback(None)
+    publish.confirm()
     assert acker.acks == 1
     assert acker.rejects == 0
     assert clock.getDelayedCalls() == []
@@ -213,15 +182,15 @@ def test_permanent_failure_dead_letters_then_acks() -> None:
 def test_long_reason_is_truncated() -> None:
     handler = ScriptedHandler(HandlingFailed("x" * 5000, retryable=False))
     worker, _, publish = make_worker(handler)
-    worker(BODY, FakeAcker())
-    assert len(publish.calls[0][2]["headers"]["x-junebug-reason"]) == 1000
+    worker(BODY, RecordingAcker())
+    assert len(publish.published[0].headers["x-junebug-reason"]) == 1000
 
 
 def test_dead_letter_without_message_id_gets_one() -> None:
     handler = ScriptedHandler(HandlingFailed("bad", retryable=False))
     worker, _, publish = make_worker(handler)
-    worker(BODY, FakeAcker())
-    message_id = publish.calls[0][2]["message_id"]
+    worker(BODY, RecordingAcker())
+    message_id = publish.published[0].message_id
     assert isinstance(message_id, str)
     assert len(message_id) == 32
 
@@ -229,19 +198,19 @@ def test_dead_letter_without_message_id_gets_one() -> None:
 def test_max_attempts_exhausted_dead_letters() -> None:
     handler = ScriptedHandler(*[retryable("try again") for _ in range(10)])
     worker, clock, publish = make_worker(handler, max_attempts=3, delay=1.0)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     clock.advance(1)  # wait after attempt 1: <= 1 s
     assert handler.calls == 2
-    assert publish.calls == []
+    assert publish.published == []
     clock.advance(2)  # wait after attempt 2: <= 2 s
     assert handler.calls == 3
-    assert len(publish.calls) == 1
-    routing_key, body, kwargs = publish.calls[0]
-    assert routing_key == "conn.inbound.failed"
-    assert body == BODY
-    assert kwargs["headers"]["x-junebug-attempts"] == 3
-    assert kwargs["headers"]["x-junebug-reason"] == "try again"
+    assert len(publish.published) == 1
+    sent = publish.published[0]
+    assert sent.routing_key == "conn.inbound.failed"
+    assert sent.body == BODY
+    assert sent.headers["x-junebug-attempts"] == 3
+    assert sent.headers["x-junebug-reason"] == "try again"
     assert acker.acks == 1
     assert clock.getDelayedCalls() == []
 
@@ -249,10 +218,10 @@ def test_max_attempts_exhausted_dead_letters() -> None:
 def test_max_attempts_one_means_no_retry() -> None:
     handler = ScriptedHandler(retryable())
     worker, clock, publish = make_worker(handler, max_attempts=1)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert handler.calls == 1
-    assert publish.calls[0][2]["headers"]["x-junebug-attempts"] == 1
+    assert publish.published[0].headers["x-junebug-attempts"] == 1
     assert acker.acks == 1
     assert clock.getDelayedCalls() == []
 
@@ -260,13 +229,13 @@ def test_max_attempts_one_means_no_retry() -> None:
 def test_dead_letter_publish_failed_rejects_after_a_growing_backoff() -> None:
     """A .failed queue that refuses messages is no hot loop: each release
     waits, longer for each failure in a row, and a success resets it."""
-    nack = lambda: fail(PublishFailed("nacked"))  # noqa: E731
-    publish = FakePublish(nack, nack, nack)
+    publish = RecordingPublisher()
+    publish.fail_next(*[PublishFailed("nacked")] * 3)
     handler = ScriptedHandler(*[HandlingFailed("bad", retryable=False) for _ in range(4)])
     worker, clock, _ = make_worker(handler, publish)
     waits = []
     for _ in range(3):
-        acker = FakeAcker()
+        acker = RecordingAcker()
         worker(BODY, acker)
         assert acker.rejects == 0
         waited = 0.0
@@ -276,14 +245,14 @@ def test_dead_letter_publish_failed_rejects_after_a_growing_backoff() -> None:
         waits.append(waited)
         assert acker.acks == 0
     assert waits == [0.5, 1.0, 2.0]
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)  # the fourth publish succeeds
     assert acker.acks == 1
     assert worker.in_flight == 0
 
 
 def test_connection_lost_during_handling_neither_acks_nor_dead_letters() -> None:
-    acker = FakeAcker()
+    acker = RecordingAcker()
 
     async def handler(body: bytes) -> None:
         acker.alive = False
@@ -293,13 +262,13 @@ def test_connection_lost_during_handling_neither_acks_nor_dead_letters() -> None
     worker(BODY, acker)
     assert acker.acks == 0
     assert acker.rejects == 0
-    assert publish.calls == []
+    assert publish.published == []
     assert clock.getDelayedCalls() == []
     assert worker.in_flight == 0
 
 
 def test_connection_lost_during_retryable_failure_stops_retrying() -> None:
-    acker = FakeAcker()
+    acker = RecordingAcker()
     calls = []
 
     async def handler(body: bytes) -> None:
@@ -312,14 +281,14 @@ def test_connection_lost_during_retryable_failure_stops_retrying() -> None:
     assert clock.getDelayedCalls() == []
     clock.advance(100)
     assert len(calls) == 1
-    assert (acker.acks, acker.rejects, publish.calls) == (0, 0, [])
+    assert (acker.acks, acker.rejects, publish.published) == (0, 0, [])
 
 
 def test_messages_are_independent() -> None:
     first: Deferred[None] = Deferred()
     handler = ScriptedHandler(first, None)
     worker, _, _ = make_worker(handler)
-    a, b = FakeAcker(), FakeAcker()
+    a, b = RecordingAcker(), RecordingAcker()
     worker(b"one", a)
     worker(b"two", b)
     assert (a.acks, b.acks) == (0, 1)
@@ -340,7 +309,7 @@ def test_drain_nothing_in_flight() -> None:
 def test_drain_gives_up_a_retry_wait() -> None:
     handler = ScriptedHandler(retryable())
     worker, clock, publish = make_worker(handler, delay=100.0, max_delay=100.0)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert worker.in_flight == 1
     # A retry wait is given up at once, without waiting for the timeout.
@@ -348,14 +317,14 @@ def test_drain_gives_up_a_retry_wait() -> None:
     assert worker.in_flight == 0
     clock.advance(1000)
     assert handler.calls == 1
-    assert (acker.acks, acker.rejects, publish.calls) == (0, 0, [])
+    assert (acker.acks, acker.rejects, publish.published) == (0, 0, [])
     assert clock.getDelayedCalls() == []
 
 
 def test_drain_waits_for_work_that_finishes_in_time() -> None:
     pending: Deferred[None] = Deferred()
     worker, clock, _ = make_worker(ScriptedHandler(pending))
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     d = Deferred.fromCoroutine(worker.drain(5))
     clock.advance(4)
@@ -366,10 +335,12 @@ def test_drain_waits_for_work_that_finishes_in_time() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def _drain_with_stuck_handler(timeout: float) -> tuple[int, FakeAcker, Deferred, MessageWorker]:
+def _drain_with_stuck_handler(
+    timeout: float,
+) -> tuple[int, RecordingAcker, Deferred, MessageWorker]:
     stuck: Deferred[None] = Deferred()
     worker, clock, _ = make_worker(ScriptedHandler(stuck))
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     d = Deferred.fromCoroutine(worker.drain(timeout))
     if timeout:
@@ -396,8 +367,51 @@ def test_no_retry_after_drain() -> None:
     handler = ScriptedHandler(retryable())
     worker, clock, publish = make_worker(handler)
     assert result_of(Deferred.fromCoroutine(worker.drain(5))) == 0
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert clock.getDelayedCalls() == []
-    assert (acker.acks, acker.rejects, publish.calls) == (0, 0, [])
+    assert (acker.acks, acker.rejects, publish.published) == (0, 0, [])
+    assert worker.in_flight == 0
+
+
+# -- what is known of a message, and errors no handler should raise ------------------
+
+
+def test_last_taken_is_when_a_message_was_last_acked() -> None:
+    worker, clock, _ = make_worker(ScriptedHandler(None, HandlingFailed("bad", retryable=False)))
+    assert worker.last_taken is None
+    clock.advance(7)
+    worker(BODY, RecordingAcker())
+    assert worker.last_taken == 7
+    clock.advance(3)
+    worker(BODY, RecordingAcker())  # dead-lettered: taken too
+    assert worker.last_taken == 10
+
+
+@pytest.mark.parametrize(
+    "message_id", ["x" * 256, "\ud800", ""], ids=["too long", "not UTF-8", "empty"]
+)
+def test_a_message_id_that_cannot_be_an_amqp_message_id_is_replaced(message_id: str) -> None:
+    handler = ScriptedHandler(HandlingFailed("bad", retryable=False, message_id=message_id))
+    worker, _, publish = make_worker(handler)
+    worker(BODY, RecordingAcker())
+    [sent] = publish.published
+    assert sent.message_id != message_id
+    assert len(sent.message_id) == 32
+
+
+def test_an_error_outside_the_handler_is_logged_with_the_message_id() -> None:
+    """A failing ack (a bug, not a delivery problem) is no silent loss: logged."""
+
+    class BrokenAcker(RecordingAcker):
+        def ack(self) -> None:
+            raise RuntimeError("ack failed")
+
+    worker, _, _ = make_worker(ScriptedHandler(None))
+    with captured_logs() as logged:
+        d = worker.handle(BODY, BrokenAcker())
+    assert result_of(d) is None  # logged, not left unhandled in the Deferred
+    [line] = [e for e in logged if "log_failure" in e]
+    assert line["message_id"] == "m-1"
+    assert line["queue"] == QUEUE
     assert worker.in_flight == 0

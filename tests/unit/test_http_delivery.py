@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
@@ -16,10 +15,10 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
-from twisted.web.resource import Resource
 
 from junebug_api.http_delivery import DeliveryFailed, HttpDelivery, safe_url, split_credentials
 from junebug_api.outages import OutageTracker, destination_of
+from junebug_api.testing import FakeRapidPro
 
 from .helpers import result_of
 
@@ -69,33 +68,10 @@ def test_query_at_sign_is_not_credentials() -> None:
 # -- HttpDelivery ---------------------------------------------------------------------
 
 
-class FakeRapidPro(Resource):
-    isLeaf = True
-
-    def __init__(self, code: int = 200) -> None:
-        super().__init__()
-        self.code = code
-        self.requests: list[dict[str, Any]] = []
-
-    def render_POST(self, request: Any) -> bytes:
-        self.requests.append(
-            {
-                "uri": request.uri,
-                "body": request.content.read(),
-                "content_type": request.requestHeaders.getRawHeaders(b"content-type"),
-                "authorization": request.requestHeaders.getRawHeaders(b"authorization"),
-                "accept": request.requestHeaders.getRawHeaders(b"accept"),
-            }
-        )
-        request.setResponseCode(self.code)
-        return b'{"ok": true}'
-
-
 def post(rapidpro: FakeRapidPro, url: str, body: bytes, token: str | None = None) -> Deferred[int]:
-    agent = RequestTraversalAgent(rapidpro)
-    delivery = HttpDelivery(agent, Clock())
+    delivery = rapidpro.delivery(Clock())
     d = Deferred.fromCoroutine(delivery.post_json(url, body, token, 10.0))
-    agent.flush()
+    rapidpro.flush()
     return d
 
 
@@ -105,19 +81,19 @@ def test_post_json_200_with_token() -> None:
     d = post(rapidpro, "http://rp.example/c/jn/uuid/receive", body, token="t")
     assert result_of(d) == 200
     [seen] = rapidpro.requests
-    assert seen["uri"] == b"/c/jn/uuid/receive"
-    assert seen["body"] == body
-    assert json.loads(seen["body"]) == {"content": UNICODE_TEXT}
-    assert seen["content_type"] == [b"application/json; charset=utf-8"]
-    assert seen["accept"] == [b"application/json"]
-    assert seen["authorization"] == [b"Token t"]
+    assert seen.uri == b"/c/jn/uuid/receive"
+    assert seen.body == body
+    assert json.loads(seen.body) == {"content": UNICODE_TEXT}
+    assert seen.header("Content-Type") == [b"application/json; charset=utf-8"]
+    assert seen.header("Accept") == [b"application/json"]
+    assert seen.header("Authorization") == [b"Token t"]
 
 
 def test_token_wins_over_url_credentials() -> None:
     rapidpro = FakeRapidPro(201)
     d = post(rapidpro, "http://user:pass@rp.example/in", b"{}", token="tok")
     assert result_of(d) == 201
-    assert rapidpro.requests[0]["authorization"] == [b"Token tok"]
+    assert rapidpro.requests[0].header("Authorization") == [b"Token tok"]
 
 
 def test_url_credentials_become_basic_auth() -> None:
@@ -125,14 +101,14 @@ def test_url_credentials_become_basic_auth() -> None:
     d = post(rapidpro, "http://us%40er:p%3Ass@rp.example/in?x=1", b"{}")
     assert result_of(d) == 200
     [seen] = rapidpro.requests
-    assert seen["authorization"] == [basic("us@er", "p:ss")]
-    assert seen["uri"] == b"/in?x=1"
+    assert seen.header("Authorization") == [basic("us@er", "p:ss")]
+    assert seen.uri == b"/in?x=1"
 
 
 def test_no_auth_without_token_or_credentials() -> None:
     rapidpro = FakeRapidPro(204)
     assert result_of(post(rapidpro, "http://rp.example/in", b"{}")) == 204
-    assert rapidpro.requests[0]["authorization"] is None
+    assert rapidpro.requests[0].header("Authorization") is None
 
 
 @pytest.mark.parametrize(
@@ -237,14 +213,13 @@ def test_outage_tracking_holds_back_a_down_destination() -> None:
     no attempt) until a probe is due; its 200 brings the destination back."""
     clock = Clock()
     rapidpro = FakeRapidPro(503)
-    agent = RequestTraversalAgent(rapidpro)
     outages = OutageTracker(clock, threshold=3, probe_interval=5.0)
-    delivery = HttpDelivery(agent, clock, outages=outages)
+    delivery = rapidpro.delivery(clock, outages=outages)
     url = "http://rp.example/in"
 
     def attempt() -> DeliveryFailed | int:
         d = Deferred.fromCoroutine(delivery.post_json(url, b"{}", None, 10.0))
-        agent.flush()
+        rapidpro.flush()
         try:
             return result_of(d)
         except DeliveryFailed as e:
@@ -267,11 +242,10 @@ def test_outage_tracking_holds_back_a_down_destination() -> None:
 def test_an_answer_that_is_no_5xx_is_no_outage(code: int) -> None:
     clock = Clock()
     rapidpro = FakeRapidPro(code)
-    agent = RequestTraversalAgent(rapidpro)
     outages = OutageTracker(clock, threshold=1)
-    delivery = HttpDelivery(agent, clock, outages=outages)
+    delivery = rapidpro.delivery(clock, outages=outages)
     d = Deferred.fromCoroutine(delivery.post_json("http://rp.example/in", b"{}", None, 10.0))
-    agent.flush()
+    rapidpro.flush()
     with pytest.raises(DeliveryFailed) as info:
         result_of(d)
     assert not info.value.outage and not info.value.held

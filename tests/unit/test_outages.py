@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from junebug_api.amqp_service import PublishFailed
 from junebug_api.consumer import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
@@ -21,8 +22,15 @@ from junebug_api.consumer import (
 )
 from junebug_api.outages import OutageTracker, describe_destination, destination_of
 from junebug_api.pause_while_down import PauseWhileDown
+from junebug_api.testing import (
+    RecordingAcker,
+    RecordingPublisher,
+    RecordingQueueControl,
+    captured_logs,
+)
 
-from .test_consumer import BODY, QUEUE, FakeAcker, FakePublish, ScriptedHandler
+from .helpers import result_of
+from .test_consumer import BODY, QUEUE, ScriptedHandler
 
 RAPIDPRO = destination_of("http://rapidpro.example:8000/c/jn/x/receive")
 RETRY_QUEUES = {d: f"{QUEUE}.retry.{d}" for d in (5, 20, 60, 300)}
@@ -108,10 +116,10 @@ def test_other_destinations_are_unaffected() -> None:
 
 def make_worker(
     handler: Any, publish: Any = None, gate: Any = None, **policy: Any
-) -> tuple[MessageWorker, Clock, FakePublish]:
+) -> tuple[MessageWorker, Clock, RecordingPublisher]:
     clock = Clock()
     clock.advance(1_000_000)
-    publish = publish if publish is not None else FakePublish()
+    publish = publish if publish is not None else RecordingPublisher()
     policy = {"delay": 1.0, "max_delay": 60.0, "max_attempts": 5, **policy}
     worker = MessageWorker(
         QUEUE,
@@ -141,12 +149,12 @@ def test_pick_delay() -> None:
 def test_short_retries_wait_in_process() -> None:
     handler = ScriptedHandler(failing(), failing(), None)
     worker, clock, publish = make_worker(handler, delay=1.0)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     clock.advance(1)  # backoff 0.5-1 s: in the process
     clock.advance(2)  # 1-2 s
     assert handler.calls == 3
-    assert publish.calls == []
+    assert publish.published == []
     assert acker.acks == 1
 
 
@@ -155,12 +163,12 @@ def test_longer_retries_wait_on_a_delay_queue() -> None:
     queue not longer than it, with its attempt count; the delivery is acked."""
     handler = ScriptedHandler(failing())
     worker, clock, publish = make_worker(handler, delay=10.0)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
-    routing_key, body, kwargs = publish.calls[0]
-    assert routing_key == f"{QUEUE}.retry.5"
-    assert body == BODY
-    headers = kwargs["headers"]
+    sent = publish.published[0]
+    assert sent.routing_key == f"{QUEUE}.retry.5"
+    assert sent.body == BODY
+    headers = sent.headers
     assert headers[ATTEMPTS_HEADER] == 1
     assert headers[FIRST_FAILURE_HEADER] == 1_000_000
     assert headers[HOLDS_HEADER] == 0
@@ -174,60 +182,60 @@ def test_attempts_continue_from_the_headers() -> None:
     """A restart (or a trip through a delay queue) resets nothing."""
     handler = ScriptedHandler(failing())
     worker, _clock, publish = make_worker(handler, max_attempts=5)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     acker.headers = {ATTEMPTS_HEADER: 4, FIRST_FAILURE_HEADER: 999_000}
     worker(BODY, acker)
-    routing_key, _, kwargs = publish.calls[0]
-    assert routing_key == f"{QUEUE}.failed"
-    assert kwargs["headers"][ATTEMPTS_HEADER] == 5
-    assert kwargs["headers"][FIRST_FAILURE_HEADER] == 999_000
+    sent = publish.published[0]
+    assert sent.routing_key == f"{QUEUE}.failed"
+    assert sent.headers[ATTEMPTS_HEADER] == 5
+    assert sent.headers[FIRST_FAILURE_HEADER] == 999_000
     assert acker.acks == 1
 
 
 def test_max_age_dead_letters_without_an_attempt() -> None:
     handler = ScriptedHandler(None)
     worker, _clock, publish = make_worker(handler, max_age=3600)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     acker.headers = {ATTEMPTS_HEADER: 1, FIRST_FAILURE_HEADER: 1_000_000 - 3600}
     worker(BODY, acker)
     assert handler.calls == 0
-    routing_key, _, kwargs = publish.calls[0]
-    assert routing_key == f"{QUEUE}.failed"
-    assert "delivery_max_age" in kwargs["headers"]["x-junebug-reason"]
+    sent = publish.published[0]
+    assert sent.routing_key == f"{QUEUE}.failed"
+    assert "delivery_max_age" in sent.headers["x-junebug-reason"]
     assert acker.acks == 1
 
 
 def test_young_enough_message_is_tried() -> None:
     handler = ScriptedHandler(None)
     worker, _, publish = make_worker(handler, max_age=3600)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     acker.headers = {ATTEMPTS_HEADER: 1, FIRST_FAILURE_HEADER: 1_000_000 - 3599}
     worker(BODY, acker)
     assert handler.calls == 1
-    assert publish.calls == []
+    assert publish.published == []
     assert acker.acks == 1
 
 
 def test_held_messages_spend_no_attempts_and_wait_on_delay_queues() -> None:
     handler = ScriptedHandler(failing("down", held=True))
     worker, _, publish = make_worker(handler, max_attempts=1)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
-    routing_key, _, kwargs = publish.calls[0]
-    assert routing_key == f"{QUEUE}.retry.5"
-    assert kwargs["headers"][ATTEMPTS_HEADER] == 0
-    assert kwargs["headers"][HOLDS_HEADER] == 1
+    sent = publish.published[0]
+    assert sent.routing_key == f"{QUEUE}.retry.5"
+    assert sent.headers[ATTEMPTS_HEADER] == 0
+    assert sent.headers[HOLDS_HEADER] == 1
     assert acker.acks == 1
     # Held again: the longer wait.
     handler = ScriptedHandler(failing("down", held=True))
     worker, _, publish = make_worker(handler, max_attempts=1)
-    acker = FakeAcker()
-    acker.headers = kwargs["headers"]
+    acker = RecordingAcker()
+    acker.headers = sent.headers
     worker(BODY, acker)
-    routing_key, _, kwargs = publish.calls[0]
-    assert routing_key == f"{QUEUE}.retry.20"
-    assert kwargs["headers"][ATTEMPTS_HEADER] == 0
-    assert kwargs["headers"][HOLDS_HEADER] == 2
+    sent = publish.published[0]
+    assert sent.routing_key == f"{QUEUE}.retry.20"
+    assert sent.headers[ATTEMPTS_HEADER] == 0
+    assert sent.headers[HOLDS_HEADER] == 2
 
 
 def test_in_process_wait_respects_max_hold() -> None:
@@ -235,10 +243,10 @@ def test_in_process_wait_respects_max_hold() -> None:
     delay queue even when it is short."""
     handler = ScriptedHandler(failing(), failing())
     worker, _clock, publish = make_worker(handler, delay=4.0, max_hold=12, attempt_timeout=10)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     # 2-4 s + 10 s for the next attempt > 12 s
-    assert publish.calls[0][0] == f"{QUEUE}.retry.5"
+    assert publish.published[0].routing_key == f"{QUEUE}.retry.5"
     assert acker.acks == 1
 
 
@@ -256,43 +264,22 @@ def test_held_message_of_a_pausing_queue_goes_back_once_paused() -> None:
     gate = FakeGate()
     handler = ScriptedHandler(failing("down", held=True))
     worker, _, publish = make_worker(handler, gate=gate)
-    acker = FakeAcker()
+    acker = RecordingAcker()
     worker(BODY, acker)
     assert acker.rejects == 0
     gate.waiting[0].callback(None)
     assert acker.rejects == 1
     assert acker.acks == 0
-    assert publish.calls == []
+    assert publish.published == []
 
 
 # -- PauseWhileDown -------------------------------------------------------------
 
 
-class FakeControl:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.ready: list[bytes] = []
-        self.ackers: list[FakeAcker] = []
-
-    async def pause_consumer(self, queue: str) -> None:
-        self.calls.append(f"pause {queue}")
-
-    async def resume_consumer(self, queue: str) -> None:
-        self.calls.append(f"resume {queue}")
-
-    async def get(self, queue: str) -> Any:
-        self.calls.append(f"get {queue}")
-        if not self.ready:
-            return None
-        acker = FakeAcker()
-        self.ackers.append(acker)
-        return self.ready.pop(0), {}, acker
-
-
 def test_pause_while_down_probes_then_resumes() -> None:
     clock = Clock()
     tracker = OutageTracker(clock, threshold=2, probe_interval=5.0)
-    control = FakeControl()
+    control = RecordingQueueControl()
     control.ready = [b"first", b"second"]
     outcomes = ["fail", "ok"]
     probes: list[bytes] = []
@@ -330,7 +317,7 @@ def test_pause_while_down_probes_then_resumes() -> None:
 def test_pause_keeps_polling_an_empty_queue_and_stops_on_shutdown() -> None:
     clock = Clock()
     tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
-    control = FakeControl()
+    control = RecordingQueueControl()
     gate = PauseWhileDown(
         QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock, probe_interval=5.0
     )
@@ -346,7 +333,7 @@ def test_pause_keeps_polling_an_empty_queue_and_stops_on_shutdown() -> None:
 def test_wait_paused_pauses_only_while_down(down: bool) -> None:
     clock = Clock()
     tracker = OutageTracker(clock, threshold=1)
-    control = FakeControl()
+    control = RecordingQueueControl()
     gate = PauseWhileDown(QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock)
     if down:
         tracker.failed(RAPIDPRO)
@@ -368,14 +355,55 @@ def test_held_messages_leave_no_cyclic_garbage() -> None:
                 raise failing("down", held=True) from None
 
     worker, _, publish = make_worker(DownHandler())
-    worker(BODY, FakeAcker())  # warm up
+    worker(BODY, RecordingAcker())  # warm up
     gc.collect()
     gc.disable()
     try:
         for _ in range(100):
-            worker(BODY, FakeAcker())
+            worker(BODY, RecordingAcker())
         garbage = gc.collect()
     finally:
         gc.enable()
-    assert len(publish.calls) == 101
+    assert len(publish.published) == 101
     assert garbage < 100
+
+
+def test_a_delay_queue_that_refuses_the_message_releases_it_after_a_backoff() -> None:
+    """The longer retry branch: the move to the delay queue is not confirmed,
+    so the delivery goes back to its queue (after 0.5 s), unacked, not lost."""
+    handler = ScriptedHandler(failing())
+    publish = RecordingPublisher()
+    publish.fail_next(PublishFailed("nacked"))
+    worker, clock, _ = make_worker(handler, publish, delay=10.0)
+    acker = RecordingAcker()
+    with captured_logs() as logged:
+        worker(BODY, acker)
+        assert [p.routing_key for p in publish.published] == [f"{QUEUE}.retry.5"]
+        assert (acker.acks, acker.rejects) == (0, 0)
+        clock.advance(0.5)
+    assert (acker.acks, acker.rejects) == (0, 1)
+    assert worker.in_flight == 0
+    [line] = [e for e in logged if e.get("why")]
+    assert line["why"] == f"Could not move it to {QUEUE}.retry.5 (nacked)"
+
+
+def test_a_release_waiting_out_its_backoff_is_released_at_once_by_drain() -> None:
+    handler = ScriptedHandler(failing())
+    publish = RecordingPublisher()
+    publish.fail_next(PublishFailed("nacked"))
+    worker, clock, _ = make_worker(handler, publish, delay=10.0)
+    acker = RecordingAcker()
+    worker(BODY, acker)
+    assert result_of(Deferred.fromCoroutine(worker.drain(5))) == 1
+    assert (acker.acks, acker.rejects) == (0, 1)  # back to its queue now
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_held_message_without_delay_queues_or_gate_goes_back_at_once() -> None:
+    handler = ScriptedHandler(failing("down", held=True))
+    publish = RecordingPublisher()
+    worker = MessageWorker(QUEUE, handler, publish, RetryPolicy(max_attempts=1), Clock())
+    acker = RecordingAcker()
+    worker(BODY, acker)
+    assert (acker.acks, acker.rejects) == (0, 1)
+    assert publish.published == []  # no attempt spent, nothing dead-lettered

@@ -17,6 +17,7 @@ from junebug_api.amqp_service import PublishFailed
 from junebug_api.junebug_formats import ServiceUnavailable
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo
+from junebug_api.testing import RecordingPublisher
 
 BODY = json.dumps({"to": "+2782", "from": "8110", "content": "hi", "event_url": "http://rp/e"})
 
@@ -42,18 +43,8 @@ class HandCache:
         return {"redis": {"health": self.state}}
 
 
-class HandPublish:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Deferred]] = []
-
-    def __call__(self, routing_key: str, body: bytes, *, message_id: str, **_: Any) -> Deferred:
-        d: Deferred[None] = Deferred()
-        self.calls.append((message_id, d))
-        return d
-
-
-def make(cache: HandCache) -> tuple[OutboundSender, HandPublish]:
-    publish = HandPublish()
+def make(cache: HandCache) -> tuple[OutboundSender, RecordingPublisher]:
+    publish = RecordingPublisher(auto_confirm=False)
     sender = OutboundSender(
         connector_name="c",
         transport_type="sms",
@@ -77,8 +68,9 @@ def test_publish_does_not_wait_for_the_write_but_the_answer_waits_for_both(write
     sender, publish = make(cache)
     result = outcome(Deferred.fromCoroutine(sender.send(BODY.encode())))
     [(message_id, info, write)] = cache.writes
-    [(published_id, confirm)] = publish.calls  # out before the write was answered
-    assert published_id == message_id
+    [sent] = publish.published  # out before the write was answered
+    assert sent.message_id == message_id
+    confirm = sent.confirmed
     assert info == EventInfo("http://rp/e", None)
     first, second = (write, confirm) if write_first else (confirm, write)
     first.callback(None)
@@ -91,7 +83,7 @@ def test_write_failing_after_the_confirm_is_503():
     cache = HandCache()
     sender, publish = make(cache)
     result = outcome(Deferred.fromCoroutine(sender.send(BODY.encode())))
-    publish.calls[0][1].callback(None)
+    publish.confirm()
     cache.writes[0][2].errback(ConnectionError("Redis went away"))
     [failure] = result
     assert failure.check(ServiceUnavailable)
@@ -102,7 +94,7 @@ def test_publish_failing_takes_the_event_info_back_after_the_write():
     sender, publish = make(cache)
     result = outcome(Deferred.fromCoroutine(sender.send(BODY.encode())))
     message_id, _, write = cache.writes[0]
-    publish.calls[0][1].errback(PublishFailed("nacked"))
+    publish.nack(PublishFailed("nacked"))
     assert cache.deleted == []  # the delete must not overtake the write
     write.callback(None)
     assert cache.deleted == [message_id]
@@ -113,7 +105,7 @@ def test_with_the_cache_down_nothing_is_published_before_the_write():
     cache = HandCache(health="down")
     sender, publish = make(cache)
     result = outcome(Deferred.fromCoroutine(sender.send(BODY.encode())))
-    assert publish.calls == []
+    assert publish.published == []
     cache.writes[0][2].errback(ConnectionError("still down"))
-    assert publish.calls == []
+    assert publish.published == []
     assert result[0].check(ServiceUnavailable)

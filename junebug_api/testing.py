@@ -1,0 +1,510 @@
+"""Test doubles for junebug-api's seams, for this project's unit tests and yours.
+
+As ``treq.testing`` and ``txacme.testing`` do for their libraries, this module
+gives the fakes a unit test needs in place of the parts that talk to the
+outside world; each one keeps to the contract of what it stands in for, and
+records what it was given so that a test can assert on it:
+
+- :class:`RecordingPublisher`: ``AmqpService.publish`` (confirms at once, on
+  demand, or fails as told).
+- :class:`RecordingAcker`: the ``Acker`` of one delivery.
+- :class:`RecordingQueueControl`: pausing, resuming and ``basic.get`` on
+  consumed queues (what ``PauseWhileDown`` and ``Channel`` are given).
+- :class:`BreakableStateCache`: a state cache (by default the real
+  ``InMemoryStateCache``) that fails every operation while it is broken.
+  The in-memory cache itself needs no fake: give tests an
+  ``InMemoryStateCache`` with a ``Clock``.
+- :class:`FakeRapidPro`: a delivery target, a Twisted resource that records
+  the POSTs it gets and answers the status codes it is told;
+  :meth:`FakeRapidPro.delivery` is an ``HttpDelivery`` that reaches it
+  in memory.
+- :class:`FakeBroker` and the ``*_frame(s)`` builders: the broker's side of
+  an AMQP connection, feeding frames to a client over a ``StringTransport``
+  (whole, or split wherever the test likes) and reading what it wrote;
+  :class:`RecordingConnectionEvents` hears what the client reports.
+- :func:`captured_logs`: the log events published while a block runs.
+
+Nothing here touches the network or a real reactor: drive time with
+``twisted.internet.task.Clock``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from .amqp_protocol import encode_table
+from .http_delivery import HttpDelivery
+from .metrics import NO_METRICS, Metrics
+from .outages import OutageTracker
+from .state_cache import EventInfo, InMemoryStateCache, StateCache
+from .vumi_messages import VumiMessage
+
+# -- publishing -------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Publication:
+    """One call of a :class:`RecordingPublisher`; ``confirmed`` is the
+    Deferred the caller got (it fires on the broker's confirm)."""
+
+    routing_key: str
+    body: bytes
+    message_id: str | None
+    headers: dict[str, Any] | None
+    refuse_if_busy: bool
+    confirmed: Deferred[None] = attrs.field(repr=False)
+
+
+class RecordingPublisher:
+    """Stands in for ``AmqpService.publish`` (same signature); records each call.
+
+    By default every publish is confirmed at once. :meth:`fail_next` makes the
+    next publishes fail (e.g. with ``PublishFailed`` or ``PublishRefused``);
+    ``failure`` set makes every one fail; ``auto_confirm=False`` leaves each
+    publish unconfirmed until the test calls :meth:`confirm` or :meth:`nack`,
+    as a broker that has not answered yet.
+    """
+
+    def __init__(self, *, auto_confirm: bool = True) -> None:
+        self.published: list[Publication] = []
+        self.auto_confirm = auto_confirm
+        #: While set, every publish fails with it.
+        self.failure: Exception | None = None
+        self._next_failures: list[Exception] = []
+
+    def __call__(
+        self,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        *,
+        refuse_if_busy: bool = False,
+    ) -> Deferred[None]:
+        if self._next_failures:
+            confirmed: Deferred[None] = fail(self._next_failures.pop(0))
+        elif self.failure is not None:
+            confirmed = fail(self.failure)
+        elif self.auto_confirm:
+            confirmed = succeed(None)
+        else:
+            confirmed = Deferred()
+        self.published.append(
+            Publication(routing_key, body, message_id, headers, refuse_if_busy, confirmed)
+        )
+        return confirmed
+
+    def fail_next(self, *errors: Exception) -> None:
+        """The next ``len(errors)`` publishes fail, one with each error."""
+        self._next_failures.extend(errors)
+
+    @property
+    def pending(self) -> list[Publication]:
+        """Publishes not confirmed or failed yet (with ``auto_confirm=False``)."""
+        return [p for p in self.published if not p.confirmed.called]
+
+    def confirm(self, index: int = 0) -> None:
+        """Confirm the ``index``-th publish still pending."""
+        self.pending[index].confirmed.callback(None)
+
+    def nack(self, error: Exception, index: int = 0) -> None:
+        """Fail the ``index``-th publish still pending with ``error``."""
+        self.pending[index].confirmed.errback(error)
+
+    def bodies(self, routing_key: str) -> list[bytes]:
+        """The bodies published to ``routing_key``, in order."""
+        return [p.body for p in self.published if p.routing_key == routing_key]
+
+
+# -- consuming --------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class RecordingAcker:
+    """Stands in for the ``Acker`` of one delivery; counts acks and rejects.
+
+    ``alive`` False is a delivery whose connection is gone (the broker
+    requeues it by itself).
+    """
+
+    headers: dict[str, Any] = attrs.field(factory=dict)
+    delivery_tag: int = 1
+    redelivered: bool = False
+    alive: bool = True
+    acks: int = 0
+    rejects: int = 0
+
+    def ack(self) -> None:
+        self.acks += 1
+
+    def reject(self) -> None:
+        self.rejects += 1
+
+
+class RecordingQueueControl:
+    """Stands in for the consumer controls of ``AmqpService`` (``QueueControl``).
+
+    ``calls`` records ``"pause <queue>"``, ``"resume <queue>"`` and
+    ``"get <queue>"`` in order; ``get`` answers the messages in ``ready`` (a
+    body, or a body and its AMQP properties), one per call, each with a new
+    :class:`RecordingAcker` (kept in ``ackers``), then None, as an empty
+    queue does.
+    """
+
+    def __init__(self, *ready: bytes | tuple[bytes, dict[str, Any]]) -> None:
+        self.calls: list[str] = []
+        self.ready: list[bytes | tuple[bytes, dict[str, Any]]] = list(ready)
+        self.ackers: list[RecordingAcker] = []
+
+    async def pause_consumer(self, queue: str) -> None:
+        self.calls.append(f"pause {queue}")
+
+    async def resume_consumer(self, queue: str) -> None:
+        self.calls.append(f"resume {queue}")
+
+    async def get(self, queue: str) -> tuple[bytes, dict[str, Any], RecordingAcker] | None:
+        self.calls.append(f"get {queue}")
+        if not self.ready:
+            return None
+        acker = RecordingAcker()
+        self.ackers.append(acker)
+        message = self.ready.pop(0)
+        body, properties = message if isinstance(message, tuple) else (message, {})
+        return body, properties, acker
+
+
+# -- the state cache --------------------------------------------------------
+
+
+class BreakableStateCache:
+    """A state cache that fails every operation while :attr:`failure` is set.
+
+    It wraps ``cache`` (by default an ``InMemoryStateCache`` on ``clock``) and
+    passes everything through while it works; broken, every operation fails
+    with the failure and ``health`` says down, as an unreachable Redis does.
+    """
+
+    def __init__(self, clock: IReactorTime, cache: StateCache | None = None) -> None:
+        self.cache: StateCache = cache if cache is not None else InMemoryStateCache(clock)
+        #: While set, every operation fails with it.
+        self.failure: Exception | None = None
+
+    def break_with(self, failure: Exception) -> None:
+        """Fail every operation from now on with ``failure``."""
+        self.failure = failure
+
+    def mend(self) -> None:
+        """Work again."""
+        self.failure = None
+
+    def _call(self, method: str, *args: Any) -> Deferred[Any]:
+        if self.failure is not None:
+            return fail(self.failure)
+        return getattr(self.cache, method)(*args)
+
+    def store_inbound(self, message: VumiMessage) -> Deferred[None]:
+        return self._call("store_inbound", message)
+
+    def fetch_inbound(self, message_id: str) -> Deferred[VumiMessage | None]:
+        return self._call("fetch_inbound", message_id)
+
+    def delete_inbound(self, message_id: str) -> Deferred[None]:
+        return self._call("delete_inbound", message_id)
+
+    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
+        return self._call("store_event_info", message_id, info)
+
+    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
+        return self._call("fetch_event_info", message_id)
+
+    def delete_event_info(self, message_id: str) -> Deferred[None]:
+        return self._call("delete_event_info", message_id)
+
+    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
+        return self._call("store_message_event", message_id, event_id, event)
+
+    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
+        return self._call("fetch_message_events", message_id)
+
+    def start(self) -> None:
+        self.cache.start()
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        if self.failure is not None:
+            return {"state_cache": {"health": "down", "error": str(self.failure)}}
+        return self.cache.health()
+
+    def close(self) -> Deferred[None]:
+        return self.cache.close()
+
+
+# -- the delivery target ----------------------------------------------------
+
+
+@attrs.frozen
+class ReceivedPost:
+    """One POST a :class:`FakeRapidPro` received."""
+
+    uri: bytes
+    body: bytes
+    headers: dict[bytes, list[bytes]]
+
+    def header(self, name: str) -> list[bytes] | None:
+        """The raw values of header ``name`` (any case), or None."""
+        return self.headers.get(name.lower().encode("ascii"))
+
+
+class FakeRapidPro(Resource):
+    """A delivery target (RapidPro's receive URL, an event URL) in memory.
+
+    Every POST is recorded in ``requests`` and answered with the next code
+    given to :meth:`answer` (then ``code``). With ``hold`` set, requests are
+    left unanswered (in ``held``) until the test finishes them, as a
+    destination that does not answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: int = 200) -> None:
+        super().__init__()
+        self.code = code
+        self.hold = False
+        self.requests: list[ReceivedPost] = []
+        self.held: list[Request] = []
+        self._codes: list[int] = []
+        from treq.testing import RequestTraversalAgent  # treq: the ``test`` extra
+
+        self._agent = RequestTraversalAgent(self)
+
+    def answer(self, *codes: int) -> None:
+        """Answer the next ``len(codes)`` POSTs with these status codes."""
+        self._codes.extend(codes)
+
+    def render_POST(self, request: Request) -> bytes | int:
+        headers = {
+            name.lower(): list(values) for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        self.requests.append(ReceivedPost(request.uri, request.content.read(), headers))
+        if self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(self._codes.pop(0) if self._codes else self.code)
+        return b'{"ok": true}'
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [r.body for r in self.requests]
+
+    def delivery(
+        self,
+        clock: IReactorTime,
+        metrics: Metrics = NO_METRICS,
+        outages: OutageTracker | None = None,
+    ) -> HttpDelivery:
+        """An ``HttpDelivery`` whose POSTs, to any URL, reach this resource."""
+        return HttpDelivery(self._agent, clock, metrics, outages)
+
+    def flush(self) -> None:
+        """Deliver the answers written so far to the waiting POSTs."""
+        self._agent.flush()
+
+
+# -- the broker's side of an AMQP connection ----------------------------------
+
+FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
+BASIC = 60
+BASIC_DELIVER, BASIC_ACK, BASIC_NACK = 60, 80, 120
+
+
+def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    """One AMQP frame: type, channel, size, ``payload`` and the frame end octet."""
+    return struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce"
+
+
+def _shortstr(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return bytes((len(data),)) + data
+
+
+def method_frame(channel: int, class_id: int, method_id: int, arguments: bytes = b"") -> bytes:
+    """A method frame with its arguments already encoded."""
+    return frame(FRAME_METHOD, channel, struct.pack("!HH", class_id, method_id) + arguments)
+
+
+def delivery_frames(
+    channel: int,
+    consumer_tag: str,
+    delivery_tag: int,
+    body: bytes,
+    *,
+    redelivered: bool = False,
+    headers: dict[str, Any] | None = None,
+    exchange: str = "vumi",
+    routing_key: str = "",
+    frame_max: int = 131072,
+) -> bytes:
+    """What a broker sends for one delivery: ``basic.deliver``, the content
+    header (with ``headers`` if given) and the body in frames of at most
+    ``frame_max`` bytes."""
+    deliver = method_frame(
+        channel,
+        BASIC,
+        BASIC_DELIVER,
+        _shortstr(consumer_tag)
+        + struct.pack("!QB", delivery_tag, 1 if redelivered else 0)
+        + _shortstr(exchange)
+        + _shortstr(routing_key),
+    )
+    flags = 0x2000 if headers else 0
+    properties = encode_table(headers) if headers else b""
+    header = frame(
+        FRAME_HEADER, channel, struct.pack("!HHQH", BASIC, 0, len(body), flags) + properties
+    )
+    chunk = frame_max - 8
+    bodies = [frame(FRAME_BODY, channel, body[i : i + chunk]) for i in range(0, len(body), chunk)]
+    return b"".join([deliver, header, *bodies])
+
+
+def confirm_frame(
+    delivery_tag: int, *, multiple: bool = False, ok: bool = True, channel: int = 1
+) -> bytes:
+    """A publisher confirm: ``basic.ack`` (``ok``) or ``basic.nack``."""
+    method = BASIC_ACK if ok else BASIC_NACK
+    return method_frame(
+        channel, BASIC, method, struct.pack("!QB", delivery_tag, 1 if multiple else 0)
+    )
+
+
+def heartbeat_frame() -> bytes:
+    return frame(FRAME_HEARTBEAT, 0, b"")
+
+
+def split_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """``(type, channel, payload)`` of every whole frame in ``data``."""
+    out, offset = [], 0
+    while offset + 7 <= len(data):
+        kind, channel, size = struct.unpack_from("!BHI", data, offset)
+        out.append((kind, channel, data[offset + 7 : offset + 7 + size]))
+        offset += 8 + size
+    return out
+
+
+class RecordingConnectionEvents:
+    """A :class:`~junebug_api.amqp_protocol.ConnectionEvents` listener that
+    records each event as ``(name, args)`` in ``events``, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        """The arguments of each event called ``name``."""
+        return [args for event, args in self.events if event == name]
+
+    def connection_made(self, client: Any) -> None:
+        self.events.append(("connection_made", (client,)))
+
+    def message_delivered(
+        self,
+        channel: int,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        body: bytes,
+        headers: dict[str, Any],
+    ) -> None:
+        self.events.append(
+            ("message_delivered", (channel, consumer_tag, delivery_tag, redelivered, body, headers))
+        )
+
+    def publish_confirmed(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        self.events.append(("publish_confirmed", (delivery_tag, multiple, ok)))
+
+    def message_returned(self, message: Any) -> None:
+        self.events.append(("message_returned", (message,)))
+
+    def broker_blocked(self, reason: str) -> None:
+        self.events.append(("broker_blocked", (reason,)))
+
+    def broker_unblocked(self) -> None:
+        self.events.append(("broker_unblocked", ()))
+
+    def channel_closed(self, channel: int, reason: Failure) -> None:
+        self.events.append(("channel_closed", (channel, reason)))
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.events.append(("connection_lost", (reason,)))
+
+
+class FakeBroker:
+    """The broker's end of a client's connection, in memory.
+
+    Connects ``client`` (an AMQP client protocol; by default a
+    ``JunebugAMQPClient`` reporting to a :class:`RecordingConnectionEvents`,
+    kept in ``events``) to a ``StringTransport``; :meth:`feed` hands it bytes
+    as the broker would send them, whole or cut at the given offsets (a
+    stream can arrive in any pieces); :meth:`written` is what the client
+    sent since the last :meth:`clear`.
+    """
+
+    def __init__(self, client: IProtocol | None = None, clock: IReactorTime | None = None) -> None:
+        self.events = RecordingConnectionEvents()
+        if client is None:
+            from .amqp_protocol import JunebugAMQPFactory
+
+            factory = JunebugAMQPFactory("/", 0, clock or Clock(), self.events)
+            client = factory.buildProtocol(None)
+        self.client = client
+        self.transport = StringTransport()
+        client.makeConnection(self.transport)
+
+    def feed(self, data: bytes, cuts: Iterable[int] = ()) -> None:
+        """Give ``data`` to the client, in pieces cut at the offsets ``cuts``."""
+        start = 0
+        for cut in sorted(set(cuts)):
+            if 0 < cut < len(data):
+                self.client.dataReceived(data[start:cut])
+                start = cut
+        if start < len(data):
+            self.client.dataReceived(data[start:])
+
+    def feed_bytewise(self, data: bytes) -> None:
+        """Give ``data`` to the client one byte at a time."""
+        self.feed(data, range(1, len(data)))
+
+    def written(self) -> bytes:
+        return self.transport.value()
+
+    def written_frames(self) -> list[tuple[int, int, bytes]]:
+        """``(type, channel, payload)`` of every frame the client wrote."""
+        return split_frames(self.written())
+
+    def clear(self) -> None:
+        self.transport.clear()
+
+
+# -- log events -------------------------------------------------------------
+
+
+@contextmanager
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Every log event published while the block runs (all levels, any
+    namespace), in a list that stays readable afterwards."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -1,0 +1,244 @@
+"""JunebugService: what the service tree holds for a config, and the order of
+its shutdown; on a MemoryReactorClock (nothing listens or connects for real)."""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.application.service import Application
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
+
+from junebug_api.amqp_service import AmqpService
+from junebug_api.config import load_config
+from junebug_api.http_server import ListeningService
+from junebug_api.log import set_log_level
+from junebug_api.metrics import NO_METRICS, PrometheusMetrics
+from junebug_api.redis_state_cache import RedisStateCache
+from junebug_api.service import (
+    JunebugService,
+    connector_queue_names,
+    declared_queue_names,
+    queue_names,
+    retry_queue_arguments,
+    retry_queue_names,
+    retry_queues,
+)
+from junebug_api.state_cache import InMemoryStateCache
+from junebug_api.testing import RecordingAcker, captured_logs
+
+from .helpers import result_of
+
+MO_URL = "http://127.0.0.1:9/in"
+ROLES = ("outbound", "inbound", "event", "inbound_failed", "event_failed")
+
+
+@pytest.fixture(autouse=True)
+def process_state() -> Iterator[None]:
+    """startService tunes the garbage collector and sets the log level for
+    the process: put both back for the other tests."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    set_log_level("INFO")
+
+
+def config(**options: Any) -> Any:
+    cli = {"http_bind": "127.0.0.1:0", "mo_message_url": MO_URL, **options}
+    if "channels" not in cli:
+        cli.setdefault("connector_name", "conn")
+    return load_config(None, environ={}, cli={k: str(v) for k, v in cli.items()})
+
+
+def service_for(reactor: Any = None, **options: Any) -> JunebugService:
+    return JunebugService(config(**options), reactor or MemoryReactorClock())
+
+
+# -- queue names ------------------------------------------------------------------
+
+
+def test_queue_names_of_a_connector() -> None:
+    assert queue_names("c") == {
+        "outbound": "c.outbound",
+        "inbound": "c.inbound",
+        "event": "c.event",
+        "inbound_failed": "c.inbound.failed",
+        "event_failed": "c.event.failed",
+    }
+    assert retry_queues("c.inbound") == {
+        5: "c.inbound.retry.5",
+        20: "c.inbound.retry.20",
+        60: "c.inbound.retry.60",
+        300: "c.inbound.retry.300",
+    }
+    assert retry_queue_names("c")["event_retry_60"] == "c.event.retry.60"
+    assert len(connector_queue_names("c")) == 5 + 2 * 4
+    assert declared_queue_names(config()) == connector_queue_names("conn")
+
+
+def test_a_delay_queue_sends_its_messages_back_to_their_queue_after_its_delay() -> None:
+    arguments = retry_queue_arguments("c.event")
+    assert arguments["c.event.retry.20"] == {
+        "x-message-ttl": 20_000,
+        "x-dead-letter-exchange": "vumi",
+        "x-dead-letter-routing-key": "c.event",
+    }
+    assert sorted(arguments) == sorted(retry_queues("c.event").values())
+
+
+# -- what the tree holds ----------------------------------------------------------
+
+
+def test_one_connector_the_tree_holds_amqp_then_http() -> None:
+    service = service_for()
+    amqp, http = list(service)
+    assert isinstance(amqp, AmqpService) and amqp is service.amqp
+    assert isinstance(http, ListeningService) and http is service.http
+    assert sorted(amqp.queues) == sorted(queue_names("conn").values())
+    # Its workers consume .inbound and .event; .outbound is the transport's.
+    [channel] = service.channels
+    assert sorted(channel.consumers) == ["conn.event", "conn.inbound"]
+    assert sorted(channel.consumers.values(), key=id) == sorted(service.workers, key=id)
+    assert sorted(w.queue for w in service.workers) == ["conn.event", "conn.inbound"]
+    assert [c.id for c in service.channels] == ["conn"]
+    assert list(service.queue_monitors) == ["conn"]
+    assert isinstance(service.cache, InMemoryStateCache)
+    assert isinstance(service.metrics, PrometheusMetrics)
+    assert service.sentry is None
+
+
+def test_each_channel_has_its_queues_workers_and_monitor() -> None:
+    service = service_for(
+        channels=json.dumps({"a": {}, "b": {"connector_name": "b-conn"}}),
+        metrics_enabled="false",
+    )
+    assert sorted(service.amqp.queues) == sorted(
+        [*queue_names("a").values(), *queue_names("b-conn").values()]
+    )
+    consumed = ["a.event", "a.inbound", "b-conn.event", "b-conn.inbound"]
+    assert sorted(q for c in service.channels for q in c.consumers) == consumed
+    assert sorted(w.queue for w in service.workers) == consumed
+    assert len(service.workers) == 4
+    assert sorted(service.queue_monitors) == ["a", "b"]
+    assert service.metrics is NO_METRICS
+
+
+def test_the_state_cache_is_the_configured_class() -> None:
+    service = service_for(
+        state_cache_class="junebug_api.redis_state_cache.RedisStateCache",
+        state_cache_config=json.dumps({"url": "redis://127.0.0.1:1/0", "key_prefix": "t-fakes"}),
+    )
+    assert isinstance(service.cache, RedisStateCache)
+
+
+def test_health_is_down_until_amqp_connects_and_shows_every_channel() -> None:
+    service = service_for(channels=json.dumps({"a": {}, "b": {}}))
+    health = service.health()
+    assert health["health"] == "down"
+    assert health["components"]["amqp"]["health"] != "ok"
+    assert health["components"]["amqp"]["stuck"] is False
+    assert "deliveries" in health["components"]
+    assert sorted(health["channels"]) == ["a", "b"]
+
+
+# -- start ------------------------------------------------------------------------
+
+
+def test_start_listens_connects_and_warns_of_an_open_api() -> None:
+    reactor = MemoryReactorClock()
+    service = service_for(reactor, middlewares=json.dumps([{"x": "y"}]))
+    with captured_logs() as logged:
+        service.privilegedStartService()
+        service.startService()
+    assert [port for port, *_ in reactor.tcpServers] == [0]
+    assert len(reactor.tcpClients) == 2  # the AMQP connections: publish and consume
+    warnings = [e["log_format"] for e in logged if e.get("log_namespace") == "junebug_api.service"]
+    assert any("The messages API is open for channel(s) {channels}" in w for w in warnings)
+    assert any("middlewares are not supported" in w for w in warnings)
+    reactor.advance(0)
+    stopped = service.stopService()
+    reactor.advance(1)
+    assert stopped.called
+
+
+class PortTaken(MemoryReactorClock):
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+
+def test_a_port_taken_is_one_line_and_exit_status_1(capfd: Any) -> None:
+    service = service_for(PortTaken())
+    with captured_logs() as logged, pytest.raises(SystemExit) as info:
+        service.privilegedStartService()
+    assert info.value.code == 1
+    line = "junebug-api: cannot listen on 127.0.0.1:0: Address already in use"
+    # On the terminal (and here, Twisted's stderr fallback for critical events
+    # before logging has begun also prints the log line).
+    assert set(capfd.readouterr().err.splitlines()) == {line}
+    assert [e["line"] for e in logged if "line" in e] == [line.removeprefix("junebug-api: ")]
+
+
+# -- shutdown order ---------------------------------------------------------------
+
+
+def inbound_body(message_id: str) -> bytes:
+    return json.dumps(
+        {
+            "message_type": "user_message",
+            "message_id": message_id,
+            "transport_name": "conn",
+            "to_addr": "8110",
+            "from_addr": "+27820000001",
+            "content": "hi",
+        }
+    ).encode()
+
+
+def test_shutdown_stops_listening_then_lets_work_finish_then_closes_amqp() -> None:
+    """SIGTERM: the port closes first; messages in work get shutdown_timeout
+    to finish while AMQP stays open (their acks need it); only then does the
+    AMQP service stop, and what did not finish stays unacked for the broker."""
+    reactor = MemoryReactorClock()
+    service = service_for(reactor, shutdown_timeout=5, mo_message_url_timeout=30)
+    service.privilegedStartService()
+    service.startService()
+    worker = next(w for w in service.workers if w.queue == "conn.inbound")
+    acker = RecordingAcker()
+    worker(inbound_body("in-1"), acker)  # its POST to RapidPro never gets an answer
+    assert worker.in_flight == 1
+
+    with captured_logs() as logged:
+        stopped = service.stopService()
+        assert not service.http.running  # stopped listening at once
+        assert service.amqp.running
+        reactor.advance(0.5)  # the HTTP drain's grace period
+        reactor.advance(4.9)
+        assert worker.in_flight == 1  # still given its time...
+        assert service.amqp.running  # ...with AMQP open
+        assert not stopped.called
+        reactor.advance(0.1)  # shutdown_timeout after the workers' drain began
+        assert worker.in_flight == 0
+        assert not service.amqp.running
+        reactor.advance(0)
+    assert result_of(stopped) is None
+    assert (acker.acks, acker.rejects) == (0, 0)  # back to its queue on close
+    lines = [e["log_format"] for e in logged if e.get("log_namespace") == "junebug_api.service"]
+    assert lines[-2].startswith("{count} message(s) still in work after {timeout} s")
+    assert lines[-1] == "junebug-api stopped"
+    assert not service.running
+
+
+def test_the_json_log_observer_is_given_to_twistds_application() -> None:
+    """twistd looks the log observer up on the application it loads."""
+    events: list[dict[str, Any]] = []
+    observer = events.append
+    service = JunebugService(config(), MemoryReactorClock(), log_observer=observer)
+    application = Application("junebug-api")
+    service.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is observer

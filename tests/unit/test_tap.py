@@ -1,0 +1,167 @@
+"""tap: twistd's Options (every config option on the command line; a config
+problem is one line and exit status 1) and makeService."""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, LogLevel
+
+from junebug_api.log import set_log_level
+from junebug_api.service import JunebugService
+from junebug_api.tap import Options, makeService
+from junebug_api.testing import captured_logs
+
+REQUIRED = [
+    "--connector-name",
+    "conn",
+    "--mo-message-url",
+    "http://rp.example/in",
+    "--http-bind",
+    "127.0.0.1:0",
+]
+
+
+@pytest.fixture(autouse=True)
+def process_state() -> Iterator[None]:
+    """Nothing here starts the service; keep the process as it was anyway."""
+    threshold = gc.get_threshold()
+    yield
+    gc.set_threshold(*threshold)
+    set_log_level("INFO")
+
+
+def parsed(argv: list[str]) -> Options:
+    options = Options()
+    options.parseOptions(argv)
+    return options
+
+
+def config_error(argv: list[str], capsys: Any) -> str:
+    """The one stderr line of a config problem (after exit status 1)."""
+    with pytest.raises(SystemExit) as info:
+        parsed(argv)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n")
+    return err.rstrip("\n")
+
+
+def test_every_config_option_is_a_command_line_option() -> None:
+    options = parsed([*REQUIRED, "--worker-concurrency", "7", "--amqp-hostname", "rabbit"])
+    assert options.config.connector_name == "conn"
+    assert options.config.mo_message_url == "http://rp.example/in"
+    assert options.config.worker_concurrency == 7
+    assert options.config.amqp_connection.brokers[0].hostname == "rabbit"
+
+
+def test_the_command_line_overrides_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "junebug.yaml"
+    path.write_text(
+        "connector_name: from-file\nmo_message_url: http://rp.example/in\n"
+        "http_bind: 127.0.0.1:0\nworker_concurrency: 3\n"
+    )
+    options = parsed(["--config", str(path), "--connector-name", "from-cli"])
+    assert options.config.connector_name == "from-cli"
+    assert options.config.worker_concurrency == 3
+
+
+def test_a_missing_option_is_one_line(capsys: Any) -> None:
+    line = config_error(["--connector-name", "conn", "--http-bind", "127.0.0.1:0"], capsys)
+    assert line == "junebug-api: config error: mo_message_url is required"
+
+
+def test_a_bad_value_is_one_line(capsys: Any) -> None:
+    line = config_error([*REQUIRED, "--worker-concurrency", "many"], capsys)
+    assert line == "junebug-api: config error: --worker-concurrency must be an integer, got 'many'"
+
+
+def test_a_missing_config_file_is_one_line(tmp_path: Path, capsys: Any) -> None:
+    line = config_error(["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert line.startswith("junebug-api: config error: ")
+    assert "nope.yaml" in line
+
+
+def test_a_bad_state_cache_config_is_one_line_before_anything_starts(capsys: Any) -> None:
+    line = config_error(
+        [
+            *REQUIRED,
+            "--state-cache-class",
+            "junebug_api.redis_state_cache.RedisStateCache",
+            "--state-cache-config",
+            json.dumps({"colour": "blue"}),
+        ],
+        capsys,
+    )
+    assert line == (
+        "junebug-api: config error: unknown option state_cache_config.colour for RedisStateCache"
+    )
+
+
+def test_an_unknown_state_cache_class_is_one_line(capsys: Any) -> None:
+    line = config_error([*REQUIRED, "--state-cache-class", "no.such.Cache"], capsys)
+    assert line == "junebug-api: config error: state_cache_class 'no.such.Cache' cannot be imported"
+
+
+def test_make_service_sizes_http_connections_under_the_open_file_limit() -> None:
+    with captured_logs() as logged:
+        service = makeService(parsed(REQUIRED))
+    assert isinstance(service, JunebugService)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert 0 < service.config.http_max_connections <= soft * 3 // 4
+    [line] = [e for e in logged if "max_connections" in e and "after" in e]
+    assert line["after"] == soft
+    assert line["max_connections"] == service.config.http_max_connections
+
+
+def test_a_given_http_max_connections_is_kept_with_a_warning_when_it_leaves_few_fds() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with captured_logs() as logged:
+        service = makeService(parsed([*REQUIRED, "--http-max-connections", str(soft)]))
+    assert service.config.http_max_connections == soft
+    assert any("leaves few of the {limit} file" in e["log_format"] for e in logged)
+
+
+class ServerOptions(dict):
+    """What makeService reads of twistd's own options (its ``parent``)."""
+
+
+def joined(options: Options) -> Application:
+    """The twistd application ``makeService(options)`` is put in."""
+    application = Application("junebug-api")
+    makeService(options).setServiceParent(application)
+    return application
+
+
+def test_log_format_json_gives_twistd_a_json_observer_for_its_log_file(tmp_path: Path) -> None:
+    options = parsed([*REQUIRED, "--log-format", "json"])
+    log_file = tmp_path / "twistd.log"
+    options.parent = ServerOptions(logfile=str(log_file))
+    observer = joined(options).getComponent(ILogObserver)
+    observer(
+        {
+            "log_format": "POST to {url} failed",
+            "url": "http://user:secret@rp.example/in",
+            "log_level": LogLevel.warn,
+            "log_namespace": "junebug_api.inbound",
+            "log_time": 0,
+        }
+    )
+    [line] = log_file.read_text().splitlines()
+    record = json.loads(line)
+    assert record["connector"] == "conn"
+    assert "rp.example/in failed" in record["message"]
+    assert "secret" not in line
+
+
+def test_log_format_text_leaves_twistds_observer(tmp_path: Path) -> None:
+    options = parsed(REQUIRED)
+    options.parent = ServerOptions(logfile=str(tmp_path / "twistd.log"))
+    assert joined(options).getComponent(ILogObserver) is None
