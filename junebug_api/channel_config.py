@@ -20,9 +20,9 @@ import attrs
 from .config import (
     ConfigError,
     JunebugConfig,
-    _check_url,
-    _check_value,
     check_queue_prefix,
+    check_url,
+    check_value,
     read_secret_file,
 )
 
@@ -163,7 +163,7 @@ def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> Channe
         if name in given:
             raise ConfigError(f"{where}.{key}: {name} is given twice (once by its alias)")
         given.add(name)
-        values[name] = _check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
+        values[name] = check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
         if isinstance(values[name], str) and any(
             ord(c) < 32 or ord(c) == 127 for c in values[name]
         ):
@@ -189,9 +189,9 @@ def _check_settings(settings: ChannelSettings, where: str) -> None:
         settings.connector_name,
         connector_queue_names(settings.connector_name),
     )
-    _check_url(f"{where}.mo_message_url", settings.mo_message_url)
+    check_url(f"{where}.mo_message_url", settings.mo_message_url)
     if settings.default_event_url is not None:
-        _check_url(f"{where}.default_event_url", settings.default_event_url)
+        check_url(f"{where}.default_event_url", settings.default_event_url)
     if settings.character_limit is not None and not 0 <= settings.character_limit <= 1_000_000:
         raise ConfigError(
             f"{where}.character_limit must be from 0 to 1000000, got {settings.character_limit}"

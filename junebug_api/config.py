@@ -166,7 +166,7 @@ def http_url() -> Validator:
 
     def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is not None:
-            _check_url(attribute.name, value)
+            check_url(attribute.name, value)
 
     return check
 
@@ -421,7 +421,7 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
-def _check_value(name: str, hint: Any, value: Any) -> Any:
+def check_value(name: str, hint: Any, value: Any) -> Any:
     """Check one value from YAML (already typed) against its field's type."""
     kind, optional = _base_type(hint)
     if value is None:
@@ -471,7 +471,7 @@ def _from_string(name: str, hint: Any, text: str) -> Any:
     """Turn an environment or command-line string into the field's type."""
     kind, optional = _base_type(hint)
     if kind is str:
-        return _check_value(name, hint, text)
+        return check_value(name, hint, text)
     if kind is list and not text.strip().startswith("["):
         # Lists such as amqp_urls: comma-separated in the environment and CLI.
         return [item.strip() for item in text.split(",") if item.strip()]
@@ -493,12 +493,12 @@ def _from_string(name: str, hint: Any, text: str) -> Any:
             number = float(text)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {text!r}") from None
-        return _check_value(name, hint, number)
+        return check_value(name, hint, number)
     try:
         value = json.loads(text)
     except ValueError:
         raise ConfigError(f"{name} must be JSON, got {text!r}") from None
-    return _check_value(name, hint, value)
+    return check_value(name, hint, value)
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -518,7 +518,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if attrs.has(hint):
             kwargs[name] = _build(hint, data[name] or {}, f"{prefix}{name}.")
         else:
-            kwargs[name] = _check_value(f"{prefix}{name}", hint, data[name])
+            kwargs[name] = check_value(f"{prefix}{name}", hint, data[name])
     try:
         return cls(**kwargs)
     except OptionError as e:
@@ -741,7 +741,7 @@ def _check_operations(config: JunebugConfig) -> None:
         )
 
 
-def _check_url(name: str, url: str) -> None:
+def check_url(name: str, url: str) -> None:
     """An http(s) URL with a host, a valid port and nothing that would be dropped."""
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise ConfigError(f"{name} must not contain spaces or control characters")
