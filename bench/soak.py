@@ -78,7 +78,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.service import retry_queue_names
+from junebug_api.queue_names import EXCHANGE, QueueNames
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -91,8 +91,6 @@ AMQP_PARAMS = pika.ConnectionParameters(
     socket_timeout=5,
     blocked_connection_timeout=30,
 )
-EXCHANGE = "vumi"
-QUEUE_SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
 BASE_PATH = "/channels/soak"
 IN_FLIGHT = 16  # outbound POSTs at once
 POST_TIMEOUT = 30.0  # client side, per POST
@@ -430,9 +428,7 @@ class Soak:
         self.count = args.messages
         self.run_id = secrets.token_hex(4)
         self.connector = f"soak-{self.run_id}"
-        self.queues = [f"{self.connector}.{suffix}" for suffix in QUEUE_SUFFIXES] + list(
-            retry_queue_names(self.connector).values()
-        )
+        self.queues = QueueNames.for_connector(self.connector).all()
         self.phase_rows: list[list[Any]] = []
         self.phase_notes: list[str] = []
         self.phase_lost = 0

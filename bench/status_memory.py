@@ -21,8 +21,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.message_status import status_event
-from junebug_api.state_cache import InMemoryStateCache
 
 
 def rss_bytes() -> int:

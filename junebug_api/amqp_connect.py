@@ -13,7 +13,7 @@ certificate of rabbit:5671 is signed by an unknown CA", never a traceback.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as net_error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -28,7 +28,10 @@ from twisted.internet.ssl import (
 )
 from twisted.python.failure import Failure
 
-from .config import AmqpConfig, AmqpConnectionSettings, ConfigError
+from .config_checks import ConfigError
+
+if TYPE_CHECKING:
+    from .config import AmqpConfig, AmqpConnectionSettings
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 

@@ -38,9 +38,14 @@ from twisted.python.failure import Failure
 
 from .log import logger
 
-# txAMQP still calls Twisted's deprecated returnValue; hide that warning for
-# txAMQP's own modules only, before they are imported.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"txamqp(\.|$)")
+# txAMQP still calls Twisted's deprecated returnValue; hide that one warning,
+# for txAMQP's own modules only, before they are imported.
+warnings.filterwarnings(
+    "ignore",
+    message=r"twisted\.internet\.defer\.returnValue was deprecated",
+    category=DeprecationWarning,
+    module=r"txamqp(\.|$)",
+)
 
 from txamqp import spec as txamqp_spec  # noqa: E402
 from txamqp.client import TwistedDelegate  # noqa: E402

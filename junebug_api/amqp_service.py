@@ -55,12 +55,12 @@ from .amqp_connect import (
 from .amqp_protocol import JunebugAMQPClient, JunebugAMQPFactory, body_bytes
 from .config import AmqpConfig, AmqpConnectionSettings
 from .log import logger
+from .message_ids import generate_message_id
 from .metrics import NO_METRICS, Metrics
-from .vumi_messages import generate_message_id
+from .queue_names import EXCHANGE
 
 log = logger(__name__)
 
-EXCHANGE = "vumi"
 PUBLISH_CHANNEL = 1  # publishing connection: confirm mode
 CONTROL_CHANNEL = 2  # either connection: declarations, basic.get, queue queries
 FIRST_CONSUMER_CHANNEL = 3  # consuming connection: one channel per consumer

@@ -5,8 +5,9 @@ Per channel: ``POST <messages path>`` (``/channels/<id>/messages``, or
 path>/<message_id>`` (message status), ``GET /channels/<id>`` (settings and
 status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
 Channels are set in the config file, so old Junebug's create, modify, delete
-and restart answer 405. Routes, the request timeout and turning every error
-into Junebug's envelope live here; what a message becomes is the channel's
+and restart answer 405. Routes, the request timeout and turning every failure
+(routing errors included) into one of :mod:`junebug_api.api_errors`, answered
+in Junebug's envelope, live here; what a message becomes is the channel's
 business (:mod:`junebug_api.channel`, :mod:`junebug_api.outbound`).
 """
 
@@ -30,8 +31,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
-from .junebug_formats import (
-    JSON_CONTENT_TYPE,
+from .api_errors import (
     ApiError,
     ApiUsageError,
     ChannelNotFound,
@@ -42,8 +42,9 @@ from .junebug_formats import (
     RequestTimedOut,
     ServiceUnavailable,
     Unauthorized,
+    answer,
+    answer_error,
     envelope,
-    error_envelope,
 )
 from .klein_resource import KleinAppResource
 from .log import logger
@@ -199,7 +200,7 @@ class JunebugApi:
         def refuse(request: IRequest, channel_id: str | None = None) -> bytes:
             request.setHeader(b"Allow", b"GET")
             error = ChannelsReadOnly(_READ_ONLY.format(what=what))
-            return _answer(request, error.status, error_envelope(error))
+            return answer_error(request, error)
 
         refuse.__name__ = f"read_only_{what}"
         return refuse
@@ -208,7 +209,7 @@ class JunebugApi:
     def _refused(request: IRequest) -> bytes:
         request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
         error = Unauthorized("missing or wrong credentials")
-        return _answer(request, error.status, error_envelope(error))
+        return answer_error(request, error)
 
     def _created(self, result: dict[str, Any], request: IRequest) -> bytes:
         self._metrics.outbound_request(HTTPStatus.CREATED.value)
@@ -282,15 +283,12 @@ class JunebugApi:
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
         status = HTTPStatus.OK if health["health"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
-        return _answer(request, status, json.dumps(health).encode("utf-8"))
+        return answer(request, status, json.dumps(health).encode("utf-8"))
 
     def _error(self, request: IRequest, failure: Failure) -> bytes | Failure:
         """The envelope answering a failed request (routing errors included)."""
         if failure.check(ApiError):
             error = failure.value
-            retry_after = getattr(error, "retry_after", None)
-            if retry_after is not None:
-                request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
         elif failure.check(WerkzeugNotFound):
             error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         elif failure.check(WerkzeugMethodNotAllowed):
@@ -314,7 +312,7 @@ class JunebugApi:
         if request.method == b"POST" and not failure.check(HTTPException):
             # Not a routing error: the answer to a message POST.
             self._metrics.outbound_request(error.status.value)
-        return _answer(request, error.status, error_envelope(error))
+        return answer_error(request, error)
 
 
 def _redirect(request: IRequest, redirect: RequestRedirect) -> bytes:
@@ -329,7 +327,7 @@ def _redirect(request: IRequest, redirect: RequestRedirect) -> bytes:
         location += b"?" + query
     request.setHeader(b"Location", location)
     status = HTTPStatus(redirect.code)
-    return _answer(
+    return answer(
         request,
         status,
         envelope(status, "use the path with single slashes", {"location": location.decode()}),
@@ -348,16 +346,10 @@ async def _cache_answer(status: Any) -> dict[str, Any]:
 
 
 def _ok(result: Any, request: IRequest, description: str) -> bytes:
-    return _answer(request, HTTPStatus.OK, envelope(HTTPStatus.OK, description, result))
+    return answer(request, HTTPStatus.OK, envelope(HTTPStatus.OK, description, result))
 
 
 def _created(result: dict[str, Any], request: IRequest) -> bytes:
-    return _answer(
+    return answer(
         request, HTTPStatus.CREATED, envelope(HTTPStatus.CREATED, "message submitted", result)
     )
-
-
-def _answer(request: IRequest, status: HTTPStatus, body: bytes) -> bytes:
-    request.setResponseCode(status.value)
-    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
-    return body

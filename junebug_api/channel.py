@@ -2,8 +2,8 @@
 
 A :class:`Channel` is built from its :class:`ChannelSettings` and the pieces
 every channel shares (the AMQP service's ``publish``, the state cache, the
-HTTP delivery pool). It owns what is its alone: its queue names (from
-``service.queue_names``), the workers of its ``.inbound`` and ``.event``
+HTTP delivery pool). It owns what is its alone: its queue names (a
+:class:`~junebug_api.queue_names.QueueNames`), the workers of its ``.inbound`` and ``.event``
 queues, its :class:`OutboundSender`, its API credentials, its message rates
 over the last ``metric_window`` seconds, the state of its deliveries and the
 last ``max_logs`` log records about it.
@@ -27,13 +27,15 @@ from .consumer import MessageWorker, RetryPolicy
 from .events import EventHandler
 from .http_delivery import HttpDelivery
 from .inbound import InboundHandler
+from .message_ids import generate_message_id
 from .message_status import message_status, status_event
 from .metrics import NO_METRICS, Metrics
 from .outages import OutageTracker, destination_of
 from .outbound import OutboundSender
 from .pause_while_down import PauseWhileDown, QueueControl
+from .queue_names import QueueNames
 from .state_cache import StateCache
-from .vumi_messages import VumiMessage, generate_message_id
+from .vumi_messages import VumiMessage
 
 #: Old Junebug's rate fields, by what is counted.
 RATE_FIELDS = {
@@ -163,13 +165,12 @@ class Channel:
         self,
         settings: ChannelSettings,
         *,
-        queues: dict[str, str],
+        queues: QueueNames,
         cache: StateCache,
         delivery: HttpDelivery,
         publish: Callable[..., Deferred],
         inbound_policy: RetryPolicy,
         event_policy: RetryPolicy,
-        retry_queues: Callable[[str], dict[int, str]],
         outages: OutageTracker,
         control: QueueControl,
         probe_interval: float,
@@ -232,7 +233,7 @@ class Channel:
         )
         # .inbound has one destination: while it is down, stop taking messages.
         self.inbound_gate = PauseWhileDown(
-            queues["inbound"],
+            queues.inbound,
             destination_of(settings.mo_message_url),
             outages,
             control,
@@ -241,23 +242,23 @@ class Channel:
             probe_interval=probe_interval,
         )
         inbound_worker = MessageWorker(
-            queues["inbound"],
+            queues.inbound,
             self._handle_inbound,
             publish,
             inbound_policy,
             clock,
-            retry_queues=retry_queues(queues["inbound"]),
+            retry_queues=queues.delay_queues("inbound"),
             hold_gate=self.inbound_gate,
             metrics=metrics,
             role="inbound",
         )
         event_worker = MessageWorker(
-            queues["event"],
+            queues.event,
             self._handle_event,
             publish,
             event_policy,
             clock,
-            retry_queues=retry_queues(queues["event"]),
+            retry_queues=queues.delay_queues("event"),
             metrics=metrics,
             role="event",
         )
@@ -391,7 +392,7 @@ class ChannelLogRouter:
         self._by_queue: dict[str, Channel] = {}
         for channel in channels:
             self._by_id[channel.id] = channel
-            for queue in channel.queues.values():
+            for queue in channel.queues.by_role().values():
                 self._by_queue[queue] = channel
 
     def __call__(self, event: dict[str, Any]) -> None:

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from .config import (
+from .config_checks import (
     ConfigError,
-    JunebugConfig,
     check_queue_prefix,
     check_url,
     check_value,
     read_secret_file,
+    redact_url,
 )
+from .queue_names import QueueNames
+
+if TYPE_CHECKING:
+    from .config import JunebugConfig
 
 #: Old Junebug names accepted for the options they mean.
 ALIASES = {"mo_url": "mo_message_url", "mo_url_auth_token": "mo_message_url_auth_token"}
@@ -102,8 +106,6 @@ class ChannelSettings:
     def public(self) -> dict[str, Any]:
         """The settings for ``GET /channels/<id>``: without any secret, and
         with URL credentials masked."""
-        from .config import redact_url
-
         return {
             "id": self.id,
             "label": self.label,
@@ -182,12 +184,10 @@ def _check_settings(settings: ChannelSettings, where: str) -> None:
         )
     if not settings.connector_name.strip():
         raise ConfigError(f"{where}.connector_name must not be empty")
-    from .service import connector_queue_names  # the one place queue names are made
-
     check_queue_prefix(
         f"{where}.connector_name",
         settings.connector_name,
-        connector_queue_names(settings.connector_name),
+        QueueNames.for_connector(settings.connector_name).all(),
     )
     check_url(f"{where}.mo_message_url", settings.mo_message_url)
     if settings.default_event_url is not None:

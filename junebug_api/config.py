@@ -7,7 +7,10 @@ rising priority: a YAML file, environment variables named like vumi2's
 ``VUMI_CONFIG_PREFIX``), and command-line options (``--connector-name``).
 
 Nothing here runs anything: a bad value raises :class:`ConfigError` with one
-line that names the option.
+line that names the option. ``ConfigError`` and the checks a channel's
+settings share (:mod:`junebug_api.config_checks`) live below this module, and
+each channel is resolved by :mod:`junebug_api.channel_config`, so neither
+imports this one back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import math
 import os
 import re
-import types
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -26,18 +28,19 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 import yaml
 
+from .channel_config import resolve_channels
+from .config_checks import (
+    ConfigError,
+    base_type,
+    check_queue_prefix,
+    check_url,
+    check_value,
+    read_secret_file,
+    redact_url,
+)
+from .queue_names import QueueNames
+
 DEFAULT_STATE_CACHE = "junebug_api.state_cache.InMemoryStateCache"
-
-
-class ConfigError(Exception):
-    """A configuration problem, described in one line naming the option.
-
-    Line breaks in the message (from a quoted value) are escaped, so the
-    message stays one line whatever the value held.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class OptionError(ConfigError):
@@ -413,63 +416,13 @@ def option_names() -> list[tuple[str, str]]:
     return names
 
 
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """The concrete type of a hint and whether None is allowed."""
-    if isinstance(hint, types.UnionType):
-        args = [a for a in hint.__args__ if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def check_value(name: str, hint: Any, value: Any) -> Any:
-    """Check one value from YAML (already typed) against its field's type."""
-    kind, optional = _base_type(hint)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name} must not be null")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if math.isfinite(number):
-                return number
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise ConfigError(f"{name} must not contain NUL characters")
-            return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if kind is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{name} must be a mapping, got {value!r}")
-    if kind is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{name} must be a list, got {value!r}")
-    raise AssertionError(f"unhandled config type {kind!r}")  # pragma: no cover
-
-
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
 def _from_string(name: str, hint: Any, text: str) -> Any:
     """Turn an environment or command-line string into the field's type."""
-    kind, optional = _base_type(hint)
+    kind, optional = base_type(hint)
     if kind is str:
         return check_value(name, hint, text)
     if kind is list and not text.strip().startswith("["):
@@ -609,8 +562,6 @@ def load_config(
     data = _merge(data, options_from_cli(cli or {}))
     config = _build(JunebugConfig, _resolve_secret_files(data))
     config = _check_semantics(config)
-    from .channel_config import resolve_channels
-
     resolve_channels(config)  # raises ConfigError naming the channel and option
     return config
 
@@ -656,36 +607,14 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
 
 _URL_PATH = re.compile(r"^[A-Za-z0-9/\-._~!$&'()*+,;=:@]*$")
 
-AMQP_NAME_LIMIT = 255
-"""AMQP's short strings, queue names among them, hold at most 255 bytes."""
-
 
 def check_connector_name(config: JunebugConfig) -> None:
     """Every queue the service declares for ``connector_name`` must be a name
     RabbitMQ takes: printable ASCII (AMQP counts bytes; names stay plain for
     every client and tool), at most 255 bytes, not in the reserved ``amq.``
     namespace."""
-    from .service import declared_queue_names  # the one place queue names are made
-
-    check_queue_prefix("connector_name", config.connector_name, declared_queue_names(config))
-
-
-def check_queue_prefix(option: str, name: str, queues: list[str]) -> None:
-    """The checks of :func:`check_connector_name` for a connector name given
-    by ``option`` (a channel's too) and the queues named after it."""
-    if not (name.isascii() and name.isprintable()):
-        raise ConfigError(f"{option} must be printable ASCII (it names AMQP queues), got {name!r}")
-    if name.startswith("amq."):
-        raise ConfigError(f"{option} must not start with 'amq.' (RabbitMQ reserves it)")
-    longest = max(queues, key=lambda q: len(q.encode("utf-8")))
-    longest_bytes = len(longest.encode("utf-8"))
-    if longest_bytes > AMQP_NAME_LIMIT:
-        allowed = len(name) - (longest_bytes - AMQP_NAME_LIMIT)
-        raise ConfigError(
-            f"{option} must have at most {allowed} characters, got {len(name)}:"
-            f" its longest queue name would have {longest_bytes} bytes, AMQP allows"
-            f" {AMQP_NAME_LIMIT}"
-        )
+    queues = QueueNames.for_connector(config.connector_name).all()
+    check_queue_prefix("connector_name", config.connector_name, queues)
 
 
 def check_http_bind(bind: str) -> None:
@@ -741,21 +670,6 @@ def _check_operations(config: JunebugConfig) -> None:
         )
 
 
-def check_url(name: str, url: str) -> None:
-    """An http(s) URL with a host, a valid port and nothing that would be dropped."""
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise ConfigError(f"{name} must not contain spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError as e:
-        raise ConfigError(f"{name} is not a valid URL: {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL")
-    if parts.fragment or url.endswith("#"):
-        raise ConfigError(f"{name} must not have a #fragment (it is never sent)")
-
-
 # -- secrets from files -------------------------------------------------------
 
 SECRET_FILE_OPTIONS = (
@@ -776,20 +690,6 @@ STATE_CACHE_SECRET_FILES = ("url", "password", "sentinel_password")
 and ``state_cache_config.sentinel_password_file``."""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def read_secret_file(name: str, path: Any) -> str:
-    """The secret in the file at ``path`` for option ``name`` (``..._file``)."""
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{name} must be a file path, got {path!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, ValueError):
-        raise ConfigError(f"{name}: {path!r} is not UTF-8 text") from None
-    return text.rstrip("\r\n")
 
 
 def _resolve_secret_files(data: dict) -> dict:
@@ -969,18 +869,6 @@ _SECRET_OPTIONS = {
     "sentry_dsn",
     "amqp.password",
 }
-
-
-def redact_url(url: str) -> str:
-    """A URL with its user info (a user name may be an API key) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in parts.netloc:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"***@{netloc}").geturl()
 
 
 def describe(config: JunebugConfig) -> dict:

@@ -30,8 +30,10 @@ from twisted.python.failure import Failure
 
 from .amqp_service import Acker, PublishFailed
 from .log import logger
+from .message_ids import generate_message_id
 from .metrics import NO_METRICS, Metrics
-from .vumi_messages import generate_message_id, utc_timestamp
+from .queue_names import failed_queue
+from .vumi_messages import utc_timestamp
 
 log = logger(__name__)
 
@@ -39,8 +41,6 @@ ATTEMPTS_HEADER = "x-junebug-attempts"
 FIRST_FAILURE_HEADER = "x-junebug-first-failure"
 HOLDS_HEADER = "x-junebug-holds"
 REASON_HEADER = "x-junebug-reason"
-# Delay queues: ``<queue>.retry.<seconds>`` for each of these.
-RETRY_DELAYS = (5, 20, 60, 300)
 # A delivery held back because its destination is down waits this long
 # (the first time, then the second), so it is back soon after the destination.
 HELD_DELAYS = (5, 20)
@@ -218,7 +218,7 @@ class MessageWorker:
 
     @property
     def failed_queue(self) -> str:
-        return f"{self.queue}.failed"
+        return failed_queue(self.queue)
 
     def __call__(self, body: bytes, acker: Acker) -> None:
         """Take one delivery (the AMQP consumer callback)."""

@@ -78,7 +78,8 @@ class SentryReporter:
             default_integrations=False,
             auto_enabling_integrations=False,
             include_local_variables=False,
-            send_default_pii=False,
+            # No personal data: sentry-sdk's default (send_default_pii is
+            # deprecated since 2.7x and off unless set).
             max_breadcrumbs=0,
             before_send=self._before_send,
             shutdown_timeout=2,

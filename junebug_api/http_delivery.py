@@ -34,7 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from .junebug_formats import JSON_CONTENT_TYPE
+from .json_bodies import JSON_CONTENT_TYPE
 from .metrics import NO_METRICS, Metrics, status_class
 from .outages import OutageTracker, describe_destination, destination_of
 

@@ -26,7 +26,6 @@ says at once when it cannot.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
 from twisted.application.service import Service
@@ -37,7 +36,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from .junebug_formats import JSON_CONTENT_TYPE, ApiError, error_envelope
+from .api_errors import ApiError, RequestReadTimeout, RequestTooLarge, error_envelope
+from .json_bodies import JSON_CONTENT_TYPE
 from .log import debug_enabled, logger
 
 log = logger(__name__)
@@ -56,18 +56,6 @@ EVICTION_LOG_INTERVAL = 60.0
 # On shutdown, how long a connection without a request in progress may
 # still bring one before it is closed.
 IDLE_GRACE = 0.5
-
-
-class RequestTooLarge(ApiError):
-    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    description = "request too large"
-    error_type = "RequestTooLarge"
-
-
-class RequestReadTimeout(ApiError):
-    status = HTTPStatus.REQUEST_TIMEOUT
-    description = "request timeout"
-    error_type = "RequestTimeout"
 
 
 def with_listen_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:

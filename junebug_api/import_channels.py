@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from .channel_config import IGNORED
 from .config import redact_url
+from .queue_names import QueueNames
 
 PROG = "junebug-api-import-channels"
 
@@ -102,8 +103,9 @@ def channel_yaml(channel: dict[str, Any]) -> list[str]:
             comments.append(f"    # {key}: {shown} (not carried over: {TRANSPORT_FIELDS[key]})")
         else:
             comments.append(f"    # {key}: not carried over (junebug-api has no such setting)")
+    queues = QueueNames.for_connector(channel_id)
     comments.append(
-        f"    # queues: {channel_id}.outbound, {channel_id}.inbound, {channel_id}.event"
+        f"    # queues: {queues.outbound}, {queues.inbound}, {queues.event}"
         " (named after the channel id, as in old Junebug)"
     )
     if not settings:

@@ -1,8 +1,9 @@
-"""The Junebug side of the wire: request schema, errors, message translation.
+"""The Junebug side of the wire: request schema, message translation.
 
-Turns a validated outbound request into a vumi message, vumi inbound messages
-and events into the JSON RapidPro expects, and API errors into Junebug's
-response envelope. Knows nothing of AMQP, HTTP servers or cache storage.
+Checks an outbound request (raising the errors of
+:mod:`junebug_api.api_errors`), turns it into a vumi message, and turns vumi
+inbound messages and events into the JSON RapidPro expects. Knows nothing of
+AMQP, HTTP servers or cache storage.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from http import HTTPStatus
 from typing import Any
 
 import jsonschema
 
 from . import vumi_messages
-from .vumi_messages import VumiMessage, compact_json
+from .api_errors import ApiUsageError, JsonDecodeError
+from .vumi_messages import VumiMessage
 
 _OPTIONAL_STRING = {"type": ["string", "null"]}
 
@@ -46,112 +47,6 @@ DELIVERY_STATUS_NAMES = {
     "failed": "delivery_failed",
     "delivered": "delivery_succeeded",
 }
-
-
-class ApiError(Exception):
-    """An error answered to the API client in the Junebug envelope."""
-
-    status = HTTPStatus.BAD_REQUEST
-    description = "api usage error"
-    error_type = "ApiUsageError"
-
-    def __init__(self, message: str, errors: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or [{"type": self.error_type, "message": message}]
-
-
-class JsonDecodeError(ApiError):
-    description = "json decode error"
-    error_type = "JsonDecodeError"
-
-
-class ApiUsageError(ApiError):
-    pass
-
-
-class MessageNotFound(ApiError):
-    description = "message not found"
-    error_type = "MessageNotFound"
-
-
-class Unauthorized(ApiError):
-    status = HTTPStatus.UNAUTHORIZED
-    description = "unauthorized"
-    error_type = "Unauthorized"
-
-
-class InternalError(ApiError):
-    status = HTTPStatus.INTERNAL_SERVER_ERROR
-    description = "internal server error"
-    error_type = "InternalError"
-
-
-class ServiceUnavailable(ApiError):
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    description = "service unavailable"
-    error_type = "ServiceUnavailable"
-    # Seconds for a Retry-After header, when the service knows when to try again.
-    retry_after: int | None = None
-
-
-class RequestTimedOut(ApiError):
-    # 503, not 504: the message was not sent, and the client may try again.
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    description = "service unavailable"
-    error_type = "RequestTimeout"
-
-
-class NotFound(ApiError):
-    status = HTTPStatus.NOT_FOUND
-    description = "not found"
-    error_type = "NotFound"
-
-
-class MethodNotAllowed(ApiError):
-    status = HTTPStatus.METHOD_NOT_ALLOWED
-    description = "method not allowed"
-    error_type = "MethodNotAllowed"
-
-
-class ChannelNotFound(ApiError):
-    status = HTTPStatus.NOT_FOUND
-    description = "channel not found"
-    error_type = "ChannelNotFound"
-
-
-class MessageTooLong(ApiError):
-    description = "message too long"
-    error_type = "MessageTooLong"
-
-
-class ChannelsReadOnly(ApiError):
-    """Old Junebug's channel create/modify/delete/restart: channels are set in
-    the config file here."""
-
-    status = HTTPStatus.METHOD_NOT_ALLOWED
-    description = "method not allowed"
-    error_type = "MethodNotAllowed"
-
-
-#: The Content-Type of every JSON body the service sends, answers and POSTs alike.
-JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
-
-
-def envelope(status: HTTPStatus, description: str, result: Any) -> bytes:
-    """Junebug's response envelope, as bytes."""
-    return compact_json(
-        {
-            "status": status.value,
-            "code": status.phrase,
-            "description": description,
-            "result": result,
-        }
-    )
-
-
-def error_envelope(error: ApiError) -> bytes:
-    """The envelope for an API error."""
-    return envelope(error.status, error.description, {"errors": error.errors})
 
 
 def parse_outbound_request(body: bytes) -> dict[str, Any]:

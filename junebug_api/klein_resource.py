@@ -28,7 +28,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadRequest
 
-from .junebug_formats import JSON_CONTENT_TYPE, InternalError, error_envelope
+from .api_errors import InternalError, error_envelope
+from .json_bodies import JSON_CONTENT_TYPE
 from .log import logger
 
 log = logger(__name__)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .json_bodies import compact_json
 from .junebug_formats import junebug_event
-from .vumi_messages import VumiMessage, compact_json
+from .vumi_messages import VumiMessage
 
 
 def status_event(event: VumiMessage, channel_id: str) -> bytes:

@@ -15,11 +15,8 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 
 from .amqp_service import PublishFailed, PublishRefused
+from .api_errors import ApiUsageError, MessageNotFound, MessageTooLong, ServiceUnavailable
 from .junebug_formats import (
-    ApiUsageError,
-    MessageNotFound,
-    MessageTooLong,
-    ServiceUnavailable,
     junebug_message,
     outbound_message,
     parse_outbound_request,
@@ -27,6 +24,7 @@ from .junebug_formats import (
 )
 from .log import debug_enabled, logger
 from .metrics import NO_METRICS, Metrics
+from .queue_names import QueueNames
 from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage, serialise
 
@@ -49,9 +47,12 @@ class OutboundSender:
     #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
     channel_id: str | None = None
 
-    @property
-    def routing_key(self) -> str:
-        return f"{self.connector_name}.outbound"
+    #: The queue messages are published to: the connector's ``.outbound``.
+    routing_key: str = attrs.field(init=False)
+
+    @routing_key.default
+    def _outbound_queue(self) -> str:
+        return QueueNames.for_connector(self.connector_name).outbound
 
     async def send(self, body: bytes) -> dict[str, Any]:
         """Publish the message a request body describes; its Junebug JSON."""

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from .config import ConfigError, load_config
+from .queue_names import QueueNames
 
 KINDS = ("inbound", "event")
 
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.stderr.write(f"junebug-api-replay: {e}\n")
         raise SystemExit(1) from None
-    from .service import queue_names
-
-    queues = queue_names(connector)
+    queues = QueueNames.for_connector(connector).by_role()
     source, target = queues[f"{args.kind}_failed"], queues[args.kind]
 
     async def run(reactor: Any) -> None:

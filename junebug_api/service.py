@@ -20,18 +20,19 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.components import Componentized
 
-from .amqp_service import EXCHANGE, AmqpService
+from .amqp_service import AmqpService
 from .api import ApiCredentials, JunebugApi
 from .channel import Channel, ChannelLogRouter, ChannelMetrics
 from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
-from .consumer import RETRY_DELAYS, RetryPolicy
+from .consumer import RetryPolicy
 from .http_delivery import HttpDelivery
 from .http_server import ApiSite, ListeningService, with_listen_backlog
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .outages import OutageTracker
 from .queue_health import QueueMonitor
+from .queue_names import QueueNames
 from .state_cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -48,62 +49,6 @@ def _tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
-
-
-def queue_names(connector_name: str) -> dict[str, str]:
-    """The connector's queues, by role."""
-    return {
-        "outbound": f"{connector_name}.outbound",
-        "inbound": f"{connector_name}.inbound",
-        "event": f"{connector_name}.event",
-        "inbound_failed": f"{connector_name}.inbound.failed",
-        "event_failed": f"{connector_name}.event.failed",
-    }
-
-
-def retry_queues(queue: str) -> dict[int, str]:
-    """The delay queues of a consumed queue, by their delay in seconds."""
-    return {delay: f"{queue}.retry.{delay}" for delay in RETRY_DELAYS}
-
-
-def retry_queue_names(connector_name: str) -> dict[str, str]:
-    """The connector's delay queues, by role (``inbound_retry_5``, ...)."""
-    queues = queue_names(connector_name)
-    return {
-        f"{role}_retry_{delay}": name
-        for role in ("inbound", "event")
-        for delay, name in retry_queues(queues[role]).items()
-    }
-
-
-def retry_queue_arguments(queue: str) -> dict[str, dict[str, Any]]:
-    """Declare arguments of ``queue``'s delay queues: each holds a message
-    for its delay, then dead-letters it to the vumi exchange with ``queue``
-    as routing key, so it is back at the end of its queue."""
-    return {
-        name: {
-            "x-message-ttl": delay * 1000,
-            "x-dead-letter-exchange": EXCHANGE,
-            "x-dead-letter-routing-key": queue,
-        }
-        for delay, name in retry_queues(queue).items()
-    }
-
-
-def connector_queue_names(connector_name: str) -> list[str]:
-    """Every queue the service declares for one connector (a channel's too);
-    the config check keeps each name within AMQP's 255 bytes, so new queues
-    belong here."""
-    return [
-        *queue_names(connector_name).values(),
-        *retry_queue_names(connector_name).values(),
-    ]
-
-
-def declared_queue_names(config: JunebugConfig) -> list[str]:
-    """Every queue the service declares for the top-level ``connector_name``
-    (each channel's connector is checked in channel_config, by the same rule)."""
-    return connector_queue_names(config.connector_name)
 
 
 class JunebugService(MultiService):
@@ -152,7 +97,8 @@ class JunebugService(MultiService):
                 attempt_timeout=attempt_timeout,
             )
 
-        all_queues = [q for c in settings for q in queue_names(c.connector_name).values()]
+        queue_names = {c.id: QueueNames.for_connector(c.connector_name) for c in settings}
+        all_queues = [q for names in queue_names.values() for q in names.by_role().values()]
         self.amqp = AmqpService(
             config.amqp_connection,
             queues=all_queues,
@@ -163,21 +109,18 @@ class JunebugService(MultiService):
             metrics=metrics,
         )
         # The delay queues, declared on every connect like the others.
-        for channel in settings:
-            queues = queue_names(channel.connector_name)
-            for role in ("inbound", "event"):
-                for name, arguments in retry_queue_arguments(queues[role]).items():
-                    Deferred.fromCoroutine(self.amqp.declare_queue(name, arguments))
+        for names in queue_names.values():
+            for queue, arguments in names.delay_queue_arguments().items():
+                Deferred.fromCoroutine(self.amqp.declare_queue(queue, arguments))
         self.channels = [
             Channel(
                 channel,
-                queues=queue_names(channel.connector_name),
+                queues=queue_names[channel.id],
                 cache=self.cache,
                 delivery=delivery,
                 publish=self.amqp.publish,
                 inbound_policy=policy(config.mo_message_url_timeout),
                 event_policy=policy(config.event_url_timeout),
-                retry_queues=retry_queues,
                 outages=self.outages,
                 control=self.amqp,
                 probe_interval=config.delivery_probe_interval,
@@ -202,7 +145,7 @@ class JunebugService(MultiService):
         # the channel; every queue is looked at once per interval.
         self.queue_monitors = {
             channel.id: QueueMonitor(
-                channel.queues,
+                channel.queues.by_role(),
                 self.amqp.queue_info,
                 channel.last_taken,
                 reactor,

@@ -47,9 +47,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .amqp_protocol import encode_table
 from .http_delivery import HttpDelivery
+from .memory_state_cache import InMemoryStateCache
 from .metrics import NO_METRICS, Metrics
 from .outages import OutageTracker
-from .state_cache import EventInfo, InMemoryStateCache, StateCache
+from .state_cache import EventInfo, StateCache
 from .vumi_messages import VumiMessage
 
 # -- publishing -------------------------------------------------------------

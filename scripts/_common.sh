@@ -1,5 +1,5 @@
-# Shared by scripts/run and scripts/test: a virtualenv with the project, and a
-# running RabbitMQ. Sourced, not run.
+# Shared by scripts/run, scripts/test and tests/conftest.py: a virtualenv with
+# the project, and a running RabbitMQ (and Redis for the tests). Sourced, not run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,7 +1,16 @@
-"""Fixtures: a connector of one's own, the broker client, RapidPro, the service."""
+"""Fixtures: a connector of one's own, the broker client, RapidPro, the service.
+
+Every test outside ``tests/unit`` is marked ``e2e``: it needs RabbitMQ, Redis,
+a ``twistd`` process or another local service. The local RabbitMQ and Redis
+are started (``scripts/_common.sh``) once per run, and only when the run has
+an ``e2e`` test, so ``-m "not e2e"`` runs without them.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,9 +18,59 @@ from typing import Any
 
 import pytest
 
-from junebug_api.service import queue_names, retry_queue_names
+from junebug_api.queue_names import QueueNames
 
 from .support import Broker, ServiceProcess, free_port, start_sink
+
+UNIT_TESTS = Path(__file__).parent / "unit"
+COMMON_SH = Path(__file__).parent.parent / "scripts" / "_common.sh"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test outside ``tests/unit`` as ``e2e``, new files too."""
+    for item in items:
+        if UNIT_TESTS not in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+DESELECTED_E2E = pytest.StashKey[int]()
+SERVICES_NEEDED = pytest.StashKey[bool]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.config.stash[DESELECTED_E2E] = item.config.stash.get(DESELECTED_E2E, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say so when e2e tests were left out: RabbitMQ and Redis (and their
+    install) were not checked by this run."""
+    deselected = config.stash.get(DESELECTED_E2E, 0)
+    if deselected and not config.stash.get(SERVICES_NEEDED, False):
+        terminalreporter.write_line(
+            f"{deselected} e2e tests deselected: RabbitMQ and Redis were neither checked"
+            " nor started (a run without -m runs them)"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_services(request: pytest.FixtureRequest) -> None:
+    """Start the local RabbitMQ and Redis when they are not running, once,
+    if this run has an e2e test; stop the run with what to install when one
+    is missing."""
+    if not any(item.get_closest_marker("e2e") for item in request.session.items):
+        return
+    request.config.stash[SERVICES_NEEDED] = True
+    started = subprocess.run(
+        ["bash", "-c", 'source "$0" && ensure_rabbitmq && ensure_redis', str(COMMON_SH)],
+        env=dict(os.environ, JUNEBUG_VENV=sys.prefix),
+        capture_output=True,
+        text=True,
+    )
+    if started.returncode != 0:
+        pytest.exit(started.stderr.strip() or "could not start RabbitMQ and Redis", returncode=1)
 
 
 @pytest.fixture
@@ -20,7 +79,7 @@ def connector() -> Iterator[str]:
     name = f"jbtest-{uuid.uuid4().hex[:10]}"
     yield name
     broker = Broker()
-    for queue in [*queue_names(name).values(), *retry_queue_names(name).values()]:
+    for queue in QueueNames.for_connector(name).all():
         broker.delete(queue)
     broker.close()
 

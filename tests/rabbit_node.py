@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pika
 
-from .support import free_port
+from .support import Broker, free_port
 
 
 class RabbitNode:
@@ -135,11 +135,16 @@ class RabbitNode:
         return None
 
     def stop(self) -> None:
-        """Stop the node and wait until its process is gone."""
+        """Stop the node and wait until its process is gone. SIGTERM stops a
+        node as ``rabbitmqctl stop`` does, without booting a second Erlang VM
+        for the command (seconds of CPU on a busy 2-core machine)."""
         pid = self.pid or self._find_pid()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.ctl("stop", timeout=60)
-        if pid is not None:
+        if pid is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.ctl("stop", timeout=60)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 30
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -153,6 +158,14 @@ class RabbitNode:
 
     def pika(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(
+            pika.ConnectionParameters(
+                "127.0.0.1", self.port, "/", pika.PlainCredentials("guest", "guest")
+            )
+        )
+
+    def broker(self) -> Broker:
+        """A :class:`Broker` on this node, as guest."""
+        return Broker(
             pika.ConnectionParameters(
                 "127.0.0.1", self.port, "/", pika.PlainCredentials("guest", "guest")
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import treq
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -312,6 +313,12 @@ def event_message(user_message_id: str, event_type: str, **fields: Any) -> dict:
     }
     event.update(fields)
     return event
+
+
+async def health(service: ServiceProcess) -> tuple[int, dict]:
+    """The service's ``/health``: status code and JSON body."""
+    response = await treq.get(service.url + "/health")
+    return response.code, json.loads(await response.text())
 
 
 def as_deferred(coro: Any) -> Deferred:

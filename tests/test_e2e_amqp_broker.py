@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import time
 
-import pika
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet.error import ConnectionRefusedError
 
-from junebug_api.service import retry_queue_arguments
+from junebug_api.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
-from .support import Broker, inbound_message, pause, wait_for
+from .support import Broker, health, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
@@ -32,18 +31,9 @@ def node():
 
 @pytest.fixture
 def node_broker(node):
-    broker = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    broker = node.broker()
     yield broker
     broker.close()
-
-
-async def health(service) -> tuple[int, dict]:
-    response = await treq.get(service.url + "/health")
-    return response.code, json.loads(await response.text())
 
 
 async def wait_health(service, predicate, timeout: float = 30.0, what: str = "health") -> dict:
@@ -154,11 +144,7 @@ async def test_memory_alarm_blocks_publishing_not_consuming(
     await wait_health(service, lambda code, a: code == 200, what="unblocked")
     response = await post(service, "after the alarm")
     assert response.code == 201
-    fresh = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    fresh = node.broker()
     try:
         contents = [m["content"] for m in drain(fresh, f"{connector}.outbound")]
     finally:
@@ -198,10 +184,9 @@ async def test_passive_declare_of_missing_queues_recovers_once_they_exist(
     for suffix in SUFFIXES:
         node_broker.declare(f"{connector}.{suffix}")
     # The delay queues too: in passive mode the operator declares every queue.
-    for role in ("inbound", "event"):
-        for queue, arguments in retry_queue_arguments(f"{connector}.{role}").items():
-            node_broker.channel.queue_declare(queue, durable=True, arguments=arguments)
-            node_broker.channel.queue_bind(queue, "vumi", routing_key=queue)
+    for queue, arguments in QueueNames.for_connector(connector).delay_queue_arguments().items():
+        node_broker.channel.queue_declare(queue, durable=True, arguments=arguments)
+        node_broker.channel.queue_bind(queue, "vumi", routing_key=queue)
     await wait_health(service, lambda code, a: code == 200, timeout=40, what="recovery")
     response = await post(service, "passive")
     assert response.code == 201
@@ -270,11 +255,7 @@ async def test_dead_letter_during_an_alarm_waits_unacked_for_the_unblock(
         ),
         what="dead-lettered and acked after the unblock",
     )
-    fresh = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    fresh = node.broker()
     try:
         _, body = fresh.get(f"{connector}.inbound.failed")
         assert body == b"not a vumi message"

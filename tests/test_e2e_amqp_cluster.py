@@ -7,7 +7,6 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pika
 import pytest
 import pytest_twisted
 import treq
@@ -15,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from .rabbit_node import RabbitNode
-from .support import Broker, inbound_message, pause, wait_for
+from .support import inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 
@@ -28,14 +27,6 @@ def nodes():
     yield pair
     for node in pair:
         node.destroy()
-
-
-def broker_of(node: RabbitNode) -> Broker:
-    return Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
 
 
 async def amqp_health(service) -> dict:
@@ -98,7 +89,7 @@ async def test_failover_to_the_second_broker_under_traffic(nodes, make_service, 
     assert amqp["connections"]["consume"]["broker"] == f"127.0.0.1:{second.port}"
 
     # Inbound published to the second broker is delivered.
-    on_second = broker_of(second)
+    on_second = second.broker()
     message = inbound_message(connector)
     on_second.publish(f"{connector}.inbound", message)
     await wait_for(
@@ -108,7 +99,7 @@ async def test_failover_to_the_second_broker_under_traffic(nodes, make_service, 
 
     # Every 201 is on some node's .outbound, exactly once.
     await deferToThread(first.start)
-    on_first = broker_of(first)
+    on_first = first.broker()
     contents = []
     for broker in (on_first, on_second):
         while (got := broker.get(f"{connector}.outbound")) is not None:

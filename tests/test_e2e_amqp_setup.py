@@ -16,7 +16,7 @@ import treq
 from twisted.internet import protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 
-from .support import free_port, pause, wait_for
+from .support import free_port, health, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 
@@ -31,11 +31,6 @@ class Silent(protocol.Protocol):
 class SilentFactory(protocol.ServerFactory):
     protocol = Silent
     accepted = 0
-
-
-async def health(service) -> tuple[int, dict]:
-    response = await treq.get(service.url + "/health")
-    return response.code, json.loads(await response.text())
 
 
 async def wait_error(service, timeout: float = 20.0) -> dict:

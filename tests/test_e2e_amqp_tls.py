@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-import pika
 import pytest
 import pytest_twisted
 import treq
@@ -19,7 +18,7 @@ import trustme
 from twisted.internet.error import ConnectionRefusedError
 
 from .rabbit_node import RabbitNode
-from .support import Broker, event_message, inbound_message, pause, wait_for
+from .support import event_message, health, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 CLIENT_USER = "junebug-client"
@@ -82,18 +81,9 @@ def pem_files(tmp_path, ca):
 
 @pytest.fixture
 def node_broker(tls_node):
-    broker = Broker(
-        pika.ConnectionParameters(
-            "127.0.0.1", tls_node.port, "/", pika.PlainCredentials("guest", "guest")
-        )
-    )
+    broker = tls_node.broker()
     yield broker
     broker.close()
-
-
-async def health(service) -> tuple[int, dict]:
-    response = await treq.get(service.url + "/health")
-    return response.code, json.loads(await response.text())
 
 
 async def wait_amqp_error(service, timeout: float = 30.0) -> dict:

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from junebug_api.service import connector_queue_names
+from junebug_api.queue_names import QueueNames
 
 from .support import (
     Broker,
@@ -47,7 +47,7 @@ def ids() -> Iterator[list[str]]:
     yield names
     broker = Broker()
     for name in names:
-        for queue in connector_queue_names(name):
+        for queue in QueueNames.for_connector(name).all():
             broker.delete(queue)
     broker.close()
 

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.service import retry_queues
+from junebug_api.queue_names import QueueNames
 
 from .support import event_message, free_port, inbound_message, wait_for
 
@@ -76,7 +76,7 @@ async def test_a_message_always_refused_goes_to_failed_while_others_flow(
         assert len(tries) == 3
         # Between tries it waited on the delay queue (5 s TTL), not in the process.
         assert all(b - a >= 4.5 for a, b in itertools.pairwise(tries))
-        assert broker.count(retry_queues(f"{connector}.inbound")[5]) == 0
+        assert broker.count(QueueNames.for_connector(connector).delay_queues("inbound")[5]) == 0
         assert len(rapidpro.seen) == 303  # everything else exactly once
     finally:
         await port.stopListening()

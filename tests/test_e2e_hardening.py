@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from junebug_api.service import queue_names, retry_queue_names
+from junebug_api.queue_names import QueueNames
 
 from .support import TWISTD, free_port
 
@@ -254,7 +254,7 @@ def test_longest_connector_name_works(make_service, broker):
         assert broker.count(f"{name}.inbound.retry.300") == 0
     finally:
         service.stop()
-        for queue in [*queue_names(name).values(), *retry_queue_names(name).values()]:
+        for queue in QueueNames.for_connector(name).all():
             broker.delete(queue)
 
 

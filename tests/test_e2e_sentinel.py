@@ -22,7 +22,7 @@ import redis
 import treq
 from twisted.internet.defer import Deferred
 
-from .support import event_message, free_port, inbound_message, pause, wait_for
+from .support import event_message, free_port, health, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 SERVICE = "jbmaster"
@@ -189,11 +189,6 @@ def sentinel_set(request, tmp_path):
         yield redis_set.start(failover_ready)
     finally:  # also when start() failed half-way: no redis-server outlives the test
         redis_set.stop()
-
-
-async def health(service) -> tuple[int, dict]:
-    response = await treq.get(service.url + "/health")
-    return response.code, json.loads(await response.text())
 
 
 async def post(service, body) -> tuple[int, dict]:

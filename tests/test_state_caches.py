@@ -13,7 +13,8 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from junebug_api.config import ConfigError
-from junebug_api.state_cache import EventInfo, InMemoryStateCache, make_state_cache
+from junebug_api.memory_state_cache import InMemoryStateCache
+from junebug_api.state_cache import EventInfo, make_state_cache
 
 from .support import inbound_message, wait_for
 

@@ -83,7 +83,9 @@ and the N-channel rates as a share of the one-channel ones.
 ``--compare-metrics`` runs the chosen phases twice in one run, against one
 RabbitMQ node and sink: with metrics on (the default), then with
 ``metrics_enabled: false`` (rows marked ``[metrics off]``), and adds a line
-per phase with the difference in rate.
+per phase with the difference in rate. What runs twice is the configuration
+the options describe (its processes, cache, balancer); the ``--tls`` and
+``--compare-code`` ones run once, with metrics on, and are not compared.
 
 The package, one module per concern: ``plan`` (the command line: setups,
 phases, durations), ``rabbitmq``, ``nginx``, ``redis_keys`` and ``services``

@@ -153,8 +153,8 @@ def other_load(before: dict[int, tuple[int, str]], ours: set[int], seconds: floa
     return f"CPU of other processes alive at the end, during the {seconds:.0f} s run: {top}"
 
 
-def http_row(name: str, wrk: WrkResult, cpu_seconds: float, peak_kb: int) -> Row:
-    row = Row(name, "req/s", wrk.rate, wrk.p50, wrk.p90, wrk.p99)
+def http_row(name: str, wrk: WrkResult, cpu_seconds: float, peak_kb: int, measure: str = "") -> Row:
+    row = Row(name, "req/s", wrk.rate, wrk.p50, wrk.p90, wrk.p99, measure=measure)
     row.cpu_ms = cpu_seconds * 1000 / max(1, wrk.requests)
     row.peak_mb = peak_kb / 1024
     row.status = "ok"

@@ -114,6 +114,7 @@ def outbound_phase(
     rows = []
     for c in connections:
         name = f"outbound @{c}{tag}"
+        measure = f"outbound @{c} by {len(group)} process(es)"
         broker.purge(queue)
         say(f"{name}: wrk {duration} s against {url}")
         group.reset_peak_rss()
@@ -122,7 +123,7 @@ def outbound_phase(
         usage = meter.stop()
         peak = group.peak_kb()
         service_cpu = sum(usage.cpu[key] for key in group.names())
-        row = http_row(name, wrk, service_cpu, peak)
+        row = http_row(name, wrk, service_cpu, peak, measure)
         row.cpu_ms = service_cpu * 1000 / max(1, wrk.created)
         row.ceiling = wrk.rate / ceilings[c] if ceilings.get(c) else None
         queued = broker.settled_count(queue)
@@ -166,7 +167,8 @@ class DrainProgress:
 
 
 def drain_phase(
-    name: str,
+    phase: str,
+    tag: str,
     kind: str,
     n: int,
     make_body: Callable[[str], bytes],
@@ -178,14 +180,15 @@ def drain_phase(
 ) -> DrainResult:
     """Pre-load n messages on <connector>.<kind>, start the service processes,
     time how long until nginx saw n bodies, then check each arrived exactly
-    once, unchanged."""
+    once, unchanged. The row is named phase + tag (the configuration's marks)."""
+    name = phase + tag
     queue = f"{CONNECTOR}.{kind}"
     ids = [uuid.uuid4().hex for _ in range(n)]
     preload_queue(name, queue, ids, make_body, broker)
     log_offsets = group.log_offsets()
     bodies_offset = nginx.size()
     counter = LineCounter(nginx.bodies, bodies_offset)
-    row = Row(name, "msg/s")
+    row = Row(name, "msg/s", measure=phase)
     meter = Meter(meter_pids)
     group.start()
     for key, pid in group.names().items():
@@ -453,7 +456,8 @@ def setup_drain(
     n = drain.count(ctx.plan)
     keys_before = redis.count("inbound:") if redis is not None and drain.kind == "inbound" else 0
     drained = drain_phase(
-        drain.phase + setup.tag(),
+        drain.phase,
+        setup.tag(),
         drain.kind,
         n,
         drain.make_body,
@@ -554,7 +558,8 @@ def channels_run(ctx: Context, count: int) -> tuple[list[Row], dict[str, float]]
     finally:
         group.stop()
     inbound_row = drain_phase(
-        "inbound" + tag,
+        "inbound",
+        tag,
         "inbound",
         ctx.plan.n_inbound,
         inbound_body,
@@ -613,16 +618,18 @@ def roundtrip_rows(
         say=say,
         free_port=free_port,
     )
+    label = setup.tag(1)
     try:
-        trips = roundtrip.roundtrip_phase(trip_plan, setup.tag(1), BENCH)
+        trips = roundtrip.roundtrip_phase(trip_plan, label, BENCH)
     except RuntimeError as e:
         raise BenchError(str(e)) from None
-    return [roundtrip_row(name, trip) for name, trip in trips]
+    # roundtrip.py names each row what it measured followed by the label it was given.
+    return [roundtrip_row(name, name.removesuffix(label), trip) for name, trip in trips]
 
 
-def roundtrip_row(name: str, trip: roundtrip.RoundTrip) -> Row:
+def roundtrip_row(name: str, measure: str, trip: roundtrip.RoundTrip) -> Row:
     """A round-trip rate's row: sessions/s, latencies, CPU per reply, checks."""
-    row = Row(name, "ses/s", trip.rate, trip.p50, trip.p90, trip.p99)
+    row = Row(name, "ses/s", trip.rate, trip.p50, trip.p90, trip.p99, measure=measure)
     row.cpu_ms = trip.cpu_seconds * 1000 / max(1, trip.replied)
     row.status = "ok" if trip.replied == trip.published else "lost"
     row.notes.append(

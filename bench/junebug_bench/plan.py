@@ -24,6 +24,7 @@ class Setup:
     tls: bool = False  # amqps to the node (--tls)
     code: str | None = None  # a git ref whose code runs instead (--compare-code)
     metrics: bool = True  # metrics_enabled (--compare-metrics runs both)
+    metrics_off_of: str | None = None  # the key of the setup this one repeats with metrics off
 
     def tag(self, processes: int | None = None, outbound: bool = False) -> str:
         """The suffix of row names; none for one process, memory, no balancer,
@@ -206,7 +207,15 @@ def chosen_setups(args: argparse.Namespace, phases: set[str]) -> Choice:
     if args.compare_metrics:
         label = main.label + ", metrics off"
         setups.append(
-            Setup("nometrics", label, main.processes, main.cache, main.balancer, metrics=False)
+            Setup(
+                "nometrics",
+                label,
+                main.processes,
+                main.cache,
+                main.balancer,
+                metrics=False,
+                metrics_off_of=main.key,
+            )
         )
     return setups, phases, connection_counts(args.connections), bool(args.event_url)
 

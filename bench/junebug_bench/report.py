@@ -59,21 +59,29 @@ def render(rows: list[Row], extra: list[str]) -> str:
     return "\n".join([*out, *extra])
 
 
+def paired_rows(base: SetupResult, other: SetupResult) -> list[tuple[Row, Row]]:
+    """Each row of other beside base's row of the same measure, where both have a rate."""
+    by_measure = {row.measure: row for row in base.rows if row.measure}
+    pairs = []
+    for row in other.rows:
+        twin = by_measure.get(row.measure) if row.measure else None
+        if twin is not None and twin.rate and row.rate:
+            pairs.append((twin, row))
+    return pairs
+
+
 def cache_ratios(results: list[SetupResult]) -> list[str]:
     """Redis rate / memory rate for each row both configurations have."""
     by_cache = {r.setup.cache: r for r in results}
     if not {"memory", "redis"} <= by_cache.keys():
         return []
-    memory = {row.name: row for row in by_cache["memory"].rows}
-    tag = by_cache["redis"].setup.tag()
     lines = ["Redis / memory (same run, one process; the issue's target: 0.90 or more):"]
-    for row in by_cache["redis"].rows:
-        base = memory.get(row.name.replace(tag, ""))
-        if base is None or not base.rate or not row.rate or row.unit == "ses/s":
+    for base, row in paired_rows(by_cache["memory"], by_cache["redis"]):
+        if row.unit == "ses/s":
             continue
+        assert base.rate and row.rate
         lines.append(
-            f"  {row.name.replace(tag, '')}: {row.rate:,.0f} / {base.rate:,.0f} ="
-            f" {row.rate / base.rate:.2f}"
+            f"  {base.name}: {row.rate:,.0f} / {base.rate:,.0f} = {row.rate / base.rate:.2f}"
         )
     return lines
 
@@ -115,26 +123,34 @@ def render_scaling(results: list[SetupResult], connections: int) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def metrics_pairs(results: list[SetupResult]) -> list[tuple[SetupResult, SetupResult]]:
+    """Each metrics-off configuration beside the one it repeats (--compare-metrics),
+    as the plan pairs them."""
+    by_key = {r.setup.key: r for r in results}
+    return [
+        (by_key[off.setup.metrics_off_of], off)
+        for off in results
+        if off.setup.metrics_off_of is not None and off.setup.metrics_off_of in by_key
+    ]
+
+
 def metrics_cost(results: list[SetupResult]) -> list[str]:
     """How much slower each phase ran with metrics on than off (--compare-metrics)."""
-    on = {r.name.replace(" [metrics off]", ""): r for r in results[0].rows}
     lines = []
-    for off in results[1].rows:
-        name = off.name.replace(" [metrics off]", "")
-        row = on.get(name)
-        if row is None or not row.rate or not off.rate:
-            continue
-        rate = (row.rate - off.rate) / off.rate * 100
-        cpu = ""
-        if row.cpu_ms and off.cpu_ms:
-            cpu = (
-                f"; CPU {row.cpu_ms:.3f} vs {off.cpu_ms:.3f} ms/{row.unit.split('/')[0]}"
-                f" ({(row.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
+    for on_result, off_result in metrics_pairs(results):
+        for on, off in paired_rows(on_result, off_result):
+            assert on.rate and off.rate
+            rate = (on.rate - off.rate) / off.rate * 100
+            cpu = ""
+            if on.cpu_ms and off.cpu_ms:
+                cpu = (
+                    f"; CPU {on.cpu_ms:.3f} vs {off.cpu_ms:.3f} ms/{on.unit.split('/')[0]}"
+                    f" ({(on.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
+                )
+            lines.append(
+                f"metrics on vs off, {on.name}: {on.rate:,.0f} vs {off.rate:,.0f} {on.unit}"
+                f" ({rate:+.1f}%){cpu}"
             )
-        lines.append(
-            f"metrics on vs off, {name}: {row.rate:,.0f} vs {off.rate:,.0f} {row.unit}"
-            f" ({rate:+.1f}%){cpu}"
-        )
     return lines
 
 

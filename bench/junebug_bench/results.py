@@ -22,6 +22,9 @@ class Row:
     ceiling: float | None = None
     status: str = "not run"
     notes: list[str] = field(default_factory=list)
+    # What was measured, without the configuration's marks in the name: rows of
+    # two configurations with the same measure compare ("": a row never compared).
+    measure: str = ""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from junebug_bench.report import (
     cache_ratios,
     channel_lines,
     metrics_cost,
+    metrics_pairs,
     render,
     report,
 )
@@ -118,14 +119,90 @@ def test_setup_tags_name_what_differs_from_one_process_with_memory():
     assert Setup("m", "", 1, "memory", False, metrics=False).tag() == " [metrics off]"
 
 
-def test_cache_ratios_and_metrics_cost_compare_rows_of_the_same_name():
-    memory = SetupResult(Setup("memory", "", 1, "memory", False), [Row("inbound", "msg/s", 1000)])
+def measured(setup: Setup, measure: str, rate: float, unit: str = "msg/s") -> Row:
+    """A row as the phases name it: what was measured, then the setup's marks."""
+    return Row(measure + setup.tag(), unit, rate, measure=measure)
+
+
+def test_cache_ratios_and_metrics_cost_compare_rows_of_the_same_measure():
+    memory_setup = Setup("memory", "", 1, "memory", False)
+    memory = SetupResult(memory_setup, [measured(memory_setup, "inbound", 1000)])
     redis_setup = Setup("redis", "", 1, "redis", False)
-    redis = SetupResult(redis_setup, [Row("inbound" + redis_setup.tag(), "msg/s", 900)])
+    redis = SetupResult(redis_setup, [measured(redis_setup, "inbound", 900)])
     assert cache_ratios([memory, redis])[1] == "  inbound: 900 / 1,000 = 0.90"
-    off = SetupResult(memory.setup, [Row("inbound [metrics off]", "msg/s", 1250)])
+    off_setup = Setup("off", "", 1, "memory", False, metrics=False, metrics_off_of="memory")
+    off = SetupResult(off_setup, [measured(off_setup, "inbound", 1250)])
+    assert off.rows[0].name == "inbound [metrics off]"
     assert metrics_cost([memory, off]) == [
         "metrics on vs off, inbound: 1,000 vs 1,250 msg/s (-20.0%)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--tls"],
+        ["--compare-code", "HEAD~1"],
+        ["--tls", "--compare-code", "HEAD~1"],
+        ["--processes", "2"],
+        ["--processes", "2", "--tls", "--compare-code", "HEAD~1"],
+        ["--state-cache", "redis", "--balancer", "--tls"],
+    ],
+)
+def test_compare_metrics_pairs_the_chosen_setup_with_its_metrics_off_twin(options):
+    plan = parse_plan(["--compare-metrics", *options])
+    pairs = metrics_pairs([SetupResult(s) for s in plan.setups])
+    assert [(on.setup.key, off.setup.key) for on, off in pairs] == [("main", "nometrics")]
+    [(on, off)] = pairs
+    assert (on.setup.metrics, off.setup.metrics) == (True, False)
+    # The twin differs only in metrics: same processes, cache, balancer, transport, code.
+    same = ("processes", "cache", "balancer", "tls", "code")
+    assert [getattr(off.setup, a) for a in same] == [getattr(on.setup, a) for a in same]
+
+
+@pytest.mark.parametrize("options", [[], ["--tls", "--compare-code", "HEAD~1"]])
+def test_without_compare_metrics_nothing_is_paired(options):
+    plan = parse_plan(options)
+    assert metrics_pairs([SetupResult(s) for s in plan.setups]) == []
+    assert metrics_cost([SetupResult(s, [measured(s, "inbound", 1)]) for s in plan.setups]) == []
+
+
+def test_metrics_cost_with_two_processes_tls_and_other_code_compares_only_the_twins():
+    plan = parse_plan(
+        ["--compare-metrics", "--processes", "2", "--tls", "--compare-code", "HEAD~1"]
+    )
+    results = []
+    for setup, rate in zip(plan.setups, (1000, 500, 400, 1250), strict=True):
+        rows = [
+            Row(
+                f"outbound @64{setup.tag(n, outbound=True)}",
+                "req/s",
+                rate * n,
+                cpu_ms=0.5,
+                measure=f"outbound @64 by {n} process(es)",
+            )
+            for n in (1, 2)
+        ]
+        rows += [
+            measured(setup, "inbound", rate),
+            measured(setup, "round trip @200/s", 0),  # no rate: not compared
+            measured(setup, f"round trip max {rate:,}/s", rate, "ses/s"),  # maxima differ
+        ]
+        results.append(SetupResult(setup, rows))
+    off_names = [row.name for row in results[3].rows[:3]]
+    assert off_names == [
+        "outbound @64 [1p memory, lb, metrics off]",
+        "outbound @64 [2p memory, lb, metrics off]",
+        "inbound [2p memory, metrics off]",
+    ]
+    results[3].rows[0].cpu_ms = 0.4
+    assert metrics_cost(results) == [
+        "metrics on vs off, outbound @64 [1p memory, lb]: 1,000 vs 1,250 req/s (-20.0%);"
+        " CPU 0.500 vs 0.400 ms/req (+25.0%)",
+        "metrics on vs off, outbound @64 [2p memory, lb]: 2,000 vs 2,500 req/s (-20.0%);"
+        " CPU 0.500 vs 0.500 ms/req (+0.0%)",
+        "metrics on vs off, inbound [2p memory]: 1,000 vs 1,250 msg/s (-20.0%)",
     ]
 
 

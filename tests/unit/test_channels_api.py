@@ -17,9 +17,11 @@ from junebug_api.config import load_config
 from junebug_api.consumer import RetryPolicy
 from junebug_api.http_delivery import HttpDelivery
 from junebug_api.log import logger
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.message_status import message_status, status_event
+from junebug_api.metrics import NO_METRICS, Metrics
 from junebug_api.outages import OutageTracker
-from junebug_api.state_cache import InMemoryStateCache
+from junebug_api.queue_names import QueueNames
 from junebug_api.testing import RecordingPublisher
 
 from .helpers import result_of
@@ -62,50 +64,62 @@ class NoQueueControl:
         raise AssertionError("no probes in these tests")
 
 
+def channel_settings(channels: dict[str, dict], **options: Any) -> list[Any]:
+    """The ChannelSettings of a config with ``channels`` and top-level ``options``."""
+    cli = {"http_bind": "127.0.0.1:1", "channels": json.dumps(channels), **options}
+    return resolve_channels(load_config(None, environ={}, cli=cli))
+
+
+def make_channel(
+    settings: Any,
+    cache: Any,
+    delivery: HttpDelivery,
+    publish: Any,
+    clock: Clock,
+    policy: RetryPolicy | None = None,
+    max_logs: int = 3,
+    metrics: Metrics = NO_METRICS,
+) -> Channel:
+    """A Channel with queues named after it, no retry queues, no pausing."""
+    return Channel(
+        settings,
+        queues=QueueNames.for_connector(settings.id, retry_delays=()),
+        cache=cache,
+        delivery=delivery,
+        publish=publish,
+        inbound_policy=policy or RetryPolicy(),
+        event_policy=policy or RetryPolicy(),
+        outages=OutageTracker(clock),
+        control=NoQueueControl(),
+        probe_interval=5,
+        max_body_size=1 << 20,
+        clock=clock,
+        mo_message_url_timeout=1,
+        event_url_timeout=1,
+        metric_window=10,
+        max_logs=max_logs,
+        store_message_events=True,
+        metrics=metrics,
+    )
+
+
 class Harness:
     def __init__(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.cache = InMemoryStateCache(self.clock)
         self.publish = RecordingPublisher()
-        cfg = load_config(
-            None,
-            environ={},
-            cli={
-                "http_bind": "127.0.0.1:1",
-                "mo_message_url": MO,
-                "default_from_addr": "8110",
-                "channels": json.dumps(
-                    {
-                        "a": {"character_limit": 5, "label": "A", "metadata": {"k": "v"}},
-                        "b": {"api_auth_token": "b-secret", "mo_url_auth_token": "mo-secret"},
-                    }
-                ),
+        settings = channel_settings(
+            {
+                "a": {"character_limit": 5, "label": "A", "metadata": {"k": "v"}},
+                "b": {"api_auth_token": "b-secret", "mo_url_auth_token": "mo-secret"},
             },
+            mo_message_url=MO,
+            default_from_addr="8110",
         )
         delivery = HttpDelivery.create(self.clock, 1)
         self.channels = {
-            s.id: Channel(
-                s,
-                queues={"inbound": f"{s.id}.inbound", "event": f"{s.id}.event"},
-                cache=self.cache,
-                delivery=delivery,
-                publish=self.publish,
-                inbound_policy=RetryPolicy(),
-                event_policy=RetryPolicy(),
-                retry_queues=lambda queue: {},
-                outages=OutageTracker(self.clock),
-                control=NoQueueControl(),
-                probe_interval=5,
-                max_body_size=1 << 20,
-                clock=self.clock,
-                mo_message_url_timeout=1,
-                event_url_timeout=1,
-                metric_window=10,
-                max_logs=3,
-                store_message_events=True,
-            )
-            for s in resolve_channels(cfg)
+            s.id: make_channel(s, self.cache, delivery, self.publish, self.clock) for s in settings
         }
         self.health = {"health": "ok", "components": {"amqp": {"health": "ok"}}}
         self.api = JunebugApi(

@@ -19,12 +19,13 @@ from junebug_api.config import (
     MAX_SECONDS,
     ConfigError,
     JunebugConfig,
-    _base_type,
     _hint_for,
     load_config,
     option_names,
 )
-from junebug_api.service import JunebugService, declared_queue_names
+from junebug_api.config_checks import base_type
+from junebug_api.queue_names import QueueNames
+from junebug_api.service import JunebugService
 from junebug_api.state_cache import load_state_cache_class
 
 REQUIRED = {
@@ -79,7 +80,7 @@ SECRET_FILE = Path(__file__).with_name("helpers.py")  # any readable file
 def plausible(dotted: str) -> st.SearchStrategy:
     """Values of the option's own type, mostly near the working range."""
     hint = _hint_for(dotted)
-    kind, optional = _base_type(hint)
+    kind, optional = base_type(hint)
     if dotted.endswith("_file"):
         strategy = st.sampled_from([str(SECRET_FILE), "/nonexistent", ""])
     elif dotted.endswith("_url"):
@@ -151,7 +152,7 @@ def assert_config_works(config: JunebugConfig) -> None:
     assert 1 <= config.worker_concurrency <= 65535
     assert 0 <= config.amqp_heartbeat <= 65535
     assert 1 <= config.amqp_settings.port <= 65535
-    for queue in declared_queue_names(config):
+    for queue in QueueNames.for_connector(config.connector_name).all():
         assert queue.isascii() and len(queue.encode()) <= 255
     reactor = MemoryReactorClock()
     serverFromString(reactor, config.http_endpoint)

@@ -1,4 +1,4 @@
-"""junebug_formats: request parsing, event mapping, replies, envelopes."""
+"""junebug_formats: request parsing, event mapping, replies."""
 
 from __future__ import annotations
 
@@ -9,13 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from junebug_api.api_errors import ApiUsageError, JsonDecodeError
 from junebug_api.junebug_formats import (
-    ApiUsageError,
-    JsonDecodeError,
-    MessageNotFound,
-    ServiceUnavailable,
-    envelope,
-    error_envelope,
     junebug_event,
     junebug_message,
     outbound_message,
@@ -253,32 +248,6 @@ def test_junebug_message_channel_data_has_session_event() -> None:
     assert result["reply_to"] == "in-1"
     assert result["channel_id"] == "chan"
     assert result["to"] == "+27820000001"
-
-
-# -- envelopes ------------------------------------------------------------------------
-
-
-def test_error_envelopes() -> None:
-    data = json.loads(error_envelope(MessageNotFound("gone ñ")))
-    assert data == {
-        "status": 400,
-        "code": "Bad Request",
-        "description": "message not found",
-        "result": {"errors": [{"type": "MessageNotFound", "message": "gone ñ"}]},
-    }
-    data = json.loads(error_envelope(ServiceUnavailable("down")))
-    assert (data["status"], data["code"], data["description"]) == (
-        503,
-        "Service Unavailable",
-        "service unavailable",
-    )
-
-
-def test_envelope_is_utf8() -> None:
-    from http import HTTPStatus
-
-    raw = envelope(HTTPStatus.CREATED, "message submitted", {"content": "漢字"})
-    assert "漢字".encode() in raw
 
 
 _json = st.recursive(

@@ -22,6 +22,7 @@ from junebug_api.consumer import (
 )
 from junebug_api.outages import OutageTracker, describe_destination, destination_of
 from junebug_api.pause_while_down import PauseWhileDown
+from junebug_api.queue_names import delay_queues
 from junebug_api.testing import (
     RecordingAcker,
     RecordingPublisher,
@@ -33,7 +34,7 @@ from .helpers import result_of
 from .test_consumer import BODY, QUEUE, ScriptedHandler
 
 RAPIDPRO = destination_of("http://rapidpro.example:8000/c/jn/x/receive")
-RETRY_QUEUES = {d: f"{QUEUE}.retry.{d}" for d in (5, 20, 60, 300)}
+RETRY_QUEUES = delay_queues(QUEUE)
 
 
 # -- destinations -------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 
 from junebug_api.amqp_service import PublishFailed
-from junebug_api.junebug_formats import ServiceUnavailable
+from junebug_api.api_errors import ServiceUnavailable
 from junebug_api.outbound import OutboundSender
 from junebug_api.state_cache import EventInfo
 from junebug_api.testing import RecordingPublisher

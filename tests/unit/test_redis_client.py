@@ -102,3 +102,32 @@ def test_readonly_reply_drops_the_connection_to_find_the_new_master():
     assert lost == [1]
     late = results(conn.command(b"GET", b"k"))
     assert isinstance(late[0].value, RedisConnectionError)
+
+
+def test_a_nil_array_reply_is_none():
+    assert parse_reply(b"*-1\r\n", 0) == (None, 5)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"!oops\r\n", "unexpected reply type b'!'"),
+        (b":not-a-number\r\n", "invalid literal"),
+    ],
+)
+def test_a_garbled_reply_drops_the_connection_and_fails_what_waits(data, error):
+    conn, transport, _, _ = connected()
+    first = results(conn.command(b"GET", b"a"))
+    second = results(conn.command(b"GET", b"b"))
+    conn.dataReceived(data)
+    assert transport.disconnecting
+    for seen in (first, second):
+        assert isinstance(seen[0].value, RedisConnectionError)
+        assert str(seen[0].value).startswith("bad reply from Redis: ")
+        assert error in str(seen[0].value)
+
+
+def test_a_reply_nobody_asked_for_drops_the_connection():
+    conn, transport, _, _ = connected()
+    conn.dataReceived(b"+OK\r\n")
+    assert transport.disconnecting

@@ -18,18 +18,11 @@ from junebug_api.amqp_service import AmqpService
 from junebug_api.config import load_config
 from junebug_api.http_server import ListeningService
 from junebug_api.log import set_log_level
+from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.metrics import NO_METRICS, PrometheusMetrics
+from junebug_api.queue_names import QueueNames
 from junebug_api.redis_state_cache import RedisStateCache
-from junebug_api.service import (
-    JunebugService,
-    connector_queue_names,
-    declared_queue_names,
-    queue_names,
-    retry_queue_arguments,
-    retry_queue_names,
-    retry_queues,
-)
-from junebug_api.state_cache import InMemoryStateCache
+from junebug_api.service import JunebugService
 from junebug_api.testing import RecordingAcker, captured_logs
 
 from .helpers import result_of
@@ -60,38 +53,6 @@ def service_for(reactor: Any = None, **options: Any) -> JunebugService:
     return JunebugService(config(**options), reactor or MemoryReactorClock())
 
 
-# -- queue names ------------------------------------------------------------------
-
-
-def test_queue_names_of_a_connector() -> None:
-    assert queue_names("c") == {
-        "outbound": "c.outbound",
-        "inbound": "c.inbound",
-        "event": "c.event",
-        "inbound_failed": "c.inbound.failed",
-        "event_failed": "c.event.failed",
-    }
-    assert retry_queues("c.inbound") == {
-        5: "c.inbound.retry.5",
-        20: "c.inbound.retry.20",
-        60: "c.inbound.retry.60",
-        300: "c.inbound.retry.300",
-    }
-    assert retry_queue_names("c")["event_retry_60"] == "c.event.retry.60"
-    assert len(connector_queue_names("c")) == 5 + 2 * 4
-    assert declared_queue_names(config()) == connector_queue_names("conn")
-
-
-def test_a_delay_queue_sends_its_messages_back_to_their_queue_after_its_delay() -> None:
-    arguments = retry_queue_arguments("c.event")
-    assert arguments["c.event.retry.20"] == {
-        "x-message-ttl": 20_000,
-        "x-dead-letter-exchange": "vumi",
-        "x-dead-letter-routing-key": "c.event",
-    }
-    assert sorted(arguments) == sorted(retry_queues("c.event").values())
-
-
 # -- what the tree holds ----------------------------------------------------------
 
 
@@ -100,7 +61,7 @@ def test_one_connector_the_tree_holds_amqp_then_http() -> None:
     amqp, http = list(service)
     assert isinstance(amqp, AmqpService) and amqp is service.amqp
     assert isinstance(http, ListeningService) and http is service.http
-    assert sorted(amqp.queues) == sorted(queue_names("conn").values())
+    assert sorted(amqp.queues) == sorted(QueueNames.for_connector("conn").by_role().values())
     # Its workers consume .inbound and .event; .outbound is the transport's.
     [channel] = service.channels
     assert sorted(channel.consumers) == ["conn.event", "conn.inbound"]
@@ -119,7 +80,10 @@ def test_each_channel_has_its_queues_workers_and_monitor() -> None:
         metrics_enabled="false",
     )
     assert sorted(service.amqp.queues) == sorted(
-        [*queue_names("a").values(), *queue_names("b-conn").values()]
+        [
+            *QueueNames.for_connector("a").by_role().values(),
+            *QueueNames.for_connector("b-conn").by_role().values(),
+        ]
     )
     consumed = ["a.event", "a.inbound", "b-conn.event", "b-conn.inbound"]
     assert sorted(q for c in service.channels for q in c.consumers) == consumed

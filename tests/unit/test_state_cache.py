@@ -1,4 +1,5 @@
-"""state_cache: ExpiringMap timing and InMemoryStateCache behaviour."""
+"""memory_state_cache: ExpiringMap timing and InMemoryStateCache behaviour; state_cache:
+loading a class by name."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from junebug_api.config import ConfigError
-from junebug_api.state_cache import (
-    EventInfo,
-    ExpiringMap,
-    InMemoryStateCache,
-    load_state_cache_class,
-    make_state_cache,
-)
+from junebug_api.memory_state_cache import ExpiringMap, InMemoryStateCache
+from junebug_api.state_cache import EventInfo, load_state_cache_class, make_state_cache
 from junebug_api.vumi_messages import REPLY_SOURCE_FIELDS
 
 from .helpers import result_of
@@ -280,3 +276,16 @@ def test_make_state_cache_checks_options() -> None:
             clock=Clock(),
             connector_name="conn",
         )
+
+
+def test_built_in_caches_answer_to_their_config_names_and_their_modules() -> None:
+    import junebug_api.state_cache as state_cache
+    from junebug_api.redis_state_cache import RedisStateCache
+
+    for cls in (InMemoryStateCache, RedisStateCache):
+        name = cls.__name__
+        assert load_state_cache_class(f"junebug_api.state_cache.{name}") is cls
+        assert load_state_cache_class(f"{cls.__module__}.{name}") is cls
+        assert getattr(state_cache, name) is cls
+    with pytest.raises(AttributeError):
+        state_cache.NoSuchCache  # noqa: B018

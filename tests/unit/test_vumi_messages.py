@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from junebug_api import vumi_messages
+from junebug_api.message_ids import generate_message_id
 from junebug_api.vumi_messages import (
     InvalidMessage,
     normalise_timestamp,
@@ -210,7 +210,7 @@ def test_reply_source_round_trip() -> None:
 
 
 def test_generated_message_ids_are_version_4_uuids() -> None:
-    ids = {vumi_messages.generate_message_id() for _ in range(1000)}
+    ids = {generate_message_id() for _ in range(1000)}
     assert len(ids) == 1000
     for message_id in ids:
         parsed = uuid.UUID(message_id)
