@@ -2,7 +2,8 @@
 
 The client is given its listener at construction and reports through that
 interface only; the service's listener (one ``_Connection`` per connection)
-has every method of it, with the same parameters. A method renamed, missing
+and the fake of ``junebug_api.testing`` have every method of it, with the
+same parameters. A method renamed, missing
 or with other parameters on either side fails here.
 """
 
@@ -26,6 +27,7 @@ from junebug_api.amqp_protocol import (
 )
 from junebug_api.amqp_service import _Connection
 from junebug_api.config import AmqpConfig
+from junebug_api.testing import RecordingConnectionEvents
 
 EVENTS = sorted(
     name
@@ -51,11 +53,18 @@ def test_the_interface_names_every_event_the_client_reports() -> None:
     ]
 
 
+#: Every implementation: the service's, and the public fake of testing.py.
+IMPLEMENTATIONS = [_Connection, RecordingConnectionEvents]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("event", EVENTS)
-def test_the_service_connection_implements_each_event_with_its_parameters(event: str) -> None:
-    implementation = getattr(_Connection, event, None)
-    assert implementation is not None, f"_Connection has no {event}"
-    assert parameters(implementation) == parameters(getattr(ConnectionEvents, event))
+def test_each_implementation_has_each_event_with_its_parameters(
+    implementation: type, event: str
+) -> None:
+    method = getattr(implementation, event, None)
+    assert method is not None, f"{implementation.__name__} has no {event}"
+    assert parameters(method) == parameters(getattr(ConnectionEvents, event))
 
 
 def test_a_service_connection_is_connection_events() -> None:
