@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import capturedLogs
 
 from junebug_api.amqp_service import Acker, AmqpService, PublishFailed, PublishRefused
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
+from junebug_api.testing import captured_logs
 
 from .helpers import BrokerServer, FakeNetwork, amqp_content, amqp_method, result_of
 
@@ -97,7 +97,7 @@ def setup() -> Setup:
 
 def test_both_connections_open_and_declare_the_topology() -> None:
     s = Setup(queue_arguments={"x-queue-type": "quorum"}, prefetch={"c.event": 3})
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.start()
     assert result_of(s.service.when_connected()) is None
     assert s.service.connected
@@ -171,7 +171,7 @@ def test_a_nack_or_a_return_fails_the_publish(setup: Setup, confirm: str, error:
 
 
 def test_a_return_of_a_message_nobody_waits_for_is_logged(setup: Setup) -> None:
-    with capturedLogs() as events:
+    with captured_logs() as events:
         setup.connection("publish").send(
             amqp_method(
                 1, "basic", "return", reply_code=312, reply_text="NO_ROUTE", routing_key="k"
@@ -232,7 +232,7 @@ def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: Setup) -> None:
 
 def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setup) -> None:
     publisher = setup.connection("publish")
-    with capturedLogs() as events:
+    with captured_logs() as events:
         publisher.block("low on memory")
         setup.net.flush()
     assert any("blocks publishing" in e["log_format"] for e in events)
@@ -260,7 +260,7 @@ def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -
     setup.broker.consumer("c.inbound").deliver("c.inbound", b"in")
     setup.net.flush()
     stale = setup.received[0][2]
-    with capturedLogs() as events:
+    with captured_logs() as events:
         for connection in setup.broker.open_connections:
             connection.drop()
         setup.net.flush()
@@ -291,7 +291,7 @@ def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -
 def test_a_refused_login_is_said_in_one_sentence() -> None:
     s = Setup()
     s.broker.refuse_login = True
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.start()
         waiting = s.service.when_connected(failures=1)
         s.net.flush()
@@ -441,7 +441,7 @@ def test_pausing_while_disconnected_takes_effect_on_connect() -> None:
 @pytest.mark.parametrize("how", ["cancel", "close"])
 def test_a_consumer_cancelled_or_closed_by_the_broker_reconnects(setup: Setup, how: str) -> None:
     consume = setup.connection("consume")
-    with capturedLogs() as events:
+    with captured_logs() as events:
         if how == "cancel":
             consume.cancel_consumer("c.inbound")
         else:
@@ -458,7 +458,7 @@ def test_silence_beyond_the_heartbeat_drops_the_connection() -> None:
     consume = s.connection("consume")
     s.net.advance(5)
     assert not consume.closed  # heartbeats flowing (the client sends them)
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.net.advance(2)  # 3 intervals without a byte from the broker
     assert consume.closed
     assert any("No AMQP traffic" in e["log_format"] for e in events)

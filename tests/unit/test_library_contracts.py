@@ -21,12 +21,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
-from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from junebug_api.http_delivery import HttpDelivery
 from junebug_api.http_server import ApiSite, ListeningService
+from junebug_api.testing import captured_logs
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 12345)
 
@@ -73,14 +73,12 @@ async def test_delivery_connections_log_no_factory_lines() -> None:
     """The pool's client factory is noisy; HttpDelivery's endpoints wrap it
     quietly (no "Starting factory" line per connection), with public APIs."""
     port = reactor.listenTCP(0, Site(Accepted()), interface="127.0.0.1")
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
     try:
-        delivery = HttpDelivery.create(reactor, 2)
-        url = f"http://127.0.0.1:{port.getHost().port}/in"
-        assert await delivery.post_json(url, b"{}", None, 5) == 200
+        with captured_logs() as events:
+            delivery = HttpDelivery.create(reactor, 2)
+            url = f"http://127.0.0.1:{port.getHost().port}/in"
+            assert await delivery.post_json(url, b"{}", None, 5) == 200
     finally:
-        globalLogPublisher.removeObserver(events.append)
         await port.stopListening()
     assert not [e for e in events if "factory" in str(e.get("log_format", ""))]
 
@@ -120,9 +118,7 @@ class LaterEndpoint:
 
 
 def test_a_later_listening_failure_is_logged_and_a_stop_is_quiet() -> None:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_logs() as events:
         later = LaterEndpoint()
         service = ListeningService(later, Factory.forProtocol(Protocol))
         service.privilegedStartService()
@@ -132,7 +128,5 @@ def test_a_later_listening_failure_is_logged_and_a_stop_is_quiet() -> None:
         quiet = ListeningService(LaterEndpoint(), Factory.forProtocol(Protocol))
         quiet.startService()
         assert quiet.stopService().called  # cancelled while waiting: no error logged
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     failures = [e for e in events if e.get("log_failure") is not None]
     assert [e["log_failure"].type for e in failures] == [CannotListenError]
