@@ -594,6 +594,9 @@ def test_tcp6_endpoint_parses_in_twisted() -> None:
 
     endpoint = serverFromString(reactor, http_bind_to_endpoint("[::1]:8080"))
     assert isinstance(endpoint, TCP6ServerEndpoint)
+    # TCP6ServerEndpoint shows what it parsed through no public attribute:
+    # the one read of a library's private state in the tests, on purpose (it
+    # fails here, not in production, if Twisted renames them).
     assert endpoint._interface == "::1"
     assert endpoint._port == 8080
 

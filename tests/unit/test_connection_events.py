@@ -10,7 +10,6 @@ or with other parameters on either side fails here.
 from __future__ import annotations
 
 import inspect
-import struct
 from unittest import mock
 
 import pytest
@@ -27,7 +26,7 @@ from junebug_api.amqp_protocol import (
 )
 from junebug_api.amqp_service import _Connection
 from junebug_api.config import AmqpConfig
-from junebug_api.testing import RecordingConnectionEvents
+from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
 EVENTS = sorted(
     name
@@ -36,7 +35,8 @@ EVENTS = sorted(
 )
 
 
-def parameters(function: object) -> list[tuple[str, inspect._ParameterKind]]:
+def parameters(function: object) -> list[tuple[str, object]]:
+    """Each parameter's name and kind (positional, keyword-only, ...)."""
     return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
 
 
@@ -71,10 +71,6 @@ def test_a_service_connection_is_connection_events() -> None:
     assert isinstance(_Connection(AmqpConfig(), Clock(), 10), ConnectionEvents)
 
 
-def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
-    return struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce"
-
-
 def test_the_client_reports_through_the_interface_only() -> None:
     """A listener that has the interface's methods and nothing else (an
     autospec: an unknown method or wrong arguments raise) hears every event."""
@@ -85,16 +81,10 @@ def test_the_client_reports_through_the_interface_only() -> None:
     client.makeConnection(StringTransport())
     events.connection_made.assert_called_once_with(client)
 
-    ack = struct.pack("!HHQB", 60, 80, 7, 1)
-    nack = struct.pack("!HHQB", 60, 120, 8, 0)
-    tag = b"q"
-    deliver = struct.pack("!HH", 60, 60) + bytes((len(tag),)) + tag + struct.pack("!QB", 3, 1)
-    deliver += b"\x00\x00"  # exchange (empty) and routing key (empty) short strings
-    header = struct.pack("!HHQH", 60, 0, 2, 0)
-    client.dataReceived(
-        frame(1, 1, ack) + frame(1, 1, nack) + frame(1, 5, deliver) + frame(2, 5, header)
-    )
-    client.dataReceived(frame(3, 5, b"hi"))
+    confirms = confirm_frame(7, multiple=True) + confirm_frame(8, ok=False)
+    delivery = delivery_frames(5, "q", 3, b"hi", redelivered=True)
+    client.dataReceived(confirms + delivery[:-10])  # the body frame comes later
+    client.dataReceived(delivery[-10:])
     events.publish_confirmed.assert_has_calls(
         [mock.call(7, True, True), mock.call(8, False, False)]
     )
