@@ -18,7 +18,15 @@ from junebug_api.amqp_service import Acker, AmqpService, PublishFailed, PublishR
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 from junebug_api.testing import captured_logs
 
-from .helpers import BrokerServer, FakeNetwork, amqp_content, amqp_method, result_of
+from .helpers import (
+    BrokerServer,
+    BrokerServerConnection,
+    FakeNetwork,
+    ServerFactory,
+    amqp_content,
+    amqp_method,
+    result_of,
+)
 
 QUEUES = ["c.inbound", "c.event", "c.outbound"]
 
@@ -251,6 +259,37 @@ def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setu
     assert setup.wait(held) is None
     assert [body for _, body, _ in setup.broker.published] == [b"dead letter"]
     assert setup.service.health()["health"] == "ok"
+
+
+class BlockedAtOpen(BrokerServerConnection):
+    """A broker under a resource alarm that says so as soon as the connection
+    is open: ``connection.blocked`` before the client has opened a channel."""
+
+    def on_connection_open(self, channel: int, args: dict) -> None:
+        super().on_connection_open(channel, args)
+        self.block("low on disk")
+
+
+def test_a_broker_blocking_during_the_set_up_blocks_publishing() -> None:
+    """A ``connection.blocked`` that arrives before the publish channel is in
+    confirm mode counts as well: the connection hears it from its first byte
+    (it is the client's ``ConnectionEvents`` from construction). Before the
+    refactor of issue 16 the blocked callbacks were set only after
+    ``confirm.select``, so such a notice was dropped and publishes written
+    into a blocked connection; the consuming connection ignores it, as before."""
+    s = Setup(listen=())
+    s.net.listen(5672, ServerFactory(BlockedAtOpen, s.broker))
+    s.start()
+    assert s.service.connected
+    health = s.service.health()
+    assert health["connections"]["publish"]["blocked"] == "low on disk"
+    assert health["connections"]["consume"]["state"] == "open"
+    refused = s.service.publish("c.outbound", b"api", refuse_if_busy=True)
+    with pytest.raises(PublishRefused, match="low on disk"):
+        result_of(refused)
+    s.connection("publish").unblock()
+    s.net.flush()
+    assert s.wait(s.service.publish("c.outbound", b"api", refuse_if_busy=True)) is None
 
 
 def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -> None:
