@@ -95,7 +95,8 @@ round-trip driver) and ``messages`` (what is pre-loaded, what must arrive),
 status), ``results`` and ``report`` (the table and the notes), ``main`` (the
 steps of a run in order), and under them ``settings`` (paths, cores, the
 connector and its queue names), ``host`` (commands, free ports, probes) and
-``console`` (what a run says, the error that ends it). bench/roundtrip.py (the round-trip phase's driver
-and RapidPro stand-in) and bench/cache_memory.py (the inbound message) stay
-scripts beside the package and are imported from there.
+``console`` (what a run says, the error that ends it). bench/roundtrip.py
+(the round-trip phase's driver and RapidPro stand-in) and
+bench/cache_memory.py (the inbound message) stay scripts beside the package
+and are imported from there.
 """
