@@ -1,5 +1,5 @@
 """AmqpService bookkeeping: confirm tags, returns, batched acks, blocked and
-busy publishing, broker rotation; no broker."""
+busy publishing; no broker."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from twisted.internet.testing import StringTransport
 from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
 from junebug_api.amqp_service import (
     CONTROL_CHANNEL,
+    AmqpConnection,
     AmqpService,
     PublishFailed,
     PublishRefused,
-    _Connection,
 )
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 from junebug_api.testing import captured_logs
@@ -25,12 +25,12 @@ from .helpers import result_of
 
 def connected_service(
     max_unconfirmed: int = 5000,
-) -> tuple[AmqpService, _Connection, StringTransport, Clock]:
+) -> tuple[AmqpService, AmqpConnection, StringTransport, Clock]:
     clock = Clock()
     settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
     service = AmqpService(settings, [], {}, 10, clock)
     # One connection both publishes and consumes in this fake.
-    connection = _Connection(
+    connection = AmqpConnection(
         AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=lambda queue: None
     )
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock, events=connection)

@@ -1,7 +1,7 @@
 """The seam between the AMQP client and AmqpService: ``ConnectionEvents``.
 
 The client is given its listener at construction and reports through that
-interface only; the service's listener (one ``_Connection`` per connection)
+interface only; the service's listener (one ``AmqpConnection`` per connection)
 and the fake of ``junebug_api.testing`` have every method of it, with the
 same parameters. A method renamed, missing
 or with other parameters on either side fails here.
@@ -24,7 +24,7 @@ from junebug_api.amqp_protocol import (
     JunebugDelegate,
     load_spec,
 )
-from junebug_api.amqp_service import _Connection
+from junebug_api.amqp_service import AmqpConnection
 from junebug_api.config import AmqpConfig
 from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
@@ -54,7 +54,7 @@ def test_the_interface_names_every_event_the_client_reports() -> None:
 
 
 #: Every implementation: the service's, and the public fake of testing.py.
-IMPLEMENTATIONS = [_Connection, RecordingConnectionEvents]
+IMPLEMENTATIONS = [AmqpConnection, RecordingConnectionEvents]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=lambda c: c.__name__)
@@ -68,7 +68,7 @@ def test_each_implementation_has_each_event_with_its_parameters(
 
 
 def test_a_service_connection_is_connection_events() -> None:
-    assert isinstance(_Connection(AmqpConfig(), Clock(), 10), ConnectionEvents)
+    assert isinstance(AmqpConnection(AmqpConfig(), Clock(), 10), ConnectionEvents)
 
 
 def test_the_client_reports_through_the_interface_only() -> None:
