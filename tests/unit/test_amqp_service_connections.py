@@ -8,6 +8,7 @@ timeout) runs on the test's clock."""
 from __future__ import annotations
 
 import inspect
+from random import Random
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ class Setup:
         brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),),
         listen: tuple[int, ...] = (5672,),
         prefetch: dict[str, int] | None = None,
+        random: Random | None = None,
         **settings: Any,
     ) -> None:
         self.net = FakeNetwork()
@@ -60,6 +62,7 @@ class Setup:
             7,
             self.net.reactor,
             connection_name="unit",
+            random=random or Random(),
         )
         for queue in consumed:
             self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
@@ -367,6 +370,38 @@ def test_failover_to_the_next_broker_then_back_off_after_a_round() -> None:
     t.net.advance(0.7)
     assert [port for _, port, *_ in t.net.reactor.tcpClients] == [5673, 5673]
     assert result_of(t.stop()) is None
+
+
+def tried_brokers(s: Setup, attempts: int) -> dict[str, list[int]]:
+    """The port of the broker each of the two connections tried, attempt by
+    attempt, over its first ``attempts``; every attempt is refused."""
+    tried: dict[str, list[int]] = {link.role: [] for link in s.service.links}
+    s.service.startService()
+    while any(len(ports) < attempts for ports in tried.values()):
+        for link in s.service.links:
+            if link.attempts > len(tried[link.role]):
+                tried[link.role].append(link.broker.port)
+        if s.net.reactor.tcpClients:
+            s.net.refuse()  # one attempt at a time, so each is seen above
+        s.net.advance(0.1)  # the backoff after a round, too
+    assert result_of(s.stop()) is None
+    return {role: ports[:attempts] for role, ports in tried.items()}
+
+
+def test_brokers_in_order_or_shuffled_per_round() -> None:
+    brokers = tuple(AmqpConfig(port=port) for port in (5672, 5673, 5674))
+    in_order = tried_brokers(Setup(brokers=brokers, listen=()), attempts=5)
+    assert in_order == {
+        "publish": [5672, 5673, 5674, 5672, 5673],
+        "consume": [5672, 5673, 5674, 5672, 5673],
+    }
+    shuffled = tried_brokers(
+        Setup(brokers=brokers, listen=(), failover="shuffle", random=Random(4)), attempts=12
+    )
+    for ports in shuffled.values():
+        rounds = [tuple(ports[i : i + 3]) for i in range(0, 12, 3)]
+        assert all(sorted(r) == [5672, 5673, 5674] for r in rounds)  # each round: all
+        assert len(set(rounds[1:])) > 1  # in a new order each round, not once
 
 
 def test_a_broker_that_never_answers_times_out() -> None:
