@@ -74,7 +74,7 @@ def main() -> None:
     print(f"pending timers: {len(clock.getDelayedCalls())}")
     clock.advance(86400)
     print(
-        f"after the timeout: {len(cache._inbound)} entries, "
+        f"after the timeout: {cache.entry_count()} entries, "
         f"{len(clock.getDelayedCalls())} pending timers"
     )
 

@@ -78,7 +78,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.queue_names import EXCHANGE, QueueNames
+from junebug_api.queue_names import EXCHANGE, QueueNames, failed_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -428,7 +428,8 @@ class Soak:
         self.count = args.messages
         self.run_id = secrets.token_hex(4)
         self.connector = f"soak-{self.run_id}"
-        self.queues = QueueNames.for_connector(self.connector).all()
+        self.names = QueueNames.for_connector(self.connector)
+        self.queues = self.names.all()
         self.phase_rows: list[list[Any]] = []
         self.phase_notes: list[str] = []
         self.phase_lost = 0
@@ -569,7 +570,7 @@ class Soak:
     async def collect_dead_letters(self) -> None:
         def take(channel: Any) -> dict[str, list[bytes]]:
             return {
-                kind: drain(channel, f"{self.connector}.{kind}.failed", 10_000)
+                kind: drain(channel, failed_queue(self.names.by_role()[kind]), 10_000)
                 for kind in ("inbound", "event")
             }
 
@@ -628,7 +629,7 @@ class Soak:
         self.note("deliveries done" if not any(self.missing(sink).values()) else "gave up waiting")
 
         # Every delivery acked: nothing left on the queues (ready or unacked).
-        watched = [f"{self.connector}.inbound", f"{self.connector}.event"]
+        watched = [self.names.inbound, self.names.event]
         settle_start = time.monotonic()
         depths = await deferToThread(queue_depths, watched)
         while any(depths.values()) and time.monotonic() - settle_start < SETTLE_LIMIT:
@@ -636,7 +637,7 @@ class Soak:
             depths = await deferToThread(queue_depths, watched)
         await self.collect_dead_letters()
 
-        outbound_queue = f"{self.connector}.outbound"
+        outbound_queue = self.names.outbound
         on_queue = await deferToThread(
             with_channel,
             lambda ch: ch.queue_declare(outbound_queue, durable=True, passive=True),
@@ -721,7 +722,7 @@ class Soak:
             for i in range(count)
             for name, make in POISON.items()
         ]
-        queue = f"{self.connector}.inbound"
+        queue = self.names.inbound
 
         def publish(channel: Any) -> None:
             channel.confirm_delivery()
@@ -740,7 +741,7 @@ class Soak:
 
         def take(channel: Any) -> None:
             while True:
-                method, properties, _ = channel.basic_get(f"{queue}.failed", auto_ack=True)
+                method, properties, _ = channel.basic_get(failed_queue(queue), auto_ack=True)
                 if method is None:
                     return
                 reason = (properties.headers or {}).get("x-junebug-reason", "(no reason)")
@@ -767,7 +768,7 @@ class Soak:
             ]
         )
         self.phase_notes.append(
-            f"poison: all on {queue}.failed and the good ones delivered within {took:.1f} s;"
+            f"poison: all on {failed_queue(queue)} and the good ones delivered within {took:.1f} s;"
             f" reasons: {dict(reasons)}"
         )
 
@@ -845,7 +846,7 @@ class Soak:
         unsent_ev = self.count - len(publisher.confirmed["event"])
         matches = "equal" if outbound_count == len(outbound.answered) else "NOT equal"
         print(
-            f"outbound: {outbound_count} message(s) on {self.connector}.outbound, {matches} to"
+            f"outbound: {outbound_count} message(s) on {self.names.outbound}, {matches} to"
             f" the {len(outbound.answered)} 201 answer(s); {out_extra} without a 201 (refused"
             f" but published); {sum(1 for n in by_content.values() if n > 1)} content(s)"
             f" queued more than once; refusals by kind: {dict(outbound.kinds)}"

@@ -478,22 +478,35 @@ class JunebugAMQPClient(AMQClient):
             delivery.headers,
         )
 
-    def _unpack_frame(self, data: bytes) -> Frame:
-        return decode_frame(self.spec, data)
+    # -- frames txAMQP sends -------------------------------------------------
 
-    def _pack_frame(self, frame: Frame) -> bytes:
-        """Method frames through FieldCodec (see there); others as txAMQP does."""
+    def send_frame(self, frame: Frame) -> None:
+        """Write a frame of txAMQP's (set-up, channel methods, heartbeats), as
+        ``AMQClient.send_frame`` does, encoded by :meth:`encode_frame`."""
+        if frame.payload.type != Frame.HEARTBEAT:
+            self.reschedule_send_heartbeat()
+        self.transport.write(self.encode_frame(frame))
+
+    def encode_frame(self, frame: Frame) -> bytes:
+        """Method frames through FieldCodec (see there); other payloads encode
+        themselves, as in txAMQP."""
         payload = frame.payload
-        if not isinstance(payload, Method):
-            return super()._pack_frame(frame)
         buffer = BytesIO()
-        codec = FieldCodec(buffer)
-        codec.encode_short(payload.method.klass.id)
-        codec.encode_short(payload.method.id)
-        for field, arg in zip(payload.method.fields, payload.args, strict=True):
-            codec.encode(field.type, arg)
+        if isinstance(payload, Method):
+            codec = FieldCodec(buffer)
+            codec.encode_short(payload.method.klass.id)
+            codec.encode_short(payload.method.id)
+            for field, arg in zip(payload.method.fields, payload.args, strict=True):
+                codec.encode(field.type, arg)
+            codec.flush()
+            return _frame(_FRAME_METHOD, frame.channel, buffer.getvalue())
+        codec = Codec(buffer)
+        codec.encode_octet(self.spec.constants.bypyname[payload.type].id)
+        codec.encode_short(frame.channel)
+        payload.encode(codec)
+        codec.encode_octet(_FRAME_END)
         codec.flush()
-        return _frame(_FRAME_METHOD, frame.channel, buffer.getvalue())
+        return buffer.getvalue()
 
     # -- heartbeats without a timer reset per frame -------------------------
 

@@ -90,7 +90,7 @@ class PublishRefused(PublishFailed):
 class Acker:
     """Acknowledges one delivery on the connection and channel it came from."""
 
-    _connection: _Connection
+    _connection: AmqpConnection
     _channel: int
     delivery_tag: int
     redelivered: bool
@@ -118,9 +118,10 @@ Consumer = Callable[[bytes, Acker], None]
 
 
 @attrs.define(eq=False)
-class _Connection:
+class AmqpConnection:
     """One AMQP connection and the state tied to its life; the
     :class:`~junebug_api.amqp_protocol.ConnectionEvents` its client reports to.
+    Public as the seam's implementation: unit tests drive it event by event.
 
     Made before its client, which is given it at construction and hands
     itself over in ``connection_made`` (as Twisted hands a protocol its
@@ -367,7 +368,7 @@ class _Link:
     the connection open now, if any, and why the last attempt failed."""
 
     role: str
-    connection: _Connection | None = None
+    connection: AmqpConnection | None = None
     broker: AmqpConfig | None = None
     error: str | None = None
     attempts: int = 0
@@ -601,10 +602,10 @@ class AmqpService(Service):
             if timer.active():
                 timer.cancel()
 
-    async def _attempt(self, link: _Link, broker: AmqpConfig) -> _Connection:
+    async def _attempt(self, link: _Link, broker: AmqpConfig) -> AmqpConnection:
         """One connection attempt, set-up included; SetupFailed says why not."""
         timeout = self.settings.connect_timeout
-        connection = _Connection(
+        connection = AmqpConnection(
             broker,
             self._reactor,
             self.settings.max_unconfirmed,
@@ -650,7 +651,7 @@ class AmqpService(Service):
             if timer.active():
                 timer.cancel()
 
-    async def _setup(self, link: _Link, connection: _Connection) -> _Connection:
+    async def _setup(self, link: _Link, connection: AmqpConnection) -> AmqpConnection:
         client, broker = connection.client, connection.broker
         await client.login(broker.username, broker.password, self.settings.auth_mechanism)
         if link is self._publisher:
@@ -680,13 +681,13 @@ class AmqpService(Service):
         )
         return connection
 
-    async def _open_channel(self, connection: _Connection, channel_id: int) -> Any:
+    async def _open_channel(self, connection: AmqpConnection, channel_id: int) -> Any:
         channel = await connection.client.channel(channel_id)
         await channel.channel_open()
         connection.channels[channel_id] = channel
         return channel
 
-    async def _declare_topology(self, channel: Any, connection: _Connection) -> None:
+    async def _declare_topology(self, channel: Any, connection: AmqpConnection) -> None:
         passive = self.settings.declare == "passive"
         try:
             await channel.exchange_declare(
@@ -811,7 +812,7 @@ class AmqpService(Service):
             return held
         return connection.write(frames, message_id)
 
-    def _busy(self, connection: _Connection) -> PublishRefused | None:
+    def _busy(self, connection: AmqpConnection) -> PublishRefused | None:
         if connection.blocked is not None:
             return PublishRefused(
                 f"the broker blocks publishing ({connection.blocked})", BLOCKED_RETRY_AFTER
@@ -826,7 +827,7 @@ class AmqpService(Service):
 
     # -- queues -----------------------------------------------------------
 
-    async def _control(self, link: _Link) -> tuple[_Connection, Any]:
+    async def _control(self, link: _Link) -> tuple[AmqpConnection, Any]:
         """The open connection of ``link`` and a channel for queries on it."""
         connection = link.connection
         if connection is None or not connection.alive:

@@ -499,7 +499,9 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return nested
 
 
-def _hint_for(dotted: str) -> Any:
+def option_type(dotted: str) -> Any:
+    """The type hint of an option by its dotted name (``"amqp.port"`` -> ``int``):
+    what a string from the environment or the command line becomes."""
     head, _, tail = dotted.partition(".")
     hint = dict((f.name, h) for f, h in _fields(JunebugConfig))[head]
     if tail:
@@ -533,7 +535,7 @@ def options_from_environment(environ: Mapping[str, str]) -> dict:
     for dotted, name in option_names():
         key = "_".join(p for p in (prefix, name) if p).upper()
         if key in environ:
-            flat[dotted] = _from_string(key, _hint_for(dotted), environ[key])
+            flat[dotted] = _from_string(key, option_type(dotted), environ[key])
     return _nest(flat)
 
 
@@ -544,7 +546,7 @@ def options_from_cli(values: Mapping[str, str | None]) -> dict:
         text = values.get(name)
         if text is not None:
             flag = "--" + name.replace("_", "-")
-            flat[dotted] = _from_string(flag, _hint_for(dotted), text)
+            flat[dotted] = _from_string(flag, option_type(dotted), text)
     return _nest(flat)
 
 

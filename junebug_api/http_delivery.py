@@ -17,17 +17,17 @@ import attrs
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
     ResponseNeverReceived,
     SchemeNotSupported,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -78,14 +78,39 @@ def safe_url(url: str) -> str:
     return split_credentials(url)[0].decode("utf-8")
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
+class _QuietFactory(Factory):
+    """The pool's protocol factory (a noisy Factory) without its "Starting
+    factory" and "Stopping factory" log lines, one each per connection."""
+
     noisy = False
+
+    def __init__(self, factory: Factory) -> None:
+        self.factory = factory
+
+    def startFactory(self) -> None:
+        self.factory.startFactory()
+
+    def stopFactory(self) -> None:
+        self.factory.stopFactory()
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        return self.factory.buildProtocol(addr)
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """Connects as ``endpoint`` does, through a :class:`_QuietFactory`."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, factory: Factory) -> Deferred[IProtocol]:
+        return self.endpoint.connect(_QuietFactory(factory))
 
 
 def make_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
     """The one persistent pool that every outgoing POST shares."""
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory  # no "Starting factory" line per connection
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False
@@ -94,7 +119,8 @@ def make_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointCache:
-    """One client endpoint per scheme, host and port, built once.
+    """One client endpoint per scheme, host and port, built once (and quiet:
+    no log lines per connection).
 
     Agent's own factory builds (and IDNA-encodes the host of) a new endpoint
     for every request; the pool only needs it when it opens a connection.
@@ -115,6 +141,7 @@ class _EndpointCache:
             if uri.scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = _QuietEndpoint(endpoint)
             if len(self._endpoints) < 1024:
                 self._endpoints[key] = endpoint
         return endpoint

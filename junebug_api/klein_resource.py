@@ -79,13 +79,13 @@ class KleinAppResource(Resource):
             result = fail()
         if isinstance(result, bytes):
             return result
-        if isinstance(result, Deferred):
-            request.notifyFinish().addErrback(_client_gone, result)
-        else:
+        if not isinstance(result, Deferred):
             result = fail(TypeError(f"the endpoint returned {type(result).__name__}, not bytes"))
+        client = _Client()
+        request.notifyFinish().addErrback(client.gone, result)
         result.addErrback(self._failed, request)
-        result.addCallback(_write, request)
-        result.addErrback(_unwritten, request)
+        result.addCallback(_write, request, client)
+        result.addErrback(_unwritten, request, client)
         return NOT_DONE_YET
 
     def _endpoint_result(self, request: IRequest) -> Any:
@@ -119,14 +119,24 @@ class KleinAppResource(Resource):
         return self._on_error(request, failure)
 
 
-def _client_gone(reason: Failure, result: Deferred) -> None:
-    """The connection closed before the answer: stop working on it."""
-    result.cancel()
+class _Client:
+    """Whether the client of one request is still there, as the request's
+    ``notifyFinish()`` tells (Klein's own resource does the same)."""
+
+    __slots__ = ("disconnected",)
+
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    def gone(self, reason: Failure, result: Deferred) -> None:
+        """The connection closed before the answer: stop working on it."""
+        self.disconnected = True
+        result.cancel()
 
 
-def _write(body: bytes, request: Any) -> None:
+def _write(body: bytes, request: Any, client: _Client) -> None:
     # After a disconnect, twisted.web refuses finish(); there is no one to answer.
-    if request._disconnected:
+    if client.disconnected:
         return
     if not isinstance(body, bytes):
         raise TypeError(f"the answer is {type(body).__name__}, not bytes")
@@ -135,14 +145,14 @@ def _write(body: bytes, request: Any) -> None:
     request.finish()
 
 
-def _unwritten(failure: Failure, request: Any) -> None:
+def _unwritten(failure: Failure, request: Any, client: _Client) -> None:
     """Nothing (or not all) was answered: log why, and answer what can be."""
-    if request._disconnected and failure.check(CancelledError):
+    if client.disconnected and failure.check(CancelledError):
         return  # the client went away, and the endpoint stopped
     log.failure(
         "Could not answer {method} {path}", failure, method=request.method, path=request.path
     )
-    if request._disconnected or request.finished:
+    if client.disconnected or request.finished:
         return
     if request.startedWriting:
         request.loseConnection()

@@ -13,7 +13,6 @@ import gc
 import sys
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
@@ -28,7 +27,7 @@ from .channel_config import resolve_channels
 from .config import JunebugConfig, describe
 from .consumer import RetryPolicy
 from .http_delivery import HttpDelivery
-from .http_server import ApiSite, with_listen_backlog
+from .http_server import ApiSite, ListeningService, with_listen_backlog
 from .log import Redactor, logger, set_log_level
 from .metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .outages import OutageTracker
@@ -187,10 +186,9 @@ class JunebugService(MultiService):
             max_connections=config.http_max_connections,
         )
         self.site = site
-        self.http = StreamServerEndpointService(
+        self.http = ListeningService(
             serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
         )
-        self.http._raiseSynchronously = True
         self.http.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:

@@ -307,6 +307,7 @@ class FakeRapidPro(Resource):
 
     @property
     def bodies(self) -> list[bytes]:
+        """The body of each POST received, in order."""
         return [r.body for r in self.requests]
 
     def delivery(
@@ -390,6 +391,7 @@ def confirm_frame(
 
 
 def heartbeat_frame() -> bytes:
+    """A heartbeat frame (channel 0, no payload)."""
     return frame(FRAME_HEARTBEAT, 0, b"")
 
 
@@ -486,6 +488,7 @@ class FakeBroker:
         self.feed(data, range(1, len(data)))
 
     def written(self) -> bytes:
+        """The bytes the client wrote since the last :meth:`clear`."""
         return self.transport.value()
 
     def written_frames(self) -> list[tuple[int, int, bytes]]:
@@ -502,7 +505,10 @@ class FakeBroker:
 @contextmanager
 def captured_logs() -> Iterator[list[dict[str, Any]]]:
     """Every log event published while the block runs (all levels, any
-    namespace), in a list that stays readable afterwards."""
+    namespace), in a list that stays readable afterwards.
+
+    ``twisted.logger.capturedLogs`` without its one flaw for tests: the
+    observer is removed also when the block raises (a failed assertion)."""
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:

@@ -13,17 +13,19 @@ from twisted.internet import reactor
 
 from junebug_api.amqp_service import AmqpService, PublishFailed
 from junebug_api.config import AmqpConfig
+from junebug_api.queue_names import QueueNames
 
 from .support import pause, wait_for
 
 
 @pytest.fixture
 def queues(connector):
+    names = QueueNames.for_connector(connector, retry_delays=(1,))
     return {
-        "outbound": f"{connector}.outbound",
-        "inbound": f"{connector}.inbound",
-        "retry": f"{connector}.inbound.retry.1",
-        "unicode": f"{connector}.ünïcödé",
+        "outbound": names.outbound,
+        "inbound": names.inbound,
+        "retry": names.delay_queues("inbound")[1],
+        "unicode": f"{connector}.ünïcödé",  # no queue of the service's: any name AMQP takes
     }
 
 

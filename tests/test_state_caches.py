@@ -215,11 +215,23 @@ async def test_redis_keys_ttl_and_prefix(redis_keys):
         store.close()
 
 
-def test_default_key_prefix_names_the_connector():
+@pytest_twisted.ensureDeferred
+async def test_default_key_prefix_names_the_connector():
+    connector = f"jbtest-{uuid.uuid4().hex[:8]}"
+    keys = RedisKeys(f"junebug:{connector}:")
     cache = make_state_cache(
-        "junebug_api.state_cache.RedisStateCache", {}, clock=Clock(), connector_name="chan-1"
+        "junebug_api.state_cache.RedisStateCache",
+        {"url": REDIS_URL},
+        clock=reactor,
+        connector_name=connector,
     )
-    assert cache._prefix == b"junebug:chan-1:"
+    cache.start()
+    try:
+        await cache.store_event_info("m1", EventInfo("http://rp/e", None))
+        assert keys.keys() == [f"junebug:{connector}:event:m1".encode()]
+    finally:
+        cache.close()
+        keys.clean()
 
 
 def test_memory_is_the_default():

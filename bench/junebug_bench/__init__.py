@@ -94,8 +94,11 @@ phases, durations), ``rabbitmq``, ``nginx``, ``redis_keys`` and ``services``
 round-trip driver) and ``messages`` (what is pre-loaded, what must arrive),
 ``phases``, ``accounting`` (CPU and memory from /proc, the checks behind each
 status), ``results`` and ``report`` (the table and the notes), ``main`` (the
-steps of a run in order). bench/roundtrip.py (the round-trip phase; it runs
-bench/roundtrip_peer.py, the transport and RapidPro in one process) and
+steps of a run in order), and under them ``settings`` (paths, cores, the
+connector and its queue names), ``host`` (commands, free ports, probes) and
+``console`` (what a run says, the error that ends it). bench/roundtrip.py
+(the round-trip phase; it runs bench/roundtrip_peer.py, the transport and
+RapidPro in one process) and
 bench/cache_memory.py (the inbound message) stay scripts beside the package
 and are imported from there.
 """

@@ -24,7 +24,7 @@ from .rabbitmq import Broker, RabbitNode
 from .redis_keys import RedisKeys, redis_server_pid
 from .report import RunFacts, cache_ratios, machine_line, metrics_cost, publish, report
 from .results import Tally
-from .settings import CONNECTOR, POST_LUA, REDIS_URL, RESULTS, ROOT
+from .settings import POST_LUA, QUEUES, REDIS_URL, RESULTS, ROOT
 
 
 def bare_step(ctx: Context, tally: Tally) -> None:
@@ -140,7 +140,7 @@ def queue_policy(plan: Plan, rabbit: RabbitNode) -> str:
         return "no queue policy (--no-lazy-queues)"
     if rabbit.lazy_outbound_queue():
         return (
-            f"policy queue-mode=lazy on {CONNECTOR}.outbound, which nothing consumes"
+            f"policy queue-mode=lazy on {QUEUES.outbound}, which nothing consumes"
             " (--no-lazy-queues: without)"
         )
     return "the queue-mode=lazy policy could not be set (see the log above)"

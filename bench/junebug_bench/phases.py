@@ -15,6 +15,8 @@ from typing import Any
 
 import roundtrip
 
+from junebug_api.queue_names import failed_queue
+
 from .accounting import (
     Meter,
     count_deliveries,
@@ -40,9 +42,9 @@ from .settings import (
     BASE_PATH,
     BENCH,
     CLK_TCK,
-    CONNECTOR,
     HOST,
     OTHER_CORE,
+    QUEUES,
     REDIS_CLASS,
     SERVICE_CORE,
 )
@@ -108,7 +110,7 @@ def outbound_phase(
     script: Path,
 ) -> list[Row]:
     """wrk against url (a service process, or the balancer in front of group)."""
-    queue = f"{CONNECTOR}.outbound"
+    queue = QUEUES.outbound
     run_wrk(url, 16, warmup, script)
     broker.settled_count(queue)
     rows = []
@@ -182,7 +184,7 @@ def drain_phase(
     time how long until nginx saw n bodies, then check each arrived exactly
     once, unchanged. The row is named phase + tag (the configuration's marks)."""
     name = phase + tag
-    queue = f"{CONNECTOR}.{kind}"
+    queue = QUEUES.by_role()[kind]
     ids = [uuid.uuid4().hex for _ in range(n)]
     preload_queue(name, queue, ids, make_body, broker)
     log_offsets = group.log_offsets()
@@ -281,14 +283,14 @@ def check_drain(
     """Each id delivered exactly once as expected, none left or dead-lettered:
     the row's status and its first note."""
     left = broker.count(queue)
-    failed = broker.count(f"{queue}.failed")
+    failed = broker.count(failed_queue(queue))
     got = count_deliveries([decoded(line) for line in lines], ids, expected)
     row.status = drain_status(got, left, failed)
     row.notes.insert(
         0,
         f"{got.bodies:,} bodies: {got.distinct:,} distinct expected ids,"
         f" {got.duplicates} duplicate(s), {got.missing} missing, {got.malformed}"
-        f" unexpected/malformed; {left} left on {queue}, {failed} on {queue}.failed",
+        f" unexpected/malformed; {left} left on {queue}, {failed} on {failed_queue(queue)}",
     )
 
 
@@ -635,7 +637,7 @@ def roundtrip_row(name: str, measure: str, trip: roundtrip.RoundTrip) -> Row:
     row.status = "ok" if trip.replied == trip.published else "lost"
     row.notes.append(
         f"{trip.published:,} inbound published at {trip.offered:,.0f}/s, {trip.replied:,}"
-        f" replies on {CONNECTOR}.outbound within {roundtrip.GRACE:g} s of the last;"
+        f" replies on {QUEUES.outbound} within {roundtrip.GRACE:g} s of the last;"
         f" round trip = inbound publish to reply consumed (the peer's clock)"
         + (
             ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pika
 
 from .console import BenchError, say
 from .host import free_port, run
-from .settings import CONNECTOR, HOST, OTHER_CORE
+from .settings import HOST, OTHER_CORE, QUEUES
 
 
 class RabbitNode:
@@ -137,7 +138,7 @@ class RabbitNode:
         result = self.ctl(
             "set_policy",
             "lazy-outbound",
-            f"^{CONNECTOR}\\.outbound$",
+            f"^{re.escape(QUEUES.outbound)}$",
             '{"queue-mode":"lazy"}',
             "--apply-to",
             "queues",

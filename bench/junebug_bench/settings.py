@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from junebug_api.queue_names import QueueNames
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "last-results.txt"
@@ -22,6 +24,7 @@ SERVICE_CORE = "0"  # the service and the bare server
 OTHER_CORE = "1"  # RabbitMQ, nginx, wrk
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTOR = "bench"
+QUEUES = QueueNames.for_connector(CONNECTOR)  # the one naming rule, the service's
 BASE_PATH = "/channels/bench"
 REDIS_URL = "redis://127.0.0.1:6379/15"  # the shared Redis; only our prefix is touched
 REDIS_CLASS = "junebug_api.state_cache.RedisStateCache"

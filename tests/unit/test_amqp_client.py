@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
 
 from junebug_api.amqp_protocol import (
     JunebugAMQPClient,
@@ -21,7 +20,7 @@ from junebug_api.amqp_protocol import (
     encode_table,
     load_spec,
 )
-from junebug_api.testing import FakeBroker, RecordingConnectionEvents
+from junebug_api.testing import FakeBroker, RecordingConnectionEvents, captured_logs
 
 from .helpers import amqp_content, amqp_method
 
@@ -154,7 +153,7 @@ def test_the_first_bytes_are_kept_for_explaining_a_failed_set_up() -> None:
 def test_a_frame_without_its_end_octet_drops_the_connection() -> None:
     bad = HEARTBEAT[:-1] + b"\x00"
     client, transport, events = client_recording()
-    with capturedLogs() as logged:
+    with captured_logs() as logged:
         client.dataReceived(deliver(3, 1) + bad + deliver(3, 2))
     assert transport.disconnecting
     assert reported(events) == []
@@ -288,7 +287,7 @@ def test_heartbeats_are_sent_and_silence_drops_the_connection() -> None:
         clock.advance(4)
         client.dataReceived(HEARTBEAT)
     assert not transport.disconnecting
-    with capturedLogs() as events:
+    with captured_logs() as events:
         clock.advance(15)
     assert transport.disconnecting
     assert any("No AMQP traffic" in e["log_format"] for e in events)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,6 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from junebug_api.amqp_connect import SetupFailed, explain, explain_channel_close
-from junebug_api.amqp_service import AmqpService
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 
 PLAIN = AmqpConfig(hostname="rabbit", port=5672, username="junebug")
@@ -137,28 +135,3 @@ def test_explain_channel_close() -> None:
     assert explain_channel_close(missing, "vumi", passive=True, kind="exchange") == (
         "exchange vumi does not exist (amqp_declare: passive): NOT_FOUND - no exchange 'vumi'"
     )
-
-
-def test_brokers_in_order_or_shuffled_per_round() -> None:
-    brokers = tuple(AmqpConfig(hostname=f"node{i}") for i in range(3))
-    in_order = AmqpService(AmqpConnectionSettings(brokers=brokers), [], {}, 1, None)
-    link = in_order.links[0]
-    assert [in_order._next_broker(link).hostname for _ in range(5)] == [
-        "node0",
-        "node1",
-        "node2",
-        "node0",
-        "node1",
-    ]
-    shuffled = AmqpService(
-        AmqpConnectionSettings(brokers=brokers, failover="shuffle"),
-        [],
-        {},
-        1,
-        None,
-        random=random.Random(4),
-    )
-    link = shuffled.links[0]
-    rounds = [[shuffled._next_broker(link).hostname for _ in range(3)] for _ in range(4)]
-    assert all(sorted(r) == ["node0", "node1", "node2"] for r in rounds)  # each round: all
-    assert len({tuple(r) for r in rounds}) > 1  # in a new order

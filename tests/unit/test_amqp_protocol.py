@@ -13,6 +13,8 @@ from txamqp.protocol import GarbageException
 
 from junebug_api.amqp_protocol import FieldCodec, decode_frame, load_spec
 
+from .helpers import result_of
+
 FRAME_END = b"\xce"
 UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
 
@@ -232,26 +234,32 @@ def test_decode_empty_table() -> None:
 
 
 def test_method_frames_count_bytes_and_keep_booleans() -> None:
+    """txAMQP's channel methods reach the wire through the client's
+    send_frame, encoded by FieldCodec (txAMQP's own codec would count
+    characters and send booleans as integers)."""
     from twisted.internet.task import Clock
-    from txamqp.connection import Frame
+    from twisted.internet.testing import StringTransport
 
     from junebug_api.amqp_protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
 
     events = mock.create_autospec(ConnectionEvents, instance=True)
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock(), events=events)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    transport.clear()
     spec = load_spec()
     declare = spec.classes.byname["queue"].methods.byname["declare"]
-    args = [
-        0,
-        "résumé.inbound",
-        False,
-        True,
-        False,
-        False,
-        False,
-        {"x-single-active-consumer": True, "x-message-ttl": 2**40, "x-queue-type": "quorum"},
-    ]
-    data = client._pack_frame(Frame(1, Method(declare, *args)))
+    channel = result_of(client.channel(1))
+    channel.queue_declare(
+        queue="résumé.inbound",
+        durable=True,
+        arguments={
+            "x-single-active-consumer": True,
+            "x-message-ttl": 2**40,
+            "x-queue-type": "quorum",
+        },
+    )
+    data = transport.value()
     frame = decode_frame(spec, data)
     assert frame.channel == 1
     decoded = dict(zip([f.name for f in declare.fields], frame.payload.args, strict=True))
@@ -262,3 +270,19 @@ def test_method_frames_count_bytes_and_keep_booleans() -> None:
         "x-message-ttl": 2**40,
         "x-queue-type": "quorum",
     }
+
+
+def test_heartbeat_and_content_frames_encode_as_txamqp_does() -> None:
+    from twisted.internet.task import Clock
+    from txamqp.connection import Frame
+
+    from junebug_api.amqp_protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
+
+    events = mock.create_autospec(ConnectionEvents, instance=True)
+    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock(), events=events)
+    assert client.encode_frame(Frame(0, Heartbeat())) == frame(8, 0, b"")
+    body = "Sawubona 👋".encode()
+    assert client.encode_frame(Frame(3, Body(body))) == frame(3, 3, body)
+    assert decode_frame(load_spec(), client.encode_frame(Frame(3, Body(body)))).payload.content == (
+        body
+    )

@@ -1,5 +1,5 @@
 """AmqpService bookkeeping: confirm tags, returns, batched acks, blocked and
-busy publishing, broker rotation; no broker."""
+busy publishing; no broker."""
 
 from __future__ import annotations
 
@@ -12,32 +12,33 @@ from twisted.internet.testing import StringTransport
 from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
 from junebug_api.amqp_service import (
     CONTROL_CHANNEL,
+    AmqpConnection,
     AmqpService,
     PublishFailed,
     PublishRefused,
-    _Connection,
 )
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
+from junebug_api.testing import captured_logs
 
 from .helpers import result_of
 
 
 def connected_service(
     max_unconfirmed: int = 5000,
-) -> tuple[AmqpService, _Connection, StringTransport, Clock]:
+) -> tuple[AmqpService, AmqpConnection, StringTransport, Clock]:
     clock = Clock()
     settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
     service = AmqpService(settings, [], {}, 10, clock)
     # One connection both publishes and consumes in this fake.
-    connection = _Connection(
+    connection = AmqpConnection(
         AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=lambda queue: None
     )
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock, events=connection)
     transport = StringTransport()
     client.makeConnection(transport)
     transport.clear()
-    service._publisher.connection = connection
-    service._consumer.connection = connection
+    publisher, consumer = service.links
+    publisher.connection = consumer.connection = connection
     return service, connection, transport, clock
 
 
@@ -188,7 +189,8 @@ def test_connection_metrics_per_connection() -> None:
         "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
         "consume": {"up": 1, "blocked": 1, "unconfirmed": 1},  # one connection in this fake
     }
-    service._consumer.connection = None
+    _, consumer = service.links
+    consumer.connection = None
     assert service.connection_metrics()["consume"] == {"up": 0, "blocked": 0, "unconfirmed": 0}
 
 
@@ -196,11 +198,8 @@ def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
     """Stopping cuts the attempts in progress short: that is no failed set-up
     (no error line, no "ConnectingCancelledError" at every shutdown)."""
     from twisted.internet.testing import MemoryReactorClock
-    from twisted.logger import globalLogPublisher
 
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_logs() as events:
         reactor = MemoryReactorClock()
         service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
         service.startService()
@@ -208,8 +207,6 @@ def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
         stopped = service.stopService()
         reactor.advance(0)
         assert stopped.called
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
     assert errors == [], errors
 

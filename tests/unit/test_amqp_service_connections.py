@@ -8,17 +8,26 @@ timeout) runs on the test's clock."""
 from __future__ import annotations
 
 import inspect
+from random import Random
 from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import capturedLogs
 
 from junebug_api.amqp_service import Acker, AmqpService, PublishFailed, PublishRefused
 from junebug_api.config import AmqpConfig, AmqpConnectionSettings
+from junebug_api.testing import captured_logs
 
-from .helpers import BrokerServer, FakeNetwork, amqp_content, amqp_method, result_of
+from .helpers import (
+    BrokerServer,
+    BrokerServerConnection,
+    FakeNetwork,
+    ServerFactory,
+    amqp_content,
+    amqp_method,
+    result_of,
+)
 
 QUEUES = ["c.inbound", "c.event", "c.outbound"]
 
@@ -37,6 +46,7 @@ class Setup:
         brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),),
         listen: tuple[int, ...] = (5672,),
         prefetch: dict[str, int] | None = None,
+        random: Random | None = None,
         **settings: Any,
     ) -> None:
         self.net = FakeNetwork()
@@ -52,6 +62,7 @@ class Setup:
             7,
             self.net.reactor,
             connection_name="unit",
+            random=random or Random(),
         )
         for queue in consumed:
             self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
@@ -97,7 +108,7 @@ def setup() -> Setup:
 
 def test_both_connections_open_and_declare_the_topology() -> None:
     s = Setup(queue_arguments={"x-queue-type": "quorum"}, prefetch={"c.event": 3})
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.start()
     assert result_of(s.service.when_connected()) is None
     assert s.service.connected
@@ -171,7 +182,7 @@ def test_a_nack_or_a_return_fails_the_publish(setup: Setup, confirm: str, error:
 
 
 def test_a_return_of_a_message_nobody_waits_for_is_logged(setup: Setup) -> None:
-    with capturedLogs() as events:
+    with captured_logs() as events:
         setup.connection("publish").send(
             amqp_method(
                 1, "basic", "return", reply_code=312, reply_text="NO_ROUTE", routing_key="k"
@@ -232,7 +243,7 @@ def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: Setup) -> None:
 
 def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setup) -> None:
     publisher = setup.connection("publish")
-    with capturedLogs() as events:
+    with captured_logs() as events:
         publisher.block("low on memory")
         setup.net.flush()
     assert any("blocks publishing" in e["log_format"] for e in events)
@@ -253,6 +264,37 @@ def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setu
     assert setup.service.health()["health"] == "ok"
 
 
+class BlockedAtOpen(BrokerServerConnection):
+    """A broker under a resource alarm that says so as soon as the connection
+    is open: ``connection.blocked`` before the client has opened a channel."""
+
+    def on_connection_open(self, channel: int, args: dict) -> None:
+        super().on_connection_open(channel, args)
+        self.block("low on disk")
+
+
+def test_a_broker_blocking_during_the_set_up_blocks_publishing() -> None:
+    """A ``connection.blocked`` that arrives before the publish channel is in
+    confirm mode counts as well: the connection hears it from its first byte
+    (it is the client's ``ConnectionEvents`` from construction). Before the
+    refactor of issue 16 the blocked callbacks were set only after
+    ``confirm.select``, so such a notice was dropped and publishes written
+    into a blocked connection; the consuming connection ignores it, as before."""
+    s = Setup(listen=())
+    s.net.listen(5672, ServerFactory(BlockedAtOpen, s.broker))
+    s.start()
+    assert s.service.connected
+    health = s.service.health()
+    assert health["connections"]["publish"]["blocked"] == "low on disk"
+    assert health["connections"]["consume"]["state"] == "open"
+    refused = s.service.publish("c.outbound", b"api", refuse_if_busy=True)
+    with pytest.raises(PublishRefused, match="low on disk"):
+        result_of(refused)
+    s.connection("publish").unblock()
+    s.net.flush()
+    assert s.wait(s.service.publish("c.outbound", b"api", refuse_if_busy=True)) is None
+
+
 def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -> None:
     setup.broker.confirm = None
     unconfirmed = setup.service.publish("c.outbound", b"x")
@@ -260,7 +302,7 @@ def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -
     setup.broker.consumer("c.inbound").deliver("c.inbound", b"in")
     setup.net.flush()
     stale = setup.received[0][2]
-    with capturedLogs() as events:
+    with captured_logs() as events:
         for connection in setup.broker.open_connections:
             connection.drop()
         setup.net.flush()
@@ -291,7 +333,7 @@ def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -
 def test_a_refused_login_is_said_in_one_sentence() -> None:
     s = Setup()
     s.broker.refuse_login = True
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.start()
         waiting = s.service.when_connected(failures=1)
         s.net.flush()
@@ -328,6 +370,38 @@ def test_failover_to_the_next_broker_then_back_off_after_a_round() -> None:
     t.net.advance(0.7)
     assert [port for _, port, *_ in t.net.reactor.tcpClients] == [5673, 5673]
     assert result_of(t.stop()) is None
+
+
+def tried_brokers(s: Setup, attempts: int) -> dict[str, list[int]]:
+    """The port of the broker each of the two connections tried, attempt by
+    attempt, over its first ``attempts``; every attempt is refused."""
+    tried: dict[str, list[int]] = {link.role: [] for link in s.service.links}
+    s.service.startService()
+    while any(len(ports) < attempts for ports in tried.values()):
+        for link in s.service.links:
+            if link.attempts > len(tried[link.role]):
+                tried[link.role].append(link.broker.port)
+        if s.net.reactor.tcpClients:
+            s.net.refuse()  # one attempt at a time, so each is seen above
+        s.net.advance(0.1)  # the backoff after a round, too
+    assert result_of(s.stop()) is None
+    return {role: ports[:attempts] for role, ports in tried.items()}
+
+
+def test_brokers_in_order_or_shuffled_per_round() -> None:
+    brokers = tuple(AmqpConfig(port=port) for port in (5672, 5673, 5674))
+    in_order = tried_brokers(Setup(brokers=brokers, listen=()), attempts=5)
+    assert in_order == {
+        "publish": [5672, 5673, 5674, 5672, 5673],
+        "consume": [5672, 5673, 5674, 5672, 5673],
+    }
+    shuffled = tried_brokers(
+        Setup(brokers=brokers, listen=(), failover="shuffle", random=Random(4)), attempts=12
+    )
+    for ports in shuffled.values():
+        rounds = [tuple(ports[i : i + 3]) for i in range(0, 12, 3)]
+        assert all(sorted(r) == [5672, 5673, 5674] for r in rounds)  # each round: all
+        assert len(set(rounds[1:])) > 1  # in a new order each round, not once
 
 
 def test_a_broker_that_never_answers_times_out() -> None:
@@ -441,7 +515,7 @@ def test_pausing_while_disconnected_takes_effect_on_connect() -> None:
 @pytest.mark.parametrize("how", ["cancel", "close"])
 def test_a_consumer_cancelled_or_closed_by_the_broker_reconnects(setup: Setup, how: str) -> None:
     consume = setup.connection("consume")
-    with capturedLogs() as events:
+    with captured_logs() as events:
         if how == "cancel":
             consume.cancel_consumer("c.inbound")
         else:
@@ -458,7 +532,7 @@ def test_silence_beyond_the_heartbeat_drops_the_connection() -> None:
     consume = s.connection("consume")
     s.net.advance(5)
     assert not consume.closed  # heartbeats flowing (the client sends them)
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.net.advance(2)  # 3 intervals without a byte from the broker
     assert consume.closed
     assert any("No AMQP traffic" in e["log_format"] for e in events)

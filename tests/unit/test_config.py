@@ -589,13 +589,16 @@ def test_http_bind_invalid(bind: str) -> None:
 
 
 def test_tcp6_endpoint_parses_in_twisted() -> None:
-    from twisted.internet import reactor
     from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
 
+    reactor = MemoryReactor()
     endpoint = serverFromString(reactor, http_bind_to_endpoint("[::1]:8080"))
     assert isinstance(endpoint, TCP6ServerEndpoint)
-    assert endpoint._interface == "::1"
-    assert endpoint._port == 8080
+    endpoint.listen(Factory())
+    [(port, _, _, interface)] = reactor.tcpServers
+    assert (interface, port) == ("::1", 8080)
 
 
 # -- state cache aliases --------------------------------------------------------

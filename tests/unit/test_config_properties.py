@@ -19,9 +19,9 @@ from junebug_api.config import (
     MAX_SECONDS,
     ConfigError,
     JunebugConfig,
-    _hint_for,
     load_config,
     option_names,
+    option_type,
 )
 from junebug_api.config_checks import base_type
 from junebug_api.queue_names import QueueNames
@@ -79,7 +79,7 @@ SECRET_FILE = Path(__file__).with_name("helpers.py")  # any readable file
 
 def plausible(dotted: str) -> st.SearchStrategy:
     """Values of the option's own type, mostly near the working range."""
-    hint = _hint_for(dotted)
+    hint = option_type(dotted)
     kind, optional = base_type(hint)
     if dotted.endswith("_file"):
         strategy = st.sampled_from([str(SECRET_FILE), "/nonexistent", ""])

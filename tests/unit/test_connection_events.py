@@ -1,15 +1,15 @@
 """The seam between the AMQP client and AmqpService: ``ConnectionEvents``.
 
 The client is given its listener at construction and reports through that
-interface only; the service's listener (one ``_Connection`` per connection)
-has every method of it, with the same parameters. A method renamed, missing
+interface only; the service's listener (one ``AmqpConnection`` per connection)
+and the fake of ``junebug_api.testing`` have every method of it, with the
+same parameters. A method renamed, missing
 or with other parameters on either side fails here.
 """
 
 from __future__ import annotations
 
 import inspect
-import struct
 from unittest import mock
 
 import pytest
@@ -24,8 +24,9 @@ from junebug_api.amqp_protocol import (
     JunebugDelegate,
     load_spec,
 )
-from junebug_api.amqp_service import _Connection
+from junebug_api.amqp_service import AmqpConnection
 from junebug_api.config import AmqpConfig
+from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
 EVENTS = sorted(
     name
@@ -34,7 +35,8 @@ EVENTS = sorted(
 )
 
 
-def parameters(function: object) -> list[tuple[str, inspect._ParameterKind]]:
+def parameters(function: object) -> list[tuple[str, object]]:
+    """Each parameter's name and kind (positional, keyword-only, ...)."""
     return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
 
 
@@ -51,19 +53,22 @@ def test_the_interface_names_every_event_the_client_reports() -> None:
     ]
 
 
+#: Every implementation: the service's, and the public fake of testing.py.
+IMPLEMENTATIONS = [AmqpConnection, RecordingConnectionEvents]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("event", EVENTS)
-def test_the_service_connection_implements_each_event_with_its_parameters(event: str) -> None:
-    implementation = getattr(_Connection, event, None)
-    assert implementation is not None, f"_Connection has no {event}"
-    assert parameters(implementation) == parameters(getattr(ConnectionEvents, event))
+def test_each_implementation_has_each_event_with_its_parameters(
+    implementation: type, event: str
+) -> None:
+    method = getattr(implementation, event, None)
+    assert method is not None, f"{implementation.__name__} has no {event}"
+    assert parameters(method) == parameters(getattr(ConnectionEvents, event))
 
 
 def test_a_service_connection_is_connection_events() -> None:
-    assert isinstance(_Connection(AmqpConfig(), Clock(), 10), ConnectionEvents)
-
-
-def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
-    return struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce"
+    assert isinstance(AmqpConnection(AmqpConfig(), Clock(), 10), ConnectionEvents)
 
 
 def test_the_client_reports_through_the_interface_only() -> None:
@@ -76,16 +81,10 @@ def test_the_client_reports_through_the_interface_only() -> None:
     client.makeConnection(StringTransport())
     events.connection_made.assert_called_once_with(client)
 
-    ack = struct.pack("!HHQB", 60, 80, 7, 1)
-    nack = struct.pack("!HHQB", 60, 120, 8, 0)
-    tag = b"q"
-    deliver = struct.pack("!HH", 60, 60) + bytes((len(tag),)) + tag + struct.pack("!QB", 3, 1)
-    deliver += b"\x00\x00"  # exchange (empty) and routing key (empty) short strings
-    header = struct.pack("!HHQH", 60, 0, 2, 0)
-    client.dataReceived(
-        frame(1, 1, ack) + frame(1, 1, nack) + frame(1, 5, deliver) + frame(2, 5, header)
-    )
-    client.dataReceived(frame(3, 5, b"hi"))
+    confirms = confirm_frame(7, multiple=True) + confirm_frame(8, ok=False)
+    delivery = delivery_frames(5, "q", 3, b"hi", redelivered=True)
+    client.dataReceived(confirms + delivery[:-10])  # the body frame comes later
+    client.dataReceived(delivery[-10:])
     events.publish_confirmed.assert_has_calls(
         [mock.call(7, True, True), mock.call(8, False, False)]
     )

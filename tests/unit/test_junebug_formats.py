@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from junebug_api.api_errors import ApiUsageError, JsonDecodeError
 from junebug_api.junebug_formats import (
+    OUTBOUND_SCHEMA,
     junebug_event,
     junebug_message,
     outbound_message,
@@ -251,36 +253,51 @@ def test_junebug_message_channel_data_has_session_event() -> None:
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
     ),
     max_leaves=8,
 )
-_fields = st.sampled_from(
-    [
-        "to",
-        "from",
-        "group",
-        "reply_to",
-        "content",
-        "event_url",
-        "event_auth_token",
-        "priority",
-        "channel_data",
-        "other",
-    ]
+_FIELDS = [*OUTBOUND_SCHEMA["properties"], "other"]  # "other": not allowed
+# Requests of nearly the right shape: each field often of its own type.
+_own_type = {
+    "priority": st.integers() | st.text(max_size=5),
+    "channel_data": st.dictionaries(st.text(max_size=5), _json, max_size=2),
+}
+_requests = st.fixed_dictionaries(
+    {"content": st.none() | st.text(max_size=5)},
+    optional={
+        name: st.none() | _own_type.get(name, st.text(max_size=5)) | _json
+        for name in OUTBOUND_SCHEMA["properties"]
+        if name != "content"
+    },
 )
 
 
-@given(st.one_of(_json, st.dictionaries(_fields, _json, max_size=6)))
-@settings(max_examples=500, deadline=None)
-def test_fast_schema_check_agrees_with_jsonschema(data) -> None:
-    """The quick check never calls valid what jsonschema would reject."""
-    from junebug_api.junebug_formats import _plainly_valid, _validator
+_jsonschema = jsonschema.Draft7Validator(OUTBOUND_SCHEMA)
 
-    if _plainly_valid(data):
-        assert list(_validator.iter_errors(data)) == []
+
+@given(st.one_of(_json, st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=6), _requests))
+@example({"to": "+27", "content": "hi", "priority": True})  # a bool is no integer
+@example({"to": "+27", "content": "hi", "priority": 1.5})
+@example({"to": "+27", "content": "hi", "channel_data": []})
+@example({"to": 27, "content": "hi"})
+@settings(max_examples=500, deadline=None)
+def test_the_schema_check_agrees_with_jsonschema(data) -> None:
+    """A request is refused with exactly the errors jsonschema finds: the
+    quick check for the common case never calls valid what jsonschema rejects."""
+    expected = list(_jsonschema.iter_errors(data))
+    try:
+        parse_outbound_request(json.dumps(data).encode())
+        found = []
+    except ApiUsageError as e:
+        found = [error for error in e.errors if error["type"] == "invalid_body"]
+    assert len(found) == len(expected)
 
 
 # -- strict outgoing JSON ------------------------------------------------------------

@@ -12,11 +12,11 @@ import pytest
 from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from junebug_api.klein_resource import KleinAppResource
+from junebug_api.testing import captured_logs
 
 
 class App:
@@ -189,7 +189,7 @@ def test_client_gone_but_the_endpoint_answers_anyway(app: App) -> None:
     app.answer_on_cancel = b"too late"
     client = Client(app)
     client.send("POST", b"/later")
-    with capturedLogs() as events:
+    with captured_logs() as events:
         client.close()
     assert app.cancelled
     assert app.errors == []
@@ -210,7 +210,7 @@ def test_an_answer_that_is_not_bytes_is_a_logged_500(app: App) -> None:
     client = Client(app)
     client.send("POST", b"/later")
     assert app.pending is not None
-    with capturedLogs() as events:
+    with captured_logs() as events:
         app.pending.callback("not bytes")  # type: ignore[arg-type]
     [event] = [e for e in events if "log_failure" in e]
     assert event["log_format"] == "Could not answer {method} {path}"
@@ -228,7 +228,7 @@ def test_an_endpoint_result_that_is_not_bytes_goes_to_the_handler(app: App) -> N
 def test_an_error_handler_that_raises_still_answers(app: App, path: bytes) -> None:
     app.error_handler_raises = True
     client = Client(app)
-    with capturedLogs() as events:
+    with captured_logs() as events:
         client.send("GET", path)
     assert_internal_error(client.answer())
     [event] = [e for e in events if "log_failure" in e]
@@ -240,7 +240,7 @@ def test_an_error_handler_that_gives_up_while_the_client_waits_still_answers(app
     client = Client(app)
     client.send("POST", b"/later")
     assert app.pending is not None
-    with capturedLogs() as events:
+    with captured_logs() as events:
         app.pending.cancel()  # cancelled by something other than a disconnect
     assert_internal_error(client.answer())
     assert [e["log_failure"].type.__name__ for e in events if "log_failure" in e] == [
@@ -254,7 +254,7 @@ def test_a_failure_after_the_answer_began_closes_the_connection(app: App) -> Non
     client.send("POST", b"/partial")
     assert app.pending is not None
     assert not client.transport.disconnecting
-    with capturedLogs():
+    with captured_logs():
         app.pending.errback(RuntimeError("late"))
     assert client.transport.disconnecting
     assert client.answer().endswith(b"partial\r\n")

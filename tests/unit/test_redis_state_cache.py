@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import capturedLogs
 
 from junebug_api.config import ConfigError
 from junebug_api.redis_client import RedisConnectionError
@@ -22,6 +21,7 @@ from junebug_api.redis_state_cache import (
     parse_redis_url,
 )
 from junebug_api.state_cache import EventInfo
+from junebug_api.testing import captured_logs
 from junebug_api.vumi_messages import VumiMessage
 
 from .helpers import FakeNetwork, FakeRedis, result_of
@@ -153,7 +153,7 @@ def test_auth_and_database_are_set_on_connect() -> None:
 def test_a_wrong_password_keeps_health_down_with_the_reason() -> None:
     s = Setup(url="redis://u:wrong@127.0.0.1:6379/0", password="right").start()
     assert s.redis.commands[0] == [b"AUTH", b"u", b"wrong"]
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.net.advance(5)  # the first PING waited that long for a connection
     health = s.cache.health()["redis"]
     assert health["health"] == "down"
@@ -166,7 +166,7 @@ def test_an_unanswered_command_drops_the_connection_and_health_follows(setup: Se
     setup.redis.silent = True
     failed = setup.cache.fetch_inbound("in-1")
     setup.net.flush()
-    with capturedLogs() as events:
+    with captured_logs() as events:
         setup.net.advance(5)
     with pytest.raises(RedisConnectionError, match=r"^no reply from Redis within 5 s$"):
         result_of(failed)
@@ -177,7 +177,7 @@ def test_an_unanswered_command_drops_the_connection_and_health_follows(setup: Se
     assert health["error"] in ("no reply from Redis within 5 s", "connection to Redis lost")
     assert any("unreachable" in e["log_format"] for e in events)
     setup.redis.silent = False
-    with capturedLogs() as events:
+    with captured_logs() as events:
         setup.net.advance(5)  # reconnected meanwhile; the next PING is answered
     assert setup.cache.health()["redis"]["health"] == "ok"
     assert any("reachable (master 127.0.0.1:6379)" in e["log_format"].format(**e) for e in events)
@@ -321,7 +321,7 @@ def test_sentinel_finds_the_master_and_follows_a_failover() -> None:
     # Failover: the Sentinels name the other server, which is master now.
     s.sentinel.masters[b"mymaster"] = ("127.0.0.1", 7002)
     s.new.role = b"master"
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.net.advance(5)  # the periodic check
         s.net.advance_until(lambda: s.cache.health()["redis"]["master"] is not None, limit=2)
     assert any("Sentinel names" in e["log_format"] for e in events)
@@ -337,7 +337,7 @@ def test_sentinels_that_stop_answering_leave_the_master_in_use() -> None:
     s.cache.start()
     s.settle()
     del s.sentinel.masters[b"mymaster"]
-    with capturedLogs() as events:
+    with captured_logs() as events:
         s.net.advance(5)
         s.settle()
     warnings = [e["error"] for e in events if "No Sentinel answers" in e["log_format"]]
@@ -364,7 +364,7 @@ def test_no_sentinel_knows_the_master() -> None:
     s = SentinelSetup()
     del s.sentinel.masters[b"mymaster"]
     s.cache.start()
-    with capturedLogs():
+    with captured_logs():
         s.settle()
         s.net.advance(6)
         s.settle()

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -17,6 +16,7 @@ from twisted.logger import ILogObserver
 
 from junebug_api.amqp_service import AmqpService
 from junebug_api.config import load_config
+from junebug_api.http_server import ListeningService
 from junebug_api.log import set_log_level
 from junebug_api.memory_state_cache import InMemoryStateCache
 from junebug_api.metrics import NO_METRICS, PrometheusMetrics
@@ -60,7 +60,7 @@ def test_one_connector_the_tree_holds_amqp_then_http() -> None:
     service = service_for()
     amqp, http = list(service)
     assert isinstance(amqp, AmqpService) and amqp is service.amqp
-    assert isinstance(http, StreamServerEndpointService) and http is service.http
+    assert isinstance(http, ListeningService) and http is service.http
     assert sorted(amqp.queues) == sorted(QueueNames.for_connector("conn").by_role().values())
     # Its workers consume .inbound and .event; .outbound is the transport's.
     [channel] = service.channels

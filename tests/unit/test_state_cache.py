@@ -194,7 +194,7 @@ def test_store_event_info_false_stores_nothing() -> None:
     cache = InMemoryStateCache(Clock(), store_event_info=False)
     result_of(cache.store_event_info("out-1", EventInfo("http://rp/events", "tok")))
     assert result_of(cache.fetch_event_info("out-1")) is None
-    assert len(cache._event_info) == 0
+    assert cache.entry_count() == 0
 
 
 def test_close_clears_everything() -> None:
