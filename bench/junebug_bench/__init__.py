@@ -98,7 +98,6 @@ steps of a run in order), and under them ``settings`` (paths, cores, the
 connector and its queue names), ``host`` (commands, free ports, probes) and
 ``console`` (what a run says, the error that ends it). bench/roundtrip.py
 (the round-trip phase; it runs bench/roundtrip_peer.py, the transport and
-RapidPro in one process) and
-bench/cache_memory.py (the inbound message) stay scripts beside the package
-and are imported from there.
+RapidPro in one process) and bench/cache_memory.py (the inbound message)
+stay scripts beside the package and are imported from there.
 """
