@@ -4,6 +4,10 @@ Every test outside ``tests/unit`` is marked ``e2e``: it needs RabbitMQ, Redis,
 a ``twistd`` process or another local service. The local RabbitMQ and Redis
 are started (``scripts/_common.sh``) once per run, and only when the run has
 an ``e2e`` test, so ``-m "not e2e"`` runs without them.
+
+The e2e tests spell queue names out (``f"{connector}.inbound"``) on purpose:
+they are the wire contract a transport relies on, checked independently of
+``junebug_api.queue_names``, which the unit tests and fixtures use.
 """
 
 from __future__ import annotations
