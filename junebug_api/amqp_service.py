@@ -362,10 +362,31 @@ class AmqpConnection:
             self.lost.callback(None)
 
 
+@attrs.frozen
+class LinkStatus:
+    """One of the service's two connection loops (``publish`` or ``consume``)
+    as it stands at the moment it was read: a read-only copy, so that what
+    reads it (tests, diagnostics) cannot change the loop.
+
+    ``broker`` is the broker of the latest attempt (None before the first),
+    ``attempts`` counts every attempt since the start, ``failures`` those
+    failed in a row, ``error`` says why the latest failed or the connection
+    was lost, and ``open`` whether a connection is open now.
+    """
+
+    role: str
+    broker: AmqpConfig | None
+    attempts: int
+    failures: int
+    error: str | None
+    open: bool
+
+
 @attrs.define(eq=False)
 class _Link:
     """One of the two connections (``publish`` or ``consume``) over its life:
-    the connection open now, if any, and why the last attempt failed."""
+    the connection open now, if any, and why the last attempt failed. The
+    connection loop's own state; others see a :class:`LinkStatus`."""
 
     role: str
     connection: AmqpConnection | None = None
@@ -381,6 +402,11 @@ class _Link:
     @property
     def open(self) -> bool:
         return self.connection is not None and self.connection.alive
+
+    def status(self) -> LinkStatus:
+        return LinkStatus(
+            self.role, self.broker, self.attempts, self.failures, self.error, self.open
+        )
 
     def health(self) -> dict[str, Any]:
         connection = self.connection
@@ -445,7 +471,13 @@ class AmqpService(Service):
             self._tls = TlsMaterial(self.settings)
 
     @property
-    def links(self) -> tuple[_Link, _Link]:
+    def links(self) -> tuple[LinkStatus, LinkStatus]:
+        """The two connection loops, ``publish`` then ``consume``, as they
+        stand now (read-only copies: read it again to see them move on)."""
+        return self._publisher.status(), self._consumer.status()
+
+    @property
+    def _links(self) -> tuple[_Link, _Link]:
         return self._publisher, self._consumer
 
     # -- lifecycle --------------------------------------------------------
@@ -458,12 +490,12 @@ class AmqpService(Service):
                 "amqp_tls_verify is false: the broker's certificate is not checked,"
                 " so anyone in the path can read and change the traffic"
             )
-        for link in self.links:
+        for link in self._links:
             link.running = Deferred.fromCoroutine(self._keep(link))
 
     async def _stop(self) -> None:
         self._stopping = True
-        for link in self.links:
+        for link in self._links:
             if link.sleeping is not None:
                 link.sleeping.cancel()
             connection = link.connection
@@ -484,7 +516,7 @@ class AmqpService(Service):
                         pass
                     if timer.active():
                         timer.cancel()
-        for link in self.links:
+        for link in self._links:
             if link.running is not None:
                 running, link.running = link.running, None
                 running.cancel()
@@ -867,7 +899,7 @@ class AmqpService(Service):
         """Per connection (``publish``, ``consume``): ``up``, ``blocked``,
         ``unconfirmed`` publishes (for /metrics)."""
         metrics = {}
-        for link in self.links:
+        for link in self._links:
             connection = link.connection
             up = connection is not None and connection.alive
             metrics[link.role] = {
@@ -892,7 +924,7 @@ class AmqpService(Service):
         only checked, like the others. SetupFailed if the broker refuses.
         """
         self._extra_queues[queue] = dict(arguments or {})
-        for link in self.links:
+        for link in self._links:
             if link.open:
                 _, channel = await self._control(link)
                 await self._declare_queue(channel, queue, self._extra_queues[queue])
@@ -943,7 +975,7 @@ class AmqpService(Service):
         with the reason) once either failed ``failures`` attempts in a row."""
 
         async def wait() -> None:
-            for link in self.links:
+            for link in self._links:
                 if link.open:
                     continue
                 if failures is not None and link.failures >= failures:
@@ -957,7 +989,7 @@ class AmqpService(Service):
     def health(self) -> dict[str, Any]:
         """The ``amqp`` component of ``/health``: state, broker, errors, and
         each connection's own state."""
-        publisher, consumer = self.links
+        publisher, consumer = self._links
         connection = publisher.connection
         blocked = self.blocked
         ok = self.connected and not blocked
@@ -979,7 +1011,7 @@ class AmqpService(Service):
         if blocked:
             status["error"] = f"the broker blocks publishing ({connection.blocked})"
         else:
-            errors = [link.error for link in self.links if not link.open and link.error]
+            errors = [link.error for link in self._links if not link.open and link.error]
             if errors:
                 status["error"] = errors[0]
         return status

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
+from random import Random
 from typing import Any
 
 import pytest
@@ -10,6 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from junebug_api.amqp_service import Acker, AmqpService
+from junebug_api.config import AmqpConfig, AmqpConnectionSettings
 from junebug_api.consumer import HandlingFailed
 from junebug_api.testing import FakeRapidPro
 
@@ -77,6 +81,13 @@ class FakeNetwork:
             if not moved:
                 return
         raise AssertionError("the network never went quiet")
+
+    def pump(self) -> None:
+        """Move the bytes already written both ways without running the
+        clock, so nothing scheduled for the end of the reactor turn
+        (``callLater(0)``) runs; ``flush()`` does both."""
+        for pump in self.pumps:
+            pump.flush(advanceClock=False)
 
     def refuse(self) -> None:
         """Fail the oldest pending connection attempt (connection refused)."""
@@ -451,6 +462,84 @@ class BrokerServerConnection(Protocol):
     def drop(self) -> None:
         """The socket closes under the client (a broker restart)."""
         self.transport.loseConnection()
+
+
+# -- an AmqpService connected to BrokerServer over FakeNetwork ------------------
+
+QUEUES = ["c.inbound", "c.event", "c.outbound"]
+
+
+def as_deferred(d: Any) -> Deferred:
+    return Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else d
+
+
+class AmqpSetup:
+    """An AmqpService, the in-memory broker it connects to and the network
+    between them: the service is connected the way it connects to RabbitMQ,
+    and the test acts as the broker (``connection(role)``). ``settings`` go
+    to :class:`~junebug_api.config.AmqpConnectionSettings` (``heartbeat`` 0
+    unless given)."""
+
+    def __init__(
+        self,
+        queues: list[str] = QUEUES,
+        consumed: tuple[str, ...] = ("c.inbound", "c.event"),
+        brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),),
+        listen: tuple[int, ...] = (5672,),
+        prefetch: dict[str, int] | None = None,
+        random: Random | None = None,
+        **settings: Any,
+    ) -> None:
+        self.net = FakeNetwork()
+        self.broker = BrokerServer()
+        for port in listen:
+            self.net.listen(port, self.broker.factory())
+        self.received: list[tuple[str, bytes, Acker]] = []
+        settings.setdefault("heartbeat", 0)
+        self.service = AmqpService(
+            AmqpConnectionSettings(brokers=brokers, **settings),
+            list(queues),
+            {},
+            7,
+            self.net.reactor,
+            connection_name="unit",
+            random=random or Random(),
+        )
+        for queue in consumed:
+            self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
+
+    def _consumer(self, queue: str) -> Any:
+        return lambda body, acker: self.received.append((queue, body, acker))
+
+    def start(self) -> AmqpSetup:
+        self.service.startService()
+        self.net.flush()
+        return self
+
+    def wait(self, d: Any) -> Any:
+        """The result of ``d`` (a Deferred or a coroutine) once the network is quiet."""
+        d = as_deferred(d)
+        self.net.flush()
+        return result_of(d)
+
+    def connection(self, role: str) -> BrokerServerConnection:
+        """The broker side of the service's ``publish`` or ``consume`` connection."""
+        for connection in self.broker.open_connections:
+            if connection.client_properties["connection_name"] == f"unit ({role})":
+                return connection
+        raise AssertionError(f"no open {role} connection")
+
+    def drop_all(self) -> None:
+        """The broker closes every connection (a restart)."""
+        for connection in self.broker.open_connections:
+            connection.drop()
+        self.net.flush()
+
+    def stop(self) -> Any:
+        stopped = self.service.stopService()
+        self.net.flush()
+        self.net.advance(3)
+        return stopped
 
 
 # -- a Redis that speaks enough RESP for RedisStateCache ------------------------

@@ -1,214 +1,167 @@
-"""AmqpService bookkeeping: confirm tags, returns, batched acks, blocked and
-busy publishing; no broker."""
+"""AmqpService's publishing and ack bookkeeping: which confirm settles which
+publish, message ids, acks batched per reactor turn, blocked and busy
+publishing, publishes a lost connection fails; and consumers given with
+``add_consumer``. The service connects, as it would to RabbitMQ, to the
+in-memory broker of :mod:`tests.unit.helpers` (:class:`AmqpSetup`), which
+here leaves the confirms to the test: each one is a frame the test sends."""
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
-from junebug_api.amqp_service import (
-    CONTROL_CHANNEL,
-    AmqpConnection,
-    AmqpService,
-    PublishFailed,
-    PublishRefused,
-)
-from junebug_api.config import AmqpConfig, AmqpConnectionSettings
-from junebug_api.testing import captured_logs
+from junebug_api.amqp_service import AmqpService, PublishFailed, PublishRefused
+from junebug_api.config import AmqpConnectionSettings
 
-from .helpers import result_of
+from .helpers import AmqpSetup, amqp_method, result_of
 
 
-def connected_service(
-    max_unconfirmed: int = 5000,
-) -> tuple[AmqpService, AmqpConnection, StringTransport, Clock]:
-    clock = Clock()
-    settings = AmqpConnectionSettings(max_unconfirmed=max_unconfirmed)
-    service = AmqpService(settings, [], {}, 10, clock)
-    # One connection both publishes and consumes in this fake.
-    connection = AmqpConnection(
-        AmqpConfig(), clock, max_unconfirmed, publishing=True, consumer_for=lambda queue: None
+def connected(**settings: Any) -> AmqpSetup:
+    """A service connected to the in-memory broker, which confirms nothing
+    by itself (see :func:`confirm`)."""
+    s = AmqpSetup(**settings).start()
+    s.broker.confirm = None
+    return s
+
+
+def confirm(s: AmqpSetup, tag: int, multiple: bool = False, ok: bool = True) -> None:
+    """The broker confirms (``basic.ack``) or refuses (``basic.nack``) the
+    publish ``tag`` (with every earlier one if ``multiple``)."""
+    method = "ack" if ok else "nack"
+    s.connection("publish").send(
+        amqp_method(1, "basic", method, delivery_tag=tag, multiple=multiple)
     )
-    client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=clock, events=connection)
-    transport = StringTransport()
-    client.makeConnection(transport)
-    transport.clear()
-    publisher, consumer = service.links
-    publisher.connection = consumer.connection = connection
-    return service, connection, transport, clock
+    s.net.flush()
 
 
-def frames(data: bytes) -> list[tuple[int, int, bytes]]:
-    """(type, channel, payload) of every frame in ``data``."""
-    out, offset = [], 0
-    while offset < len(data):
-        kind, channel, size = struct.unpack_from("!BHI", data, offset)
-        out.append((kind, channel, data[offset + 7 : offset + 7 + size]))
-        assert data[offset + 7 + size] == 0xCE
-        offset += 8 + size
-    return out
+def written(s: AmqpSetup) -> list[bytes]:
+    """The bodies of every publish the broker has received, in order."""
+    s.net.flush()
+    return [body for _, body, _ in s.broker.published]
+
+
+def unconfirmed(s: AmqpSetup) -> int:
+    return s.service.connection_metrics()["publish"]["unconfirmed"]
 
 
 def test_confirms_resolve_their_own_publish_and_multiple_covers_earlier() -> None:
-    service, connection, _, _ = connected_service()
-    first = service.publish("q", b"1", message_id="a")
-    second = service.publish("q", b"2", message_id="b")
-    third = service.publish("q", b"3", message_id="c")
-    assert list(connection.pending) == [1, 2, 3]
-    connection.publish_confirmed(2, True, True)
+    s = connected()
+    first = s.service.publish("c.outbound", b"1", message_id="a")
+    second = s.service.publish("c.outbound", b"2", message_id="b")
+    third = s.service.publish("c.outbound", b"3", message_id="c")
+    assert written(s) == [b"1", b"2", b"3"]
+    assert unconfirmed(s) == 3
+    confirm(s, 2, multiple=True)
     assert result_of(first) is None
     assert result_of(second) is None
     assert not third.called
-    connection.publish_confirmed(3, False, False)
+    confirm(s, 3, ok=False)
     with pytest.raises(PublishFailed, match=r"basic\.nack"):
         result_of(third)
 
 
 def test_a_too_long_message_id_is_replaced_and_keeps_tags_in_step() -> None:
-    service, connection, transport, _ = connected_service()
+    s = connected()
     long_id = "x" * 300
-    d = service.publish("q", "Sawubona 👋".encode(), message_id=long_id)
-    _, header, body = frames(transport.value())
-    assert body[2] == "Sawubona 👋".encode()
-    assert long_id.encode() not in header[2]
-    assert list(connection.pending) == [1]
-    connection.publish_confirmed(1, False, True)
+    d = s.service.publish("c.outbound", "Sawubona 👋".encode(), message_id=long_id)
+    assert written(s) == ["Sawubona 👋".encode()]
+    message_id = s.broker.published[0][2]["message-id"]
+    assert message_id != long_id
+    assert len(message_id) == 32  # a generated one
+    assert unconfirmed(s) == 1
+    confirm(s, 1)
     assert result_of(d) is None
 
 
 def test_unencodable_headers_fail_without_taking_a_tag() -> None:
-    service, connection, transport, _ = connected_service()
-    bad = service.publish("q", b"x", headers={"h": 1.5})
+    s = connected()
+    bad = s.service.publish("c.outbound", b"x", headers={"h": 1.5})
     with pytest.raises(PublishFailed, match="cannot encode"):
         result_of(bad)
-    assert transport.value() == b""
-    good = service.publish("q", b"y", message_id="m")
-    assert list(connection.pending) == [1]
-    connection.publish_confirmed(1, False, True)
+    assert written(s) == []
+    assert "basic.publish" not in {name for _, name in s.connection("publish").methods}
+    good = s.service.publish("c.outbound", b"y", message_id="m")
+    assert written(s) == [b"y"]
+    confirm(s, 1)  # the broker's count: this is its first publish
     assert result_of(good) is None
 
 
 def test_acks_are_batched_with_multiple_for_a_leading_run() -> None:
-    _, connection, transport, clock = connected_service()
-    ackers = {tag: connection.track(3, tag, False, {}) for tag in (1, 2, 3, 4, 5)}
-    other = connection.track(4, 1, False, {})
+    s = connected()
+    consume = s.connection("consume")
+    for n in range(1, 6):
+        consume.deliver("c.inbound", b"%d" % n)  # on channel 3
+    consume.deliver("c.event", b"event")  # on channel 4
+    s.net.flush()
+    ackers = {acker.delivery_tag: acker for queue, _, acker in s.received if queue == "c.inbound"}
+    [other] = [acker for queue, _, acker in s.received if queue == "c.event"]
     for tag in (2, 1, 3, 5):
         ackers[tag].ack()
     other.ack()
-    assert transport.value() == b""  # gathered until the end of the reactor turn
-    clock.advance(0)
-    acks = [
-        (channel, struct.unpack("!HHQB", payload))
-        for _, channel, payload in frames(transport.value())
-    ]
-    assert acks == [(3, (60, 80, 3, 1)), (3, (60, 80, 5, 0)), (4, (60, 80, 1, 0))]
-    assert list(connection.unacked[3]) == [4]
-    assert list(connection.unacked[4]) == []
+    s.net.pump()
+    assert consume.acks == []  # gathered until the end of the reactor turn
+    s.net.flush()
+    assert consume.acks == [(3, 3, True), (3, 5, False), (4, 1, False)]
+    ackers[4].ack()
+    s.net.flush()
+    assert consume.acks[3:] == [(3, 4, False)]  # tag 4 alone was left unacked
 
 
-def test_lost_connection_fails_pending_publishes() -> None:
-    from twisted.python.failure import Failure
-
-    service, connection, _, _ = connected_service()
-    d = service.publish("q", b"x", message_id="m")
-    connection.connection_lost(Failure(ConnectionError("gone")))
-    with pytest.raises(PublishFailed, match="connection lost"):
-        result_of(d)
-    assert not service.connected
+def test_a_lost_connection_fails_pending_and_held_publishes() -> None:
+    s = connected()
+    pending = s.service.publish("c.outbound", b"written", message_id="a")
+    s.connection("publish").block("disk")
+    s.net.flush()
+    held = s.service.publish("c.outbound", b"held", message_id="b")
+    assert written(s) == [b"written"]
+    s.connection("publish").drop()
+    s.net.flush()
+    with pytest.raises(PublishFailed, match="connection lost before the broker confirmed"):
+        result_of(pending)
+    with pytest.raises(PublishFailed, match="connection lost before the message was sent"):
+        result_of(held)
+    assert not s.service.connected
 
 
 def test_blocked_refuses_api_publishes_and_holds_others_until_unblocked() -> None:
-    service, connection, transport, _ = connected_service()
-    written = service.publish("q", b"before", message_id="a")
-    connection.broker_blocked("low on memory")
-    assert service.health()["state"] == "blocked"
-    assert service.health()["health"] == "down"
-    transport.clear()
-    refused = service.publish("q", b"api", message_id="b", refuse_if_busy=True)
+    s = connected()
+    before = s.service.publish("c.outbound", b"before", message_id="a")
+    s.connection("publish").block("low on memory")
+    s.net.flush()
+    assert s.service.health()["state"] == "blocked"
+    assert s.service.health()["health"] == "down"
+    refused = s.service.publish("c.outbound", b"api", message_id="b", refuse_if_busy=True)
     with pytest.raises(PublishRefused, match="blocks publishing") as e:
         result_of(refused)
     assert e.value.retry_after > 0
-    held = service.publish("q.failed", b"dead letter", message_id="c")
-    assert transport.value() == b""  # nothing new is written while blocked
-    assert not held.called and not written.called
-    connection.broker_unblocked()
-    assert len(frames(transport.value())) == 3  # the held publish: method, header, body
-    connection.publish_confirmed(2, True, True)
-    assert result_of(written) is None
+    held = s.service.publish("c.outbound.failed", b"dead letter", message_id="c")
+    assert written(s) == [b"before"]  # nothing new is written while blocked
+    assert not held.called and not before.called
+    s.connection("publish").unblock()
+    assert written(s) == [b"before", b"dead letter"]  # the held publish
+    confirm(s, 2, multiple=True)
+    assert result_of(before) is None
     assert result_of(held) is None
-    assert service.health()["health"] == "ok"
+    assert s.service.health()["health"] == "ok"
 
 
 def test_max_unconfirmed_refuses_and_a_confirm_makes_room() -> None:
-    service, connection, _, _ = connected_service(max_unconfirmed=2)
-    first = service.publish("q", b"1", message_id="a")
-    service.publish("q", b"2", message_id="b")
+    s = connected(max_unconfirmed=2)
+    first = s.service.publish("c.outbound", b"1", message_id="a")
+    s.service.publish("c.outbound", b"2", message_id="b")
     with pytest.raises(PublishRefused, match="amqp_max_unconfirmed 2"):
-        result_of(service.publish("q", b"3", message_id="c", refuse_if_busy=True))
-    held = service.publish("q", b"4", message_id="d")
-    assert list(connection.pending) == [1, 2]
-    connection.publish_confirmed(1, False, True)
+        result_of(s.service.publish("c.outbound", b"3", message_id="c", refuse_if_busy=True))
+    held = s.service.publish("c.outbound", b"4", message_id="d")
+    assert written(s) == [b"1", b"2"]
+    confirm(s, 1)
     assert result_of(first) is None
-    assert list(connection.pending) == [2, 3]  # the held one went out, as tag 3
-    connection.publish_confirmed(3, False, True)
+    assert written(s) == [b"1", b"2", b"4"]  # the held one went out, as tag 3
+    assert unconfirmed(s) == 2
+    confirm(s, 3)
     assert result_of(held) is None
-
-
-def test_lost_connection_fails_held_publishes() -> None:
-    from twisted.python.failure import Failure
-
-    service, connection, _, _ = connected_service()
-    connection.broker_blocked("disk")
-    held = service.publish("q", b"x", message_id="m")
-    connection.connection_lost(Failure(ConnectionError("gone")))
-    with pytest.raises(PublishFailed, match="before the message was sent"):
-        result_of(held)
-
-
-def test_a_closed_control_channel_keeps_the_connection() -> None:
-    from twisted.python.failure import Failure
-
-    _, connection, transport, _ = connected_service()
-    connection.control = type("Channel", (), {"id": CONTROL_CHANNEL, "closed": False})()
-    connection.channel_closed(CONTROL_CHANNEL, Failure(ValueError("404")))
-    assert connection.control is None
-    assert not transport.disconnecting
-    connection.channel_closed(1, Failure(ValueError("406")))
-    assert transport.disconnecting
-
-
-def test_connection_metrics_per_connection() -> None:
-    service, connection, _, _ = connected_service()
-    service.publish("q", b"x", message_id="m")
-    connection.broker_blocked("disk")
-    assert service.connection_metrics() == {
-        "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
-        "consume": {"up": 1, "blocked": 1, "unconfirmed": 1},  # one connection in this fake
-    }
-    _, consumer = service.links
-    consumer.connection = None
-    assert service.connection_metrics()["consume"] == {"up": 0, "blocked": 0, "unconfirmed": 0}
-
-
-def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
-    """Stopping cuts the attempts in progress short: that is no failed set-up
-    (no error line, no "ConnectingCancelledError" at every shutdown)."""
-    from twisted.internet.testing import MemoryReactorClock
-
-    with captured_logs() as events:
-        reactor = MemoryReactorClock()
-        service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
-        service.startService()
-        assert len(reactor.tcpClients) == 2  # publish and consume, both connecting
-        stopped = service.stopService()
-        reactor.advance(0)
-        assert stopped.called
-    errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
-    assert errors == [], errors
 
 
 def test_a_consumer_added_before_start_gets_the_deliveries_of_its_queue() -> None:

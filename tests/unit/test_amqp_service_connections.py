@@ -7,107 +7,35 @@ timeout) runs on the test's clock."""
 
 from __future__ import annotations
 
-import inspect
 from random import Random
-from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 
-from junebug_api.amqp_service import Acker, AmqpService, PublishFailed, PublishRefused
-from junebug_api.config import AmqpConfig, AmqpConnectionSettings
+from junebug_api.amqp_service import PublishFailed, PublishRefused
+from junebug_api.config import AmqpConfig
 from junebug_api.testing import captured_logs
 
 from .helpers import (
-    BrokerServer,
+    QUEUES,
+    AmqpSetup,
     BrokerServerConnection,
-    FakeNetwork,
     ServerFactory,
     amqp_content,
     amqp_method,
+    as_deferred,
     result_of,
 )
 
-QUEUES = ["c.inbound", "c.event", "c.outbound"]
-
-
-def as_deferred(d: Any) -> Deferred:
-    return Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else d
-
-
-class Setup:
-    """A service, its broker and the network between them."""
-
-    def __init__(
-        self,
-        queues: list[str] = QUEUES,
-        consumed: tuple[str, ...] = ("c.inbound", "c.event"),
-        brokers: tuple[AmqpConfig, ...] = (AmqpConfig(),),
-        listen: tuple[int, ...] = (5672,),
-        prefetch: dict[str, int] | None = None,
-        random: Random | None = None,
-        **settings: Any,
-    ) -> None:
-        self.net = FakeNetwork()
-        self.broker = BrokerServer()
-        for port in listen:
-            self.net.listen(port, self.broker.factory())
-        self.received: list[tuple[str, bytes, Acker]] = []
-        settings.setdefault("heartbeat", 0)
-        self.service = AmqpService(
-            AmqpConnectionSettings(brokers=brokers, **settings),
-            list(queues),
-            {},
-            7,
-            self.net.reactor,
-            connection_name="unit",
-            random=random or Random(),
-        )
-        for queue in consumed:
-            self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
-
-    def _consumer(self, queue: str) -> Any:
-        return lambda body, acker: self.received.append((queue, body, acker))
-
-    def start(self) -> Setup:
-        self.service.startService()
-        self.net.flush()
-        return self
-
-    def wait(self, d: Any) -> Any:
-        """The result of ``d`` (a Deferred or a coroutine) once the network is quiet."""
-        d = as_deferred(d)
-        self.net.flush()
-        return result_of(d)
-
-    def connection(self, role: str) -> Any:
-        """The broker side of the service's ``publish`` or ``consume`` connection."""
-        for connection in self.broker.open_connections:
-            if connection.client_properties["connection_name"] == f"unit ({role})":
-                return connection
-        raise AssertionError(f"no open {role} connection")
-
-    def drop_all(self) -> None:
-        """The broker closes every connection (a restart)."""
-        for connection in self.broker.open_connections:
-            connection.drop()
-        self.net.flush()
-
-    def stop(self) -> Any:
-        stopped = self.service.stopService()
-        self.net.flush()
-        self.net.advance(3)
-        return stopped
-
 
 @pytest.fixture
-def setup() -> Setup:
-    return Setup().start()
+def setup() -> AmqpSetup:
+    return AmqpSetup().start()
 
 
 def test_both_connections_open_and_declare_the_topology() -> None:
-    s = Setup(queue_arguments={"x-queue-type": "quorum"}, prefetch={"c.event": 3})
+    s = AmqpSetup(queue_arguments={"x-queue-type": "quorum"}, prefetch={"c.event": 3})
     with captured_logs() as events:
         s.start()
     assert result_of(s.service.when_connected()) is None
@@ -139,12 +67,12 @@ def test_both_connections_open_and_declare_the_topology() -> None:
     assert any(e.get("consuming") == ", consuming ['c.event', 'c.inbound']" for e in events)
 
 
-def test_consumers_are_added_before_the_start_only(setup: Setup) -> None:
+def test_consumers_are_added_before_the_start_only(setup: AmqpSetup) -> None:
     with pytest.raises(RuntimeError, match=r"consumer for c\.late added after"):
         setup.service.add_consumer("c.late", lambda body, acker: None)
 
 
-def test_publish_is_confirmed_by_the_broker(setup: Setup) -> None:
+def test_publish_is_confirmed_by_the_broker(setup: AmqpSetup) -> None:
     d = setup.service.publish("c.outbound", "Sawubona 👋".encode(), message_id="m1")
     assert setup.service.health()["unconfirmed_publishes"] == 1
     assert setup.wait(d) is None
@@ -158,7 +86,7 @@ def test_publish_is_confirmed_by_the_broker(setup: Setup) -> None:
     assert setup.service.health()["unconfirmed_publishes"] == 0
 
 
-def test_a_body_larger_than_a_frame_is_sent_in_several(setup: Setup) -> None:
+def test_a_body_larger_than_a_frame_is_sent_in_several(setup: AmqpSetup) -> None:
     body = bytes(range(256)) * 1200  # 300 KiB; the broker's frame_max is 128 KiB
     d = setup.service.publish("c.outbound", body, headers={"attempt": 2})
     assert setup.wait(d) is None
@@ -172,7 +100,7 @@ def test_a_body_larger_than_a_frame_is_sent_in_several(setup: Setup) -> None:
     ("confirm", "error"),
     [("nack", r"refused the message \(basic\.nack\)"), ("return", r"unroutable \(312 NO_ROUTE\)")],
 )
-def test_a_nack_or_a_return_fails_the_publish(setup: Setup, confirm: str, error: str) -> None:
+def test_a_nack_or_a_return_fails_the_publish(setup: AmqpSetup, confirm: str, error: str) -> None:
     setup.broker.confirm = confirm
     d = setup.service.publish("c.nowhere", b"x", message_id="m1")
     with pytest.raises(PublishFailed, match=error):
@@ -181,7 +109,7 @@ def test_a_nack_or_a_return_fails_the_publish(setup: Setup, confirm: str, error:
     assert setup.wait(setup.service.publish("c.outbound", b"y", message_id="m1")) is None
 
 
-def test_a_return_of_a_message_nobody_waits_for_is_logged(setup: Setup) -> None:
+def test_a_return_of_a_message_nobody_waits_for_is_logged(setup: AmqpSetup) -> None:
     with captured_logs() as events:
         setup.connection("publish").send(
             amqp_method(
@@ -195,7 +123,7 @@ def test_a_return_of_a_message_nobody_waits_for_is_logged(setup: Setup) -> None:
     assert setup.service.connected
 
 
-def test_a_cancelled_publish_ignores_its_confirm(setup: Setup) -> None:
+def test_a_cancelled_publish_ignores_its_confirm(setup: AmqpSetup) -> None:
     setup.broker.confirm = None
     d = setup.service.publish("c.outbound", b"x", message_id="m1")
     d.addErrback(lambda f: f.trap(CancelledError))
@@ -207,7 +135,7 @@ def test_a_cancelled_publish_ignores_its_confirm(setup: Setup) -> None:
     assert setup.wait(later) is None
 
 
-def test_deliveries_reach_their_consumer_and_acks_are_batched(setup: Setup) -> None:
+def test_deliveries_reach_their_consumer_and_acks_are_batched(setup: AmqpSetup) -> None:
     consumer = setup.broker.consumer("c.inbound")
     for n in range(3):
         consumer.deliver("c.inbound", b"in %d" % n)
@@ -233,7 +161,7 @@ def test_deliveries_reach_their_consumer_and_acks_are_batched(setup: Setup) -> N
     assert consumer.acks[-1] == (3, 3, False)
 
 
-def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: Setup) -> None:
+def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: AmqpSetup) -> None:
     consumer = setup.broker.consumer("c.inbound")
     consumer.deliver("c.inbound", b"x", consumer_tag="someone-else")
     setup.net.flush()
@@ -241,7 +169,7 @@ def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: Setup) -> None:
     assert consumer.rejects == [(3, 1, True)]
 
 
-def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setup) -> None:
+def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: AmqpSetup) -> None:
     publisher = setup.connection("publish")
     with captured_logs() as events:
         publisher.block("low on memory")
@@ -264,6 +192,25 @@ def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: Setu
     assert setup.service.health()["health"] == "ok"
 
 
+def test_connection_metrics_per_connection(setup: AmqpSetup) -> None:
+    setup.broker.confirm = None
+    setup.service.publish("c.outbound", b"x", message_id="m")
+    for connection in setup.broker.open_connections:
+        connection.block("disk")
+    setup.net.flush()
+    assert setup.service.connection_metrics() == {
+        "publish": {"up": 1, "blocked": 1, "unconfirmed": 1},
+        "consume": {"up": 1, "blocked": 0, "unconfirmed": 0},  # it publishes nothing
+    }
+    setup.connection("consume").drop()
+    setup.net.flush()
+    assert setup.service.connection_metrics()["consume"] == {
+        "up": 0,
+        "blocked": 0,
+        "unconfirmed": 0,
+    }
+
+
 class BlockedAtOpen(BrokerServerConnection):
     """A broker under a resource alarm that says so as soon as the connection
     is open: ``connection.blocked`` before the client has opened a channel."""
@@ -280,7 +227,7 @@ def test_a_broker_blocking_during_the_set_up_blocks_publishing() -> None:
     refactor of issue 16 the blocked callbacks were set only after
     ``confirm.select``, so such a notice was dropped and publishes written
     into a blocked connection; the consuming connection ignores it, as before."""
-    s = Setup(listen=())
+    s = AmqpSetup(listen=())
     s.net.listen(5672, ServerFactory(BlockedAtOpen, s.broker))
     s.start()
     assert s.service.connected
@@ -295,7 +242,7 @@ def test_a_broker_blocking_during_the_set_up_blocks_publishing() -> None:
     assert s.wait(s.service.publish("c.outbound", b"api", refuse_if_busy=True)) is None
 
 
-def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -> None:
+def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: AmqpSetup) -> None:
     setup.broker.confirm = None
     unconfirmed = setup.service.publish("c.outbound", b"x")
     setup.net.flush()
@@ -331,7 +278,7 @@ def test_a_lost_connection_fails_its_publishes_and_is_made_again(setup: Setup) -
 
 
 def test_a_refused_login_is_said_in_one_sentence() -> None:
-    s = Setup()
+    s = AmqpSetup()
     s.broker.refuse_login = True
     with captured_logs() as events:
         s.start()
@@ -348,7 +295,7 @@ def test_a_refused_login_is_said_in_one_sentence() -> None:
 
 def test_failover_to_the_next_broker_then_back_off_after_a_round() -> None:
     brokers = (AmqpConfig(port=5673), AmqpConfig(port=5672))
-    s = Setup(brokers=brokers, listen=(5672,))
+    s = AmqpSetup(brokers=brokers, listen=(5672,))
     s.service.startService()
     s.net.refuse()
     s.net.refuse()  # both connections' first attempts, at the broker that is down
@@ -357,7 +304,7 @@ def test_failover_to_the_next_broker_then_back_off_after_a_round() -> None:
     assert s.service.health()["host"] == "127.0.0.1:5672"
 
     # Now every broker refuses: a whole round fails, then the backoff applies.
-    t = Setup(brokers=brokers, listen=())
+    t = AmqpSetup(brokers=brokers, listen=())
     t.service.startService()
     waiting = t.service.when_connected(failures=2)
     for _ in range(2):
@@ -372,7 +319,7 @@ def test_failover_to_the_next_broker_then_back_off_after_a_round() -> None:
     assert result_of(t.stop()) is None
 
 
-def tried_brokers(s: Setup, attempts: int) -> dict[str, list[int]]:
+def tried_brokers(s: AmqpSetup, attempts: int) -> dict[str, list[int]]:
     """The port of the broker each of the two connections tried, attempt by
     attempt, over its first ``attempts``; every attempt is refused."""
     tried: dict[str, list[int]] = {link.role: [] for link in s.service.links}
@@ -390,13 +337,13 @@ def tried_brokers(s: Setup, attempts: int) -> dict[str, list[int]]:
 
 def test_brokers_in_order_or_shuffled_per_round() -> None:
     brokers = tuple(AmqpConfig(port=port) for port in (5672, 5673, 5674))
-    in_order = tried_brokers(Setup(brokers=brokers, listen=()), attempts=5)
+    in_order = tried_brokers(AmqpSetup(brokers=brokers, listen=()), attempts=5)
     assert in_order == {
         "publish": [5672, 5673, 5674, 5672, 5673],
         "consume": [5672, 5673, 5674, 5672, 5673],
     }
     shuffled = tried_brokers(
-        Setup(brokers=brokers, listen=(), failover="shuffle", random=Random(4)), attempts=12
+        AmqpSetup(brokers=brokers, listen=(), failover="shuffle", random=Random(4)), attempts=12
     )
     for ports in shuffled.values():
         rounds = [tuple(ports[i : i + 3]) for i in range(0, 12, 3)]
@@ -405,7 +352,7 @@ def test_brokers_in_order_or_shuffled_per_round() -> None:
 
 
 def test_a_broker_that_never_answers_times_out() -> None:
-    s = Setup(brokers=(AmqpConfig(port=5674),), listen=(), connect_timeout=4)
+    s = AmqpSetup(brokers=(AmqpConfig(port=5674),), listen=(), connect_timeout=4)
     s.net.listen(5674, Factory.forProtocol(Protocol))
     s.start()
     waiting = s.service.when_connected(failures=1)
@@ -415,7 +362,7 @@ def test_a_broker_that_never_answers_times_out() -> None:
 
 
 def test_passive_declare_of_a_missing_queue_fails_the_set_up() -> None:
-    s = Setup(declare="passive")
+    s = AmqpSetup(declare="passive")
     s.broker.queues = {"c.inbound": [], "c.event": []}
     s.start()
     waiting = s.service.when_connected(failures=1)
@@ -425,7 +372,7 @@ def test_passive_declare_of_a_missing_queue_fails_the_set_up() -> None:
 
 
 def test_an_exchange_with_other_arguments_fails_the_set_up() -> None:
-    s = Setup()
+    s = AmqpSetup()
     s.broker.exchange_error = (406, "PRECONDITION_FAILED - inequivalent arg 'type'")
     s.start()
     waiting = s.service.when_connected(failures=1)
@@ -434,7 +381,7 @@ def test_an_exchange_with_other_arguments_fails_the_set_up() -> None:
         result_of(waiting)
 
 
-def test_queue_status_and_a_missing_queue(setup: Setup) -> None:
+def test_queue_status_and_a_missing_queue(setup: AmqpSetup) -> None:
     setup.broker.queues["c.outbound"] = [b"a", b"b"]
     assert setup.wait(setup.service.queue_status("c.outbound")) == (2, 0)
     assert setup.wait(setup.service.queue_info("c.inbound")) == (0, 1)
@@ -448,7 +395,22 @@ def test_queue_status_and_a_missing_queue(setup: Setup) -> None:
     assert setup.wait(setup.service.count("c.outbound")) == 2
 
 
-def test_get_takes_one_message_and_its_acker_acks_it(setup: Setup) -> None:
+def test_a_closed_control_channel_keeps_the_connection(setup: AmqpSetup) -> None:
+    """The broker closing the channel for declarations and queries (as a
+    passive declare of a missing queue does) leaves the connection open; it
+    closing any other channel starts the connection over."""
+    publisher = setup.connection("publish")
+    publisher.close_channel(2, 404, "NOT_FOUND - no queue 'c.gone'")
+    setup.net.flush()
+    assert not publisher.closed
+    assert setup.service.connected
+    publisher.close_channel(1, 406, "PRECONDITION_FAILED - unknown delivery tag 9")
+    setup.net.flush()
+    assert publisher.closed
+    assert not setup.service.connected
+
+
+def test_get_takes_one_message_and_its_acker_acks_it(setup: AmqpSetup) -> None:
     assert setup.wait(setup.service.get("c.inbound")) is None
     setup.broker.queues["c.inbound.failed"] = [b"poison"]
     body, properties, acker = setup.wait(setup.service.get("c.inbound.failed"))
@@ -461,12 +423,12 @@ def test_get_takes_one_message_and_its_acker_acks_it(setup: Setup) -> None:
 
 
 def test_queries_need_a_connection() -> None:
-    s = Setup(listen=())
+    s = AmqpSetup(listen=())
     with pytest.raises(PublishFailed, match="not connected"):
         result_of(as_deferred(s.service.queue_status("c.inbound")))
 
 
-def test_declare_queue_now_and_on_every_connect(setup: Setup) -> None:
+def test_declare_queue_now_and_on_every_connect(setup: AmqpSetup) -> None:
     args = {"x-message-ttl": 5000, "x-dead-letter-exchange": "vumi"}
     assert setup.wait(setup.service.declare_queue("c.inbound.delay", args)) is None
     assert "c.inbound.delay" in setup.broker.queues
@@ -479,7 +441,7 @@ def test_declare_queue_now_and_on_every_connect(setup: Setup) -> None:
 
 def test_many_queues_are_declared_over_several_channels() -> None:
     queues = [f"c{n}.inbound" for n in range(60)]
-    s = Setup(queues=queues, consumed=("c0.inbound",)).start()
+    s = AmqpSetup(queues=queues, consumed=("c0.inbound",)).start()
     assert s.service.connected
     assert set(queues) <= set(s.broker.queues)
     publisher = s.connection("publish")
@@ -488,7 +450,7 @@ def test_many_queues_are_declared_over_several_channels() -> None:
     assert publisher.channels == {1, 2}  # the lanes were closed again
 
 
-def test_pause_and_resume_a_consumer_across_a_reconnect(setup: Setup) -> None:
+def test_pause_and_resume_a_consumer_across_a_reconnect(setup: AmqpSetup) -> None:
     assert setup.wait(setup.service.pause_consumer("c.inbound")) is None
     assert "c.inbound" not in setup.connection("consume").consumers
     setup.drop_all()
@@ -503,7 +465,7 @@ def test_pause_and_resume_a_consumer_across_a_reconnect(setup: Setup) -> None:
 
 
 def test_pausing_while_disconnected_takes_effect_on_connect() -> None:
-    s = Setup()
+    s = AmqpSetup()
     assert result_of(as_deferred(s.service.pause_consumer("c.event"))) is None
     assert result_of(as_deferred(s.service.resume_consumer("c.inbound"))) is None
     s.start()
@@ -513,7 +475,9 @@ def test_pausing_while_disconnected_takes_effect_on_connect() -> None:
 
 
 @pytest.mark.parametrize("how", ["cancel", "close"])
-def test_a_consumer_cancelled_or_closed_by_the_broker_reconnects(setup: Setup, how: str) -> None:
+def test_a_consumer_cancelled_or_closed_by_the_broker_reconnects(
+    setup: AmqpSetup, how: str
+) -> None:
     consume = setup.connection("consume")
     with captured_logs() as events:
         if how == "cancel":
@@ -528,7 +492,7 @@ def test_a_consumer_cancelled_or_closed_by_the_broker_reconnects(setup: Setup, h
 
 
 def test_silence_beyond_the_heartbeat_drops_the_connection() -> None:
-    s = Setup(heartbeat=2).start()
+    s = AmqpSetup(heartbeat=2).start()
     consume = s.connection("consume")
     s.net.advance(5)
     assert not consume.closed  # heartbeats flowing (the client sends them)
@@ -538,7 +502,7 @@ def test_silence_beyond_the_heartbeat_drops_the_connection() -> None:
     assert any("No AMQP traffic" in e["log_format"] for e in events)
 
 
-def test_stop_sends_pending_acks_closes_and_fails_waiters(setup: Setup) -> None:
+def test_stop_sends_pending_acks_closes_and_fails_waiters(setup: AmqpSetup) -> None:
     consumer = setup.broker.consumer("c.inbound")
     consumer.deliver("c.inbound", b"x")
     setup.net.flush()
@@ -550,9 +514,23 @@ def test_stop_sends_pending_acks_closes_and_fails_waiters(setup: Setup) -> None:
     assert "connection.close" in {name for _, name in consumer.methods}
     assert not setup.service.connected
 
-    s = Setup(listen=())
+    s = AmqpSetup(listen=())
     s.service.startService()
     waiting = s.service.when_connected()
     assert result_of(s.stop()) is None
     with pytest.raises(PublishFailed, match="stopped"):
         result_of(waiting)
+
+
+def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
+    """Stopping cuts the attempts in progress short: that is no failed set-up
+    (no error line, no "ConnectingCancelledError" at every shutdown)."""
+    s = AmqpSetup(listen=())
+    with captured_logs() as events:
+        s.service.startService()
+        assert len(s.net.reactor.tcpClients) == 2  # publish and consume, both connecting
+        stopped = s.service.stopService()
+        s.net.reactor.advance(0)
+        assert stopped.called
+    errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
+    assert errors == [], errors
