@@ -44,17 +44,20 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> Any:
     """The service tree for the loaded config, with the open-file limit raised
-    and ``http_max_connections`` sized under it."""
+    and ``http_max_connections`` sized under it; ``log_level`` applies from here."""
     import attrs
     from twisted.internet import reactor
 
     from .limits import raise_open_file_limit
-    from .log import Redactor, json_file_log_observer, logger, twistd_log_file
+    from .log import Redactor, json_file_log_observer, logger, set_log_level, twistd_log_file
     from .service import JunebugService
 
+    config = options.config
+    # The service sets the level again when it starts; the lines logged here
+    # come before that and obey log_level too.
+    set_log_level(config.log_level)
     log = logger(__name__)
     before, after, hard = raise_open_file_limit()
-    config = options.config
     max_connections = config.max_connections(after)
     log.info(
         "Open-file limit {after} (was {before}, hard limit {hard});"

@@ -121,6 +121,12 @@ def test_make_service_sizes_http_connections_under_the_open_file_limit() -> None
     assert line["max_connections"] == service.config.http_max_connections
 
 
+def test_log_level_warning_drops_the_open_file_limit_line() -> None:
+    with captured_logs() as logged:
+        makeService(parsed([*REQUIRED, "--log-level", "WARNING"]))
+    assert not [e for e in logged if e["log_namespace"] == "junebug_api.tap"]
+
+
 def test_a_given_http_max_connections_is_kept_with_a_warning_when_it_leaves_few_fds() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     with captured_logs() as logged:
