@@ -182,6 +182,7 @@ class Channel:
         max_logs: int,
         store_message_events: bool,
         metrics: Metrics = NO_METRICS,
+        other_connectors: frozenset[str] = frozenset(),
     ) -> None:
         self.settings = settings
         self.id = settings.id
@@ -207,6 +208,7 @@ class Channel:
             metrics=metrics,
             character_limit=settings.character_limit,
             channel_id=settings.id,
+            other_connectors=other_connectors,
         )
         # Inbound JSON's channel_id is the message's transport_name, as in
         # vumi2: the connector name, which is the channel id by default.

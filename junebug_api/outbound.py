@@ -46,6 +46,10 @@ class OutboundSender:
     character_limit: int | None = None
     #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
     channel_id: str | None = None
+    #: The connector names of the other channels sharing this process's state
+    #: cache: an inbound message from one of them is not this channel's to
+    #: reply to (old Junebug kept inbound messages per channel).
+    other_connectors: frozenset[str] = frozenset()
 
     #: The queue messages are published to: the connector's ``.outbound``.
     routing_key: str = attrs.field(init=False)
@@ -157,6 +161,8 @@ class OutboundSender:
             inbound = await self._cache_call(
                 self.cache.fetch_inbound(reply_to), "looking up inbound", reply_to
             )
+            if inbound is not None and inbound.get("transport_name") in self.other_connectors:
+                inbound = None  # another channel's message
             if inbound is not None:
                 return reply_message(request, inbound)
             if request.get("to") is None or not self.allow_expired_replies:

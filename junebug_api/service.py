@@ -132,6 +132,9 @@ class JunebugService(MultiService):
                 max_logs=config.max_logs,
                 store_message_events=config.store_message_events,
                 metrics=metrics,
+                other_connectors=frozenset(
+                    c.connector_name for c in settings if c.connector_name != channel.connector_name
+                ),
             )
             for channel in settings
         ]

@@ -79,6 +79,7 @@ def make_channel(
     policy: RetryPolicy | None = None,
     max_logs: int = 3,
     metrics: Metrics = NO_METRICS,
+    other_connectors: frozenset[str] = frozenset(),
 ) -> Channel:
     """A Channel with queues named after it, no retry queues, no pausing."""
     return Channel(
@@ -100,6 +101,7 @@ def make_channel(
         max_logs=max_logs,
         store_message_events=True,
         metrics=metrics,
+        other_connectors=other_connectors,
     )
 
 
@@ -118,8 +120,17 @@ class Harness:
             default_from_addr="8110",
         )
         delivery = HttpDelivery.create(self.clock, 1)
+        connectors = {s.connector_name for s in settings}
         self.channels = {
-            s.id: make_channel(s, self.cache, delivery, self.publish, self.clock) for s in settings
+            s.id: make_channel(
+                s,
+                self.cache,
+                delivery,
+                self.publish,
+                self.clock,
+                other_connectors=frozenset(connectors - {s.connector_name}),
+            )
+            for s in settings
         }
         self.health = {"health": "ok", "components": {"amqp": {"health": "ok"}}}
         self.api = JunebugApi(
@@ -175,6 +186,34 @@ def test_post_with_and_without_slash_goes_to_the_channels_queue() -> None:
         assert (code, data["description"]) == (201, "message submitted")
         assert data["result"]["channel_id"] == "a"
     assert [p.routing_key for p in h.publish.published] == ["a.outbound", "a.outbound"]
+
+
+def test_a_reply_only_on_the_channel_its_inbound_came_from() -> None:
+    """One state cache serves every channel; old Junebug kept inbound messages
+    per channel, so a reply to another channel's message is not found."""
+    h = Harness()
+    inbound = {
+        "message_type": "user_message",
+        "message_id": "in-a",
+        "to_addr": "*120#",
+        "from_addr": "+2782",
+        "transport_name": "a",
+        "transport_type": "ussd",
+        "session_event": "new",
+    }
+    result_of(h.cache.store_inbound(inbound))
+    code, data = h.call(
+        "POST", "/channels/b/messages", {"reply_to": "in-a", "content": "hi"}, token="b-secret"
+    )
+    assert code == 400
+    assert data["result"]["errors"][0]["type"] == "MessageNotFound"
+    assert h.publish.published == []
+    code, data = h.call("POST", "/channels/a/messages", {"reply_to": "in-a", "content": "hi"})
+    assert code == 201
+    assert data["result"]["reply_to"] == "in-a"
+    [published] = h.publish.published
+    assert published.routing_key == "a.outbound"
+    assert json.loads(published.body)["in_reply_to"] == "in-a"
 
 
 def test_content_over_character_limit_is_400_message_too_long() -> None:

@@ -91,6 +91,9 @@ def test_each_channel_has_its_queues_workers_and_monitor() -> None:
     assert len(service.workers) == 4
     assert sorted(service.queue_monitors) == ["a", "b"]
     assert service.metrics is NO_METRICS
+    # Each channel refuses replies to the other's inbound messages.
+    others = {c.id: c.sender.other_connectors for c in service.channels}
+    assert others == {"a": frozenset({"b-conn"}), "b": frozenset({"a"})}
 
 
 def test_the_state_cache_is_the_configured_class() -> None:
