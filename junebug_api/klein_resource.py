@@ -24,6 +24,7 @@ messages, is routed without werkzeug.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from http import HTTPStatus
@@ -36,6 +37,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import BadRequest
+from werkzeug.routing import RequestRedirect
 
 from .api_errors import InternalError, error_envelope
 from .json_bodies import JSON_CONTENT_TYPE
@@ -100,6 +102,10 @@ class KleinAppResource(Resource):
     def _route(self, method: bytes, path_info: str) -> tuple[Any, dict[str, Any]]:
         """The endpoint and its arguments for a request; werkzeug's routing
         exceptions (404, 405, redirects) as werkzeug raises them, never kept."""
+        if path_info.startswith("//"):
+            # werkzeug strips leading slashes before matching (so ``//messages``
+            # would be served); merge_slashes' 308 for them as for inner ones.
+            raise RequestRedirect(re.sub("/{2,}", "/", path_info))
         key = (method, path_info)
         route = self._routes.get(key)
         if route is not None:

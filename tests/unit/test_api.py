@@ -389,6 +389,24 @@ def test_repeated_slashes_redirect_to_the_path_with_single_ones() -> None:
     assert h.publish.published == []
 
 
+def test_leading_repeated_slashes_redirect_too() -> None:
+    """werkzeug strips leading slashes before matching; they get the 308 too."""
+    h = Harness()
+    for path, location in [
+        ("//channels/x/messages", "/channels/x/messages"),
+        ("///channels//x/messages?q=1", "/channels/x/messages?q=1"),
+        ("//health", "/health"),
+    ]:
+        d = h.http.request(
+            "POST", "http://junebug.example" + path, data=b"{}", allow_redirects=False
+        )
+        h.http.flush()
+        response = result_of(d)
+        assert response.code == 308, path
+        assert response.headers.getRawHeaders(b"Location") == [location.encode()]
+    assert h.publish.published == []
+
+
 def test_path_that_is_not_utf8_is_400_envelope() -> None:
     h = Harness()
     code, data = h.call("POST", "http://junebug.example/channels/%ff/messages", {})
