@@ -304,17 +304,7 @@ class MessageWorker:
             if not self._may_wait_here(delay, now - taken):
                 await self._delay(body, acker, failure, budget, delay)
                 return
-            self.metrics.retry(self.role)
-            log.warn(
-                "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
-                " retrying in {delay:.1f} s",
-                attempt=budget.attempts,
-                queue=self.queue,
-                message_id=failure.message_id,
-                reason=failure.reason,
-                delay=delay,
-                url=failure.url,
-            )
+            self._retrying(failure, budget, f"{delay:.1f} s")
             wait = deferLater(self._clock, delay)
             self._waiting.add(wait)
             try:
@@ -377,18 +367,21 @@ class MessageWorker:
         acker.ack()
         self._taken(None)
         if not quiet:
-            self.metrics.retry(self.role)
-            log.warn(
-                "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
-                " retrying in {delay} s (via {retry_queue})",
-                attempt=budget.attempts,
-                queue=self.queue,
-                message_id=failure.message_id,
-                reason=failure.reason,
-                delay=delay,
-                retry_queue=queue,
-                url=failure.url,
-            )
+            self._retrying(failure, budget, f"{delay} s (via {queue})")
+
+    def _retrying(self, failure: HandlingFailed, budget: _Budget, when: str) -> None:
+        """Count a retry and log it: ``when`` says how long and where it waits."""
+        self.metrics.retry(self.role)
+        log.warn(
+            "Attempt {attempt} for {queue} message {message_id} failed: {reason};"
+            " retrying in {when}",
+            attempt=budget.attempts,
+            queue=self.queue,
+            message_id=failure.message_id,
+            reason=failure.reason,
+            when=when,
+            url=failure.url,
+        )
 
     async def _release(self, acker: Acker, failure: HandlingFailed, why: str) -> None:
         """Give the message back to its queue after a backoff that grows with
