@@ -59,7 +59,6 @@ import tempfile
 import threading
 import time
 import traceback
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -74,11 +73,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from junebug_api.queue_names import EXCHANGE, QueueNames, failed_queue
+from junebug_api.testing import CuttableSite
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -248,27 +246,6 @@ class Sink(Resource):
             return b'{"error": "soak failure"}'
         self.ok[path][message_id] += 1
         return b'{"ok": true}'
-
-
-class SinkSite(Site):
-    """The sink's Site; remembers its connections, so an outage can cut them."""
-
-    noisy = False
-    protocol = HTTPChannel  # plain HTTP/1.1 (no h2 switch), with a transport to close
-
-    def __init__(self, sink: Sink) -> None:
-        super().__init__(sink)
-        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        self.connections.add(protocol)
-        return protocol
-
-    def cut(self) -> None:
-        for protocol in list(self.connections):
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
 
 
 class Outbound:
@@ -592,7 +569,7 @@ class Soak:
     async def soak(self) -> int:
         rng = random.Random(self.args.seed)
         sink = Sink(self.args.fail_rate, rng)
-        self.site = SinkSite(sink)
+        self.site = CuttableSite(sink)
         listening = reactor.listenTCP(0, self.site, interface=HOST)
         sink_url = f"http://{HOST}:{listening.getHost().port}"
         url = self.start_service(sink_url)

@@ -18,6 +18,9 @@ records what it was given so that a test can assert on it:
   the POSTs it gets and answers the status codes it is told;
   :meth:`FakeRapidPro.delivery` is an ``HttpDelivery`` that reaches it
   in memory.
+- :class:`CuttableSite`: a ``Site`` for a RapidPro stand-in that a test
+  listens on itself and whose connections it can all cut at once (RapidPro
+  going away mid-request).
 - :class:`FakeBroker` and the ``*_frame(s)`` builders: the broker's side of
   an AMQP connection, feeding frames to a client over a ``StringTransport``
   (whole, or split wherever the test likes) and reading what it wrote;
@@ -31,6 +34,7 @@ Nothing here touches the network or a real reactor: drive time with
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,8 +46,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .amqp_protocol import encode_table
 from .http_delivery import HttpDelivery
@@ -322,6 +327,32 @@ class FakeRapidPro(Resource):
     def flush(self) -> None:
         """Deliver the answers written so far to the waiting POSTs."""
         self._agent.flush()
+
+
+class CuttableSite(Site):
+    """A quiet ``Site`` whose connections can all be cut at once (RapidPro
+    going away): it remembers them as it builds them."""
+
+    noisy = False
+    protocol = HTTPChannel  # plain HTTP/1.1 (no h2 switch), with a transport to abort
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.connections.add(protocol)
+        return protocol
+
+    def cut(self) -> None:
+        """Abort every open connection."""
+        for protocol in list(self.connections):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    def log(self, request: Any) -> None:
+        """No access log."""
 
 
 # -- the broker's side of an AMQP connection ----------------------------------

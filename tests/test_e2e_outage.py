@@ -17,7 +17,6 @@ import os
 import time
 import urllib.request
 import uuid
-import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +26,10 @@ import pika
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from junebug_api.queue_names import QueueNames
+from junebug_api.testing import CuttableSite
 
 from .rabbit_node import RabbitNode
 from .support import (
@@ -67,30 +65,6 @@ class LeanSink(Resource):
 
     def ids(self, path: bytes) -> Counter[str]:
         return Counter(message_id for p, message_id in self.requests if p == path)
-
-
-class CuttableSite(Site):
-    """A Site whose connections can all be cut at once (RapidPro going away)."""
-
-    noisy = False
-    protocol = HTTPChannel  # plain HTTP/1.1, with a transport to abort
-
-    def __init__(self, resource: Any) -> None:
-        super().__init__(resource)
-        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        self.connections.add(protocol)
-        return protocol
-
-    def cut(self) -> None:
-        for protocol in list(self.connections):
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
-
-    def log(self, request: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

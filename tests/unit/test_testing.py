@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from junebug_api.amqp_protocol import ConnectionEvents
 from junebug_api.testing import (
     FRAME_METHOD,
     BreakableStateCache,
+    CuttableSite,
     FakeBroker,
     FakeRapidPro,
     RecordingConnectionEvents,
@@ -97,3 +100,16 @@ def test_a_broken_state_cache_fails_everything_and_says_so_until_mended() -> Non
     cache.mend()
     assert result_of(cache.fetch_inbound("m"))["from_addr"] == "a"
     assert cache.health() == {}  # the in-memory cache has no component to report
+
+
+def test_cuttable_site_aborts_every_connection_it_built() -> None:
+    site = CuttableSite(FakeRapidPro())
+    transports = []
+    for port in (1, 2):
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transports.append(transport)
+    assert len(site.connections) == 2
+    site.cut()
+    assert [t.disconnecting for t in transports] == [True, True]
