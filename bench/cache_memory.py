@@ -17,7 +17,7 @@ import uuid
 
 from twisted.internet.task import Clock
 
-from junebug_api.memory_state_cache import InMemoryStateCache
+from junebug_api.state.memory_cache import InMemoryStateCache
 
 
 def rss_bytes() -> int:

@@ -75,7 +75,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 
-from junebug_api.queue_names import EXCHANGE, QueueNames, failed_queue
+from junebug_api.formats.queue_names import EXCHANGE, QueueNames, failed_queue
 from junebug_api.testing import CuttableSite
 
 ROOT = Path(__file__).resolve().parent.parent

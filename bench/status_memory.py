@@ -21,8 +21,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from junebug_api.memory_state_cache import InMemoryStateCache
-from junebug_api.message_status import status_event
+from junebug_api.channels.message_status import status_event
+from junebug_api.state.memory_cache import InMemoryStateCache
 
 
 def rss_bytes() -> int:
@@ -72,7 +72,7 @@ def memory(n: int) -> None:
 async def redis(url: str) -> None:
     import redis as redis_py
 
-    from junebug_api.redis_state_cache import RedisStateCache
+    from junebug_api.state.redis_cache import RedisStateCache
 
     prefix = f"jbbench:{uuid.uuid4().hex[:8]}:"
     client = redis_py.Redis.from_url(url)

@@ -20,20 +20,20 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.components import Componentized
 
-from .amqp_service import AmqpService
-from .api import ApiCredentials, JunebugApi
-from .channel import Channel, ChannelLogRouter, ChannelMetrics
-from .channel_config import resolve_channels
-from .config import JunebugConfig, describe
-from .consumer import RetryPolicy
-from .http_delivery import HttpDelivery
-from .http_server import ApiSite, ListeningService, with_listen_backlog
-from .log import Redactor, logger, set_log_level
-from .metrics import NO_METRICS, Metrics, PrometheusMetrics
-from .outages import OutageTracker
-from .queue_health import QueueMonitor
-from .queue_names import QueueNames
-from .state_cache import StateCache, make_state_cache
+from junebug_api.amqp.service import AmqpService
+from junebug_api.channels.channel import Channel, ChannelLogRouter, ChannelMetrics
+from junebug_api.config.channels import resolve_channels
+from junebug_api.config.model import JunebugConfig, describe
+from junebug_api.delivery.consumer import RetryPolicy
+from junebug_api.delivery.http_delivery import HttpDelivery
+from junebug_api.delivery.outages import OutageTracker
+from junebug_api.formats.queue_names import QueueNames
+from junebug_api.http.api import ApiCredentials, JunebugApi
+from junebug_api.http.server import ApiSite, ListeningService, with_listen_backlog
+from junebug_api.observe.log import Redactor, logger, set_log_level
+from junebug_api.observe.metrics import NO_METRICS, Metrics, PrometheusMetrics
+from junebug_api.observe.queue_health import QueueMonitor
+from junebug_api.state.cache import StateCache, make_state_cache
 
 log = logger(__name__)
 
@@ -70,7 +70,7 @@ class JunebugService(MultiService):
         metrics = self.metrics
         self.sentry = None
         if config.sentry:
-            from .error_reporting import SentryReporter
+            from junebug_api.observe.error_reporting import SentryReporter
 
             self.sentry = SentryReporter(
                 config.sentry, config.sentry_environment, name, self.redactor

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .config import ConfigError, JunebugConfig, load_config, option_names
+from junebug_api.config.model import ConfigError, JunebugConfig, load_config, option_names
 
 
 class Options(usage.Options):
@@ -31,7 +31,7 @@ class Options(usage.Options):
         cli = {name: self[name.replace("_", "-")] for _, name in option_names()}
         try:
             self.config: JunebugConfig = load_config(self["config"], cli=cli)
-            from .state_cache import load_state_cache_class
+            from junebug_api.state.cache import load_state_cache_class
 
             cls = load_state_cache_class(self.config.state_cache_class)
             cls.check_config(
@@ -48,9 +48,15 @@ def makeService(options: Options) -> Any:
     import attrs
     from twisted.internet import reactor
 
-    from .limits import raise_open_file_limit
-    from .log import Redactor, json_file_log_observer, logger, set_log_level, twistd_log_file
-    from .service import JunebugService
+    from junebug_api.http.limits import raise_open_file_limit
+    from junebug_api.observe.log import (
+        Redactor,
+        json_file_log_observer,
+        logger,
+        set_log_level,
+        twistd_log_file,
+    )
+    from junebug_api.service import JunebugService
 
     config = options.config
     # The service sets the level again when it starts; the lines logged here

@@ -50,13 +50,13 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .amqp_protocol import encode_table
-from .http_delivery import HttpDelivery
-from .memory_state_cache import InMemoryStateCache
-from .metrics import NO_METRICS, Metrics
-from .outages import OutageTracker
-from .state_cache import EventInfo, StateCache
-from .vumi_messages import VumiMessage
+from junebug_api.amqp.protocol import encode_table
+from junebug_api.delivery.http_delivery import HttpDelivery
+from junebug_api.delivery.outages import OutageTracker
+from junebug_api.formats.vumi_messages import VumiMessage
+from junebug_api.observe.metrics import NO_METRICS, Metrics
+from junebug_api.state.cache import EventInfo, StateCache
+from junebug_api.state.memory_cache import InMemoryStateCache
 
 # -- publishing -------------------------------------------------------------
 
@@ -437,7 +437,7 @@ def split_frames(data: bytes) -> list[tuple[int, int, bytes]]:
 
 
 class RecordingConnectionEvents:
-    """A :class:`~junebug_api.amqp_protocol.ConnectionEvents` listener that
+    """A :class:`~junebug_api.amqp.protocol.ConnectionEvents` listener that
     records each event as ``(name, args)`` in ``events``, in order."""
 
     def __init__(self) -> None:
@@ -496,7 +496,7 @@ class FakeBroker:
     def __init__(self, client: IProtocol | None = None, clock: IReactorTime | None = None) -> None:
         self.events = RecordingConnectionEvents()
         if client is None:
-            from .amqp_protocol import JunebugAMQPFactory
+            from junebug_api.amqp.protocol import JunebugAMQPFactory
 
             factory = JunebugAMQPFactory("/", 0, clock or Clock(), self.events)
             client = factory.buildProtocol(None)

@@ -7,7 +7,7 @@ an ``e2e`` test, so ``-m "not e2e"`` runs without them.
 
 The e2e tests spell queue names out (``f"{connector}.inbound"``) on purpose:
 they are the wire contract a transport relies on, checked independently of
-``junebug_api.queue_names``, which the unit tests and fixtures use.
+``junebug_api.formats.queue_names``, which the unit tests and fixtures use.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 from .support import Broker, ServiceProcess, free_port, start_sink
 

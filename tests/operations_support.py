@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.memory_state_cache import InMemoryStateCache
+from junebug_api.state.memory_cache import InMemoryStateCache
 
 EXPLODE_ENV = "JUNEBUG_TEST_EXPLODE_FILE"
 

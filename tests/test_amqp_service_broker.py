@@ -11,9 +11,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from junebug_api.amqp_service import AmqpService, PublishFailed
-from junebug_api.config import AmqpConfig
-from junebug_api.queue_names import QueueNames
+from junebug_api.amqp.service import AmqpService, PublishFailed
+from junebug_api.config.model import AmqpConfig
+from junebug_api.formats.queue_names import QueueNames
 
 from .support import pause, wait_for
 

@@ -13,7 +13,7 @@ import pytest_twisted
 import treq
 from twisted.internet.error import ConnectionRefusedError
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
 from .support import Broker, health, inbound_message, pause, wait_for

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 from .support import (
     Broker,

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 from .support import event_message, free_port, inbound_message, wait_for
 

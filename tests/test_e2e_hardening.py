@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 from .support import TWISTD, free_port
 

@@ -28,7 +28,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 from junebug_api.testing import CuttableSite
 
 from .rabbit_node import RabbitNode

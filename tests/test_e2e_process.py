@@ -270,7 +270,7 @@ def test_no_sentry_import_without_a_dsn():
     code = (
         "import sys\n"
         "from twisted.internet.testing import MemoryReactorClock\n"
-        "from junebug_api.config import load_config\n"
+        "from junebug_api.config.model import load_config\n"
         "from junebug_api.service import JunebugService\n"
         "cfg = load_config(None, environ={}, cli={'connector_name': 'c',"
         " 'mo_message_url': 'http://127.0.0.1:9/', 'http_bind': '127.0.0.1:0'})\n"

@@ -185,7 +185,7 @@ async def test_rediss_with_own_ca(tmp_path):
     """rediss:// to a TLS-only redis-server whose certificate the test made."""
     from twisted.internet import reactor
 
-    from junebug_api.state_cache import EventInfo, make_state_cache
+    from junebug_api.state.cache import EventInfo, make_state_cache
 
     from .test_e2e_security import make_certificate
 

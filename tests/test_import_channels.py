@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from junebug_api.channel_config import resolve_channels
-from junebug_api.config import load_config
+from junebug_api.config.channels import resolve_channels
+from junebug_api.config.model import load_config
 
 from .support import free_port
 

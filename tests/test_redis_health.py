@@ -9,8 +9,8 @@ import pytest_twisted
 import redis
 from twisted.internet import reactor
 
-from junebug_api.redis_state_cache import RedisUnavailable
-from junebug_api.state_cache import make_state_cache
+from junebug_api.state.cache import make_state_cache
+from junebug_api.state.redis_cache import RedisUnavailable
 
 from .support import free_port, wait_for
 

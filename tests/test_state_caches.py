@@ -12,9 +12,9 @@ import redis
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from junebug_api.config import ConfigError
-from junebug_api.memory_state_cache import InMemoryStateCache
-from junebug_api.state_cache import EventInfo, make_state_cache
+from junebug_api.config.model import ConfigError
+from junebug_api.state.cache import EventInfo, make_state_cache
+from junebug_api.state.memory_cache import InMemoryStateCache
 
 from .support import inbound_message, wait_for
 
@@ -337,7 +337,7 @@ async def test_lookups_of_one_turn_share_one_mget(redis_keys):
 
 @pytest_twisted.ensureDeferred
 async def test_min_replicas_fails_writes_no_replica_confirmed(redis_keys):
-    from junebug_api.redis_state_cache import ReplicationError
+    from junebug_api.state.redis_cache import ReplicationError
 
     case = RedisCase(redis_keys)
     case.opened = []

@@ -177,7 +177,7 @@ def event_url_script(tmp: Path, sink_url: str) -> Path:
 
 REDIS_RTT_SCRIPT = '''\
 """SET+GET pairs against Redis: with the service's own client
-(junebug_api.redis_client: one pipelining connection), and for comparison with
+(junebug_api.state.redis_client: one pipelining connection), and for comparison with
 txredisapi (a pool of 10, as the service used before) and blocking redis-py.
 Written and run by bench/junebug_bench/load.py:
     python redis_rtt.py URL PREFIX N IN_FLIGHT
@@ -192,8 +192,8 @@ import time
 import txredisapi
 from twisted.internet import defer, reactor, task
 
-from junebug_api.redis_client import FixedLocator, RedisClient
-from junebug_api.redis_state_cache import parse_redis_url
+from junebug_api.state.redis_client import FixedLocator, RedisClient
+from junebug_api.state.redis_cache import parse_redis_url
 
 
 def cpu():

@@ -15,7 +15,7 @@ from typing import Any
 
 import roundtrip
 
-from junebug_api.queue_names import failed_queue
+from junebug_api.formats.queue_names import failed_queue
 
 from .accounting import (
     Meter,

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"

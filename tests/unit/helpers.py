@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from junebug_api.amqp_service import Acker, AmqpService
-from junebug_api.config import AmqpConfig, AmqpConnectionSettings
-from junebug_api.consumer import HandlingFailed
+from junebug_api.amqp.service import Acker, AmqpService
+from junebug_api.config.model import AmqpConfig, AmqpConnectionSettings
+from junebug_api.delivery.consumer import HandlingFailed
 from junebug_api.testing import FakeRapidPro
 
 
@@ -122,7 +122,7 @@ def amqp_method(channel: int, klass: str, method: str, **args: Any) -> bytes:
     import struct
     from io import BytesIO
 
-    from junebug_api.amqp_protocol import FieldCodec, load_spec
+    from junebug_api.amqp.protocol import FieldCodec, load_spec
 
     spec_method = load_spec().classes.byname[klass].methods.byname[method]
     buffer = BytesIO()
@@ -144,7 +144,7 @@ def amqp_content(
     and one body frame of a message."""
     import struct
 
-    from junebug_api.amqp_protocol import encode_table
+    from junebug_api.amqp.protocol import encode_table
 
     flags, properties = 0, b""
     if headers:
@@ -226,7 +226,7 @@ class BrokerServerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         import struct
 
-        from junebug_api.amqp_protocol import decode_frame, load_spec
+        from junebug_api.amqp.protocol import decode_frame, load_spec
 
         self.buffer += data
         if not self.greeted:
@@ -477,7 +477,7 @@ class AmqpSetup:
     """An AmqpService, the in-memory broker it connects to and the network
     between them: the service is connected the way it connects to RabbitMQ,
     and the test acts as the broker (``connection(role)``). ``settings`` go
-    to :class:`~junebug_api.config.AmqpConnectionSettings` (``heartbeat`` 0
+    to :class:`~junebug_api.config.model.AmqpConnectionSettings` (``heartbeat`` 0
     unless given)."""
 
     def __init__(

@@ -13,7 +13,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp_protocol import (
+from junebug_api.amqp.protocol import (
     JunebugAMQPClient,
     JunebugAMQPFactory,
     decode_frame,

@@ -10,8 +10,8 @@ from service_identity import VerificationError
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from junebug_api.amqp_connect import SetupFailed, explain, explain_channel_close
-from junebug_api.config import AmqpConfig, AmqpConnectionSettings
+from junebug_api.amqp.connect import SetupFailed, explain, explain_channel_close
+from junebug_api.config.model import AmqpConfig, AmqpConnectionSettings
 
 PLAIN = AmqpConfig(hostname="rabbit", port=5672, username="junebug")
 TLS = AmqpConfig(hostname="rabbit", port=5671, username="junebug", tls=True)

@@ -11,7 +11,7 @@ import pytest
 from txamqp.connection import Body, Header, Heartbeat, Method
 from txamqp.protocol import GarbageException
 
-from junebug_api.amqp_protocol import FieldCodec, decode_frame, load_spec
+from junebug_api.amqp.protocol import FieldCodec, decode_frame, load_spec
 
 from .helpers import result_of
 
@@ -240,7 +240,7 @@ def test_method_frames_count_bytes_and_keep_booleans() -> None:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from junebug_api.amqp_protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
+    from junebug_api.amqp.protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
 
     events = mock.create_autospec(ConnectionEvents, instance=True)
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock(), events=events)
@@ -276,7 +276,7 @@ def test_heartbeat_and_content_frames_encode_as_txamqp_does() -> None:
     from twisted.internet.task import Clock
     from txamqp.connection import Frame
 
-    from junebug_api.amqp_protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
+    from junebug_api.amqp.protocol import ConnectionEvents, JunebugAMQPClient, JunebugDelegate
 
     events = mock.create_autospec(ConnectionEvents, instance=True)
     client = JunebugAMQPClient(JunebugDelegate(), "/", load_spec(), clock=Clock(), events=events)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp_service import AmqpService, PublishFailed, PublishRefused
-from junebug_api.config import AmqpConnectionSettings
+from junebug_api.amqp.service import AmqpService, PublishFailed, PublishRefused
+from junebug_api.config.model import AmqpConnectionSettings
 
 from .helpers import AmqpSetup, amqp_method, result_of
 

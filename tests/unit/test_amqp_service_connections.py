@@ -13,8 +13,8 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 
-from junebug_api.amqp_service import PublishFailed, PublishRefused
-from junebug_api.config import AmqpConfig
+from junebug_api.amqp.service import PublishFailed, PublishRefused
+from junebug_api.config.model import AmqpConfig
 from junebug_api.testing import captured_logs
 
 from .helpers import (
@@ -532,5 +532,5 @@ def test_a_stop_during_a_connection_attempt_logs_no_failure() -> None:
         stopped = s.service.stopService()
         s.net.reactor.advance(0)
         assert stopped.called
-    errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp_service"]
+    errors = [e for e in events if e.get("log_namespace") == "junebug_api.amqp.service"]
     assert errors == [], errors

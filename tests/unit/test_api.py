@@ -13,12 +13,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 
-from junebug_api.amqp_service import PublishFailed, PublishRefused
-from junebug_api.api import ApiCredentials, JunebugApi
-from junebug_api.http_server import ApiSite
-from junebug_api.memory_state_cache import InMemoryStateCache
-from junebug_api.outbound import OutboundSender
-from junebug_api.state_cache import EventInfo
+from junebug_api.amqp.service import PublishFailed, PublishRefused
+from junebug_api.delivery.outbound import OutboundSender
+from junebug_api.http.api import ApiCredentials, JunebugApi
+from junebug_api.http.server import ApiSite
+from junebug_api.state.cache import EventInfo
+from junebug_api.state.memory_cache import InMemoryStateCache
 from junebug_api.testing import RecordingPublisher, captured_logs
 
 from .helpers import result_of

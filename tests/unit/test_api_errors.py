@@ -7,7 +7,7 @@ from http import HTTPStatus
 
 from twisted.web.test.requesthelper import DummyRequest
 
-from junebug_api.api_errors import (
+from junebug_api.formats.api_errors import (
     MessageNotFound,
     ServiceUnavailable,
     answer_error,

@@ -9,10 +9,10 @@ import json
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from junebug_api.channel import ChannelLog, ChannelMetrics
-from junebug_api.consumer import RetryPolicy
-from junebug_api.metrics import PrometheusMetrics
-from junebug_api.state_cache import EventInfo, InMemoryStateCache
+from junebug_api.channels.channel import ChannelLog, ChannelMetrics
+from junebug_api.delivery.consumer import RetryPolicy
+from junebug_api.observe.metrics import PrometheusMetrics
+from junebug_api.state.cache import EventInfo, InMemoryStateCache
 from junebug_api.testing import FakeRapidPro, RecordingAcker, RecordingPublisher
 
 from .helpers import result_of

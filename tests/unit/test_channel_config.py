@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from junebug_api.channel_config import resolve_channels
-from junebug_api.config import ConfigError, describe, load_config
+from junebug_api.config.channels import resolve_channels
+from junebug_api.config.model import ConfigError, describe, load_config
 
 BIND = {"http_bind": "127.0.0.1:8080"}
 MO = "http://rapidpro.example/c/jn/uuid/receive"
@@ -215,7 +215,7 @@ def test_public_settings_hold_no_secret() -> None:
 
 
 def test_replay_names_the_channel_when_there_are_several() -> None:
-    from junebug_api.replay import channel_connector
+    from junebug_api.cli.replay import channel_connector
 
     one = load(channels={"a": {"mo_url": MO, "connector_name": "conn-a"}})
     assert channel_connector(one, None) == "conn-a"
@@ -244,7 +244,7 @@ def test_channel_secrets_from_files(tmp_path) -> None:
     cfg = load(channels={"a": {"mo_url": MO, "mo_url_auth_token_file": str(token)}})
     [a] = resolve_channels(cfg)
     assert a.mo_message_url_auth_token == "s3cret-from-file"
-    from junebug_api.log import Redactor
+    from junebug_api.observe.log import Redactor
 
     assert Redactor.for_config(cfg).text("x s3cret-from-file y") == "x *** y"
     with pytest.raises(ConfigError, match=r"^channels\.a: set mo_message_url_auth_token or"):

@@ -10,18 +10,18 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from junebug_api.api import ApiCredentials, JunebugApi
-from junebug_api.channel import Channel, ChannelLog, ChannelLogRouter, RateMeter
-from junebug_api.channel_config import resolve_channels
-from junebug_api.config import load_config
-from junebug_api.consumer import RetryPolicy
-from junebug_api.http_delivery import HttpDelivery
-from junebug_api.log import logger
-from junebug_api.memory_state_cache import InMemoryStateCache
-from junebug_api.message_status import message_status, status_event
-from junebug_api.metrics import NO_METRICS, Metrics
-from junebug_api.outages import OutageTracker
-from junebug_api.queue_names import QueueNames
+from junebug_api.channels.channel import Channel, ChannelLog, ChannelLogRouter, RateMeter
+from junebug_api.channels.message_status import message_status, status_event
+from junebug_api.config.channels import resolve_channels
+from junebug_api.config.model import load_config
+from junebug_api.delivery.consumer import RetryPolicy
+from junebug_api.delivery.http_delivery import HttpDelivery
+from junebug_api.delivery.outages import OutageTracker
+from junebug_api.formats.queue_names import QueueNames
+from junebug_api.http.api import ApiCredentials, JunebugApi
+from junebug_api.observe.log import logger
+from junebug_api.observe.metrics import NO_METRICS, Metrics
+from junebug_api.state.memory_cache import InMemoryStateCache
 from junebug_api.testing import RecordingPublisher
 
 from .helpers import result_of

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from junebug_api import config as config_module
-from junebug_api.config import (
+from junebug_api.config import model as config_module
+from junebug_api.config.model import (
     DEFAULT_STATE_CACHE,
     AmqpConfig,
     ConfigError,
@@ -673,7 +673,7 @@ def test_config_repr_hides_amqp_password(tmp_path: Path) -> None:
 
 
 def test_redact_url_hides_a_lone_user_name_too() -> None:
-    from junebug_api.config import redact_url
+    from junebug_api.config.model import redact_url
 
     assert redact_url("https://APIKEY123@rp.example/x") == "https://***@rp.example/x"
     assert redact_url("https://rp.example/x") == "https://rp.example/x"
@@ -710,7 +710,7 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     assert cfg.default_event_auth_token == "ev-token"
     assert cfg.amqp_settings.password == "rabbit"
     assert cfg.state_cache_config == {"url": "redis://:r%3Ae%2Fd%40is@127.0.0.1:6379/2"}
-    from junebug_api.redis_state_cache import parse_redis_url
+    from junebug_api.state.redis_cache import parse_redis_url
 
     assert parse_redis_url(cfg.state_cache_config["url"])["password"] == "r:e/d@is"
     logged = str(describe(cfg))

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 
-from junebug_api.config import (
+from junebug_api.config.checks import base_type
+from junebug_api.config.model import (
     MAX_SECONDS,
     ConfigError,
     JunebugConfig,
@@ -23,10 +24,9 @@ from junebug_api.config import (
     option_names,
     option_type,
 )
-from junebug_api.config_checks import base_type
-from junebug_api.queue_names import QueueNames
+from junebug_api.formats.queue_names import QueueNames
 from junebug_api.service import JunebugService
-from junebug_api.state_cache import load_state_cache_class
+from junebug_api.state.cache import load_state_cache_class
 
 REQUIRED = {
     "connector_name": "conn",

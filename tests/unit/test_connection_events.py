@@ -17,15 +17,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from junebug_api.amqp_protocol import (
+from junebug_api.amqp.protocol import (
     ConnectionEvents,
     JunebugAMQPClient,
     JunebugAMQPFactory,
     JunebugDelegate,
     load_spec,
 )
-from junebug_api.amqp_service import AmqpConnection
-from junebug_api.config import AmqpConfig
+from junebug_api.amqp.service import AmqpConnection
+from junebug_api.config.model import AmqpConfig
 from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
 EVENTS = sorted(

@@ -8,8 +8,8 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from junebug_api.amqp_service import PublishFailed
-from junebug_api.consumer import HandlingFailed, MessageWorker, RetryPolicy
+from junebug_api.amqp.service import PublishFailed
+from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
 from junebug_api.testing import RecordingAcker, RecordingPublisher, captured_logs
 
 from .helpers import result_of

@@ -14,14 +14,14 @@ import warnings
 
 from twisted.internet.task import Clock
 
-from junebug_api.amqp_protocol import JunebugAMQPClient, JunebugDelegate, load_spec
+from junebug_api.amqp.protocol import JunebugAMQPClient, JunebugDelegate, load_spec
 from junebug_api.testing import RecordingConnectionEvents
 
 RETURN_VALUE_DEPRECATION = "twisted.internet.defer.returnValue was deprecated"
 AMQP_MODULES = [
-    "junebug_api.amqp_protocol",
-    "junebug_api.amqp_service",
-    "junebug_api.amqp_connect",
+    "junebug_api.amqp.protocol",
+    "junebug_api.amqp.service",
+    "junebug_api.amqp.connect",
     "txamqp.client",
     "txamqp.codec",
     "txamqp.connection",

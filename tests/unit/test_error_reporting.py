@@ -14,8 +14,8 @@ from sentry_sdk.transport import Transport
 from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 
-from junebug_api.error_reporting import SentryReporter, scrub
-from junebug_api.log import Redactor
+from junebug_api.observe.error_reporting import SentryReporter, scrub
+from junebug_api.observe.log import Redactor
 
 from .helpers import result_of
 
@@ -60,7 +60,7 @@ class SynchronousThreads:
 class Reporting:
     def __init__(self) -> None:
         self.publisher = LogPublisher()
-        self.log = Logger(namespace="junebug_api.consumer", observer=self.publisher)
+        self.log = Logger(namespace="junebug_api.delivery.consumer", observer=self.publisher)
         self.reporter = SentryReporter(
             "https://public@sentry.invalid/1",
             "test-env",
@@ -105,7 +105,7 @@ def test_an_error_line_becomes_one_tagged_and_scrubbed_event(
     assert event["level"] == "error"
     assert event["tags"] == {
         "connector_name": "chan-1",
-        "logger": "junebug_api.consumer",
+        "logger": "junebug_api.delivery.consumer",
         "message_id": "m-1",
         "queue": "chan-1.inbound",
     }

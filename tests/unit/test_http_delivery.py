@@ -16,8 +16,13 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
-from junebug_api.http_delivery import DeliveryFailed, HttpDelivery, safe_url, split_credentials
-from junebug_api.outages import OutageTracker, destination_of
+from junebug_api.delivery.http_delivery import (
+    DeliveryFailed,
+    HttpDelivery,
+    safe_url,
+    split_credentials,
+)
+from junebug_api.delivery.outages import OutageTracker, destination_of
 from junebug_api.testing import FakeRapidPro
 
 from .helpers import result_of

@@ -8,7 +8,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from junebug_api.http_server import ApiSite, with_listen_backlog
+from junebug_api.http.server import ApiSite, with_listen_backlog
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 12345)
 

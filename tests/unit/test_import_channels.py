@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from junebug_api.import_channels import ImportFailed, import_channels, main
+from junebug_api.cli.import_channels import ImportFailed, import_channels, main
 
 BASE = "http://junebug.example:8080"
 

@@ -1,9 +1,10 @@
-"""The modules of junebug_api import one another without a cycle.
+"""The modules of junebug_api import one another without a cycle, and the
+subpackages import only their own layer and the layers below.
 
 The graph is read from the source (ast): every import of a junebug_api
-module, at the top or inside a function, is an edge; imports under
-``if TYPE_CHECKING:`` are not (they never run). A cycle means two modules
-each need the other to be read first: the lower one must not know the
+module, at the top, inside a function or under ``if TYPE_CHECKING:``, is an
+edge. A cycle means two modules each need the other to be read first (or, for
+type hints, each to be understood first): the lower one must not know the
 higher one.
 """
 
@@ -16,52 +17,70 @@ import junebug_api
 
 PACKAGE = Path(junebug_api.__file__).parent
 
+#: The subpackages by layer, lowest first (README "Layout"): a module may
+#: import its own subpackage, its layer's others and the layers below.
+LAYERS = (
+    ("formats",),
+    ("config",),
+    ("state", "amqp", "observe"),
+    ("delivery", "http"),
+    ("channels",),
+    ("cli", "service", "tap", "testing"),
+)
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
+#: Known imports against the layers (none).
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
-def _imported(module: str, tree: ast.AST, modules: set[str]) -> set[str]:
-    """The junebug_api modules ``module``'s source imports."""
+def module_name(path: Path) -> str:
+    """``junebug_api/amqp/service.py`` -> ``amqp.service``; a package is its ``__init__``."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = ["junebug_api", *module.split(".")] if module else ["junebug_api"]
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imported(module: str, path: Path, modules: set[str]) -> set[str]:
+    """The junebug_api modules ``module``'s source imports (TYPE_CHECKING ones too)."""
     found: set[str] = set()
-    nodes = [tree]
-    while nodes:
-        node = nodes.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            nodes.extend(node.orelse)
-            continue
-        nodes.extend(ast.iter_child_nodes(node))
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                raise AssertionError(f"{module}: relative import beyond the package")
-            base = "junebug_api" if node.level == 1 else (node.module or "")
-            if node.level == 1 and node.module:
-                base = f"junebug_api.{node.module}"
-            # ``from . import x`` and ``from junebug_api import x`` import module x.
+            base = _absolute(module, path.name == "__init__.py", node)
+            # ``from junebug_api.amqp import service`` imports module amqp.service.
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "junebug_api" and len(parts) > 1 and parts[1] in modules:
-                found.add(parts[1])
+            if parts[0] != "junebug_api":
+                continue
+            parts = parts[1:]
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts:
+                found.add(".".join(parts))
     found.discard(module)
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Each junebug_api module and the junebug_api modules it imports."""
-    files = {path.stem: path for path in PACKAGE.glob("*.py")}
+    """Each junebug_api module (dotted, below the package) and the ones it imports."""
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    files.pop("", None)  # junebug_api/__init__.py: the version only
     modules = set(files)
-    return {
-        name: _imported(name, ast.parse(path.read_text(encoding="utf-8")), modules)
-        for name, path in files.items()
-    }
+    return {name: _imported(name, path, modules) for name, path in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -93,19 +112,46 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module} is in no layer: add its subpackage to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Imports of a module from a higher layer than its own."""
+    return {
+        (module, imported)
+        for module, imports in graph.items()
+        for imported in imports
+        if layer_of(imported) > layer_of(module)
+    }
+
+
 def test_the_package_has_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle or [])
 
 
-def test_the_graph_sees_function_level_imports_and_skips_type_checking() -> None:
+def test_every_module_is_in_a_layer_and_imports_point_down() -> None:
+    assert upward_imports(import_graph()) == KNOWN_UPWARD
+
+
+def test_the_graph_sees_function_level_and_type_checking_imports() -> None:
     graph = import_graph()
     assert "service" in graph["tap"]  # imported inside makeService
-    assert "amqp_connect" in graph["config"]  # imported inside the TLS check
-    assert "config" not in graph["amqp_connect"]  # only under TYPE_CHECKING
-    assert "queue_names" in graph["service"]
+    assert "formats.queue_names" in graph["service"]
+    assert "amqp.service" in graph["delivery.consumer"]
 
 
 def test_a_cycle_is_found() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_an_upward_import_is_found() -> None:
+    assert upward_imports({"formats.x": {"service"}, "service": {"formats.x"}}) == {
+        ("formats.x", "service")
+    }

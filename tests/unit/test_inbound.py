@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from junebug_api.inbound import InboundHandler
-from junebug_api.log import set_log_level
-from junebug_api.metrics import Metrics
-from junebug_api.outages import OutageTracker
+from junebug_api.delivery.inbound import InboundHandler
+from junebug_api.delivery.outages import OutageTracker
+from junebug_api.observe.log import set_log_level
+from junebug_api.observe.metrics import Metrics
 from junebug_api.testing import BreakableStateCache, FakeRapidPro, captured_logs
 
 from .helpers import HandlerRun, result_of

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from junebug_api.api_errors import ApiUsageError, JsonDecodeError
-from junebug_api.junebug_formats import (
+from junebug_api.formats.api_errors import ApiUsageError, JsonDecodeError
+from junebug_api.formats.junebug_formats import (
     OUTBOUND_SCHEMA,
     junebug_event,
     junebug_message,
@@ -312,14 +312,14 @@ def test_the_schema_check_agrees_with_jsonschema(data) -> None:
     ],
 )
 def test_to_json_refuses_what_is_no_strict_json(data: Any, reason: str) -> None:
-    from junebug_api.junebug_formats import Unsendable, to_json
+    from junebug_api.formats.junebug_formats import Unsendable, to_json
 
     with pytest.raises(Unsendable, match=reason):
         to_json(data)
 
 
 def test_to_json_refuses_too_deep_nesting() -> None:
-    from junebug_api.junebug_formats import Unsendable, to_json
+    from junebug_api.formats.junebug_formats import Unsendable, to_json
 
     deep: Any = []
     for _ in range(100_000):

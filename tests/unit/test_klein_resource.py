@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from junebug_api.klein_resource import KleinAppResource
+from junebug_api.http.klein_resource import KleinAppResource
 from junebug_api.testing import captured_logs
 
 

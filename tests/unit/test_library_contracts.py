@@ -24,8 +24,8 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from junebug_api.http_delivery import HttpDelivery
-from junebug_api.http_server import ApiSite, ListeningService
+from junebug_api.delivery.http_delivery import HttpDelivery
+from junebug_api.http.server import ApiSite, ListeningService
 from junebug_api.testing import captured_logs
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 12345)

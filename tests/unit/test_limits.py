@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from junebug_api.limits import raise_open_file_limit
+from junebug_api.http.limits import raise_open_file_limit
 
 
 @pytest.fixture

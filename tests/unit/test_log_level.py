@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from twisted.logger import LogLevel
 
-from junebug_api.log import debug_enabled, logger, set_log_level
+from junebug_api.observe.log import debug_enabled, logger, set_log_level
 from junebug_api.testing import captured_logs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from junebug_api.message_status import message_status, status_event
+from junebug_api.channels.message_status import message_status, status_event
 
 
 def event(event_type: str, timestamp: str | None, **fields: str) -> dict:

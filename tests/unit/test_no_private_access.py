@@ -216,7 +216,7 @@ def test_every_exception_is_still_needed(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_tests_and_bench_are_scanned() -> None:
     scanned = {str(path.relative_to(ROOT)) for path in modules()}
     assert {
-        "junebug_api/amqp_service.py",
+        "junebug_api/amqp/service.py",
         "tests/conftest.py",
         "tests/unit/helpers.py",
         "tests/test_state_caches.py",

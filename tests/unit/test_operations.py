@@ -10,11 +10,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from junebug_api.config import ConfigError, load_config
-from junebug_api.error_reporting import scrub
-from junebug_api.log import Redactor, json_log_line
-from junebug_api.metrics import NO_METRICS, PrometheusMetrics
-from junebug_api.queue_health import QueueMonitor
+from junebug_api.config.model import ConfigError, load_config
+from junebug_api.observe.error_reporting import scrub
+from junebug_api.observe.log import Redactor, json_log_line
+from junebug_api.observe.metrics import NO_METRICS, PrometheusMetrics
+from junebug_api.observe.queue_health import QueueMonitor
 
 REQUIRED = {
     "connector_name": "c",
@@ -164,7 +164,7 @@ def test_json_log_line_has_fields_and_error_text() -> None:
     event = {
         "log_format": "Attempt {attempt} for {message_id} failed: {reason}",
         "log_level": LogLevel.warn,
-        "log_namespace": "junebug_api.consumer",
+        "log_namespace": "junebug_api.delivery.consumer",
         "log_time": 0.0,
         "attempt": 2,
         "message_id": "abc",
@@ -174,7 +174,7 @@ def test_json_log_line_has_fields_and_error_text() -> None:
     record = json.loads(json_log_line(event, r))
     assert record["time"] == "1970-01-01T00:00:00.000+00:00"
     assert record["level"] == "warn"
-    assert record["logger"] == "junebug_api.consumer"
+    assert record["logger"] == "junebug_api.delivery.consumer"
     assert record["message_id"] == "abc"
     assert record["attempt"] == 2
     assert "sekrit" not in json.dumps(record)
@@ -275,7 +275,7 @@ def test_operations_defaults() -> None:
 
 
 def test_peek_message_id_for_log_lines() -> None:
-    from junebug_api.consumer import peek_message_id
+    from junebug_api.delivery.consumer import peek_message_id
 
     assert peek_message_id(b'{"message_id": "m1"}') == "m1"
     event = b'{"message_type": "event", "user_message_id": "u1", "message_id": "e1"}'

@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from junebug_api.amqp_service import PublishFailed
-from junebug_api.consumer import (
+from junebug_api.amqp.service import PublishFailed
+from junebug_api.delivery.consumer import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
     HOLDS_HEADER,
@@ -20,9 +20,9 @@ from junebug_api.consumer import (
     RetryPolicy,
     pick_delay,
 )
-from junebug_api.outages import OutageTracker, describe_destination, destination_of
-from junebug_api.pause_while_down import PauseWhileDown
-from junebug_api.queue_names import delay_queues
+from junebug_api.delivery.outages import OutageTracker, describe_destination, destination_of
+from junebug_api.delivery.pause_while_down import PauseWhileDown
+from junebug_api.formats.queue_names import delay_queues
 from junebug_api.testing import (
     RecordingAcker,
     RecordingPublisher,

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from junebug_api.amqp_service import PublishFailed
-from junebug_api.api_errors import ServiceUnavailable
-from junebug_api.outbound import OutboundSender
-from junebug_api.state_cache import EventInfo
+from junebug_api.amqp.service import PublishFailed
+from junebug_api.delivery.outbound import OutboundSender
+from junebug_api.formats.api_errors import ServiceUnavailable
+from junebug_api.state.cache import EventInfo
 from junebug_api.testing import RecordingPublisher
 
 BODY = json.dumps({"to": "+2782", "from": "8110", "content": "hi", "event_url": "http://rp/e"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from junebug_api.queue_names import EXCHANGE, QueueNames, delay_queues, failed_queue
+from junebug_api.formats.queue_names import EXCHANGE, QueueNames, delay_queues, failed_queue
 
 
 def test_a_connectors_queues_follow_vumis_names() -> None:

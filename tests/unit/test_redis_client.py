@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from junebug_api.redis_client import (
+from junebug_api.state.redis_client import (
     IncompleteReply,
     RedisConnectionError,
     RedisError,

@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from junebug_api.config import ConfigError
-from junebug_api.redis_client import RedisConnectionError
-from junebug_api.redis_state_cache import (
+from junebug_api.config.model import ConfigError
+from junebug_api.formats.vumi_messages import VumiMessage
+from junebug_api.state.cache import EventInfo
+from junebug_api.state.redis_cache import (
     RedisStateCache,
     RedisUnavailable,
     ReplicationError,
     parse_redis_url,
 )
-from junebug_api.state_cache import EventInfo
+from junebug_api.state.redis_client import RedisConnectionError
 from junebug_api.testing import captured_logs
-from junebug_api.vumi_messages import VumiMessage
 
 from .helpers import FakeNetwork, FakeRedis, result_of
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from junebug_api.amqp_service import PublishFailed
-from junebug_api.config import ConfigError, load_config
-from junebug_api.replay import channel_connector, main, parse_args, replay
+from junebug_api.amqp.service import PublishFailed
+from junebug_api.cli.replay import channel_connector, main, parse_args, replay
+from junebug_api.config.model import ConfigError, load_config
 from junebug_api.testing import RecordingPublisher, RecordingQueueControl
 
 from .helpers import result_of

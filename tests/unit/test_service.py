@@ -14,15 +14,15 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver
 
-from junebug_api.amqp_service import AmqpService
-from junebug_api.config import load_config
-from junebug_api.http_server import ListeningService
-from junebug_api.log import set_log_level
-from junebug_api.memory_state_cache import InMemoryStateCache
-from junebug_api.metrics import NO_METRICS, PrometheusMetrics
-from junebug_api.queue_names import QueueNames
-from junebug_api.redis_state_cache import RedisStateCache
+from junebug_api.amqp.service import AmqpService
+from junebug_api.config.model import load_config
+from junebug_api.formats.queue_names import QueueNames
+from junebug_api.http.server import ListeningService
+from junebug_api.observe.log import set_log_level
+from junebug_api.observe.metrics import NO_METRICS, PrometheusMetrics
 from junebug_api.service import JunebugService
+from junebug_api.state.memory_cache import InMemoryStateCache
+from junebug_api.state.redis_cache import RedisStateCache
 from junebug_api.testing import RecordingAcker, captured_logs
 
 from .helpers import result_of

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from junebug_api.config import ConfigError
-from junebug_api.memory_state_cache import ExpiringMap, InMemoryStateCache
-from junebug_api.state_cache import EventInfo, load_state_cache_class, make_state_cache
-from junebug_api.vumi_messages import REPLY_SOURCE_FIELDS
+from junebug_api.config.model import ConfigError
+from junebug_api.formats.vumi_messages import REPLY_SOURCE_FIELDS
+from junebug_api.state.cache import EventInfo, load_state_cache_class, make_state_cache
+from junebug_api.state.memory_cache import ExpiringMap, InMemoryStateCache
 
 from .helpers import result_of
 
@@ -279,12 +279,12 @@ def test_make_state_cache_checks_options() -> None:
 
 
 def test_built_in_caches_answer_to_their_config_names_and_their_modules() -> None:
-    import junebug_api.state_cache as state_cache
-    from junebug_api.redis_state_cache import RedisStateCache
+    import junebug_api.state.cache as state_cache
+    from junebug_api.state.redis_cache import RedisStateCache
 
     for cls in (InMemoryStateCache, RedisStateCache):
         name = cls.__name__
-        assert load_state_cache_class(f"junebug_api.state_cache.{name}") is cls
+        assert load_state_cache_class(f"junebug_api.state.cache.{name}") is cls
         assert load_state_cache_class(f"{cls.__module__}.{name}") is cls
         assert getattr(state_cache, name) is cls
     with pytest.raises(AttributeError):

@@ -14,7 +14,7 @@ import pytest
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, LogLevel
 
-from junebug_api.log import set_log_level
+from junebug_api.observe.log import set_log_level
 from junebug_api.service import JunebugService
 from junebug_api.tap import Options, makeService
 from junebug_api.testing import captured_logs
@@ -156,7 +156,7 @@ def test_log_format_json_gives_twistd_a_json_observer_for_its_log_file(tmp_path:
             "log_format": "POST to {url} failed",
             "url": "http://user:secret@rp.example/in",
             "log_level": LogLevel.warn,
-            "log_namespace": "junebug_api.inbound",
+            "log_namespace": "junebug_api.delivery.inbound",
             "log_time": 0,
         }
     )

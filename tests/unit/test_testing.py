@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp_protocol import ConnectionEvents
+from junebug_api.amqp.protocol import ConnectionEvents
 from junebug_api.testing import (
     FRAME_METHOD,
     BreakableStateCache,

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from junebug_api.message_ids import generate_message_id
-from junebug_api.vumi_messages import (
+from junebug_api.formats.message_ids import generate_message_id
+from junebug_api.formats.vumi_messages import (
     InvalidMessage,
     normalise_timestamp,
     parse_event,

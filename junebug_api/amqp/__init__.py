@@ -1,0 +1,1 @@
+"""AMQP: frames and codec, reaching a broker (TLS, failover), the connections."""

@@ -1,0 +1,1 @@
+"""Channels at run time: each channel's workers, sender, credentials, status and logs."""

@@ -1,0 +1,1 @@
+"""The console scripts: junebug-api-replay and junebug-api-import-channels."""

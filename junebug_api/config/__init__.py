@@ -1,0 +1,1 @@
+"""Configuration: the options, their checks, and the three sources (file, environment, CLI)."""

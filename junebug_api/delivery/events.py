@@ -1,0 +1,102 @@
+"""Events: from ``<connector>.event`` to the event URL of their message.
+
+The URL is the one stored when the outbound message was sent, else
+``default_event_url``; an event with neither is logged and dropped, as the
+spec says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import attrs
+from twisted.internet.defer import CancelledError
+
+from junebug_api.delivery.consumer import DROPPED, HandlingFailed
+from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery, safe_url
+from junebug_api.formats.junebug_formats import Unsendable, junebug_event, to_json
+from junebug_api.formats.vumi_messages import InvalidMessage, VumiMessage, parse_event
+from junebug_api.observe.log import debug_enabled, logger
+from junebug_api.observe.metrics import NO_METRICS, Metrics
+from junebug_api.state.cache import EventInfo, StateCache
+
+log = logger(__name__)
+
+
+@attrs.define(eq=False)
+class EventHandler:
+    """Finds where an event goes and POSTs it there as Junebug JSON."""
+
+    cache: StateCache
+    delivery: HttpDelivery
+    channel_id: str
+    default_url: str | None
+    default_auth_token: str | None = attrs.field(repr=False)
+    timeout: float
+    # Larger bodies are refused at once: no destination should get them.
+    max_body_size: int = 1048576
+    metrics: Metrics = NO_METRICS
+    #: Called with each parsed event before it is delivered (message status);
+    #: a failure there is retried like a state cache failure.
+    on_event: Callable[[VumiMessage], Awaitable[None]] | None = None
+    #: Called with each event once delivered or dropped (channel rates).
+    on_done: Callable[[VumiMessage], None] | None = None
+
+    async def __call__(self, body: bytes) -> str | None:
+        if len(body) > self.max_body_size:
+            raise HandlingFailed(
+                f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
+                retryable=False,
+            )
+        try:
+            event = parse_event(body)
+        except InvalidMessage as e:
+            raise HandlingFailed(f"invalid event: {e}", retryable=False) from None
+        message_id = event["user_message_id"]
+        try:
+            if self.on_event is not None:
+                await self.on_event(event)
+            info = await self.cache.fetch_event_info(message_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.metrics.cache_error()
+            raise HandlingFailed(
+                f"state cache unavailable: {e}", retryable=True, message_id=message_id
+            ) from None
+        if info is None:
+            if self.default_url is None:
+                log.warn(
+                    "No event URL for {event_type} event {event_id} of message {message_id};"
+                    " dropped",
+                    event_type=event["event_type"],
+                    event_id=event.get("event_id"),
+                    message_id=message_id,
+                    channel=self.channel_id,
+                )
+                if self.on_done is not None:
+                    self.on_done(event)
+                return DROPPED
+            info = EventInfo(self.default_url, self.default_auth_token)
+        try:
+            payload = to_json(junebug_event(event, self.channel_id))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
+        try:
+            await self.delivery.post_json(
+                info.url, payload, info.auth_token, self.timeout, target="event"
+            )
+        except DeliveryFailed as e:
+            raise HandlingFailed(
+                f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
+                retryable=e.retryable,
+                message_id=message_id,
+                url=safe_url(info.url),
+                held=e.held,
+            ) from None
+        if self.on_done is not None:
+            self.on_done(event)
+        if debug_enabled():
+            log.debug("Delivered event for message {message_id}", message_id=message_id)

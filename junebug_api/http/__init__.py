@@ -1,0 +1,1 @@
+"""The HTTP side: the server (limits, drain), the Klein resource, the API routes."""

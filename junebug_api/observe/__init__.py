@@ -1,0 +1,1 @@
+"""Seeing what the service does: logs, metrics, /health's queue monitor, Sentry."""

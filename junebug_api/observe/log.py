@@ -1,0 +1,200 @@
+"""Log events of this package, filtered by the configured ``log_level``, and
+the ``log_format: json`` lines.
+
+Every module logs through ``Logger(namespace=__name__, observer=observer)``;
+``set_log_level`` decides which of those events reach twistd's log. With
+``log_format: json`` twistd's log observer is replaced (through the
+application's ``ILogObserver`` component, which twistd looks up) by one that
+writes one JSON object per line to the same file; :class:`Redactor` keeps
+secrets out of those lines and out of Sentry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogPublisher,
+)
+from twisted.python.logfile import LogFile
+
+_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+
+_LEVELS = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARNING": LogLevel.warn,
+    "WARN": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "CRITICAL": LogLevel.critical,
+}
+
+
+def logger(namespace: str) -> Logger:
+    """A Logger for a module of this package, subject to ``log_level``."""
+    return Logger(namespace=namespace, observer=observer)
+
+
+def set_log_level(name: str) -> None:
+    """Drop this package's events below ``name`` (DEBUG, INFO, WARNING, ...)."""
+    # The predicate filters by the level of namespace "": its defaultLogLevel
+    # is only what clearLogLevels resets to.
+    _predicate.setLogLevelForNamespace("", _LEVELS[name.upper()])
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are logged (so callers can skip building them)."""
+    return _predicate.logLevelForNamespace("") is LogLevel.debug
+
+
+# -- secrets out of log lines and error reports -------------------------------
+
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@\"']+@")
+
+
+@attrs.frozen
+class Redactor:
+    """Takes secrets out of text: URL user info, and the config's own secrets.
+
+    ``secrets`` are the literal values (passwords, tokens, URL passwords) the
+    config holds; any text that contains one gets ``***`` instead.
+    """
+
+    secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
+
+    @classmethod
+    def for_config(cls, config: Any) -> Redactor:
+        """The secrets of a :class:`~junebug_api.config.model.JunebugConfig`."""
+        values: list[str | None] = [
+            config.api_auth_password,
+            config.api_auth_token,
+            config.mo_message_url_auth_token,
+            config.default_event_auth_token,
+            config.amqp_settings.password,
+        ]
+        urls = [config.mo_message_url, config.default_event_url, config.amqp_url]
+        cache_url = config.state_cache_config.get("url")
+        if isinstance(cache_url, str):
+            urls.append(cache_url)
+        # Each channel's own secrets and URLs (those from <option>_file too).
+        if getattr(config, "channels", None):
+            from junebug_api.config.channels import resolve_channels
+
+            for channel in resolve_channels(config):
+                values += [
+                    channel.api_auth_password,
+                    channel.api_auth_token,
+                    channel.mo_message_url_auth_token,
+                    channel.default_event_auth_token,
+                ]
+                urls += [channel.mo_message_url, channel.default_event_url]
+        sentinel_password = config.state_cache_config.get("sentinel_password")
+        if isinstance(sentinel_password, str):
+            values.append(sentinel_password)
+        for url in urls:
+            if url:
+                try:
+                    parts = urlsplit(url)
+                    values += [parts.password, unquote(parts.password or "") or None]
+                except ValueError:
+                    pass
+        if config.sentry:
+            values.append(urlsplit(config.sentry).username)
+        # Very short values ("guest", "x") would mangle ordinary words.
+        kept = {v for v in values if v and len(v) >= 4 and v != "guest"}
+        return cls(tuple(sorted(kept, key=len, reverse=True)))
+
+    def text(self, text: str) -> str:
+        """``text`` without URL user info or any of the secrets."""
+        if "@" in text:
+            text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def value(self, value: Any) -> Any:
+        """A JSON-able value with every string in it redacted."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {str(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return self.text(str(value))
+
+
+# -- log_format: json ------------------------------------------------------------
+
+# Keys of an event that are Twisted's bookkeeping, not the event's fields.
+_LEGACY_KEYS = frozenset({"format", "message", "isError", "system", "time", "why", "failure"})
+
+
+def json_log_line(event: dict, redactor: Redactor, connector: str | None = None) -> str:
+    """One log event as one line of JSON: time, level, logger, message,
+    ``connector``, then the event's own fields (``message_id``, ``queue``,
+    ``url``, ``error``, ...); an error or failure becomes text, and a
+    failed attempt's ``reason`` is given as ``error`` too; every string
+    goes through ``redactor``.
+    """
+    level = event.get("log_level")
+    when = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(time.time() if when is None else when, UTC).isoformat(
+            timespec="milliseconds"
+        ),
+        "level": level.name if level is not None else "info",
+        "logger": event.get("log_namespace") or event.get("system") or "-",
+        "message": formatEvent(event),
+    }
+    if connector is not None:
+        record["connector"] = connector
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS or key in record:
+            continue
+        record[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        record["traceback"] = failure.getTraceback()
+    elif "error" not in record and isinstance(record.get("reason"), str):
+        # A failed attempt names its cause ``reason``; ``error`` is where log
+        # searches look for it, so it is there too.
+        record["error"] = record["reason"]
+    return json.dumps(redactor.value(record), ensure_ascii=False, default=str) + "\n"
+
+
+def json_file_log_observer(
+    out: IO[str], redactor: Redactor, connector: str | None = None
+) -> ILogObserver:
+    """A log observer writing :func:`json_log_line` lines to ``out``."""
+    return FileLogObserver(out, lambda event: json_log_line(event, redactor, connector))
+
+
+def twistd_log_file(server_options: Any) -> IO[str] | None:
+    """Where twistd would write its log, from its own options (``--logfile``,
+    ``-n``); None when it logs to syslog (then twistd's own observer stays)."""
+    if server_options.get("syslog"):
+        return None
+    name = server_options.get("logfile") or ""
+    if name == "-" or (server_options.get("nodaemon") and not name):
+        return sys.stdout
+    return LogFile.fromFullPath(os.path.abspath(name or "twistd.log"))

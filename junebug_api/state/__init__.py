@@ -1,0 +1,1 @@
+"""The state cache: its interface, in memory, in Redis (with Sentinel)."""
