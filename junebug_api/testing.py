@@ -277,9 +277,10 @@ class FakeRapidPro(Resource):
     """A delivery target (RapidPro's receive URL, an event URL) in memory.
 
     Every POST is recorded in ``requests`` and answered with the next code
-    given to :meth:`answer` (then ``code``). With ``hold`` set, requests are
-    left unanswered (in ``held``) until the test finishes them, as a
-    destination that does not answer.
+    given to :meth:`answer` (then ``code``), with the headers in
+    ``response_headers`` (``{"Retry-After": "30"}``). With ``hold`` set,
+    requests are left unanswered (in ``held``) until the test finishes them,
+    as a destination that does not answer.
     """
 
     isLeaf = True
@@ -288,6 +289,7 @@ class FakeRapidPro(Resource):
         super().__init__()
         self.code = code
         self.hold = False
+        self.response_headers: dict[str, str] = {}
         self.requests: list[ReceivedPost] = []
         self.held: list[Request] = []
         self._codes: list[int] = []
@@ -308,6 +310,8 @@ class FakeRapidPro(Resource):
             self.held.append(request)
             return NOT_DONE_YET
         request.setResponseCode(self._codes.pop(0) if self._codes else self.code)
+        for name, value in self.response_headers.items():
+            request.setHeader(name, value)
         return b'{"ok": true}'
 
     @property

@@ -74,6 +74,11 @@ MAX_SECONDS = 86400.0
 MIN_SECONDS = 0.01
 """The shortest timeout any option accepts: shorter ones cannot be met."""
 
+#: How much longer than ``delivery_max_hold`` (or one attempt's timeout, if
+#: longer) a delivery may stay unacked before the delivery watchdog releases
+#: it: time to settle it (a publish and its confirm, a consumer pause).
+DELIVERY_HOLD_GRACE = 5.0
+
 Validator = typing.Callable[[Any, "attrs.Attribute", Any], None]
 
 
@@ -283,6 +288,9 @@ class JunebugConfig:
     delivery_max_age: float = attrs.field(default=86400.0, validator=seconds(1))
     delivery_max_hold: float = attrs.field(default=60.0, validator=seconds())
     delivery_probe_interval: float = attrs.field(default=5.0, validator=seconds())
+    # The broker's consumer_timeout (RabbitMQ's default: 30 minutes); every
+    # delivery is released within half of it (see check_hold_bound).
+    amqp_consumer_timeout: float = attrs.field(default=1800.0, validator=seconds(1))
     shutdown_timeout: float = attrs.field(default=30.0, validator=seconds(0))
     # AMQP's connection.tune heartbeat is a 16-bit field; 0 turns heartbeats off.
     amqp_heartbeat: int = attrs.field(default=30, validator=between(0, 65535))
@@ -601,6 +609,7 @@ def _check_semantics(config: JunebugConfig) -> JunebugConfig:
         raise ConfigError(f"{'amqp_urls' if config.amqp_urls else 'amqp_url'}: {e}") from None
     check_http_bind(config.http_bind)
     _check_operations(config)
+    check_hold_bound(config)
     cache_class = STATE_CACHE_ALIASES.get(config.state_cache_class)
     if cache_class is not None:
         config = attrs.evolve(config, state_cache_class=cache_class)
@@ -638,6 +647,21 @@ def check_http_bind(bind: str) -> None:
         port = named.get("port", positional[0] if positional else "")
         if not (port.isdigit() and int(port) <= 65535):
             raise ConfigError(f"http_bind port must be from 0 to 65535, got {port!r}")
+
+
+def check_hold_bound(config: JunebugConfig) -> None:
+    """The longest a delivery may be held (``delivery_max_hold``, or an
+    attempt's timeout if longer, plus DELIVERY_HOLD_GRACE) must be at most half
+    the broker's ``consumer_timeout``: the other half is the margin for a late
+    reactor, so that the broker never closes a channel for a held delivery."""
+    longest = max(config.delivery_max_hold, config.mo_message_url_timeout, config.event_url_timeout)
+    if longest + DELIVERY_HOLD_GRACE > config.amqp_consumer_timeout / 2:
+        raise ConfigError(
+            f"delivery_max_hold, mo_message_url_timeout and event_url_timeout (longest"
+            f" {_fmt(longest)} s) plus {_fmt(DELIVERY_HOLD_GRACE)} s must be at most half"
+            f" of amqp_consumer_timeout ({_fmt(config.amqp_consumer_timeout)} s), the"
+            " broker's consumer_timeout"
+        )
 
 
 LOG_FORMATS = ("text", "json")

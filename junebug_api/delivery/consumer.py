@@ -9,16 +9,23 @@ Retries wait in the process only while that is short: a retry due within a
 few seconds that keeps the delivery unacked no longer than ``max_hold``
 waits here; a longer wait goes to a delay queue ``<queue>.retry.<seconds>``
 whose TTL sends the message back to its queue. The attempt count and the
-time of the first failure travel in the message's headers, so a restart
-resets neither. Attempts made while the destination is down are not
-counted (see :mod:`junebug_api.delivery.outages`); a message is dead-lettered after
+time of the first failure travel in the message's headers
+(:mod:`junebug_api.delivery.headers`), so a restart resets neither. Attempts
+made while the destination is down or throttling are not counted (see
+:mod:`junebug_api.delivery.outages`); a message is dead-lettered after
 ``max_attempts`` counted attempts, on a permanent failure, for a body that
 cannot be delivered, or once ``max_age`` has passed since its first failure.
+
+No delivery is stranded: whatever goes wrong in any step (an error no
+handler maps, a publish that raises, an ack that fails) ends with the
+delivery acked, rejected back to its queue or on ``.failed``, and a log line
+naming its message id; and the :class:`~junebug_api.delivery.watchdog.HoldWatchdog`
+releases any delivery still in work ``policy.hold_limit`` seconds after it
+was taken.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -29,6 +36,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from junebug_api.amqp.service import Acker, PublishFailed
+from junebug_api.config.model import DELIVERY_HOLD_GRACE
+from junebug_api.delivery.headers import (
+    FAILED_AT_HEADER,
+    SOURCE_QUEUE_HEADER,
+    Budget,
+)
+from junebug_api.delivery.watchdog import Delivery, HoldWatchdog
 from junebug_api.formats.message_ids import generate_message_id
 from junebug_api.formats.queue_names import failed_queue
 from junebug_api.formats.vumi_messages import utc_timestamp
@@ -37,10 +51,6 @@ from junebug_api.observe.metrics import NO_METRICS, Metrics
 
 log = logger(__name__)
 
-ATTEMPTS_HEADER = "x-junebug-attempts"
-FIRST_FAILURE_HEADER = "x-junebug-first-failure"
-HOLDS_HEADER = "x-junebug-holds"
-REASON_HEADER = "x-junebug-reason"
 # A delivery held back because its destination is down waits this long
 # (the first time, then the second), so it is back soon after the destination.
 HELD_DELAYS = (5, 20)
@@ -52,7 +62,8 @@ class HandlingFailed(Exception):
     """A message could not be handled; ``retryable`` says if another try may help.
 
     ``held``: no attempt was made, or only a probe, because the destination
-    is down; such a failure spends no attempt.
+    is down or throttling; such a failure spends no attempt. ``wait``: the
+    seconds the destination asked for (or until its next probe), if known.
     """
 
     def __init__(
@@ -63,6 +74,7 @@ class HandlingFailed(Exception):
         message_id: str | None = None,
         url: str | None = None,
         held: bool = False,
+        wait: float | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -71,6 +83,7 @@ class HandlingFailed(Exception):
         #: Where the failed POST went, without credentials (for log fields).
         self.url = url
         self.held = held
+        self.wait = wait
 
 
 #: What a handler returns for a message it handled by dropping it on purpose
@@ -115,32 +128,12 @@ class RetryPolicy:
         ceiling = min(self.max_delay, self.delay * 2 ** (attempt - 1))
         return ceiling / 2 + rand() * ceiling / 2
 
-
-def _header_text(text: str, limit: int = 1000) -> str:
-    # txAMQP writes header strings with their character count as length: keep
-    # them ASCII so the frame stays intact.
-    return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
-
-
-def peek_message_id(body: bytes) -> str | None:
-    """The id a log line names for a body that failed before its handler
-    could say: an event's ``user_message_id``, else ``message_id``, else None."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    value = data.get("user_message_id") if data.get("message_type") == "event" else None
-    value = value or data.get("message_id")
-    return value if isinstance(value, str) else None
-
-
-def _header_number(headers: dict[str, Any], name: str) -> int | None:
-    value = headers.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return int(value)
+    @property
+    def hold_limit(self) -> float:
+        """The longest any delivery stays unacked: ``max_hold`` (or one
+        attempt's timeout, if longer) and DELIVERY_HOLD_GRACE more to settle it.
+        The config keeps it within half the broker's ``consumer_timeout``."""
+        return max(self.max_hold, self.attempt_timeout) + DELIVERY_HOLD_GRACE
 
 
 def _safe_message_id(message_id: str | None) -> str:
@@ -163,33 +156,6 @@ def pick_delay(delays: list[int], wanted: float) -> int:
     return chosen
 
 
-@attrs.define
-class _Budget:
-    """What is known of one message's history, from its headers and this delivery."""
-
-    attempts: int
-    first_failure: int | None
-    holds: int
-
-    @classmethod
-    def from_headers(cls, headers: dict[str, Any]) -> _Budget:
-        return cls(
-            attempts=max(0, _header_number(headers, ATTEMPTS_HEADER) or 0),
-            first_failure=_header_number(headers, FIRST_FAILURE_HEADER),
-            holds=max(0, _header_number(headers, HOLDS_HEADER) or 0),
-        )
-
-    def headers(self, reason: str) -> dict[str, Any]:
-        headers: dict[str, Any] = {
-            ATTEMPTS_HEADER: self.attempts,
-            HOLDS_HEADER: self.holds,
-            REASON_HEADER: _header_text(reason),
-        }
-        if self.first_failure is not None:
-            headers[FIRST_FAILURE_HEADER] = self.first_failure
-        return headers
-
-
 @attrs.define(eq=False)
 class MessageWorker:
     """Handles the messages of ``queue``; delays retries, parks failures on ``queue.failed``.
@@ -210,11 +176,17 @@ class MessageWorker:
     hold_gate: HoldGate | None = None
     metrics: Metrics = NO_METRICS
     role: str = ""
-    _in_flight: set[Deferred] = attrs.field(factory=set, init=False)
+    # The deliveries whose work runs, oldest first.
+    _deliveries: dict[Delivery, None] = attrs.field(factory=dict, init=False)
+    _watchdog: HoldWatchdog = attrs.field(init=False)
     _last_taken: float | None = attrs.field(default=None, init=False)
     _waiting: set[Deferred] = attrs.field(factory=set, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _publish_failures: int = attrs.field(default=0, init=False)
+
+    @_watchdog.default
+    def _make_watchdog(self) -> HoldWatchdog:
+        return HoldWatchdog(self._clock, self.policy.hold_limit, self._expired)
 
     @property
     def failed_queue(self) -> str:
@@ -226,24 +198,47 @@ class MessageWorker:
 
     def handle(self, body: bytes, acker: Acker) -> Deferred[None]:
         """Take one delivery; the Deferred fires once it is acked, moved or released."""
-        d = Deferred.fromCoroutine(self._process(body, acker))
-        self._in_flight.add(d)
-        d.addBoth(self._done, d, body)
+        delivery = Delivery(self.queue, body, acker, self._clock.seconds())
+        self._deliveries[delivery] = None
+        self._watchdog.watch(delivery)
+        d = Deferred.fromCoroutine(self._process(delivery))
+        delivery.work = d
+        d.addBoth(self._done, delivery)
         return d
 
-    def _done(self, result: Any, d: Deferred, body: bytes) -> None:
-        self._in_flight.discard(d)
+    def _done(self, result: Any, delivery: Delivery) -> None:
+        self._deliveries.pop(delivery, None)
+        self._watchdog.forget(delivery)
         if isinstance(result, Failure) and not result.check(CancelledError):
+            # _process lets nothing out; should a bug do so, still no stranding.
             log.failure(
-                "Unexpected error handling {queue} message {message_id}",
+                "Unexpected error handling {queue} message {message_id}; released",
                 result,
                 queue=self.queue,
-                message_id=peek_message_id(body),
+                message_id=delivery.message_id,
             )
+            delivery.reject()
+
+    def _expired(self, delivery: Delivery) -> None:
+        """The watchdog's call: ``delivery`` is in work past the hold limit."""
+        if delivery.held:
+            log.error(
+                "{queue} message {message_id} held unacked for {seconds:.0f} s, over the"
+                " {limit:g} s a delivery may be; released back to its queue",
+                queue=self.queue,
+                message_id=delivery.message_id,
+                seconds=self._clock.seconds() - delivery.taken,
+                limit=self.policy.hold_limit,
+            )
+            delivery.reject()
+        if delivery.work is not None:
+            delivery.work.cancel()
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        """How many of this queue's deliveries this process really holds:
+        unacked, on a live connection."""
+        return sum(1 for delivery in self._deliveries if delivery.held)
 
     @property
     def last_taken(self) -> float | None:
@@ -257,60 +252,97 @@ class MessageWorker:
         if outcome is not None:
             self.metrics.consumed(self.role, outcome)
 
-    async def _process(self, body: bytes, acker: Acker) -> None:
-        taken = self._clock.seconds()
-        budget = _Budget.from_headers(acker.headers)
+    # -- one delivery ---------------------------------------------------------
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            await self._work(delivery)
+        except CancelledError:
+            raise
+        except Exception:
+            await self._internal_error(delivery, Failure())
+
+    async def _work(self, delivery: Delivery) -> None:
+        budget = self._budget(delivery)
         if budget.first_failure is not None:
-            age = taken - budget.first_failure
+            age = delivery.taken - budget.first_failure
             if age >= self.policy.max_age:
                 failure = HandlingFailed(
                     f"waited {age:.0f} s since its first failure, over delivery_max_age",
                     retryable=False,
+                    message_id=delivery.message_id,
                 )
-                await self._dead_letter(body, acker, failure, budget)
+                await self._dead_letter(delivery, failure, budget)
                 return
-        while True:
-            try:
-                result = await self.handler(body)
-            except HandlingFailed as e:
-                # Without its traceback: it would hold this frame, which holds
-                # it, a cycle per failure left for the (rare) full collection.
-                failure = e.with_traceback(None)
-            except CancelledError:
-                raise
-            except Exception as e:
-                failure = HandlingFailed(
-                    f"{type(e).__name__}: {e}", retryable=True, message_id=peek_message_id(body)
-                )
-            else:
-                acker.ack()
+        while await self._try_once(delivery, budget):
+            pass
+
+    def _budget(self, delivery: Delivery) -> Budget:
+        """The budget its headers give; a value no run writes is ignored, and said."""
+        budget = Budget.from_headers(delivery.acker.headers, delivery.taken)
+        if budget.ignored:
+            log.warn(
+                "{queue} message {message_id}: ignored header value(s) the service never"
+                " writes: {headers}",
+                queue=self.queue,
+                message_id=delivery.message_id,
+                headers=", ".join(budget.ignored),
+            )
+        return budget
+
+    async def _try_once(self, delivery: Delivery, budget: Budget) -> bool:
+        """One attempt and what follows it; True: try again here (waited already)."""
+        failure = await self._attempt(delivery)
+        if failure is None or not delivery.acker.alive:
+            return False  # done; or the broker requeued it with its dead connection
+        now = self._clock.seconds()
+        budget.failed(now)
+        if failure.held and failure.retryable:
+            await self._hold(delivery, failure, budget)
+            return False
+        budget.spend_attempt()
+        if not failure.retryable or budget.attempts >= self.policy.max_attempts:
+            await self._dead_letter(delivery, failure, budget)
+            return False
+        if self._stopping:
+            return False  # shutting down: unacked, it goes back to its queue
+        delay = self.policy.backoff(budget.attempts)
+        if not self._may_wait_here(delay, now - delivery.taken):
+            await self._delay(delivery, failure, budget, delay)
+            return False
+        self._retrying(failure, budget, f"{delay:.1f} s")
+        await self._wait(delay)
+        return True
+
+    async def _attempt(self, delivery: Delivery) -> HandlingFailed | None:
+        """Run the handler once: None when it succeeded (and the delivery is acked)."""
+        try:
+            result = await self.handler(delivery.body)
+        except HandlingFailed as e:
+            # Without its traceback: it would hold this frame, which holds
+            # it, a cycle per failure left for the (rare) full collection.
+            failure = e.with_traceback(None)
+        except CancelledError:
+            raise
+        except Exception as e:
+            failure = HandlingFailed(
+                f"{type(e).__name__}: {e}", retryable=True, message_id=delivery.message_id
+            )
+        else:
+            if delivery.ack():
                 self._taken(DROPPED if result == DROPPED else "delivered")
-                return
-            if not acker.alive:
-                return  # the broker has requeued it with its dead connection
-            now = self._clock.seconds()
-            if budget.first_failure is None:
-                budget.first_failure = int(now)
-            if failure.held and failure.retryable:
-                await self._hold(body, acker, failure, budget)
-                return
-            budget.attempts += 1
-            if not failure.retryable or budget.attempts >= self.policy.max_attempts:
-                await self._dead_letter(body, acker, failure, budget)
-                return
-            if self._stopping:
-                return  # shutting down: unacked, it goes back to its queue
-            delay = self.policy.backoff(budget.attempts)
-            if not self._may_wait_here(delay, now - taken):
-                await self._delay(body, acker, failure, budget, delay)
-                return
-            self._retrying(failure, budget, f"{delay:.1f} s")
-            wait = deferLater(self._clock, delay)
-            self._waiting.add(wait)
-            try:
-                await wait
-            finally:
-                self._waiting.discard(wait)
+            return None
+        delivery.name(failure.message_id)
+        return failure
+
+    async def _wait(self, seconds: float) -> None:
+        """Wait here; :meth:`drain` gives the wait up (CancelledError)."""
+        wait = deferLater(self._clock, seconds)
+        self._waiting.add(wait)
+        try:
+            await wait
+        finally:
+            self._waiting.discard(wait)
 
     def _may_wait_here(self, delay: float, held_for: float) -> bool:
         """A retry waits in the process if it is soon and keeps the delivery
@@ -321,55 +353,83 @@ class MessageWorker:
             return False
         return held_for + delay + self.policy.attempt_timeout <= self.policy.max_hold
 
-    async def _hold(
-        self, body: bytes, acker: Acker, failure: HandlingFailed, budget: _Budget
-    ) -> None:
-        """The destination is down: no attempt spent; the message waits."""
+    async def _internal_error(self, delivery: Delivery, failure: Failure) -> None:
+        """An error no step maps (a bug, a value nothing expected): logged with
+        the message id, and the message parked on ``.failed`` with the error
+        as its reason, so it neither stays unacked nor comes back at once."""
+        log.failure(
+            "Unexpected error handling {queue} message {message_id}",
+            failure,
+            queue=self.queue,
+            message_id=delivery.message_id,
+        )
+        if not delivery.held or self._stopping:
+            return
+        reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+        await self._dead_letter(
+            delivery,
+            HandlingFailed(reason, retryable=False, message_id=delivery.message_id),
+            Budget(),
+        )
+
+    # -- where a message goes next ---------------------------------------------
+
+    async def _hold(self, delivery: Delivery, failure: HandlingFailed, budget: Budget) -> None:
+        """The destination is down or throttling: no attempt spent; the message waits."""
         if self.hold_gate is not None:
             # Back to the head of the queue, once its consumer is paused (so it
             # is not delivered again at once); the probe takes it from there.
             await self.hold_gate.wait_paused()
-            acker.reject()
+            delivery.reject()
             return
         if not self.retry_queues:
-            acker.reject()
+            delivery.reject()
             return
-        wanted = HELD_DELAYS[min(budget.holds, len(HELD_DELAYS) - 1)]
-        budget.holds += 1
-        await self._delay(body, acker, failure, budget, wanted, quiet=True)
+        wanted = max(HELD_DELAYS[min(budget.holds, len(HELD_DELAYS) - 1)], failure.wait or 0)
+        budget.spend_hold()
+        await self._delay(delivery, failure, budget, wanted, quiet=True)
+
+    async def _move(
+        self, queue: str, delivery: Delivery, message_id: str, headers: dict[str, Any]
+    ) -> PublishFailed | None:
+        """Publish the delivery's body to ``queue`` and wait for the confirm;
+        the failure if it was not confirmed (any error of the publish counts)."""
+        started = self.metrics.now()
+        try:
+            await self.publish(queue, delivery.body, message_id=message_id, headers=headers)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.metrics.publish_done(started, confirmed=False)
+            if isinstance(e, PublishFailed):
+                return e
+            return PublishFailed(f"{type(e).__name__}: {e}")
+        self.metrics.publish_done(started, confirmed=True)
+        self._publish_failures = 0
+        return None
 
     async def _delay(
         self,
-        body: bytes,
-        acker: Acker,
+        delivery: Delivery,
         failure: HandlingFailed,
-        budget: _Budget,
+        budget: Budget,
         wanted: float,
         quiet: bool = False,
     ) -> None:
         """Move the message to the delay queue closest to ``wanted`` seconds."""
         delay = pick_delay(sorted(self.retry_queues), wanted)
         queue = self.retry_queues[delay]
-        started = self.metrics.now()
-        try:
-            await self.publish(
-                queue,
-                body,
-                message_id=_safe_message_id(failure.message_id),
-                headers=budget.headers(failure.reason),
-            )
-        except PublishFailed as e:
-            self.metrics.publish_done(started, confirmed=False)
-            await self._release(acker, failure, f"could not move it to {queue} ({e})")
+        message_id = _safe_message_id(failure.message_id)
+        error = await self._move(queue, delivery, message_id, budget.headers(failure.reason))
+        if error is not None:
+            await self._release(delivery, failure, f"could not move it to {queue} ({error})")
             return
-        self.metrics.publish_done(started, confirmed=True)
-        self._publish_failures = 0
-        acker.ack()
-        self._taken(None)
+        if delivery.ack():
+            self._taken(None)
         if not quiet:
             self._retrying(failure, budget, f"{delay} s (via {queue})")
 
-    def _retrying(self, failure: HandlingFailed, budget: _Budget, when: str) -> None:
+    def _retrying(self, failure: HandlingFailed, budget: Budget, when: str) -> None:
         """Count a retry and log it: ``when`` says how long and where it waits."""
         self.metrics.retry(self.role)
         log.warn(
@@ -383,7 +443,7 @@ class MessageWorker:
             url=failure.url,
         )
 
-    async def _release(self, acker: Acker, failure: HandlingFailed, why: str) -> None:
+    async def _release(self, delivery: Delivery, failure: HandlingFailed, why: str) -> None:
         """Give the message back to its queue after a backoff that grows with
         each failing publish in a row, so a broken queue is no hot loop."""
         self._publish_failures += 1
@@ -392,39 +452,30 @@ class MessageWorker:
             "{why}: {queue} message {message_id} goes back to its queue in {delay:.1f} s",
             why=why[:1].upper() + why[1:],
             queue=self.queue,
-            message_id=failure.message_id,
+            message_id=failure.message_id or delivery.message_id,
             delay=delay,
         )
         if not self._stopping:
-            wait = deferLater(self._clock, delay)
-            self._waiting.add(wait)
             try:
-                await wait
+                await self._wait(delay)
             except CancelledError:
-                pass  # shutting down: released now
-            finally:
-                self._waiting.discard(wait)
-        acker.reject()
+                pass  # shutting down, or held too long: released now
+        delivery.reject()
 
     async def _dead_letter(
-        self, body: bytes, acker: Acker, failure: HandlingFailed, budget: _Budget
+        self, delivery: Delivery, failure: HandlingFailed, budget: Budget
     ) -> None:
         headers = budget.headers(failure.reason)
-        headers["x-junebug-failed-at"] = utc_timestamp()
-        headers["x-junebug-source-queue"] = self.queue
+        headers[FAILED_AT_HEADER] = utc_timestamp()
+        headers[SOURCE_QUEUE_HEADER] = self.queue
         # A body with no usable id is logged and parked under a new one.
         message_id = _safe_message_id(failure.message_id)
-        started = self.metrics.now()
-        try:
-            await self.publish(self.failed_queue, body, message_id=message_id, headers=headers)
-        except PublishFailed as e:
-            self.metrics.publish_done(started, confirmed=False)
-            await self._release(acker, failure, f"could not dead-letter it ({e})")
+        error = await self._move(self.failed_queue, delivery, message_id, headers)
+        if error is not None:
+            await self._release(delivery, failure, f"could not dead-letter it ({error})")
             return
-        self.metrics.publish_done(started, confirmed=True)
-        self._publish_failures = 0
-        acker.ack()
-        self._taken("dead_lettered")
+        if delivery.ack():
+            self._taken("dead_lettered")
         log.error(
             "Undeliverable {queue} message {message_id} moved to {failed_queue} after"
             " {attempts} attempt(s): {reason}",
@@ -435,6 +486,8 @@ class MessageWorker:
             reason=failure.reason,
             url=failure.url,
         )
+
+    # -- stopping ---------------------------------------------------------------
 
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for messages in work; cancel the rest.
@@ -447,7 +500,7 @@ class MessageWorker:
         given_up = len(self._waiting)
         for wait in list(self._waiting):
             wait.cancel()
-        pending = list(self._in_flight)
+        pending = [d.work for d in self._deliveries if d.work is not None]
         if pending and timeout > 0:
             waiter: Deferred[None] = Deferred()
 
@@ -460,7 +513,7 @@ class MessageWorker:
             await waiter
             if timer.active():
                 timer.cancel()
-        left = list(self._in_flight)
-        for d in left:
-            d.cancel()
+        left = [d.work for d in self._deliveries if d.work is not None]
+        for work in left:
+            work.cancel()
         return given_up + len(left)

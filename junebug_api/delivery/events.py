@@ -43,15 +43,46 @@ class EventHandler:
     on_done: Callable[[VumiMessage], None] | None = None
 
     async def __call__(self, body: bytes) -> str | None:
+        event = self._parse(body)
+        message_id = event["user_message_id"]
+        info = await self._event_info(event)
+        if info is None:
+            log.warn(
+                "No event URL for {event_type} event {event_id} of message {message_id}; dropped",
+                event_type=event["event_type"],
+                event_id=event.get("event_id"),
+                message_id=message_id,
+                channel=self.channel_id,
+            )
+            self._done(event)
+            return DROPPED
+        try:
+            payload = to_json(junebug_event(event, self.channel_id))
+        except Unsendable as e:
+            raise HandlingFailed(
+                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
+            ) from None
+        await self._post(event, info, payload)
+        self._done(event)
+        if debug_enabled():
+            log.debug("Delivered event for message {message_id}", message_id=message_id)
+        return None
+
+    def _parse(self, body: bytes) -> VumiMessage:
+        """The event in ``body``; a permanent HandlingFailed if there is none."""
         if len(body) > self.max_body_size:
             raise HandlingFailed(
                 f"{len(body)} bytes, over the {self.max_body_size} bytes a body may have",
                 retryable=False,
             )
         try:
-            event = parse_event(body)
+            return parse_event(body)
         except InvalidMessage as e:
             raise HandlingFailed(f"invalid event: {e}", retryable=False) from None
+
+    async def _event_info(self, event: VumiMessage) -> EventInfo | None:
+        """Where the event goes: its message's stored event info, else the
+        default URL, else None (nowhere)."""
         message_id = event["user_message_id"]
         try:
             if self.on_event is not None:
@@ -64,26 +95,11 @@ class EventHandler:
             raise HandlingFailed(
                 f"state cache unavailable: {e}", retryable=True, message_id=message_id
             ) from None
-        if info is None:
-            if self.default_url is None:
-                log.warn(
-                    "No event URL for {event_type} event {event_id} of message {message_id};"
-                    " dropped",
-                    event_type=event["event_type"],
-                    event_id=event.get("event_id"),
-                    message_id=message_id,
-                    channel=self.channel_id,
-                )
-                if self.on_done is not None:
-                    self.on_done(event)
-                return DROPPED
+        if info is None and self.default_url is not None:
             info = EventInfo(self.default_url, self.default_auth_token)
-        try:
-            payload = to_json(junebug_event(event, self.channel_id))
-        except Unsendable as e:
-            raise HandlingFailed(
-                f"event cannot be sent on: {e}", retryable=False, message_id=message_id
-            ) from None
+        return info
+
+    async def _post(self, event: VumiMessage, info: EventInfo, payload: bytes) -> None:
         try:
             await self.delivery.post_json(
                 info.url, payload, info.auth_token, self.timeout, target="event"
@@ -92,11 +108,12 @@ class EventHandler:
             raise HandlingFailed(
                 f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
                 retryable=e.retryable,
-                message_id=message_id,
+                message_id=event["user_message_id"],
                 url=safe_url(info.url),
                 held=e.held,
+                wait=e.retry_after,
             ) from None
+
+    def _done(self, event: VumiMessage) -> None:
         if self.on_done is not None:
             self.on_done(event)
-        if debug_enabled():
-            log.debug("Delivered event for message {message_id}", message_id=message_id)

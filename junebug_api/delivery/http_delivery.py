@@ -1,14 +1,18 @@
 """POSTing JSON to RapidPro: one persistent connection pool, auth, timeouts.
 
 :func:`post_json` raises :class:`DeliveryFailed` for anything but a 2xx,
-saying whether a retry may help (connection errors, timeouts, 5xx, 408,
-429) or not (any other answer). Credentials in a URL become HTTP Basic auth
-and never appear in an error message.
+saying whether a retry may help (connection errors, timeouts, 5xx, 408) or
+not (any other answer). A 429, or a 503 with ``Retry-After``, is
+*throttling*: no failure of the message's, it is held back (spending no
+attempt) for the wait the answer asks for, within
+[``MIN_RETRY_AFTER``, ``MAX_RETRY_AFTER``]. Credentials in a URL become HTTP
+Basic auth and never appear in an error message.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -29,7 +33,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
     SchemeNotSupported,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import PotentialDataLoss, stringToDatetime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -38,14 +42,27 @@ from junebug_api.delivery.outages import OutageTracker, describe_destination, de
 from junebug_api.formats.json_bodies import JSON_CONTENT_TYPE
 from junebug_api.observe.metrics import NO_METRICS, Metrics, status_class
 
-RETRYABLE_STATUSES = frozenset({408, 429})
+RETRYABLE_STATUSES = frozenset({408})
+#: The shortest and longest wait a ``Retry-After`` is taken for (seconds): a
+#: shorter one would be a hot loop, a longer one (a day, by mistake) would
+#: keep a destination from being probed for longer than the longest delay queue.
+MIN_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 300.0
+_DELTA_SECONDS = re.compile(rb"[0-9]{1,10}")
 
 
 class DeliveryFailed(Exception):
     """A POST that did not get a 2xx; ``retryable`` says if trying again may help."""
 
     def __init__(
-        self, reason: str, retryable: bool, status_class: str = "error", *, outage: bool = False
+        self,
+        reason: str,
+        retryable: bool,
+        status_class: str = "error",
+        *,
+        outage: bool = False,
+        throttled: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -54,9 +71,52 @@ class DeliveryFailed(Exception):
         self.status_class = status_class
         #: Looks like the destination is down (connection errors, timeouts, 5xx).
         self.outage = outage
-        #: Not made, or only a probe, because the destination is down: it
-        #: spends no attempt.
-        self.held = False
+        #: The destination asked to be left alone (429, 503 with Retry-After).
+        self.throttled = throttled
+        #: Seconds to wait before the destination is tried again, if known.
+        self.retry_after = retry_after
+        #: Not made, or only a probe, because the destination is down, or
+        #: throttled: it spends no attempt.
+        self.held = throttled
+
+
+def retry_after_seconds(values: list[bytes] | None, now: float) -> float | None:
+    """The wait a ``Retry-After`` header asks for (delta-seconds or an
+    HTTP-date, against ``now``), clamped to [MIN_RETRY_AFTER,
+    MAX_RETRY_AFTER]; None when there is none or it cannot be read."""
+    if not values:
+        return None
+    text = values[0].strip()
+    if _DELTA_SECONDS.fullmatch(text):
+        wait = float(text)
+    elif text[:1].isdigit():
+        return None  # a number, but not delta-seconds (negative, fractional, huge)
+    else:
+        try:
+            wait = stringToDatetime(text) - now
+        except Exception:  # untrusted text: any parse error means unreadable
+            return None
+    return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, wait))
+
+
+def answer_failure(code: int, headers: Headers, now: float) -> DeliveryFailed:
+    """The DeliveryFailed for an answer that is not a 2xx."""
+    retry_after = retry_after_seconds(headers.getRawHeaders(b"retry-after"), now)
+    if code == 429 or (code == 503 and retry_after is not None):
+        when = "" if retry_after is None else f", Retry-After {retry_after:g} s"
+        return DeliveryFailed(
+            f"HTTP {code} (throttled{when})",
+            retryable=True,
+            status_class=status_class(code),
+            throttled=True,
+            retry_after=retry_after,
+        )
+    return DeliveryFailed(
+        f"HTTP {code}",
+        retryable=code >= 500 or code in RETRYABLE_STATUSES,
+        status_class=status_class(code),
+        outage=code >= 500,
+    )
 
 
 @lru_cache(maxsize=1024)
@@ -249,9 +309,10 @@ class HttpDelivery:
         """POST ``body`` to ``url``; the status code of a 2xx, else DeliveryFailed.
 
         ``target`` (``mo`` or ``event``) labels the POST's latency metric.
-        With an outage tracker, a POST to a destination that is down is not
-        made (DeliveryFailed with ``held``) unless it is due as a probe, and
-        every outcome is recorded for the destination.
+        With an outage tracker, a POST to a destination that is down (or
+        throttled) is not made (DeliveryFailed with ``held``, and
+        ``retry_after`` the seconds until its next probe) unless it is due as
+        a probe, and every outcome is recorded for the destination.
         """
         outages = self._outages
         if outages is None:
@@ -259,14 +320,19 @@ class HttpDelivery:
         destination = destination_of(url)
         if not outages.admit(destination):
             failure = DeliveryFailed(
-                f"{describe_destination(destination)} is down", retryable=True, outage=True
+                f"{describe_destination(destination)} is down",
+                retryable=True,
+                outage=True,
+                retry_after=outages.next_probe_in(destination),
             )
             failure.held = True
             raise failure
         try:
             code = await self._post_json(url, body, auth_token, timeout, target)
         except DeliveryFailed as e:
-            if e.outage:
+            if e.throttled:
+                e.retry_after = outages.throttled(destination, e.retry_after)
+            elif e.outage:
                 outages.failed(destination)
                 e.held = outages.is_down(destination)
             else:
@@ -317,13 +383,7 @@ class HttpDelivery:
                 raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
             code = response.code
             if not 200 <= code < 300:
-                retryable = code >= 500 or code in RETRYABLE_STATUSES
-                raise DeliveryFailed(
-                    f"HTTP {code}",
-                    retryable=retryable,
-                    status_class=status_class(code),
-                    outage=code >= 500,
-                )
+                raise answer_failure(code, response.headers, self._clock.seconds())
         except DeliveryFailed as e:
             self.metrics.delivery_post(target, e.status_class, self._clock.seconds() - started)
             raise

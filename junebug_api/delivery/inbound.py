@@ -67,6 +67,7 @@ class InboundHandler:
                 message_id=message_id,
                 url=safe_url(self.url),
                 held=e.held,
+                wait=e.retry_after,
             ) from None
         if debug_enabled():
             log.debug("Delivered inbound message {message_id}", message_id=message_id)

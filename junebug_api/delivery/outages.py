@@ -7,6 +7,10 @@ no answer, any 5xx) it is *down*: deliveries to it are held back without
 spending an attempt, except one probe every ``probe_interval`` seconds. Any
 answer that is not a 5xx (a 2xx, and also a 4xx: the server is there) brings
 it back. Going down and coming back are logged once each, not per message.
+
+A destination that asks to be left alone (429, or 503 with ``Retry-After``)
+is *throttled*: held back at once, as if down, until the wait it asked for
+has passed; then one probe goes through, as for an outage.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class _State:
     down_since: float | None = None
     probing: bool = False
     next_probe: float = 0.0
+    #: Held back because it asked to wait (429, 503 with Retry-After).
+    throttled: bool = False
 
 
 @attrs.define(eq=False)
@@ -94,8 +100,15 @@ class OutageTracker:
         state.probing = True
         return True
 
+    def next_probe_in(self, destination: Destination) -> float:
+        """Seconds until a delivery to ``destination`` may go through (0: now)."""
+        state = self._states.get(destination)
+        if state is None or state.down_since is None:
+            return 0.0
+        return max(0.0, state.next_probe - self._clock.seconds())
+
     def succeeded(self, destination: Destination) -> None:
-        """The destination answered (anything but a 5xx)."""
+        """The destination answered (anything but a 5xx or a throttling answer)."""
         state = self._states.get(destination)
         if state is None:
             return
@@ -103,11 +116,37 @@ class OutageTracker:
         if state.down_since is not None:
             down_for = self._clock.seconds() - state.down_since
             log.info(
-                "Destination {destination} is back after {seconds:.0f} s down",
+                "Destination {destination} is back after {seconds:.0f} s {how}",
                 destination=describe_destination(destination),
                 seconds=down_for,
+                how="throttled" if state.throttled else "down",
             )
             self._notify(destination, False)
+
+    def throttled(self, destination: Destination, wait: float | None) -> float:
+        """The destination asked to be left alone for ``wait`` seconds (None:
+        ``probe_interval``); held back from now, the next probe after that.
+        Returns the seconds until that probe."""
+        state = self._states.get(destination)
+        if state is None:
+            state = self._states[destination] = _State()
+        now = self._clock.seconds()
+        wait = self.probe_interval if wait is None else wait
+        state.probing = False
+        state.throttled = True
+        if state.down_since is None:
+            state.down_since = now
+            state.next_probe = now + wait
+            log.warn(
+                "Destination {destination} asks to wait (throttling); holding its deliveries"
+                " back for {wait:g} s, then probing",
+                destination=describe_destination(destination),
+                wait=wait,
+            )
+            self._notify(destination, True)
+        else:
+            state.next_probe = max(state.next_probe, now + wait)
+        return state.next_probe - now
 
     def failed(self, destination: Destination) -> None:
         """A failure that looks like an outage (connection, timeout, 5xx)."""
@@ -115,6 +154,7 @@ class OutageTracker:
         if state is None:
             state = self._states[destination] = _State()
         state.failures += 1
+        state.throttled = False
         now = self._clock.seconds()
         if state.probing:
             state.probing = False
@@ -151,11 +191,19 @@ class OutageTracker:
         the messages; taking it out of a load balancer would not help.
         """
         down = {
-            describe_destination(dest): {
-                "down_since": _utc(state.down_since),
-                "failures": state.failures,
-            }
+            describe_destination(dest): _describe(state)
             for dest, state in self._states.items()
             if state.down_since is not None
         }
         return {"health": "ok", "destinations_down": down}
+
+
+def _describe(state: _State) -> dict[str, Any]:
+    """A down destination as ``/health`` shows it."""
+    entry: dict[str, Any] = {
+        "down_since": _utc(state.down_since or 0.0),
+        "failures": state.failures,
+    }
+    if state.throttled:
+        entry["throttled_until"] = _utc(state.next_probe)
+    return entry

@@ -107,41 +107,54 @@ class OutboundSender:
             )
         except PublishFailed as e:
             self.metrics.publish_done(started, confirmed=False)
-            log.error(
-                "Outbound message {message_id} not sent: {error}",
-                message_id=message_id,
-                error=e,
-                channel=self.channel_id or self.connector_name,
-            )
-            if event_info:
-                try:
-                    if stored is not None:
-                        await stored  # the delete must not overtake the write
-                    await self.cache.delete_event_info(message_id)
-                except CancelledError:
-                    raise
-                except Exception:
-                    pass  # an orphaned entry only expires; it sends nothing
-            error = ServiceUnavailable(f"message not sent: {e}")
-            if isinstance(e, PublishRefused):
-                error.retry_after = e.retry_after
-            raise error from None
+            await self._not_sent(message_id, e, stored if event_info else None, event_info)
         except BaseException as e:
-            if stored is not None:  # the request is gone (cancelled): nobody waits for it
-                stored.addErrback(lambda _: None)
-            if isinstance(e, CancelledError):
-                log.error(
-                    "Outbound message {message_id} unanswered: its request timed out or its"
-                    " client went away before the broker confirmed it (it may still be"
-                    " on {queue})",
-                    message_id=message_id,
-                    queue=self.routing_key,
-                    channel=self.channel_id or self.connector_name,
-                )
+            self._abandoned(message_id, e, stored)
             raise
         self.metrics.publish_done(started, confirmed=True)
-        if stored is None:
-            return
+        if stored is not None:
+            await self._stored(message_id, stored)
+
+    async def _not_sent(
+        self, message_id: str, error: PublishFailed, stored: Deferred | None, event_info: bool
+    ) -> None:
+        """The publish failed: log it, take the event info back, answer 503."""
+        log.error(
+            "Outbound message {message_id} not sent: {error}",
+            message_id=message_id,
+            error=error,
+            channel=self.channel_id or self.connector_name,
+        )
+        if event_info:
+            try:
+                if stored is not None:
+                    await stored  # the delete must not overtake the write
+                await self.cache.delete_event_info(message_id)
+            except CancelledError:
+                raise
+            except Exception:
+                pass  # an orphaned entry only expires; it sends nothing
+        unavailable = ServiceUnavailable(f"message not sent: {error}")
+        if isinstance(error, PublishRefused):
+            unavailable.retry_after = error.retry_after
+        raise unavailable from None
+
+    def _abandoned(self, message_id: str, error: BaseException, stored: Deferred | None) -> None:
+        """The publish was given up (the request cancelled, or a bug)."""
+        if stored is not None:  # the request is gone (cancelled): nobody waits for it
+            stored.addErrback(lambda _: None)
+        if isinstance(error, CancelledError):
+            log.error(
+                "Outbound message {message_id} unanswered: its request timed out or its"
+                " client went away before the broker confirmed it (it may still be"
+                " on {queue})",
+                message_id=message_id,
+                queue=self.routing_key,
+                channel=self.channel_id or self.connector_name,
+            )
+
+    async def _stored(self, message_id: str, stored: Deferred) -> None:
+        """Wait for the event info write that travelled with a confirmed publish."""
         try:
             await stored
         except CancelledError:

@@ -4,9 +4,10 @@
 there is no point taking its messages: :class:`PauseWhileDown` cancels the
 queue's consumer (the messages stay ready in the queue, in order), gives the
 deliveries already taken back to the head of the queue, and every
-``probe_interval`` seconds takes one message (``basic.get``) as a probe. The
-first answer from the destination brings it back up; the tracker then says
-so, and consuming resumes at full speed.
+``probe_interval`` seconds (or once a throttling destination's
+``Retry-After`` is over, if later) takes one message (``basic.get``) as a
+probe. The first answer from the destination brings it back up; the tracker
+then says so, and consuming resumes at full speed.
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ class PauseWhileDown:
         log.info("Consuming {queue} again", queue=self.queue)
 
     def _schedule_probe(self) -> None:
+        """The next probe in ``probe_interval`` seconds, or once the
+        destination's wait is over if it asked for a longer one (throttling)."""
         if self._state == "paused" and self._timer is None and not self._stopped:
-            self._timer = self._clock.callLater(self.probe_interval, self._probe_now)
+            delay = max(self.probe_interval, self.outages.next_probe_in(self.destination))
+            self._timer = self._clock.callLater(delay, self._probe_now)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

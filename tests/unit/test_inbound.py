@@ -140,7 +140,7 @@ def test_a_message_that_cannot_be_json_is_a_permanent_failure() -> None:
     assert failure.reason.startswith("inbound message cannot be sent on: ")
 
 
-@pytest.mark.parametrize(("code", "retryable"), [(503, True), (429, True), (400, False)])
+@pytest.mark.parametrize(("code", "retryable"), [(503, True), (408, True), (400, False)])
 def test_a_failed_post_says_whether_to_retry_without_the_url_secret(
     code: int, retryable: bool
 ) -> None:

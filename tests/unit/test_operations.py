@@ -275,7 +275,7 @@ def test_operations_defaults() -> None:
 
 
 def test_peek_message_id_for_log_lines() -> None:
-    from junebug_api.delivery.consumer import peek_message_id
+    from junebug_api.delivery.watchdog import peek_message_id
 
     assert peek_message_id(b'{"message_id": "m1"}') == "m1"
     event = b'{"message_type": "event", "user_message_id": "u1", "message_id": "e1"}'

@@ -12,14 +12,12 @@ from twisted.internet.task import Clock
 
 from junebug_api.amqp.service import PublishFailed
 from junebug_api.delivery.consumer import (
-    ATTEMPTS_HEADER,
-    FIRST_FAILURE_HEADER,
-    HOLDS_HEADER,
     HandlingFailed,
     MessageWorker,
     RetryPolicy,
     pick_delay,
 )
+from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
 from junebug_api.delivery.outages import OutageTracker, describe_destination, destination_of
 from junebug_api.delivery.pause_while_down import PauseWhileDown
 from junebug_api.formats.queue_names import delay_queues

@@ -63,7 +63,7 @@ def test_confirms_heartbeats_and_what_the_client_writes() -> None:
 
 def test_fake_rapidpro_answers_the_codes_it_is_told_then_its_default() -> None:
     rapidpro = FakeRapidPro(204)
-    rapidpro.answer(503, 429)
+    rapidpro.answer(503, 408)
     delivery = rapidpro.delivery(Clock())
     codes = []
     for _ in range(3):
@@ -71,7 +71,7 @@ def test_fake_rapidpro_answers_the_codes_it_is_told_then_its_default() -> None:
         rapidpro.flush()
         outcome.addErrback(lambda f: f.value.reason)
         codes.append(result_of(outcome))
-    assert codes == ["HTTP 503", "HTTP 429", 204]
+    assert codes == ["HTTP 503", "HTTP 408", 204]
     assert rapidpro.bodies == [b"{}"] * 3
 
 
