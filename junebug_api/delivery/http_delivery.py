@@ -12,7 +12,6 @@ Basic auth and never appear in an error message.
 from __future__ import annotations
 
 import base64
-import re
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -48,7 +47,6 @@ RETRYABLE_STATUSES = frozenset({408})
 #: keep a destination from being probed for longer than the longest delay queue.
 MIN_RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 300.0
-_DELTA_SECONDS = re.compile(rb"[0-9]{1,10}")
 
 
 class DeliveryFailed(Exception):
@@ -87,10 +85,10 @@ def retry_after_seconds(values: list[bytes] | None, now: float) -> float | None:
     if not values:
         return None
     text = values[0].strip()
-    if _DELTA_SECONDS.fullmatch(text):
+    if text.isdigit():  # delta-seconds (bytes: ASCII digits only)
         wait = float(text)
-    elif text[:1].isdigit():
-        return None  # a number, but not delta-seconds (negative, fractional, huge)
+    elif text[:1].isdigit() or text[:1] in (b"-", b"+", b"."):
+        return None  # a number, but not delta-seconds (negative, fractional)
     else:
         try:
             wait = stringToDatetime(text) - now
