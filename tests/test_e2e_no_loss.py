@@ -104,9 +104,9 @@ async def test_last_attempt_dead_letters_then_replay(
     make_service, broker, connector, sink, tmp_path
 ):
     service = make_service(delivery_max_attempts=3)
-    # 429: retryable, but no outage (a run of 5xx would make RapidPro "down",
-    # and attempts while down are not counted).
-    sink.statuses = [429] * 6
+    # 408: retryable, but no outage (a run of 5xx would make RapidPro "down",
+    # and attempts while down are not counted; a 429 is throttling, no attempt).
+    sink.statuses = [408] * 6
     first, second = inbound_message(connector), inbound_message(connector)
     broker.publish(f"{connector}.inbound", first)
     broker.publish(f"{connector}.inbound", second)

@@ -163,7 +163,11 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
             "default_event_url": f"{rapidpro}/event",
             "amqp": {"hostname": "127.0.0.1", "port": node.port},
             "amqp_heartbeat": 10,
-            "delivery_max_hold": 20,
+            # The node's consumer_timeout: the config then refuses a hold
+            # bound over half of it, and the watchdog releases any delivery
+            # at that bound (15 s), leaving 15 s for a late reactor.
+            "amqp_consumer_timeout": 30,
+            "delivery_max_hold": 10,
             "delivery_probe_interval": 5,
             # Message status (issue 14) keeps ~1 KB per event for its TTL by design
             # (README: Many channels); this test measures what the outage holds.

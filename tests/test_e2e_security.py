@@ -286,7 +286,7 @@ async def test_no_secret_in_logs_health_or_answers(
     message_id = answer["result"]["message_id"]
     response, answer = await post(service, {"bad": 1}, {"Authorization": "Token api-Token-5"})
     answers.append(answer)
-    sink.statuses = [429, 429, 429, 429]  # retryable, but no outage
+    sink.statuses = [408, 408, 408, 408]  # retryable, but no outage
     broker.publish(f"{connector}.inbound", inbound_message(connector))
     broker.publish(f"{connector}.event", event_message(message_id, "ack"))
     await wait_for(lambda: broker.count(f"{connector}.inbound.failed") == 1, what="dead letter")

@@ -333,6 +333,8 @@ class MessageWorker:
                 self._taken(DROPPED if result == DROPPED else "delivered")
             return None
         delivery.name(failure.message_id)
+        if failure.message_id is None:  # failed before its handler knew: from the body
+            failure.message_id = delivery.message_id
         return failure
 
     async def _wait(self, seconds: float) -> None:
@@ -452,7 +454,7 @@ class MessageWorker:
             "{why}: {queue} message {message_id} goes back to its queue in {delay:.1f} s",
             why=why[:1].upper() + why[1:],
             queue=self.queue,
-            message_id=failure.message_id or delivery.message_id,
+            message_id=failure.message_id,
             delay=delay,
         )
         if not self._stopping:

@@ -189,10 +189,17 @@ def test_long_reason_is_truncated() -> None:
 def test_dead_letter_without_message_id_gets_one() -> None:
     handler = ScriptedHandler(HandlingFailed("bad", retryable=False))
     worker, _, publish = make_worker(handler)
-    worker(BODY, RecordingAcker())
+    worker(b'{"no": "id"}', RecordingAcker())
     message_id = publish.published[0].message_id
     assert isinstance(message_id, str)
     assert len(message_id) == 32
+
+
+def test_dead_letter_of_a_body_its_handler_refused_keeps_the_body_id() -> None:
+    handler = ScriptedHandler(HandlingFailed("invalid inbound message", retryable=False))
+    worker, _, publish = make_worker(handler)
+    worker(BODY, RecordingAcker())
+    assert publish.published[0].message_id == "m-1"
 
 
 def test_max_attempts_exhausted_dead_letters() -> None:
