@@ -24,7 +24,7 @@ def _shortstr(text: str) -> bytes:
 
 def field_table(fields: list[tuple[str, bytes, bytes]]) -> bytes:
     """An AMQP field table of ``(name, type octet, packed value)``: any type,
-    double (``d``) and unsigned 64-bit (``L``) ones too, which pika cannot send."""
+    doubles (``d``) too, which pika cannot send."""
     payload = b"".join(_shortstr(name) + kind + value for name, kind, value in fields)
     return struct.pack(">I", len(payload)) + payload
 
@@ -44,10 +44,12 @@ class RawHeaders(pika.BasicProperties):
 HOSTILE = {
     "first-failure-past": [("x-junebug-first-failure", b"d", struct.pack(">d", -1e300))],
     "attempts-max": [("x-junebug-attempts", b"l", struct.pack(">q", 2**63 - 1))],
-    "holds-unsigned": [("x-junebug-holds", b"L", struct.pack(">Q", 2**64 - 1))],
+    # A timestamp: unsigned 64 bits (RabbitMQ takes no "L" field).
+    "holds-unsigned": [("x-junebug-holds", b"T", struct.pack(">Q", 2**64 - 1))],
     "first-failure-future": [
         ("x-junebug-first-failure", b"d", struct.pack(">d", 1e300)),
-        ("x-junebug-attempts", b"d", struct.pack(">d", float("nan"))),
+        # A string (RabbitMQ refuses a NaN double: INTERNAL_ERROR).
+        ("x-junebug-attempts", b"S", struct.pack(">I", 1) + b"3"),
     ],
 }
 

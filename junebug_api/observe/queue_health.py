@@ -53,8 +53,8 @@ class QueueMonitor:
     name; ``query`` answers ``(messages ready, consumers)`` for a queue name;
     ``last_taken`` gives, for a queue this process consumes, when it last
     finished one of its messages (None if never or not consumed here), and
-    ``in_work`` how many of its messages this process holds (None: not
-    consumed here).
+    ``in_work`` how many of its messages this process holds, unacked on a
+    live connection (None: not consumed here).
     """
 
     queues: dict[str, str]
@@ -139,7 +139,8 @@ class QueueMonitor:
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per queue name: ``messages_ready``, ``consumers``, ``stuck`` (from the
-        last look), and ``messages_in_work`` for the queues this process consumes."""
+        last look), and ``messages_in_work`` for the queues this process
+        consumes: the deliveries it holds now (no broker asked, so not stale)."""
         result = {}
         for s in self._states:
             entry: dict[str, Any] = {
@@ -147,8 +148,9 @@ class QueueMonitor:
                 "consumers": s.consumers,
                 "stuck": s.stuck,
             }
-            if s.in_work is not None:
-                entry["messages_in_work"] = s.in_work
+            in_work = self.in_work(s.name)
+            if in_work is not None:
+                entry["messages_in_work"] = in_work
             result[s.name] = entry
         return result
 

@@ -106,6 +106,20 @@ def test_messages_in_work_here_count_as_waiting() -> None:
     m.stop()
 
 
+def test_messages_in_work_is_what_is_held_now_not_at_the_last_look() -> None:
+    """No broker needed: /health shows what this process holds even before
+    (or without) a look at the queues."""
+    clock, broker = Clock(), Broker()
+    broker.down = True
+    in_work = {"c.inbound": 3}
+    m = QueueMonitor(
+        {"inbound": "c.inbound"}, broker.query, lambda q: None, clock, in_work=in_work.get
+    )
+    assert m.status()["c.inbound"]["messages_in_work"] == 3
+    in_work["c.inbound"] = 0
+    assert m.status()["c.inbound"]["messages_in_work"] == 0
+
+
 def test_broker_unreachable_means_unknown_depths() -> None:
     clock, broker = Clock(), Broker()
     broker.down = True
