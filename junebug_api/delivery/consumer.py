@@ -447,9 +447,13 @@ class MessageWorker:
 
     async def _release(self, delivery: Delivery, failure: HandlingFailed, why: str) -> None:
         """Give the message back to its queue after a backoff that grows with
-        each failing publish in a row, so a broken queue is no hot loop."""
+        each failing publish in a row, so a broken queue is no hot loop; but
+        never past ``max_hold`` since it was taken (the broker's
+        consumer_timeout is what a longer hold would meet)."""
         self._publish_failures += 1
         delay = min(MAX_RELEASE_DELAY, 0.5 * 2 ** (self._publish_failures - 1))
+        held_for = self._clock.seconds() - delivery.taken
+        delay = max(0.0, min(delay, self.policy.max_hold - held_for))
         log.error(
             "{why}: {queue} message {message_id} goes back to its queue in {delay:.1f} s",
             why=why[:1].upper() + why[1:],

@@ -13,6 +13,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from junebug_api.amqp.service import PublishFailed
 from junebug_api.config.model import DELIVERY_HOLD_GRACE, ConfigError, check_hold_bound
 from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
@@ -403,17 +404,25 @@ def test_drain_cancels_a_hold_waiting_for_its_pause() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_the_release_backoff_gives_up_at_the_hold_limit() -> None:
-    """Even a release pause is bounded by the watchdog."""
+def test_the_release_backoff_stops_at_max_hold() -> None:
+    """A release pause grows (to 30 s) but never keeps a delivery past
+    max_hold: it is released by its own backoff, not by the watchdog."""
     publish = RecordingPublisher()
-    publish.failure = RuntimeError("broken")
+    publish.failure = PublishFailed("not connected to AMQP")
     handler = ScriptedHandler(*[HandlingFailed("HTTP 400", retryable=False) for _ in range(9)])
-    worker, clock, _ = make_worker(handler, publish)
-    for _ in range(8):  # the pause grows to 30 s, over the 25 s limit
-        acker = RecordingAcker()
-        worker(BODY, acker)
-        clock.advance(25)
-        assert settled(acker) == (0, 1)
+    worker, clock, _ = make_worker(handler, publish, max_hold=20)
+    waits = []
+    with captured_logs() as logged:
+        for _ in range(8):
+            acker = RecordingAcker()
+            worker(BODY, acker)
+            waited = 0.0
+            while not acker.rejects:
+                clock.advance(0.5)
+                waited += 0.5
+            waits.append(waited)
+    assert waits == [0.5, 1, 2, 4, 8, 16, 20, 20]
+    assert not [e for e in logged if "held unacked" in e.get("log_format", "")]
     assert clock.getDelayedCalls() == []
 
 
