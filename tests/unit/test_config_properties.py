@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 
-from junebug_api.config.checks import base_type
 from junebug_api.config.model import (
     MAX_SECONDS,
     ConfigError,
@@ -24,6 +23,7 @@ from junebug_api.config.model import (
     option_names,
     option_type,
 )
+from junebug_api.config.options import base_type
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.service import JunebugService
 from junebug_api.state.cache import load_state_cache_class
