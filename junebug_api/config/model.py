@@ -52,6 +52,7 @@ from junebug_api.config.http_options import (
     http_bind_to_endpoint,
 )
 from junebug_api.config.operations_options import LOG_FORMATS, LOG_LEVELS, OperationsOptions
+from junebug_api.config.options import leaves
 from junebug_api.config.redaction import describe
 from junebug_api.config.structure import build
 from junebug_api.config.urls import redact_url, url_problem
@@ -82,6 +83,7 @@ __all__ = [
     "option_type",
     "parse_amqp_url",
     "redact_url",
+    "restart_needed",
 ]
 
 
@@ -116,6 +118,23 @@ def load_config(
     config = check_config(config)
     resolve_channels(config)  # raises ConfigError naming the channel and option
     return config
+
+
+def restart_needed(old: JunebugConfig, new: JunebugConfig) -> list[str]:
+    """The options (dotted names) whose values differ between ``old`` and
+    ``new`` and that a SIGHUP reload cannot apply: they need a restart.
+    Channel options and ``channels`` are applied by a reload."""
+    changed = []
+    for leaf in leaves(JunebugConfig):
+        if leaf.about.reload:
+            continue
+        head, _, tail = leaf.dotted.partition(".")
+        old_value, new_value = getattr(old, head), getattr(new, head)
+        if tail:
+            old_value, new_value = getattr(old_value, tail), getattr(new_value, tail)
+        if old_value != new_value:
+            changed.append(leaf.dotted)
+    return changed
 
 
 # -- checks of several options together ---------------------------------------
