@@ -29,7 +29,9 @@ class AmqpConfig:
     hostname: str = option(
         "127.0.0.1", checks=[HostName()], description="The broker's host name or IP address."
     )
-    tls: bool = option(False, description="Connects with TLS (see amqp_tls_*).")
+    tls: bool = option(
+        False, description="Connects with TLS (see amqp_tls_ca_file and the next options)."
+    )
     # Without a port of its own: AMQP's 5672, or 5671 with TLS (as amqps:// has).
     port: int = option(
         attrs.Factory(lambda self: 5671 if self.tls else 5672, takes_self=True),

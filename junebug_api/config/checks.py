@@ -339,10 +339,14 @@ def read_regular_file(name: str, path: Any, limit: int) -> bytes:
         raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
     except ValueError:
         raise ConfigError(f"{name} is not a valid path") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{name}: {path!r} is not a regular file")
-        data = f.read(limit + 1)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{name}: {path!r} is not a regular file")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path!r}: {e.strerror or e}") from None
     if len(data) > limit:
         raise ConfigError(f"{name}: {path!r} is larger than {limit} bytes")
     return data
