@@ -14,6 +14,7 @@ channel entries and the channel API's bodies (:mod:`junebug_api.config.channels`
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -110,18 +111,16 @@ def option_of(field: attrs.Attribute) -> Option | None:
     return field.metadata.get(OPTION)
 
 
-def type_hints(cls: type) -> dict[str, Any]:
-    """The resolved type of each field of ``cls``."""
-    return typing.get_type_hints(cls)
-
-
-def options(cls: type) -> Iterator[tuple[attrs.Attribute, Option, Any]]:
-    """Each option field of ``cls`` with its :class:`Option` and type, in order."""
-    hints = type_hints(cls)
-    for field in attrs.fields(cls):
-        about = option_of(field)
-        if about is not None:
-            yield field, about, hints[field.name]
+@functools.cache
+def options(cls: type) -> tuple[tuple[attrs.Attribute, Option, Any], ...]:
+    """Each option field of ``cls`` with its :class:`Option` and resolved
+    type, in order (read once per class: the classes do not change)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (field, option_of(field), hints[field.name])
+        for field in attrs.fields(cls)
+        if option_of(field) is not None
+    )
 
 
 def base_type(hint: Any) -> tuple[Any, bool]:
