@@ -240,15 +240,14 @@ def one_line(error: BaseException, prefix: str = "") -> ConfigError:
     if isinstance(leaf, ConfigError):  # a check: it names its own option
         where = "".join(f"{p}." for p in path)
         return ConfigError(f"{prefix}{where}{leaf}")
-    name = prefix + ".".join(path)
+    name = prefix + ".".join(path) if path else prefix.rstrip(".")
     if isinstance(leaf, ForbiddenExtraKeysError):
-        return ConfigError(
-            f"unknown option {name}{'.' if path else ''}{sorted(leaf.extra_fields)[0]}"
-        )
+        key = sorted(map(str, leaf.extra_fields))[0]
+        return ConfigError(f"unknown option {prefix}{''.join(f'{p}.' for p in path)}{key}")
     if isinstance(leaf, KeyError):
         return ConfigError(f"{name} is required")
     if isinstance(leaf, Problem):
-        return ConfigError(f"{name or prefix.rstrip('.') or 'the config'} {leaf}")
+        return ConfigError(f"{name or 'the config'} {leaf}")
     return ConfigError(f"{name or 'the config'} is invalid: {type(leaf).__name__}: {leaf}")
 
 

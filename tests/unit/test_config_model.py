@@ -204,3 +204,27 @@ def test_restart_needed_names_what_a_reload_cannot_apply() -> None:
     )
     assert restart_needed(old, new) == ["http_bind", "admin_auth_token", "amqp.port"]
     assert restart_needed(old, old) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "prefix", "message"),
+    [
+        ("x", "channels.a.", "channels.a must be a mapping"),
+        ([], "", "the config must be a mapping"),
+        ({1: 2, "http_bind": ":80"}, "", "unknown option 1"),
+        ({"http_bind": ":80", "amqp": {"x": 1}}, "", "unknown option amqp.x"),
+        ({"http_bind": ":80", "amqp": {"port": "1"}}, "", "amqp.port must be an integer, got '1'"),
+        ({"http_bind": ":80", "amqp": {"port": 0}}, "", "amqp.port must be from 1 to 65535, got 0"),
+        ({}, "", "http_bind is required"),
+        ({"http_bind": ":80", "worker_concurrency": 0}, "x.", "x.worker_concurrency must be from"),
+    ],
+)
+def test_structuring_problems_are_one_line_naming_the_option(
+    data: object, prefix: str, message: str
+) -> None:
+    from junebug_api.config.model import ConfigError
+    from junebug_api.config.structure import build
+
+    with pytest.raises(ConfigError) as e:
+        build(JunebugConfig, data, prefix)
+    assert str(e.value).startswith(message), str(e.value)
