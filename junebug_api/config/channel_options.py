@@ -31,17 +31,21 @@ class ConnectorName(Check):
         return "printable ASCII, no 'amq.', its queue names within 255 bytes"
 
 
-def channel_option(default: Any = None, **kwargs: Any) -> Any:
-    """An option a channel may set: a reload applies it."""
-    return option(default, reload=True, **kwargs)
+def channel_option(default: Any = None, *, reload: bool = True, **kwargs: Any) -> Any:
+    """An option a channel may set: a reload applies it (a channel's entry
+    is applied whole; ``reload`` says whether the top-level value is)."""
+    return option(default, reload=reload, **kwargs)
 
 
 @attrs.frozen(kw_only=True, slots=False)
 class ChannelOptions:
     """The options a channel may set and that the top level sets for every channel."""
 
+    # The top-level one is the vumi2 form's channel id: changing it is another
+    # channel, which needs a restart; a channel entry's is applied.
     connector_name: str | None = channel_option(
         checks=[ConnectorName()],
+        reload=False,
         channel_default="the channel id",
         default_text="required without channels",
         description=(

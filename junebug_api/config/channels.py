@@ -76,6 +76,12 @@ def entry_options() -> dict[str, tuple[str, Option]]:
 
 ENTRY_KEYS = entry_options()
 
+#: Every option a channel entry sets -> its type.
+CHANNEL_OPTIONS = {field.name: hint for field, _, hint in options(ChannelEntry)}
+
+#: The options of a channel that are secrets.
+SECRET_OPTIONS = frozenset(field.name for field, about, _ in options(ChannelEntry) if about.secret)
+
 #: Old Junebug channel settings stored but not acted on: name -> why.
 IGNORED = {field.name: about.ignored for field, about, _ in options(ChannelEntry) if about.ignored}
 

@@ -83,6 +83,7 @@ __all__ = [
     "option_type",
     "parse_amqp_url",
     "redact_url",
+    "reloadable_options",
     "restart_needed",
 ]
 
@@ -118,6 +119,12 @@ def load_config(
     config = check_config(config)
     resolve_channels(config)  # raises ConfigError naming the channel and option
     return config
+
+
+def reloadable_options() -> frozenset[str]:
+    """The top-level options a SIGHUP reload applies: the channel options
+    (every channel's defaults) and ``channels``."""
+    return frozenset(leaf.dotted for leaf in leaves(JunebugConfig) if leaf.about.reload)
 
 
 def restart_needed(old: JunebugConfig, new: JunebugConfig) -> list[str]:

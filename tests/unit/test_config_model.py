@@ -228,3 +228,13 @@ def test_structuring_problems_are_one_line_naming_the_option(
     with pytest.raises(ConfigError) as e:
         build(JunebugConfig, data, prefix)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_reload_applies_the_channel_options_and_channels_only() -> None:
+    from junebug_api.config.model import reloadable_options
+
+    shared = {f.name for f in attrs.fields(ChannelOptions)} - {"connector_name"}
+    assert reloadable_options() == shared | {"channels"}
+    old = load_config(None, environ={}, cli=REQUIRED)
+    new = load_config(None, environ={}, cli={**REQUIRED, "connector_name": "other"})
+    assert restart_needed(old, new) == ["connector_name"]
