@@ -36,7 +36,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from junebug_api.amqp.service import Acker, PublishFailed
-from junebug_api.config.model import DELIVERY_HOLD_GRACE
+from junebug_api.config.delivery_options import DELIVERY_HOLD_GRACE
 from junebug_api.delivery.headers import (
     FAILED_AT_HEADER,
     SOURCE_QUEUE_HEADER,

@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from junebug_api.amqp.service import PublishFailed
-from junebug_api.config.model import DELIVERY_HOLD_GRACE, ConfigError, check_hold_bound
+from junebug_api.config.checks import ConfigError
+from junebug_api.config.delivery_options import DELIVERY_HOLD_GRACE, check_hold_bound
 from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
 from junebug_api.delivery.watchdog import Delivery, HoldWatchdog
@@ -439,9 +440,13 @@ def config(**values: Any) -> Any:
     return SimpleNamespace(**{**defaults, **values})
 
 
+def check(namespace: Any) -> None:
+    check_hold_bound(namespace, namespace.amqp_consumer_timeout)
+
+
 def test_the_default_hold_fits_rabbitmqs_default_consumer_timeout() -> None:
-    check_hold_bound(config())
-    check_hold_bound(config(amqp_consumer_timeout=30.0, delivery_max_hold=10.0))
+    check(config())
+    check(config(amqp_consumer_timeout=30.0, delivery_max_hold=10.0))
 
 
 @pytest.mark.parametrize(
@@ -454,4 +459,4 @@ def test_the_default_hold_fits_rabbitmqs_default_consumer_timeout() -> None:
 )
 def test_a_hold_over_half_the_consumer_timeout_is_a_config_error(values: dict) -> None:
     with pytest.raises(ConfigError, match="at most half of amqp_consumer_timeout"):
-        check_hold_bound(config(**values))
+        check(config(**values))
