@@ -72,7 +72,9 @@ SECRET_OPTIONS = frozenset(
     }
 )
 
-_CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]*$")
+#: What a channel id may be: it is a URL path segment (and the OpenAPI document
+#: says so).
+CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]*$")
 
 
 @attrs.frozen(kw_only=True)
@@ -134,7 +136,7 @@ def _defaults(config: JunebugConfig) -> dict[str, Any]:
 
 
 def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> ChannelSettings:
-    if not isinstance(channel_id, str) or not _CHANNEL_ID.match(channel_id):
+    if not isinstance(channel_id, str) or not CHANNEL_ID.match(channel_id):
         raise ConfigError(
             f"channels: channel id {channel_id!r} must be letters, digits, '.', '_', '~'"
             " or '-' (it is a URL path segment)"
