@@ -29,6 +29,7 @@ from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.http.api import ApiCredentials, JunebugApi
+from junebug_api.http.routes import openapi_path_of
 from junebug_api.http.server import ApiSite, ListeningService, with_listen_backlog
 from junebug_api.observe.log import Redactor, logger, set_log_level
 from junebug_api.observe.metrics import NO_METRICS, Metrics, PrometheusMetrics
@@ -179,6 +180,7 @@ class JunebugService(MultiService):
             metrics=metrics,
             metrics_path=config.metrics_path,
             metrics_auth=config.metrics_auth,
+            openapi_path=openapi_path_of(config),
         )
         site = ApiSite(
             api.resource(),
