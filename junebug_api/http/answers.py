@@ -86,6 +86,12 @@ REPEATED_SLASHES = Answer(
     headers=("Location",),
     name="RepeatedSlashes",
 )
+PATH_NOT_UTF8 = Answer(
+    HTTPStatus.BAD_REQUEST,
+    "A path parameter is not UTF-8 once percent-decoded.",
+    errors=(ApiUsageError,),
+    name="PathNotUtf8",
+)
 NO_SUCH_PATH = Answer(
     HTTPStatus.NOT_FOUND,
     "A parameter holding an encoded slash made a path that is not served.",

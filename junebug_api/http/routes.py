@@ -10,7 +10,7 @@ Which routes there are depends on the config: the top-level connector's
 ``<base_url_path>/messages`` (a path of its own), ``metrics_path`` while
 metrics are on, ``openapi_path`` unless it is turned off. Answers every route
 can give (408, 413, 500) and those of a path with parameters (308 to single
-slashes, 404) are added here too; 401 is the renderer's, because it depends on
+slashes, 400 for a parameter that is not UTF-8, 404) are added here too; 401 is the renderer's, because it depends on
 the credentials configured (:mod:`junebug_api.http.access`).
 """
 
@@ -34,6 +34,7 @@ from junebug_api.http.answers import (
     NO_SUCH_CHANNEL,
     NO_SUCH_PATH,
     NOT_SENT,
+    PATH_NOT_UTF8,
     REPEATED_SLASHES,
     Answer,
 )
@@ -300,7 +301,7 @@ def _with_common_answers(route: Route) -> Route:
     """``route`` with the answers of its path's parameters and of every route."""
     extra: list[Answer] = []
     if route.parameters:
-        extra.append(REPEATED_SLASHES)
+        extra += [REPEATED_SLASHES, PATH_NOT_UTF8]
     if not any(a.status == HTTPStatus.NOT_FOUND for a in route.answers) and route.parameters:
         extra.append(NO_SUCH_PATH)
     return attrs.evolve(route, answers=(*route.answers, *extra, *EVERY_ROUTE))

@@ -322,6 +322,8 @@ ANSWERS = [
     ("get", "/channels/{channel_id}", "/channels/conn", TOKEN, None, 200),
     ("get", "/channels/{channel_id}", "/channels/nope", TOKEN, None, 404),
     ("get", "/channels/{channel_id}", "/channels//conn", TOKEN, None, 308),
+    ("get", "/channels/{channel_id}", "/channels/%ff", TOKEN, None, 400),
+    ("post", "/channels/{channel_id}/messages", "/channels/%ff/messages", TOKEN, b"{}", 400),
     ("get", "/channels/{channel_id}/logs", "/channels/conn/logs?n=2", TOKEN, None, 200),
     ("get", "/channels/{channel_id}/logs", "/channels/conn/logs?n=x", TOKEN, None, 400),
     ("get", "/channels/{channel_id}/logs", "/channels/conn/logs", {}, None, 401),
