@@ -20,41 +20,23 @@ Python the project uses (``PYTHON``, default python3).
 from __future__ import annotations
 
 import argparse
-import configparser
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockfile import canonical, read
+from lockfile import canonical, declared, read
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*(?:\[[^\]]*\])?)\s*[^;]*(;.*)?$")
 _IGNORED_PIP_WARNING = re.compile(r"^WARNING: Location '.*' is ignored")
-
-
-def declared() -> list[str]:
-    """Every requirement of setup.cfg (with its extras) and of the build."""
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
-    values = [cfg["options"]["install_requires"], *cfg["options.extras_require"].values()]
-    found = [
-        line.strip()
-        for value in values
-        for line in value.splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        found += tomllib.load(f)["build-system"]["requires"]
-    return found
 
 
 def unbounded(requirement: str) -> str:
@@ -188,7 +170,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the virtualenvs")
     args, pytest_args = parser.parse_known_args()
     locked = {name: pin.version for name, pin in read(LOCK).items()}
-    requirements = declared()
+    requirements = [r for group in declared(ROOT).values() for r in group]
     plans = [
         ("bounded", "newest versions within setup.cfg's bounds", requirements),
         (
