@@ -4,7 +4,8 @@ runs in any virtualenv, before anything is installed.
 ``python scripts/lockfile.py extras LOCK`` prints the distributions installed
 beside this interpreter that the lock does not name (pip itself and
 junebug-api aside): scripts/_common.sh removes them, so that a virtualenv
-holds exactly the lock. ``declared`` reads what the lock is made from
+holds exactly the lock; ``build-requires ROOT`` prints pyproject.toml's
+build requirements, for scripts/lock. ``declared`` reads what the lock is made from
 (setup.cfg, pyproject.toml): tests/unit/test_dependencies.py checks the lock
 against it, scripts/canary.py installs it.
 """
@@ -80,6 +81,9 @@ def extras(lock: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "extras":
-        sys.exit("usage: lockfile.py extras LOCK")
-    print(" ".join(extras(Path(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] == "extras":
+        print(" ".join(extras(Path(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-requires":
+        print("\n".join(declared(Path(sys.argv[2]))["build-system"]))
+    else:
+        sys.exit("usage: lockfile.py extras LOCK | build-requires PROJECT_ROOT")
