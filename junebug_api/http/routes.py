@@ -10,8 +10,9 @@ Which routes there are depends on the config: the top-level connector's
 ``<base_url_path>/messages`` (a path of its own), ``metrics_path`` while
 metrics are on, ``openapi_path`` unless it is turned off. Answers every route
 can give (408, 413, 500) and those of a path with parameters (308 to single
-slashes, 400 for a parameter that is not UTF-8, 404) are added here too; 401 is the renderer's, because it depends on
-the credentials configured (:mod:`junebug_api.http.access`).
+slashes, 400 for a parameter that is not UTF-8, 404) are added here too; 401
+is the renderer's, because it depends on the credentials configured
+(:mod:`junebug_api.http.access`).
 """
 
 from __future__ import annotations
@@ -361,9 +362,6 @@ class RouteTable:
 
 
 def openapi_path_of(config: Any) -> str | None:
-    """``openapi_path`` of a config: None when turned off (``false``, empty).
-
-    Read with a default while the option is not in every config model yet.
-    """
-    path = getattr(config, "openapi_path", DEFAULT_OPENAPI_PATH)
+    """``openapi_path`` of a config: None when turned off (``false``)."""
+    path = config.openapi_path
     return path if isinstance(path, str) and path else None

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
@@ -45,26 +44,14 @@ ALL_SECRETS = [*SECRETS.values(), "mo-url-secret-5", "amqp-secret-6", "za-secret
 METHODS = ("get", "put", "post", "delete", "patch")
 
 
-@attrs.frozen(kw_only=True)
-class MovedOpenApiConfig(JunebugConfig):
-    """A config with ``openapi_path`` (the config model's own option is on its way)."""
-
-    openapi_path: str | None = "/openapi.json"
-
-
 def load(**options: Any) -> JunebugConfig:
-    openapi_path = options.pop("openapi_path", None)
     cli_options = {
         "http_bind": "127.0.0.1:0",
         "mo_message_url": MO_URL,
         "amqp_url": AMQP_URL,
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in options.items()},
     }
-    config = load_config(None, environ={}, cli=cli_options)
-    if openapi_path is None:
-        return config
-    values = {f.name: getattr(config, f.name) for f in attrs.fields(JunebugConfig)}
-    return MovedOpenApiConfig(**values, openapi_path=openapi_path)
+    return load_config(None, environ={}, cli=cli_options)
 
 
 CONFIGS = {
@@ -140,7 +127,7 @@ def served(name: str) -> Served:
 
 
 def openapi_path(config: JunebugConfig) -> str:
-    return getattr(config, "openapi_path", "/openapi.json")
+    return config.openapi_path
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -151,14 +138,12 @@ def test_the_document_is_valid_and_what_junebug_api_openapi_prints(
     document = s.document(openapi_path(s.config))
     validate(document)
     assert document == document_for_config(s.config)
-    if name != "metrics off, openapi moved":  # the config file cannot say it yet
-        config_file = tmp_path / "config.yaml"
-        options = {k: v for k, v in CONFIGS[name].items()}
-        config_file.write_text(
-            json.dumps({"http_bind": "127.0.0.1:0", "mo_message_url": MO_URL, **options})
-        )
-        cli.main(["--config", str(config_file), "--amqp-url", AMQP_URL])
-        assert json.loads(capsys.readouterr().out) == document
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        json.dumps({"http_bind": "127.0.0.1:0", "mo_message_url": MO_URL, **CONFIGS[name]})
+    )
+    cli.main(["--config", str(config_file), "--amqp-url", AMQP_URL])
+    assert json.loads(capsys.readouterr().out) == document
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -385,3 +370,14 @@ def test_a_method_not_served_is_405_with_the_methods_served(method: str, url: st
     _validator(
         document, "/components/responses/MethodNotAllowed/content/application~1json/schema"
     ).validate(content)
+
+
+def test_openapi_path_false_turns_the_route_off() -> None:
+    config = load(connector_name="conn", openapi_path=False)
+    s = Served(config)
+    code, content, _ = s.call("GET", "/openapi.json")
+    assert (code, content["result"]["errors"][0]["type"]) == (404, "NotFound")
+    document = document_for_config(config)
+    validate(document)
+    assert "/openapi.json" not in document["paths"]
+    assert {r.rule for r in s.resource.app.url_map.iter_rules()} >= {"/health", "/messages"}
