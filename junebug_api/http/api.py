@@ -48,10 +48,9 @@ from junebug_api.formats.api_errors import (
     answer_error,
     envelope,
 )
-from junebug_api.formats.json_bodies import compact_json
 from junebug_api.http.access import api_access
 from junebug_api.http.klein_resource import KleinAppResource
-from junebug_api.http.openapi import openapi_document
+from junebug_api.http.openapi import ServedDocument
 from junebug_api.http.routes import DEFAULT_OPENAPI_PATH, Route, RouteTable, api_routes, own_paths
 from junebug_api.observe.log import logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
@@ -152,6 +151,7 @@ class JunebugApi:
                 openapi_path=openapi_path,
             )
         )
+        self._openapi = ServedDocument(self.routes.routes)
         self.app = app = Klein()
         for route in self.routes.routes:
             app.route(
@@ -292,8 +292,7 @@ class JunebugApi:
             self._metrics_auth,
             {c.id: (c.credentials.username, c.credentials.token) for c in self._channels.values()},
         )
-        document = openapi_document(self.routes.routes, access)
-        return answer(request, HTTPStatus.OK, compact_json(document))
+        return answer(request, HTTPStatus.OK, self._openapi.json(access))
 
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()

@@ -11,6 +11,7 @@ route answers, their examples by those classes themselves.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -19,6 +20,7 @@ from typing import Any
 import junebug_api
 from junebug_api.config.channels import resolve_channels
 from junebug_api.formats.api_errors import ApiError, envelope, error_envelope
+from junebug_api.formats.json_bodies import compact_json
 from junebug_api.formats.junebug_formats import parse_outbound_request
 from junebug_api.http.access import Access, ApiAccess, api_access
 from junebug_api.http.answers import NOT_ALLOWED, UNAUTHORIZED, Answer
@@ -130,8 +132,24 @@ def document_for_config(config: Any) -> dict[str, Any]:
     return openapi_document(routes, access)
 
 
+class ServedDocument:
+    """The document a process serves: rendered again only when who gets in
+    where has changed (a reload, a channel with credentials of its own)."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._routes = tuple(routes)
+        self._last: tuple[ApiAccess, bytes] | None = None
+
+    def json(self, access: ApiAccess) -> bytes:
+        """The document for ``access``, as compact JSON."""
+        if self._last is None or self._last[0] != access:
+            self._last = (access, compact_json(openapi_document(self._routes, access)))
+        return self._last[1]
+
+
 def openapi_document(routes: Iterable[Route], access: ApiAccess) -> dict[str, Any]:
-    """The OpenAPI document of ``routes``, with ``access``'s security."""
+    """The OpenAPI document of ``routes``, with ``access``'s security (a new
+    object each time: the caller may change it)."""
     paths: dict[str, dict[str, Any]] = {}
     schemes: set[str] = set()
     shared: dict[str, Any] = {"MethodNotAllowed": _response(NOT_ALLOWED)}
@@ -142,22 +160,24 @@ def openapi_document(routes: Iterable[Route], access: ApiAccess) -> dict[str, An
         item[route.method.lower()] = _operation(route, allowed, shared)
     for item in paths.values():
         item["description"] = _not_allowed_text(item)
-    return {
-        "openapi": OPENAPI_VERSION,
-        "info": {
-            "title": "junebug-api",
-            "version": junebug_api.__version__,
-            "description": DESCRIPTION,
-        },
-        "tags": TAGS,
-        "paths": paths,
-        "components": {
-            "schemas": SCHEMAS,
-            "securitySchemes": {name: SECURITY_SCHEMES[name] for name in sorted(schemes)},
-            "headers": HEADERS,
-            "responses": dict(sorted(shared.items())),
-        },
-    }
+    return copy.deepcopy(
+        {
+            "openapi": OPENAPI_VERSION,
+            "info": {
+                "title": "junebug-api",
+                "version": junebug_api.__version__,
+                "description": DESCRIPTION,
+            },
+            "tags": TAGS,
+            "paths": paths,
+            "components": {
+                "schemas": SCHEMAS,
+                "securitySchemes": {name: SECURITY_SCHEMES[name] for name in sorted(schemes)},
+                "headers": HEADERS,
+                "responses": dict(sorted(shared.items())),
+            },
+        }
+    )
 
 
 def _path_item(route: Route) -> dict[str, Any]:

@@ -25,8 +25,10 @@ from junebug_api.channels.channel import RATE_FIELDS
 from junebug_api.cli import openapi as cli
 from junebug_api.config.model import JunebugConfig, load_config
 from junebug_api.formats.junebug_formats import OUTBOUND_SCHEMA
-from junebug_api.http.openapi import document_for_config
+from junebug_api.http.access import api_access
+from junebug_api.http.openapi import ServedDocument, document_for_config
 from junebug_api.http.openapi_schemas import EXAMPLES, SCHEMAS
+from junebug_api.http.routes import api_routes
 from junebug_api.observe.log import set_log_level
 from junebug_api.service import JunebugService
 
@@ -381,3 +383,14 @@ def test_openapi_path_false_turns_the_route_off() -> None:
     validate(document)
     assert "/openapi.json" not in document["paths"]
     assert {r.rule for r in s.resource.app.url_map.iter_rules()} >= {"/health", "/messages"}
+
+
+def test_the_served_document_is_rendered_again_only_when_access_changes() -> None:
+    routes = api_routes(own_paths={"conn": "/messages"})
+    served_document = ServedDocument(routes)
+    open_access = api_access((None, None), False, {"conn": (None, None)})
+    first = served_document.json(open_access)
+    assert served_document.json(api_access((None, None), False, {"conn": (None, None)})) is first
+    with_token = served_document.json(api_access((None, None), False, {"conn": (None, "t")}))
+    assert json.loads(with_token)["paths"]["/messages"]["post"]["security"] == [{"token": []}]
+    assert "security" not in json.loads(first)["paths"]["/messages"]["post"]
