@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from junebug_api.config.channel_api import option_schema
+from junebug_api.config.channel_options import ChannelEntry
+from junebug_api.config.options import options
 from junebug_api.formats.junebug_formats import OUTBOUND_SCHEMA
 
 _STRING = {"type": "string"}
@@ -136,24 +139,26 @@ _CHANNEL_STATUS = _object(
     "Health and old Junebug's rates over the last metric_window seconds.",
 )
 
-_CHANNEL = _object(
-    {
-        "id": _STRING,
-        "label": _NULLABLE_STRING,
-        "metadata": {"type": "object"},
-        "connector_name": _STRING,
-        "mo_url": {**_STRING, "description": "mo_message_url, its credentials masked."},
-        "default_event_url": _NULLABLE_STRING,
-        "transport_type": _STRING,
-        "default_from_addr": _NULLABLE_STRING,
-        "allow_expired_replies": {"type": "boolean"},
-        "character_limit": {"type": ["integer", "null"]},
-        "worker_concurrency": {"type": "integer"},
-        "messages_path": _STRING,
-        "status": {"$ref": "#/components/schemas/ChannelStatus"},
-    },
-    "A channel's settings (no secret) and status.",
-)
+
+def channel_schema() -> dict[str, Any]:
+    """``GET /channels/<id>``'s result, from the channel options: its id, every
+    option that is no secret (under old Junebug's name where it has one, URL
+    credentials masked), ``messages_path`` and ``status``; as
+    :func:`junebug_api.config.channels.public` shows them."""
+    properties: dict[str, Any] = {"id": _STRING}
+    for field, about, hint in options(ChannelEntry):
+        if about.secret or not about.public:
+            continue
+        name = about.aliases[0] if about.aliases else field.name
+        properties[name] = option_schema(about, hint)
+    properties["config"] = {
+        "type": "object",
+        "description": "Old Junebug's transport config, its secrets masked.",
+    }
+    properties["messages_path"] = {**_STRING, "description": "Where its messages are sent."}
+    properties["status"] = {"$ref": "#/components/schemas/ChannelStatus"}
+    return _object(properties, "A channel's settings (no secret) and status.")
+
 
 _LOG_RECORD = {
     "type": "object",
@@ -206,7 +211,7 @@ SCHEMAS: dict[str, Any] = {
         "items": _STRING,
         "description": "Every channel's id, sorted.",
     },
-    "Channel": _CHANNEL,
+    "Channel": channel_schema(),
     "ChannelStatus": _CHANNEL_STATUS,
     "ChannelComponents": _CHANNEL_COMPONENTS,
     "LogRecords": {"type": "array", "items": {"$ref": "#/components/schemas/LogRecord"}},
@@ -236,6 +241,13 @@ _CHANNEL_EXAMPLE = {
     "allow_expired_replies": False,
     "character_limit": 160,
     "worker_concurrency": 20,
+    "type": "smpp",
+    "config": {"system_id": "junebug", "password": "***"},
+    "public_http": None,
+    "amqp_queue": None,
+    "status_url": None,
+    "rate_limit_count": None,
+    "rate_limit_window": None,
     "messages_path": "/channels/sms-za/messages",
     "status": {
         "status": "ok",
