@@ -23,9 +23,9 @@ from junebug_api.config.checks import (
     check_url,
     check_value,
     read_secret_file,
-    redact_url,
 )
 from junebug_api.formats.queue_names import QueueNames
+from junebug_api.formats.urls import url_masked
 
 #: The top-level config (:class:`junebug_api.config.model.JunebugConfig`),
 #: not imported: config.model imports this module.
@@ -106,15 +106,15 @@ class ChannelSettings:
 
     def public(self) -> dict[str, Any]:
         """The settings for ``GET /channels/<id>``: without any secret, and
-        with URL credentials masked."""
+        with URL credentials and query values masked."""
         return {
             "id": self.id,
             "label": self.label,
             "metadata": self.metadata,
             "connector_name": self.connector_name,
-            "mo_url": redact_url(self.mo_message_url),
+            "mo_url": url_masked(self.mo_message_url),
             "default_event_url": (
-                redact_url(self.default_event_url) if self.default_event_url else None
+                url_masked(self.default_event_url) if self.default_event_url else None
             ),
             "transport_type": self.transport_type,
             "default_from_addr": self.default_from_addr,

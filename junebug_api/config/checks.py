@@ -126,15 +126,3 @@ def read_secret_file(name: str, path: Any) -> str:
     except (UnicodeDecodeError, ValueError):
         raise ConfigError(f"{name}: {path!r} is not UTF-8 text") from None
     return text.rstrip("\r\n")
-
-
-def redact_url(url: str) -> str:
-    """A URL with its user info (a user name may be an API key) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in parts.netloc:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"***@{netloc}").geturl()

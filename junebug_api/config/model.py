@@ -36,9 +36,9 @@ from junebug_api.config.checks import (
     check_url,
     check_value,
     read_secret_file,
-    redact_url,
 )
 from junebug_api.formats.queue_names import QueueNames
+from junebug_api.formats.urls import redact_url, url_for_log
 
 DEFAULT_STATE_CACHE = "junebug_api.state_cache.InMemoryStateCache"
 
@@ -882,9 +882,11 @@ def describe(config: JunebugConfig) -> dict:
         key = tail or head
         if holder.get(key):
             holder[key] = "***"
-    for name in ("mo_message_url", "default_event_url", "amqp_url"):
+    for name in ("mo_message_url", "default_event_url"):
         if plain.get(name):
-            plain[name] = redact_url(plain[name])
+            plain[name] = url_for_log(plain[name])
+    if plain.get("amqp_url"):
+        plain["amqp_url"] = redact_url(plain["amqp_url"])
     if isinstance(plain.get("channels"), dict):
         plain["channels"] = {
             channel_id: _describe_channel(entry) for channel_id, entry in plain["channels"].items()
@@ -923,5 +925,5 @@ def _describe_channel(entry: Any) -> Any:
         elif key in ("mo_message_url", "mo_url", "default_event_url", "status_url") and isinstance(
             value, str
         ):
-            plain[key] = redact_url(value)
+            plain[key] = url_for_log(value)
     return plain

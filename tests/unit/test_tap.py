@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +168,27 @@ def test_log_format_json_gives_twistd_a_json_observer_for_its_log_file(tmp_path:
     assert "secret" not in line
 
 
-def test_log_format_text_leaves_twistds_observer(tmp_path: Path) -> None:
+def test_log_format_text_gives_twistd_its_text_lines_redacted(tmp_path: Path) -> None:
     options = parsed(REQUIRED)
-    options.parent = ServerOptions(logfile=str(tmp_path / "twistd.log"))
+    log_file = tmp_path / "twistd.log"
+    options.parent = ServerOptions(logfile=str(log_file))
+    observer = joined(options).getComponent(ILogObserver)
+    observer(
+        {
+            "log_format": "POST to {url} failed",
+            "url": "http://user:secret@rp.example/c/jn/0b9e6b6c-5b7a-4e39-9a4c-7d1c1f0a2b3c/r?t=tok3n",
+            "log_level": LogLevel.warn,
+            "log_namespace": "junebug_api.delivery.inbound",
+            "log_time": 0,
+            "log_system": "-",
+        }
+    )
+    [line] = log_file.read_text().splitlines()
+    assert line.endswith("[-] POST to http://***@rp.example/c/jn/***/r?t=*** failed")
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ", line)  # twistd's own
+
+
+def test_syslog_leaves_twistds_observer() -> None:
+    options = parsed(REQUIRED)
+    options.parent = ServerOptions(syslog=True)
     assert joined(options).getComponent(ILogObserver) is None
