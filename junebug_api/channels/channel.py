@@ -106,14 +106,15 @@ class ChannelLog:
             "logger": self._channel_id,
             "level": _python_level(event.get("log_level")),
             "timestamp": event.get("log_time"),
-            "message": formatEvent(event),
+            # Log lines show URLs masked (formats.urls): these records too.
+            "message": mask_urls(formatEvent(event)),
         }
         failure = event.get("log_failure")
         if failure is not None:
             tb = failure.getTracebackObject()
             record["exception"] = {
                 "class": failure.type.__name__,
-                "instance": failure.getErrorMessage(),
+                "instance": mask_urls(failure.getErrorMessage()),
                 "stack": traceback.format_tb(tb)
                 if tb is not None
                 else failure.getTraceback().splitlines(),

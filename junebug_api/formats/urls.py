@@ -72,31 +72,18 @@ def url_origin(url: str) -> str:
 
 def url_masked(url: str) -> str:
     """``url`` with its user info and every query value (and a fragment) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    return _masked(parts).geturl()
+    return _shown_as(url, _masked)
 
 
 def url_for_log(url: str) -> str:
     """:func:`url_masked`, and every path segment that may be an identifier
     (16 or more characters, a digit among them) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    path = "/".join(MASK if _IDENTIFIER.match(s) else s for s in parts.path.split("/"))
-    return _masked(parts._replace(path=path)).geturl()
+    return _shown_as(url, _masked_for_log)
 
 
 def redact_url(url: str) -> str:
     """``url`` with its user info (a user name may be an API key) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    return _without_user_info(parts).geturl()
+    return _shown_as(url, _without_user_info)
 
 
 def mask_urls(text: str, form: Callable[[str], str] = url_for_log) -> str:
@@ -109,6 +96,14 @@ def mask_urls(text: str, form: Callable[[str], str] = url_for_log) -> str:
 def _shown(url: str, form: Callable[[str], str]) -> str:
     kept = url.rstrip(_TRAILING)
     return form(kept) + url[len(kept) :]
+
+
+def _shown_as(url: str, form: Callable[[SplitResult], SplitResult]) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    return form(parts).geturl()
 
 
 def _without_user_info(parts: SplitResult) -> SplitResult:
@@ -124,3 +119,8 @@ def _masked(parts: SplitResult) -> SplitResult:
     )
     fragment = MASK if parts.fragment else ""
     return _without_user_info(parts)._replace(query=query, fragment=fragment)
+
+
+def _masked_for_log(parts: SplitResult) -> SplitResult:
+    path = "/".join(MASK if _IDENTIFIER.match(s) else s for s in parts.path.split("/"))
+    return _masked(parts._replace(path=path))

@@ -36,6 +36,8 @@ MO = f"https://rp:pw@rapidpro.example/c/jn/{UUID}/receive?token=t0k3n&lang=en"
         ("http://127.0.0.1:8000/x?y=1#z", "http://127.0.0.1:8000"),
         ("http://[::1]:81/", "http://[::1]:81"),
         ("gopher://h/x", "gopher://h:0"),
+        # A port out of range counts as none, as the outage tracker has always had it.
+        ("http://h:99999/x", "http://h:80"),
         ("http://[broken/", "***"),
     ],
 )
