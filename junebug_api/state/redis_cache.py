@@ -411,7 +411,7 @@ class RedisStateCache:
     def _status_key(self, channel_id: str, message_id: str) -> bytes:
         return b"%sevents:%s:%s" % (
             self._prefix,
-            status_key_part(channel_id),
+            _status_key_part(channel_id),
             message_id.encode("utf-8"),
         )
 
@@ -427,7 +427,7 @@ class RedisStateCache:
         key = self._status_key(channel_id, message_id)
         own = self._call(b"EVAL", _FETCH_EVENTS, 1, key, self._status_expire)
         # Sent in the same turn (one pipeline): the key the version before
-        # per-channel status wrote; see legacy_events.
+        # per-channel status wrote; see _legacy_events.
         legacy = self._call(b"HVALS", self._key(b"status:", message_id))
         return Deferred.fromCoroutine(_merged_events(channel_id, own, legacy))
 
@@ -510,7 +510,7 @@ def _none(_: object) -> None:
     return None
 
 
-def status_key_part(channel_id: str) -> bytes:
+def _status_key_part(channel_id: str) -> bytes:
     """A channel id as a part of a status key: ``%`` and ``:`` escaped, so a
     channel id with a colon (a top-level ``connector_name`` may have one)
     cannot make two channels' keys meet."""
@@ -523,10 +523,10 @@ async def _merged_events(channel_id: str, own: Deferred, legacy: Deferred) -> li
     except BaseException:
         legacy.addErrback(_none)  # its failure is the same news
         raise
-    return values + legacy_events(channel_id, _encoded_list(await legacy), values)
+    return values + _legacy_events(channel_id, _encoded_list(await legacy), values)
 
 
-def legacy_events(channel_id: str, legacy: list[bytes], own: list[bytes]) -> list[bytes]:
+def _legacy_events(channel_id: str, legacy: list[bytes], own: list[bytes]) -> list[bytes]:
     """The events of ``channel_id`` in a hash the previous version wrote.
 
     Before status was kept per channel, the events of a message id were kept
