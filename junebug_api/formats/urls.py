@@ -12,12 +12,13 @@ three forms, by who may see it:
 - :func:`url_for_log`, also every path segment that looks like an identifier
   (16 or more characters with a digit: UUIDs, tokens) as ``***``: log lines
   (text and JSON), Sentry, the config logged at start, the headers of a
-  message parked on ``.failed``.
+  message parked on ``.failed``. (Any other URL, AMQP's or Redis's, shows
+  there with its user info masked only: its query holds options.)
 
 :func:`mask_urls` puts every http(s) URL in a text into one of these forms:
 the log redactor's safety net, and ``/health``'s error texts.
-:func:`redact_url` masks user info only, for the AMQP and Redis URLs, whose
-queries hold options, not secrets. A URL that cannot be parsed is ``***``.
+:func:`redact_url` masks user info only (the Redis URL on ``/health``). A URL
+that cannot be parsed is ``***``.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def url_masked(url: str) -> str:
 
 
 def url_for_log(url: str) -> str:
-    """:func:`url_masked`, and every path segment that may be an identifier
-    (16 or more characters, a digit among them) as ``***``."""
+    """An http(s) URL as :func:`url_masked`, and every path segment that may
+    be an identifier (16 or more characters, a digit among them) as ``***``;
+    any other (``amqp://``, ``redis://``, whose queries hold options) as
+    :func:`redact_url`."""
     return _shown_as(url, _masked_for_log)
 
 
@@ -122,5 +125,7 @@ def _masked(parts: SplitResult) -> SplitResult:
 
 
 def _masked_for_log(parts: SplitResult) -> SplitResult:
+    if parts.scheme.lower() not in DEFAULT_PORTS:
+        return _without_user_info(parts)
     path = "/".join(MASK if _IDENTIFIER.match(s) else s for s in parts.path.split("/"))
     return _masked(parts._replace(path=path))

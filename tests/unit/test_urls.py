@@ -78,7 +78,10 @@ def test_for_log_also_masks_identifiers_in_the_path(url: str, shown: str) -> Non
 
 
 def test_redact_url_masks_user_info_only() -> None:
-    """For the AMQP and Redis URLs, whose query holds options."""
+    """For the AMQP and Redis URLs, whose query holds options; a log line
+    shows them so too."""
+    for url in ("amqps://u:p@rabbit/%2F?heartbeat=30", "redis://:pw@redis:6379/0"):
+        assert url_for_log(url) == redact_url(url)
     assert (
         redact_url("amqps://u:p@rabbit/%2F?heartbeat=30") == "amqps://***@rabbit/%2F?heartbeat=30"
     )
