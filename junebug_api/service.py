@@ -197,8 +197,8 @@ class JunebugService(MultiService):
         self.http.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
-        """Join twistd's application; with ``log_format: json``, give it the
-        JSON log observer, which twistd looks up on the application."""
+        """Join twistd's application; give it the log observer (text or JSON
+        lines, redacted), which twistd looks up on the application."""
         if self._log_observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)

@@ -31,7 +31,7 @@ from junebug_api.config.channel_options import ChannelEntry, ChannelOptions
 from junebug_api.config.checks import ConfigError
 from junebug_api.config.options import Option, options
 from junebug_api.config.structure import build
-from junebug_api.config.urls import redact_url
+from junebug_api.formats.urls import url_masked
 
 #: The top-level config (:class:`junebug_api.config.model.JunebugConfig`, a
 #: :class:`ChannelOptions` with ``channels`` and ``base_url_path``), not
@@ -187,7 +187,7 @@ def channel_entry(settings: ChannelSettings) -> dict[str, Any]:
 def public(settings: ChannelSettings) -> dict[str, Any]:
     """What ``GET /channels/<id>`` shows: ``id``, every option that is no
     secret (an aliased one under old Junebug's name: ``mo_url``), URLs
-    with their credentials masked, the transport ``config`` with its secrets
+    with their credentials and query values masked, the transport ``config`` with its secrets
     masked, and ``messages_path``."""
     shown: dict[str, Any] = {"id": settings.id}
     for field, about, _ in options(ChannelEntry):
@@ -195,7 +195,7 @@ def public(settings: ChannelSettings) -> dict[str, Any]:
             continue
         value = getattr(settings, field.name)
         if about.url and isinstance(value, str):
-            value = redact_url(value)
+            value = url_masked(value)
         shown[about.aliases[0] if about.aliases else field.name] = value
     shown["config"] = secrets.masked(settings.config)
     shown["messages_path"] = settings.messages_path

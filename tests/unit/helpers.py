@@ -546,8 +546,8 @@ class AmqpSetup:
 
 
 class FakeRedis:
-    """A Redis server in memory: strings with expiry, hashes, the state cache's
-    two Lua scripts (recognised by what they call), ``WAIT``, ``AUTH``,
+    """A Redis server in memory: strings with expiry, hashes (``HVALS``), the
+    state cache's two Lua scripts (recognised by what they call), ``WAIT``, ``AUTH``,
     ``SELECT``, ``ROLE``, and ``SENTINEL get-master-addr-by-name``.
 
     ``commands`` records every command received (as lists of bytes).
@@ -611,6 +611,8 @@ class FakeRedis:
                 del self.data[key]
                 self.expires.pop(key, None)
             return len(found)
+        if name == b"HVALS":
+            return list(self.data.get(args[1], {}).values())
         if name == b"WAIT":
             return self.replicas
         if self.readonly:
