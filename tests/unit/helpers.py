@@ -122,7 +122,7 @@ def amqp_method(channel: int, klass: str, method: str, **args: Any) -> bytes:
     import struct
     from io import BytesIO
 
-    from junebug_api.amqp.protocol import FieldCodec, load_spec
+    from junebug_api.amqp.frames import FieldCodec, load_spec
 
     spec_method = load_spec().classes.byname[klass].methods.byname[method]
     buffer = BytesIO()
@@ -144,7 +144,7 @@ def amqp_content(
     and one body frame of a message."""
     import struct
 
-    from junebug_api.amqp.protocol import encode_table
+    from junebug_api.amqp.frames import encode_table
 
     flags, properties = 0, b""
     if headers:
@@ -226,7 +226,7 @@ class BrokerServerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         import struct
 
-        from junebug_api.amqp.protocol import decode_frame, load_spec
+        from junebug_api.amqp.frames import decode_frame, load_spec
 
         self.buffer += data
         if not self.greeted:
