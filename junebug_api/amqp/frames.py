@@ -245,3 +245,9 @@ def encode_frame(amqp_spec: Any, frame: Frame) -> bytes:
     codec.encode_octet(FRAME_END)
     codec.flush()
     return buffer.getvalue()
+
+
+def body_bytes(message: Any) -> bytes:
+    """A delivered message's body as bytes (txAMQP gives ``""`` when empty)."""
+    body = message.content.body
+    return body.encode("utf-8") if isinstance(body, str) else body

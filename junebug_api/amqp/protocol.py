@@ -251,14 +251,15 @@ class JunebugAMQPClient(AMQClient):
             ch = self.channels[id] = self.channelFactory(id, self.outgoing, self)
         return succeed(ch)
 
-    def free_channel(self, first: int = 1) -> int:
-        """The lowest channel number from ``first`` on that no channel has
-        (open, opening or closing); ValueError when all up to the broker's
-        ``channel_max`` are taken."""
+    def new_channel(self, first: int = 1) -> Any:
+        """A new channel (not yet opened) on the lowest number from ``first``
+        on that no channel has (open, opening or closing); ValueError when
+        all up to the broker's ``channel_max`` are taken."""
         limit = self.channel_max or 65535
         for number in range(first, limit + 1):
             if number not in self.channels:
-                return number
+                ch = self.channels[number] = self.channelFactory(number, self.outgoing, self)
+                return ch
         raise ValueError(f"all {limit} AMQP channels of the connection are in use")
 
     async def close_channel(self, id: int) -> None:
@@ -487,9 +488,3 @@ class JunebugAMQPFactory(Factory):
             events=self.events,
             connection_name=self.connection_name,
         )
-
-
-def body_bytes(message: Message) -> bytes:
-    """A delivered message's body as bytes (txAMQP gives ``""`` when empty)."""
-    body = message.content.body
-    return body.encode("utf-8") if isinstance(body, str) else body

@@ -498,13 +498,12 @@ class AmqpSetup:
         settings.setdefault("heartbeat", 0)
         self.service = AmqpService(
             AmqpConnectionSettings(brokers=brokers, **settings),
-            list(queues),
-            {},
             7,
             self.net.reactor,
             connection_name="unit",
             random=random or Random(),
         )
+        self.service.add_queues(dict.fromkeys(queues, {}))
         for queue in consumed:
             self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
 

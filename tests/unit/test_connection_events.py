@@ -24,7 +24,7 @@ from junebug_api.amqp.protocol import (
     JunebugDelegate,
     load_spec,
 )
-from junebug_api.amqp.service import AmqpConnection
+from junebug_api.amqp.connection import AmqpConnection
 from junebug_api.config.model import AmqpConfig
 from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
