@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from junebug_api.amqp.connect import TlsMaterial
 from junebug_api.amqp.connection import (
@@ -77,6 +78,8 @@ __all__ = [
     "PublishFailed",
     "PublishRefused",
 ]
+
+T = TypeVar("T")
 
 BLOCKED_RETRY_AFTER = 5
 BUSY_RETRY_AFTER = 1
@@ -310,7 +313,13 @@ class AmqpService(Service):
             acker = connection.track(channel, reply.delivery_tag, reply.redelivered, headers)
             return body_bytes(reply), properties, acker
 
-        return await connection.query(basic_get)
+        # A caller that stops waiting leaves the get to finish: a message it
+        # took then goes back to its queue at once, not unacked until the
+        # channel closes.
+        return await _shielded(
+            Deferred.fromCoroutine(connection.query(basic_get)),
+            lambda got: got is not None and got[2].reject(),
+        )
 
     async def queue_status(self, queue: str) -> tuple[int, int]:
         """``(ready messages, consumers)`` of ``queue``: a passive declare on
@@ -446,6 +455,24 @@ class AmqpService(Service):
             if errors:
                 status["error"] = errors[0]
         return status
+
+
+def _shielded(d: Deferred[T], abandoned: Callable[[T], object]) -> Deferred[T]:
+    """``d``'s result; cancelling it stops only the wait: ``d`` goes on, and
+    its result, when it comes, goes to ``abandoned``."""
+    result: Deferred[T] = Deferred()
+
+    def forward(outcome: Any) -> None:
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+        elif not isinstance(outcome, Failure):
+            abandoned(outcome)
+
+    d.addBoth(forward)
+    return result
 
 
 def _start_failed(failure: Any, queue: str) -> None:
