@@ -548,7 +548,7 @@ class AmqpSetup:
             connection_name="unit",
             random=random or Random(),
         )
-        self.service.add_queues(dict.fromkeys(queues, {}))
+        self.service.add_queues({queue: {} for queue in queues})
         for queue in consumed:
             self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
 
