@@ -302,6 +302,7 @@ class BrokerServerConnection(Protocol):
         if name in reply:
             if name == "channel.open":
                 self.channels.add(channel)
+                self.delivery_tags.pop(channel, None)  # tags count per channel
             if name == "confirm.select":
                 self.confirming.add(channel)
             if name == "basic.qos":
