@@ -1,7 +1,6 @@
 """AmqpService's publishing and ack bookkeeping: which confirm settles which
 publish, message ids, acks batched per reactor turn, blocked and busy
-publishing, publishes a lost connection fails; and consumers given with
-``add_consumer``. The service connects, as it would to RabbitMQ, to the
+publishing, publishes a lost connection fails. The service connects, as it would to RabbitMQ, to the
 in-memory broker of :mod:`tests.unit.helpers` (:class:`AmqpSetup`), which
 here leaves the confirms to the test: each one is a frame the test sends."""
 

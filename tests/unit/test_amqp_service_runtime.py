@@ -232,3 +232,33 @@ def test_an_acker_of_a_closed_channel_does_nothing_when_its_number_is_used_again
     fresh.ack()
     setup.net.flush()
     assert consume.acks == [(2, 1, False)]
+
+
+def test_queues_added_as_the_connection_drops_are_declared_on_the_next(
+    setup: AmqpSetup,
+) -> None:
+    setup.broker.holding = True
+    declared = setup.service.add_queues({"c.late": {}})
+    setup.net.flush()  # the declare is on the wire
+    for connection in setup.broker.open_connections:
+        connection.drop()
+    setup.broker.holding = False
+    setup.net.flush()
+    assert result_of(declared) is None  # not refused: the next connection declares it
+    assert "c.late" in setup.service.queues
+    setup.broker.queues.pop("c.late", None)
+    setup.net.advance(1)
+    assert setup.service.connected
+    assert "c.late" in setup.broker.queues
+
+
+def test_after_stop_consuming_no_consumer_starts(setup: AmqpSetup) -> None:
+    assert setup.wait(setup.service.stop_consuming()) is None
+    setup.service.add_consumer("c.late", lambda body, acker: None)
+    setup.net.flush()
+    consume = setup.connection("consume")
+    assert consume.consumers == {}
+    assert any(name == "basic.qos" for _, name in consume.methods[-3:])  # set up, not consuming
+    setup.drop_all()
+    setup.net.advance(1)
+    assert setup.connection("consume").consumers == {}

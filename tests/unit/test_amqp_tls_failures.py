@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from twisted.internet.ssl import PrivateCertificate
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from junebug_api.config.model import AmqpConfig
@@ -62,8 +64,11 @@ def test_a_refused_broker_certificate_is_named(
     ca.cert_pem.write_to_path(str(ca_file))
     server_cert, sentence = case(ca, datetime.now(UTC))
     s = AmqpSetup(brokers=(BROKER,), listen=(), tls_ca_file=str(ca_file))
-    server = PrivateCertificate.loadPEM(server_cert.private_key_and_cert_chain_pem.bytes())
-    tls = TLSMemoryBIOFactory(server.options(), False, s.broker.factory(), clock=s.net.reactor)
+    server = CertificateOptions(
+        privateKey=load_pem_private_key(server_cert.private_key_pem.bytes(), None),
+        certificate=x509.load_pem_x509_certificate(server_cert.cert_chain_pems[0].bytes()),
+    )
+    tls = TLSMemoryBIOFactory(server, False, s.broker.factory(), clock=s.net.reactor)
     s.net.listen(5671, tls)
     s.service.startService()
     s.net.flush()
