@@ -7,8 +7,13 @@ VENV="${JUNEBUG_VENV:-$ROOT/.venv}"
 
 say() { printf 'junebug-api: %s\n' "$*" >&2; }
 
-setup_venv() {
-    local python="${PYTHON:-python3}"
+LOCK_FILE="$ROOT/requirements/lock.txt"
+# What scripts/lock installs to resolve the lock (uv's output changes between
+# its releases, so one release of it).
+LOCK_TOOL="uv==0.13.10"
+
+need_python() {
+    local python="$1"
     if ! command -v "$python" >/dev/null 2>&1; then
         say "Python 3.11 or newer is needed: install it (Debian: apt-get install python3 python3-venv)."
         exit 1
@@ -17,17 +22,49 @@ setup_venv() {
         say "Python 3.11 or newer is needed; $python is $("$python" --version 2>&1)."
         exit 1
     fi
+}
+
+# pip, with its warnings about a configured index or find-links folder that
+# does not exist on this machine left out (they are not about the install).
+pip_in() {
+    local venv="$1"
+    shift
+    "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 |
+        { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; } >&2
+}
+
+# Make the virtualenv $1 hold exactly requirements/lock.txt (hash-checked; a
+# package the lock no longer names is removed), then the project itself on
+# top, editable, built with the locked setuptools: no resolving, nothing from
+# the registry that the lock does not name.
+install_locked() {
+    local venv="$1"
+    pip_in "$venv" install --quiet --require-hashes -r "$LOCK_FILE"
+    local extra
+    extra="$("$venv/bin/python" "$ROOT/scripts/lockfile.py" extras "$LOCK_FILE")"
+    if [ -n "$extra" ]; then
+        say "removing what the lock does not name: $extra"
+        # shellcheck disable=SC2086
+        pip_in "$venv" uninstall --quiet --yes $extra
+    fi
+    pip_in "$venv" install --quiet --no-deps --no-build-isolation -e "$ROOT"
+}
+
+setup_venv() {
+    local python="${PYTHON:-python3}"
+    need_python "$python"
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating the virtualenv $VENV"
         "$python" -m venv "$VENV"
     fi
-    # Reinstall only when the packaging metadata changed since the last install.
-    local stamp="$VENV/.junebug-installed"
-    if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
-        say "installing junebug-api and its test tools into $VENV"
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-        "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
-        touch "$stamp"
+    # Reinstall when the lock or the packaging metadata changed since the last
+    # install: the stamp holds their digest.
+    local stamp="$VENV/.junebug-installed" digest
+    digest="$(cat "$LOCK_FILE" "$ROOT/setup.cfg" "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+        say "installing the locked dependencies (requirements/lock.txt) and junebug-api into $VENV"
+        install_locked "$VENV"
+        printf '%s\n' "$digest" >"$stamp"
     fi
     # twistd lists plugins from a dropin cache; rebuild it now so a stale one
     # (or one it cannot write later) never hides junebug-api.

@@ -1,10 +1,12 @@
 """SentryReporter on a log publisher of its own: which events become Sentry
 events, their tags, and the scrubbing of secrets. sentry-sdk is initialised
-for real; only its transport is swapped for one that records envelopes, so
-nothing leaves the process."""
+for real, with a transport (given through ``SentryReporter``'s ``transport``)
+that records envelopes, so nothing leaves the process."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +28,8 @@ class RecordingTransport(Transport):
     def __init__(self) -> None:
         super().__init__()
         self.envelopes: list[Any] = []
+        self.flushed: float | None = None
+        self.killed = False
 
     def capture_envelope(self, envelope: Any) -> None:
         self.envelopes.append(envelope)
@@ -34,11 +38,15 @@ class RecordingTransport(Transport):
     def events(self) -> list[dict]:
         return [e.get_event() for e in self.envelopes if e.get_event() is not None]
 
+    @property
+    def item_types(self) -> list[str]:
+        return [item.type for e in self.envelopes for item in e.items]
+
     def flush(self, timeout: float, callback: Any = None) -> None:
         self.flushed = timeout
 
     def kill(self) -> None:
-        pass
+        self.killed = True
 
 
 class SynchronousThreads:
@@ -61,17 +69,16 @@ class Reporting:
     def __init__(self) -> None:
         self.publisher = LogPublisher()
         self.log = Logger(namespace="junebug_api.delivery.consumer", observer=self.publisher)
+        self.transport = RecordingTransport()
         self.reporter = SentryReporter(
             "https://public@sentry.invalid/1",
             "test-env",
             "chan-1",
             Redactor(secrets=("s3cret-token",)),
             publisher=self.publisher,
+            transport=self.transport,
         )
         self.reporter.start()
-        client = sentry_sdk.get_client()
-        client.transport.kill()  # the SDK's own HTTP transport, unused
-        self.transport = client.transport = RecordingTransport()
 
 
 @pytest.fixture
@@ -147,11 +154,51 @@ def test_a_broken_format_string_still_reports(reporting: Callable[[], Reporting]
 def test_after_stop_nothing_is_reported() -> None:
     r = Reporting()
     assert result_of(r.reporter.stop(SynchronousThreads())) is None
-    assert r.transport.flushed == 2
+    assert r.transport.flushed == 2  # what was queued got up to 2 s
+    assert r.transport.killed
     r.log.error("after the stop")
     assert r.transport.envelopes == []
     assert result_of(r.reporter.stop(SynchronousThreads())) is None  # a second stop: no-op
     sentry_sdk.init()
+
+
+def test_no_local_variables_no_stack_of_the_log_call(
+    reporting: Callable[[], Reporting],
+) -> None:
+    """sentry-sdk 3 sends frame variables and attaches the caller's stack to a
+    message unless told not to; the local here is no secret the redactor knows."""
+    r = reporting()
+
+    def deliver(body: str) -> None:
+        raise ValueError("undeliverable")
+
+    local_body = f"a body only a local variable holds: {uuid.uuid4().hex}"
+    try:
+        deliver(local_body)
+    except ValueError:
+        r.log.failure("Consumer failed")
+    r.log.error("Could not deliver {message_id}", message_id="m-2")
+    failure_event, message_event = r.transport.events
+    (exception,) = failure_event["exception"]["values"]
+    frames = exception["stacktrace"]["frames"]
+    assert [f["function"] for f in frames][-1] == "deliver"
+    assert all("vars" not in f for f in frames)
+    assert local_body not in repr(r.transport.events)
+    assert "threads" not in message_event and "stacktrace" not in message_event
+
+
+def test_only_events_are_sent(reporting: Callable[[], Reporting]) -> None:
+    """No sessions or logs beside the events, and no default integration: a
+    stdlib logging error is not this observer's to report, and neither the
+    command line nor the installed modules go with an event."""
+    r = reporting()
+    logging.getLogger("some.library").error("a stdlib logging error")
+    r.log.error("one line")
+    result_of(r.reporter.stop(SynchronousThreads()))
+    assert r.transport.item_types == ["event"]
+    (event,) = r.transport.events
+    assert "sys.argv" not in event.get("extra", {})
+    assert "modules" not in event
 
 
 def test_scrub_takes_secrets_out_of_nested_values() -> None:
