@@ -10,6 +10,7 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from junebug_api.amqp.service import AmqpService, PublishFailed
 from junebug_api.config.model import AmqpConfig
@@ -38,13 +39,10 @@ async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
         acker.ack()
 
     amqp = AmqpService(
-        AmqpConfig(),
-        queues=[queues["outbound"], queues["inbound"]],
-        consumers={queues["inbound"]: consume},
-        prefetch=5,
-        reactor=reactor,
-        connection_name="junebug-api test",
+        AmqpConfig(), prefetch=5, reactor=reactor, connection_name="junebug-api test"
     )
+    amqp.add_queues({queues["outbound"]: {}, queues["inbound"]: {}})
+    amqp.add_consumer(queues["inbound"], consume)
     amqp.startService()
     try:
         await amqp.when_connected(failures=3)
@@ -56,13 +54,14 @@ async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
         assert amqp.connected
 
         # A delay queue: messages expire back onto .inbound after its TTL.
-        await amqp.declare_queue(
-            queues["retry"],
+        await amqp.add_queues(
             {
-                "x-message-ttl": 200,
-                "x-dead-letter-exchange": "vumi",
-                "x-dead-letter-routing-key": queues["inbound"],
-            },
+                queues["retry"]: {
+                    "x-message-ttl": 200,
+                    "x-dead-letter-exchange": "vumi",
+                    "x-dead-letter-routing-key": queues["inbound"],
+                }
+            }
         )
         await amqp.publish(queues["retry"], b'{"n": 1}', message_id="m1")
         await wait_for(lambda: received, what="the delayed message")
@@ -79,7 +78,7 @@ async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
         assert (await amqp.queue_status(queues["inbound"]))[1] == 1
 
         # Names count in bytes and boolean arguments stay booleans.
-        await amqp.declare_queue(queues["unicode"], {"x-single-active-consumer": True})
+        await amqp.add_queues({queues["unicode"]: {"x-single-active-consumer": True}})
         assert await amqp.queue_status(queues["unicode"]) == (0, 0)
         broker.channel.queue_declare(
             queues["unicode"], durable=True, arguments={"x-single-active-consumer": True}
@@ -92,3 +91,46 @@ async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
         broker.delete(queues["unicode"])
     with pytest.raises(PublishFailed):
         await amqp.publish(queues["outbound"], b"{}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_consumers_and_queues_added_and_removed_while_running(broker, queues):
+    """Against RabbitMQ: a queue and a consumer added after the start work at
+    once; gets raced on one connection each take their own message; a
+    removed consumer gets nothing more and its queue keeps what comes."""
+    received: list[bytes] = []
+
+    def consume(body, acker):
+        received.append(body)
+        acker.ack()
+
+    amqp = AmqpService(
+        AmqpConfig(), prefetch=5, reactor=reactor, connection_name="junebug-api test"
+    )
+    amqp.startService()
+    try:
+        await amqp.when_connected(failures=3)
+        await amqp.add_queues({queues["inbound"]: {}, queues["outbound"]: {}})
+        amqp.add_consumer(queues["inbound"], consume)
+        broker.publish(queues["inbound"], {"n": 1})
+        await wait_for(lambda: received, what="a delivery to the added consumer")
+
+        for n in range(20):
+            broker.publish(queues["outbound"], {"n": n})
+        await wait_for(lambda: broker.count(queues["outbound"]) == 20, what="20 ready")
+        gets = [Deferred.fromCoroutine(amqp.get(queues["outbound"])) for _ in range(20)]
+        got = [await d for d in gets]
+        assert sorted(json.loads(body)["n"] for body, _, _ in got) == list(range(20))
+        assert len({acker.delivery_tag for _, _, acker in got}) == 20
+        for _, _, acker in got:
+            acker.ack()
+        await wait_for(lambda: broker.count(queues["outbound"]) == 0, what="the gets acked")
+
+        await amqp.remove_consumer(queues["inbound"])
+        assert await amqp.queue_status(queues["inbound"]) == (0, 0)
+        broker.publish(queues["inbound"], {"n": 2})
+        await pause(0.5)
+        assert len(received) == 1
+        assert await amqp.count(queues["inbound"]) == 1  # kept, not consumed
+    finally:
+        await amqp.stopService()
