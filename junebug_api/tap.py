@@ -1,8 +1,9 @@
 """twistd's entry: ``Options`` and ``makeService`` for ``twistd junebug-api``.
 
 Every config option is also a command-line option (``--connector-name``,
-``--amqp-hostname``, ...). A config problem ends the process with one line
-on stderr and exit status 1, before anything starts.
+``--amqp-hostname``, ...), its ``--help`` the option's own sentence from the
+config model. A config problem ends the process with one line on stderr and
+exit status 1, before anything starts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Any
 
 from twisted.python import usage
 
-from junebug_api.config.model import ConfigError, JunebugConfig, load_config, option_names
+from junebug_api.config.model import ConfigError, JunebugConfig, load_config
+from junebug_api.config.reference import help_texts
+
+_HELP = help_texts()
 
 
 class Options(usage.Options):
@@ -21,14 +25,11 @@ class Options(usage.Options):
     synopsis = "[--config FILE] [--OPTION VALUE ...]"
     optParameters = [  # noqa: RUF012 - twisted.python.usage reads this class attribute
         ["config", "c", None, "YAML config file (default: $VUMI_CONFIG_FILE)."],
-        *[
-            [name.replace("_", "-"), None, None, f"Sets {dotted} (overrides file and env)."]
-            for dotted, name in option_names()
-        ],
+        *[[name.replace("_", "-"), None, None, text] for name, text in _HELP.items()],
     ]
 
     def postOptions(self) -> None:
-        cli = {name: self[name.replace("_", "-")] for _, name in option_names()}
+        cli = {name: self[name.replace("_", "-")] for name in _HELP}
         try:
             self.config: JunebugConfig = load_config(self["config"], cli=cli)
             from junebug_api.state.cache import load_state_cache_class

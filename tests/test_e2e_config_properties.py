@@ -5,6 +5,8 @@ other than 503) or exits 1 with one ``config error`` line; never a traceback."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -12,10 +14,11 @@ import uuid
 
 import pika
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .support import AMQP_PARAMS, ServiceProcess, free_port
+from .support import AMQP_PARAMS, TWISTD, ServiceProcess, free_port
 
 QUEUE_SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
 
@@ -121,3 +124,71 @@ def test_generated_configs_start_or_exit_with_one_line(tmp_path, options, suffix
             connection.close()
         except (pika.exceptions.AMQPError, ValueError):
             pass  # the service refused the name, so never declared it
+
+
+def _fifo(tmp_path):
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    return {"api_auth_token_file": str(fifo)}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"amqp_url": "amqp://guest:s3cr3t@127.0.0.1:0/"},
+            "amqp_url has an invalid port (it must be a number from 1 to 65535)",
+        ),
+        (
+            {"amqp_url": "amqp://guest:s3cr3t%zz@127.0.0.1/"},
+            "amqp_url has an invalid percent-escape (a '%' not followed by two hex digits)",
+        ),
+        (
+            {"mo_message_url": "http://127.0.0.1:0/in"},
+            "mo_message_url has an invalid port (it must be a number from 1 to 65535)",
+        ),
+        (
+            {"state_cache_config": {"url": "redis://:s3cr3t@127.0.0.1:0/0"}},
+            "state_cache_config.url has an invalid port (it must be a number from 1 to 65535)",
+        ),
+        (_fifo, "api_auth_token_file: '{fifo}' is not a regular file"),
+        (
+            {"metrics_path": "/channels/x/metrics"},
+            "metrics_path must start with '/' and lie outside the API's routes (/health,"
+            " /channels/..., /messages...), got '/channels/x/metrics'",
+        ),
+        (
+            {"channel_api": True, "admin_auth_token": "t0k3n"},
+            "channel_api needs RedisStateCache (state_cache_class) or channel_api_file"
+            " to keep its channels in",
+        ),
+    ],
+    ids=["amqp-port-0", "bad-escape", "mo-port-0", "redis-port-0", "fifo", "metrics", "store"],
+)
+def test_the_config_mistakes_of_issue_20_exit_at_once_with_one_line(tmp_path, overrides, expected):
+    """What the service could not honour is refused before anything starts:
+    exit status 1 within seconds (a FIFO no longer blocks the start), one line
+    naming the option, never the secret."""
+    if callable(overrides):
+        overrides = overrides(tmp_path)
+        expected = expected.format(fifo=overrides["api_auth_token_file"])
+    config = {
+        "connector_name": f"jbtest-{uuid.uuid4().hex[:8]}",
+        "mo_message_url": "http://127.0.0.1:9/inbound",
+        "http_bind": f"127.0.0.1:{free_port()}",
+        **overrides,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    started = time.monotonic()
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "junebug-api", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1, result
+    assert result.stderr == f"junebug-api: config error: {expected}\n", result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr

@@ -68,7 +68,7 @@ def run_twistd(tmp_path: Path, config: dict | str | None, *args: str, env=None):
             "amqp_url must not have a query string ('heartbeat=5')",
         ),
         (BASE, ["--amqp-urls", "amqp://a/,ftp://b/"], "amqp_urls[1] must start with amqp://"),
-        ({**BASE, "amqp_failover": "random"}, [], "amqp_failover must be one of"),
+        ({**BASE, "amqp_failover": "random"}, [], "amqp_failover must be in_order or shuffle"),
         ({**BASE, "amqp_tls_ca_file": "/no/ca.pem"}, [], "cannot read amqp_tls_ca_file"),
         ({**BASE, "mo_message_url": "ftp://x"}, [], "mo_message_url must be an http"),
         ("key: [unclosed", [], "config file"),

@@ -2,11 +2,20 @@
 
 Old Junebug served many channels from one process; vumi2's worker serves one
 connector. Both are channels here: the top-level ``connector_name`` (with
-``base_url_path``) is one channel, and each entry of ``channels:`` is another,
-served at ``/channels/<id>``. Top-level values are every channel's defaults;
-an entry overrides them. :func:`resolve_channels` turns a config into one
-:class:`ChannelSettings` per channel, or raises :class:`ConfigError` naming
-the channel and the option.
+``base_url_path``) is one channel, and each entry of ``channels:`` (or of the
+channel API's store) is another, served at ``/channels/<id>``. Top-level
+values are every channel's defaults; an entry overrides them.
+
+- :func:`channel_settings` resolves one entry into a :class:`ChannelSettings`,
+  or raises :class:`ConfigError` naming the channel and the key;
+- :func:`channel_entry` gives back the entry that resolves to those settings
+  (what the channel stores persist);
+- :func:`public` is what ``GET /channels/<id>`` shows (no secret);
+- :func:`resolve_channels` resolves the config file's channels.
+
+What an entry may hold is :class:`~junebug_api.config.channel_options.ChannelEntry`:
+every key is one of its options, an old Junebug alias of one
+(``mo_url``), or ``<option>_file`` for a secret or a URL.
 """
 
 from __future__ import annotations
@@ -17,87 +26,31 @@ from typing import Any
 
 import attrs
 
-from junebug_api.config.checks import (
-    ConfigError,
-    check_queue_prefix,
-    check_url,
-    check_value,
-    read_secret_file,
-    redact_url,
-)
-from junebug_api.formats.queue_names import QueueNames
+from junebug_api.config import secrets
+from junebug_api.config.channel_options import ChannelEntry, ChannelOptions
+from junebug_api.config.checks import ConfigError
+from junebug_api.config.options import Option, options
+from junebug_api.config.structure import build
+from junebug_api.config.urls import redact_url
 
-#: The top-level config (:class:`junebug_api.config.model.JunebugConfig`),
-#: not imported: config.model imports this module.
-JunebugConfig = Any
-
-#: Old Junebug names accepted for the options they mean.
-ALIASES = {"mo_url": "mo_message_url", "mo_url_auth_token": "mo_message_url_auth_token"}
-
-#: Old Junebug channel settings accepted and ignored (with a warning each).
-IGNORED = {
-    "amqp_queue": "junebug-api does not repost inbound messages onto another queue",
-    "status_url": "junebug-api runs no transports, so it has no transport status to POST",
-    "rate_limit_count": "old Junebug did not implement rate limits either",
-    "rate_limit_window": "old Junebug did not implement rate limits either",
-}
-
-#: Options a channel may set, with the type of each. Those also at the top
-#: level default to the top-level value.
-CHANNEL_OPTIONS: dict[str, Any] = {
-    "connector_name": str,
-    "mo_message_url": str,
-    "mo_message_url_auth_token": str | None,
-    "default_event_url": str | None,
-    "default_event_auth_token": str | None,
-    "transport_type": str,
-    "default_from_addr": str | None,
-    "allow_expired_replies": bool,
-    "character_limit": int | None,
-    "label": str | None,
-    "metadata": dict,
-    "api_auth_username": str | None,
-    "api_auth_password": str | None,
-    "api_auth_token": str | None,
-    "worker_concurrency": int,
-}
-
-#: Options that carry a secret: never in ``GET /channels/<id>`` or a log line.
-SECRET_OPTIONS = frozenset(
-    {
-        "mo_message_url_auth_token",
-        "default_event_auth_token",
-        "api_auth_password",
-        "api_auth_token",
-    }
-)
+#: The top-level config (:class:`junebug_api.config.model.JunebugConfig`, a
+#: :class:`ChannelOptions` with ``channels`` and ``base_url_path``), not
+#: imported: config.model imports this module.
+TopLevelConfig = Any
 
 _CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]*$")
 
 
 @attrs.frozen(kw_only=True)
-class ChannelSettings:
+class ChannelSettings(ChannelEntry):
     """Everything one channel needs, resolved from its entry and the defaults."""
 
     id: str
-    connector_name: str
     base_url_path: str
-    mo_message_url: str
-    mo_message_url_auth_token: str | None = attrs.field(default=None, repr=False)
-    default_event_url: str | None = None
-    default_event_auth_token: str | None = attrs.field(default=None, repr=False)
-    transport_type: str = "sms"
-    default_from_addr: str | None = None
-    allow_expired_replies: bool = False
-    character_limit: int | None = None
-    label: str | None = None
-    metadata: dict = attrs.field(factory=dict)
-    api_auth_username: str | None = None
-    api_auth_password: str | None = attrs.field(default=None, repr=False)
-    api_auth_token: str | None = attrs.field(default=None, repr=False)
-    worker_concurrency: int = 20
-    #: Old Junebug options given and ignored: name -> why.
+    #: Options given that are stored but not acted on: name -> why.
     ignored: dict = attrs.field(factory=dict)
+    #: The options its entry set (the rest are defaults): :func:`channel_entry`.
+    given: frozenset = attrs.field(default=frozenset(), eq=False, repr=False)
 
     @property
     def messages_path(self) -> str:
@@ -105,124 +58,164 @@ class ChannelSettings:
         return self.base_url_path.rstrip("/") + "/messages"
 
     def public(self) -> dict[str, Any]:
-        """The settings for ``GET /channels/<id>``: without any secret, and
-        with URL credentials masked."""
-        return {
-            "id": self.id,
-            "label": self.label,
-            "metadata": self.metadata,
-            "connector_name": self.connector_name,
-            "mo_url": redact_url(self.mo_message_url),
-            "default_event_url": (
-                redact_url(self.default_event_url) if self.default_event_url else None
-            ),
-            "transport_type": self.transport_type,
-            "default_from_addr": self.default_from_addr,
-            "allow_expired_replies": self.allow_expired_replies,
-            "character_limit": self.character_limit,
-            "worker_concurrency": self.worker_concurrency,
-            "messages_path": self.messages_path,
-        }
+        """The settings for ``GET /channels/<id>``: see :func:`public`."""
+        return public(self)
 
 
-def _defaults(config: JunebugConfig) -> dict[str, Any]:
-    return {
-        name: getattr(config, name)
-        for name in CHANNEL_OPTIONS
-        if hasattr(config, name) and name != "connector_name"
-    }
+def entry_options() -> dict[str, tuple[str, Option]]:
+    """Every key a channel entry takes -> the option it sets and its
+    :class:`Option`: the options, their aliases and ``<option>_file``."""
+    keys: dict[str, tuple[str, Option]] = {}
+    for field, about, _ in options(ChannelEntry):
+        for key in (field.name, *about.aliases):
+            keys[key] = (field.name, about)
+            if about.from_file:
+                keys[f"{key}_file"] = (field.name, about)
+    return keys
 
 
-def _resolve_entry(channel_id: Any, entry: Any, config: JunebugConfig) -> ChannelSettings:
+ENTRY_KEYS = entry_options()
+
+#: Every option a channel entry sets -> its type.
+CHANNEL_OPTIONS = {field.name: hint for field, _, hint in options(ChannelEntry)}
+
+#: The options of a channel that are secrets.
+SECRET_OPTIONS = frozenset(field.name for field, about, _ in options(ChannelEntry) if about.secret)
+
+#: Old Junebug channel settings stored but not acted on: name -> why.
+IGNORED = {field.name: about.ignored for field, about, _ in options(ChannelEntry) if about.ignored}
+
+
+def check_channel_id(channel_id: Any) -> None:
+    """A channel id is one URL path segment of unreserved characters."""
     if not isinstance(channel_id, str) or not _CHANNEL_ID.match(channel_id):
         raise ConfigError(
             f"channels: channel id {channel_id!r} must be letters, digits, '.', '_', '~'"
             " or '-' (it is a URL path segment)"
         )
-    where = f"channels.{channel_id}"
+
+
+def given_options(entry: Any, where: str) -> dict[str, Any]:
+    """The options an entry sets, by their own names (aliases and
+    ``<option>_file`` resolved, secrets read from their files)."""
     if entry is None:
-        entry = {}
+        return {}
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where} must be a mapping of options")
-    values = _defaults(config)
-    values["connector_name"] = channel_id
-    given: set[str] = set()
-    ignored: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for key, value in entry.items():
-        name = ALIASES.get(key, key)
-        secret = ALIASES.get(key.removesuffix("_file"), key.removesuffix("_file"))
-        if key.endswith("_file") and secret in SECRET_OPTIONS:
-            # <secret>_file: the secret read from a file, as at the top level.
-            if secret in given:
-                raise ConfigError(f"{where}: set {secret} or {key}, not both")
-            given.add(secret)
-            values[secret] = read_secret_file(f"{where}.{key}", value)
-            continue
-        if name in IGNORED:
-            ignored[name] = IGNORED[name]
-            continue
-        if name not in CHANNEL_OPTIONS:
+        if key not in ENTRY_KEYS:
             raise ConfigError(f"unknown option {where}.{key}")
-        if name in given:
+        name, about = ENTRY_KEYS[key]
+        from_file = key not in (name, *about.aliases)
+        if name in keys:
+            first = keys[name]
+            if key.endswith("_file") or first.endswith("_file"):
+                file_key = key if key.endswith("_file") else first
+                raise ConfigError(f"{where}: set {name} or {file_key}, not both")
             raise ConfigError(f"{where}.{key}: {name} is given twice (once by its alias)")
-        given.add(name)
-        values[name] = check_value(f"{where}.{key}", CHANNEL_OPTIONS[name], value)
-        if isinstance(values[name], str) and any(
-            ord(c) < 32 or ord(c) == 127 for c in values[name]
-        ):
-            raise ConfigError(f"{where}.{key} must not contain control characters")
-    settings = ChannelSettings(
-        id=channel_id, base_url_path=f"/channels/{channel_id}", ignored=ignored, **values
-    )
-    _check_settings(settings, where)
+        keys[name] = key
+        if from_file:
+            value = secrets.read_secret_file(f"{where}.{key}", value)
+        values[name] = value
+    return values
+
+
+def channel_defaults(config: ChannelOptions) -> dict[str, Any]:
+    """The top-level values every channel defaults to."""
+    return {
+        field.name: getattr(config, field.name)
+        for field, about, _ in options(ChannelOptions)
+        if about.channel_default is None
+    }
+
+
+def channel_settings(
+    channel_id: str, entry: Mapping[str, Any] | None, config: TopLevelConfig
+) -> ChannelSettings:
+    """The settings of channel ``channel_id`` from its ``entry`` (a
+    ``channels:`` entry or an API body) and the top-level ``config``; a
+    ConfigError (one line naming ``channels.<id>.<key>``) if they are wrong."""
+    check_channel_id(channel_id)
+    where = f"channels.{channel_id}"
+    given = given_options(entry, where)
+    ignored = {name: about.ignored for name, (_, about) in _ignored(given).items()}
+    values = {
+        **channel_defaults(config),
+        "connector_name": channel_id,
+        **given,
+        "id": channel_id,
+        "base_url_path": f"/channels/{channel_id}",
+        "ignored": ignored,
+        "given": frozenset(given),
+    }
+    settings = build(ChannelSettings, values, prefix=f"{where}.")
+    _check_together(settings, where)
     return settings
 
 
-def _check_settings(settings: ChannelSettings, where: str) -> None:
+def _ignored(given: Mapping[str, Any]) -> dict[str, tuple[str, Option]]:
+    return {
+        name: ENTRY_KEYS[name]
+        for name, value in given.items()
+        if ENTRY_KEYS[name][1].ignored and value is not None
+    }
+
+
+def _check_together(settings: ChannelSettings, where: str) -> None:
     if settings.mo_message_url is None:
         raise ConfigError(
             f"{where}.mo_message_url is required (in the channel or at the top level)"
         )
-    if not settings.connector_name.strip():
-        raise ConfigError(f"{where}.connector_name must not be empty")
-    check_queue_prefix(
-        f"{where}.connector_name",
-        settings.connector_name,
-        QueueNames.for_connector(settings.connector_name).all(),
-    )
-    check_url(f"{where}.mo_message_url", settings.mo_message_url)
-    if settings.default_event_url is not None:
-        check_url(f"{where}.default_event_url", settings.default_event_url)
-    if settings.character_limit is not None and not 0 <= settings.character_limit <= 1_000_000:
-        raise ConfigError(
-            f"{where}.character_limit must be from 0 to 1000000, got {settings.character_limit}"
-        )
-    if not 1 <= settings.worker_concurrency <= 65535:
-        raise ConfigError(
-            f"{where}.worker_concurrency must be from 1 to 65535, got {settings.worker_concurrency}"
-        )
     if (settings.api_auth_username is None) != (settings.api_auth_password is None):
         raise ConfigError(f"{where}: api_auth_username and api_auth_password must be set together")
-    if settings.api_auth_token is not None and not settings.api_auth_token:
-        raise ConfigError(f"{where}.api_auth_token must not be empty")
 
 
-def top_level_channel(config: JunebugConfig) -> ChannelSettings | None:
+def channel_entry(settings: ChannelSettings) -> dict[str, Any]:
+    """The ``channels:`` entry (secrets included) that resolves to ``settings``
+    again: the options it set, by their own names. What a store persists."""
+    return {
+        field.name: getattr(settings, field.name)
+        for field, _, _ in options(ChannelEntry)
+        if field.name in settings.given
+    }
+
+
+def public(settings: ChannelSettings) -> dict[str, Any]:
+    """What ``GET /channels/<id>`` shows: ``id``, every option that is no
+    secret (an aliased one under old Junebug's name: ``mo_url``), URLs
+    with their credentials masked, the transport ``config`` with its secrets
+    masked, and ``messages_path``."""
+    shown: dict[str, Any] = {"id": settings.id}
+    for field, about, _ in options(ChannelEntry):
+        if about.secret or not about.public:
+            continue
+        value = getattr(settings, field.name)
+        if about.url and isinstance(value, str):
+            value = redact_url(value)
+        shown[about.aliases[0] if about.aliases else field.name] = value
+    shown["config"] = secrets.masked(settings.config)
+    shown["messages_path"] = settings.messages_path
+    return shown
+
+
+def top_level_channel(config: TopLevelConfig) -> ChannelSettings | None:
     """The vumi2 form's one connector as a channel (id: its connector name), if set."""
     if config.connector_name is None:
         return None
-    values = _defaults(config)
     return ChannelSettings(
         id=config.connector_name,
         connector_name=config.connector_name,
         base_url_path=config.base_url_path,
-        **values,
+        **channel_defaults(config),
     )
 
 
-def resolve_channels(config: JunebugConfig) -> list[ChannelSettings]:
+def resolve_channels(config: TopLevelConfig) -> list[ChannelSettings]:
     """Every channel of the config: the top-level connector first (if any),
-    then ``channels:`` in id order."""
+    then ``channels:`` in id order; ConfigError if two share an id, a
+    connector or a messages path."""
     channels: list[ChannelSettings] = []
     top = top_level_channel(config)
     if top is not None:
@@ -230,29 +223,35 @@ def resolve_channels(config: JunebugConfig) -> list[ChannelSettings]:
     if not isinstance(config.channels, Mapping):
         raise ConfigError("channels must be a mapping of channel id to settings")
     for channel_id in sorted(config.channels, key=str):
-        channels.append(_resolve_entry(channel_id, config.channels[channel_id], config))
-    ids: dict[str, ChannelSettings] = {}
-    connectors: dict[str, ChannelSettings] = {}
-    paths: dict[str, ChannelSettings] = {}
+        channels.append(channel_settings(channel_id, config.channels[channel_id], config))
+    check_distinct(channels, top)
+    return channels
+
+
+def check_distinct(channels: list[ChannelSettings], top: ChannelSettings | None = None) -> None:
+    """No two channels with one id, one connector name or one messages path."""
+    seen: dict[tuple[str, str], ChannelSettings] = {}
     for channel in channels:
         where = f"channels.{channel.id}" if channel is not top else "connector_name"
-        if channel.id in ids:
-            raise ConfigError(
-                f"{where}: the top-level connector_name is already a channel with this id"
-            )
-        other = connectors.get(channel.connector_name)
-        if other is not None:
-            raise ConfigError(
-                f"{where}.connector_name {channel.connector_name!r} is already the connector"
-                f" of channel {other.id!r}"
-            )
-        other = paths.get(channel.messages_path)
-        if other is not None:
-            raise ConfigError(
-                f"{where}: its messages path {channel.messages_path} is already that of"
-                f" {'the top-level connector' if other is top else 'channel ' + repr(other.id)}"
-            )
-        ids[channel.id] = connectors[channel.connector_name] = paths[channel.messages_path] = (
-            channel
+        for kind, value in (
+            ("id", channel.id),
+            ("connector", channel.connector_name),
+            ("path", channel.messages_path),
+        ):
+            other = seen.setdefault((kind, value), channel)
+            if other is not channel:
+                raise ConfigError(_clash(kind, where, channel, other, top))
+
+
+def _clash(
+    kind: str, where: str, channel: ChannelSettings, other: ChannelSettings, top: Any
+) -> str:
+    if kind == "id":
+        return f"{where}: the top-level connector_name is already a channel with this id"
+    if kind == "connector":
+        return (
+            f"{where}.connector_name {channel.connector_name!r} is already the connector"
+            f" of channel {other.id!r}"
         )
-    return channels
+    owner = "the top-level connector" if other is top else f"channel {other.id!r}"
+    return f"{where}: its messages path {channel.messages_path} is already that of {owner}"

@@ -23,7 +23,8 @@ from junebug_api.config.checks import ConfigError
 
 
 class TlsFiles(Protocol):
-    """Where the TLS material is (:class:`junebug_api.config.model.AmqpConnectionSettings`)."""
+    """Where the TLS material is: an
+    :class:`~junebug_api.config.amqp_options.AmqpConnectionSettings`."""
 
     @property
     def tls_ca_file(self) -> str | None: ...

@@ -18,7 +18,6 @@ import sys
 import time
 from datetime import UTC, datetime
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.logger import (
@@ -32,6 +31,8 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.logfile import LogFile
+
+from junebug_api.config.redaction import secret_values
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 observer = FilteringLogObserver(globalLogPublisher, [_predicate])
@@ -80,42 +81,9 @@ class Redactor:
 
     @classmethod
     def for_config(cls, config: Any) -> Redactor:
-        """The secrets of a :class:`~junebug_api.config.model.JunebugConfig`."""
-        values: list[str | None] = [
-            config.api_auth_password,
-            config.api_auth_token,
-            config.mo_message_url_auth_token,
-            config.default_event_auth_token,
-            config.amqp_settings.password,
-        ]
-        urls = [config.mo_message_url, config.default_event_url, config.amqp_url]
-        cache_url = config.state_cache_config.get("url")
-        if isinstance(cache_url, str):
-            urls.append(cache_url)
-        # Each channel's own secrets and URLs (those from <option>_file too).
-        if getattr(config, "channels", None):
-            from junebug_api.config.channels import resolve_channels
-
-            for channel in resolve_channels(config):
-                values += [
-                    channel.api_auth_password,
-                    channel.api_auth_token,
-                    channel.mo_message_url_auth_token,
-                    channel.default_event_auth_token,
-                ]
-                urls += [channel.mo_message_url, channel.default_event_url]
-        sentinel_password = config.state_cache_config.get("sentinel_password")
-        if isinstance(sentinel_password, str):
-            values.append(sentinel_password)
-        for url in urls:
-            if url:
-                try:
-                    parts = urlsplit(url)
-                    values += [parts.password, unquote(parts.password or "") or None]
-                except ValueError:
-                    pass
-        if config.sentry:
-            values.append(urlsplit(config.sentry).username)
+        """The secrets of a :class:`~junebug_api.config.model.JunebugConfig`
+        and of its channels (those from ``<option>_file`` too)."""
+        values = secret_values(config)
         # Very short values ("guest", "x") would mangle ordinary words.
         kept = {v for v in values if v and len(v) >= 4 and v != "guest"}
         return cls(tuple(sorted(kept, key=len, reverse=True)))

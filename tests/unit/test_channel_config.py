@@ -262,3 +262,191 @@ def test_a_channels_queue_names_fit_amqp() -> None:
         load(channels={"a": {"mo_url": MO, "connector_name": "c" * 250}})
     with pytest.raises(ConfigError, match=r"^channels\.a\.connector_name must not start with"):
         load(channels={"a": {"mo_url": MO, "connector_name": "amq.x"}})
+
+
+# -- the channel settings interface (channel API, stores, reload) -------------
+
+
+def top_level(**data):
+    """A config with the channel API and no channel yet."""
+    return load(
+        mo_message_url=MO,
+        channel_api="true",
+        admin_auth_token="adm1n",
+        channel_api_file="/tmp/channels.yaml",
+        **data,
+    )
+
+
+def test_old_junebug_fields_are_stored_and_shown_with_secrets_masked() -> None:
+    from junebug_api.config.channels import channel_settings
+
+    config = {"host": "smpp.example", "Password": "pw1", "auth": {"api_token": "t0k", "n": 1}}
+    settings = channel_settings(
+        "c1",
+        {
+            "type": "smpp",
+            "config": config,
+            "label": "SMS",
+            "metadata": {"team": "x"},
+            "amqp_queue": "extra",
+            "status_url": "http://s.example/status",
+            "rate_limit_count": 10,
+            "rate_limit_window": 60,
+            "character_limit": 160,
+            "public_http": {"enabled": False},
+            "api_auth_username": "rp",
+            "api_auth_password": "rp-secret",
+        },
+        top_level(),
+    )
+    assert (settings.type, settings.config, settings.amqp_queue) == ("smpp", config, "extra")
+    assert (settings.rate_limit_count, settings.rate_limit_window) == (10, 60)
+    assert sorted(settings.ignored) == [
+        "amqp_queue",
+        "rate_limit_count",
+        "rate_limit_window",
+        "status_url",
+    ]
+    shown = settings.public()
+    assert shown["config"] == {
+        "host": "smpp.example",
+        "Password": "***",
+        "auth": {"api_token": "***", "n": 1},
+    }
+    assert (shown["type"], shown["label"], shown["status_url"]) == (
+        "smpp",
+        "SMS",
+        "http://s.example/status",
+    )
+    assert (shown["rate_limit_count"], shown["public_http"]) == (10, {"enabled": False})
+    assert shown["mo_url"] == MO and shown["messages_path"] == "/channels/c1/messages"
+    for hidden in ("api_auth_username", "api_auth_password", "mo_message_url_auth_token"):
+        assert hidden not in shown
+    assert "rp-secret" not in repr(shown) and "pw1" not in repr(shown)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"status_url": "ftp://x"}, r"^channels\.c1\.status_url must be an http"),
+        ({"rate_limit_count": -1}, r"^channels\.c1\.rate_limit_count must be from 0"),
+        ({"rate_limit_window": "60"}, r"^channels\.c1\.rate_limit_window must be an integer"),
+        ({"type": 5}, r"^channels\.c1\.type must be a string"),
+        ({"config": []}, r"^channels\.c1\.config must be a mapping"),
+        ({"id": "other"}, r"^unknown option channels\.c1\.id$"),
+        ({"ignored": {}}, r"^unknown option channels\.c1\.ignored$"),
+        ({"worker_concurrency": 0}, r"^channels\.c1\.worker_concurrency must be from 1"),
+    ],
+)
+def test_channel_settings_errors_are_one_line_naming_the_key(entry: dict, message: str) -> None:
+    from junebug_api.config.channels import channel_settings
+
+    with pytest.raises(ConfigError, match=message):
+        channel_settings("c1", entry, top_level())
+
+
+def test_channel_entry_gives_back_the_same_settings_and_keeps_defaults_live() -> None:
+    from junebug_api.config.channels import channel_entry, channel_settings
+
+    config = top_level(character_limit="160")
+    settings = channel_settings(
+        "c1", {"mo_url": "http://b.example/in", "mo_url_auth_token": "t0k", "type": "x"}, config
+    )
+    entry = channel_entry(settings)
+    assert entry == {
+        "mo_message_url": "http://b.example/in",
+        "mo_message_url_auth_token": "t0k",
+        "type": "x",
+    }
+    assert channel_settings("c1", entry, config) == settings
+    # What the entry did not set follows the top level.
+    assert channel_settings("c1", entry, top_level(character_limit="70")).character_limit == 70
+    assert settings.character_limit == 160
+
+
+def test_api_bodies_create_and_modify() -> None:
+    from junebug_api.config.channel_api import created_entry, modified_entry
+    from junebug_api.config.channels import channel_entry, channel_settings
+
+    config = top_level()
+    created = created_entry(
+        {"type": "smpp", "config": {}, "mo_url": "http://b.example/in", "label": "B"}
+    )
+    settings = channel_settings("c1", created, config)
+    body = {"mo_url": "http://c.example/in", "status_url": None, "character_limit": 5}
+    changed = channel_settings("c1", modified_entry(channel_entry(settings), body), config)
+    assert (changed.mo_message_url, changed.label, changed.character_limit) == (
+        "http://c.example/in",
+        "B",
+        5,
+    )
+    assert (changed.type, changed.status_url) == ("smpp", None)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"config": {}}, r"^body\.type is required$"),
+        ({"type": "x"}, r"^body\.config is required$"),
+        (
+            {"type": "x", "config": {}, "mo_url_auth_token_file": "/etc/passwd"},
+            r"^unknown option body\.mo_url_auth_token_file$",
+        ),
+        ({"type": "x", "config": {}, "colour": 1}, r"^unknown option body\.colour$"),
+        (
+            {"type": "x", "config": {}, "mo_url": MO, "mo_message_url": MO},
+            r"^body\.mo_(message_)?url: mo_message_url is given twice",
+        ),
+        ([], r"^body must be a JSON object$"),
+    ],
+)
+def test_api_bodies_refuse_what_they_may_not_hold(body: object, message: str) -> None:
+    from junebug_api.config.channel_api import created_entry
+
+    with pytest.raises(ConfigError, match=message):
+        created_entry(body)
+
+
+def test_json_schemas_of_bodies_come_from_the_model() -> None:
+    import jsonschema
+
+    from junebug_api.config.channel_api import channel_body_schema, channel_entry_schema
+
+    create, modify = channel_body_schema(create=True), channel_body_schema(create=False)
+    jsonschema.Draft202012Validator.check_schema(create)
+    assert create["required"] == ["type", "config"] and "required" not in modify
+    good = {"type": "smpp", "config": {"a": 1}, "mo_url": MO, "character_limit": 5}
+    jsonschema.validate(good, create)
+    for bad in (
+        {"config": {}},
+        {**good, "character_limit": -1},
+        {**good, "worker_concurrency": 70000},
+        {**good, "mo_url": "ftp://x"},
+        {**good, "mo_url_auth_token_file": "/etc/passwd"},
+        {**good, "colour": "red"},
+        {**good, "label": 5},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, create)
+    jsonschema.validate({"status_url": None, "mo_url": None}, modify)
+    props = channel_entry_schema()["properties"]
+    assert props["mo_url_auth_token_file"]["type"] == "string"
+    assert props["character_limit"]["type"] == ["integer", "null"]
+    assert props["worker_concurrency"]["description"].startswith("The prefetch")
+
+
+def test_channel_secret_values_include_the_transport_config() -> None:
+    from junebug_api.config.channels import channel_settings
+    from junebug_api.config.redaction import channel_secret_values
+
+    settings = channel_settings(
+        "c1",
+        {
+            "config": {"smpp": {"password": "smpp-pass"}},
+            "mo_url": "http://u:url-pass@rp.example/in",
+            "api_auth_token": "api-tok",
+        },
+        top_level(),
+    )
+    assert {"smpp-pass", "url-pass", "api-tok"} <= set(channel_secret_values(settings))

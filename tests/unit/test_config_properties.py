@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 
-from junebug_api.config.checks import base_type
 from junebug_api.config.model import (
     MAX_SECONDS,
     ConfigError,
@@ -24,6 +23,7 @@ from junebug_api.config.model import (
     option_names,
     option_type,
 )
+from junebug_api.config.options import base_type
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.service import JunebugService
 from junebug_api.state.cache import load_state_cache_class
@@ -194,3 +194,79 @@ def test_environment_and_cli_strings(flat: dict) -> None:
         config = check_loads_or_one_line(lambda kwargs=kwargs: load_config(None, **kwargs))
         if config is not None:
             assert_config_works(config)
+
+
+def _entry_keys() -> list[str]:
+    from junebug_api.config.channels import ENTRY_KEYS
+
+    return [*sorted(k for k in ENTRY_KEYS if not k.endswith("_file")), "colour", "id"]
+
+
+def _entry_value(key: str) -> st.SearchStrategy:
+    """Values for an entry key: of its option's type, mostly working ones, or arbitrary."""
+    from junebug_api.config.channels import ENTRY_KEYS
+
+    if key not in ENTRY_KEYS:
+        return values
+    name, about = ENTRY_KEYS[key]
+    kind, optional = base_type(option_type_of_entry(name))
+    if about.url:
+        good = st.sampled_from(["http://rp.example/in", "https://u:p@h:8443/x?token=t"])
+    elif kind is int:
+        good = st.integers(min_value=0, max_value=1000)
+    elif kind is bool:
+        good = st.booleans()
+    elif kind is dict:
+        good = st.dictionaries(st.sampled_from(["password", "host", "api_token", "n"]), values)
+    else:
+        good = st.text(alphabet=string.ascii_letters + string.digits + "-.", max_size=12)
+    good = st.none() | good if optional else good
+    return st.one_of(good, good, good, values)
+
+
+def option_type_of_entry(name: str):
+    from junebug_api.config.channel_options import ChannelEntry
+    from junebug_api.config.options import options
+
+    return {field.name: hint for field, _, hint in options(ChannelEntry)}[name]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    entry=st.lists(st.sampled_from(_entry_keys()), max_size=5, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _entry_value(k) for k in keys})
+    ),
+    create=st.booleans(),
+)
+def test_channel_entries_and_api_bodies_give_settings_or_one_line(
+    entry: dict, create: bool
+) -> None:
+    """Any entry or API body: settings that give back their entry and show no
+    secret option (nor a secret in ``config``), or ConfigError with one line;
+    never another exception."""
+    from junebug_api.config.channel_api import created_entry, modified_entry
+    from junebug_api.config.channels import channel_entry, channel_settings, public
+
+    config = load_config(None, environ={}, cli=REQUIRED)
+
+    def resolve():
+        if create:
+            body = created_entry({"type": "t", "config": {}, **entry})
+        else:
+            body = modified_entry({"type": "t"}, entry)
+        return channel_settings("c-1", body, config)
+
+    try:
+        settings_ = resolve()
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        event("refused")
+        return
+    event("resolved")
+    assert channel_settings("c-1", channel_entry(settings_), config) == settings_
+    shown = public(settings_)
+    from junebug_api.config.channels import SECRET_OPTIONS
+    from junebug_api.config.secrets import is_secret_key
+
+    assert not SECRET_OPTIONS & set(shown) and "mo_url_auth_token" not in shown
+    assert all(v in ("***", None) for k, v in shown["config"].items() if is_secret_key(k))

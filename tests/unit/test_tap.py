@@ -171,3 +171,13 @@ def test_log_format_text_leaves_twistds_observer(tmp_path: Path) -> None:
     options = parsed(REQUIRED)
     options.parent = ServerOptions(logfile=str(tmp_path / "twistd.log"))
     assert joined(options).getComponent(ILogObserver) is None
+
+
+def test_help_gives_every_option_its_sentence_from_the_config_model() -> None:
+    from junebug_api.config.reference import help_texts
+
+    text = "".join(str(Options()).split())  # twisted wraps the help column, at hyphens too
+    assert "overridesfileandenv" not in text
+    for name, sentence in help_texts().items():
+        assert "--" + name.replace("_", "-") + "=" + "".join(sentence.split()) in text, name
+    assert "--openapi-path=" in text and "--channel-api=" in text
