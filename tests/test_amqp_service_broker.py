@@ -6,6 +6,7 @@ depths)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -30,17 +31,23 @@ def queues(connector):
     }
 
 
-@pytest_twisted.ensureDeferred
-async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
+def acking_consumer() -> tuple[list[bytes], Any]:
+    """A consumer that acks each message at once, and the bodies it got."""
     received: list[bytes] = []
 
-    def consume(body, acker):
+    def consume(body: bytes, acker: Any) -> None:
         received.append(body)
         acker.ack()
 
+    return received, consume
+
+
+@pytest_twisted.ensureDeferred
+async def test_queries_delay_queues_and_pausing_one_consumer(broker, queues):
     amqp = AmqpService(
         AmqpConfig(), prefetch=5, reactor=reactor, connection_name="junebug-api test"
     )
+    received, consume = acking_consumer()
     amqp.add_queues({queues["outbound"]: {}, queues["inbound"]: {}})
     amqp.add_consumer(queues["inbound"], consume)
     amqp.startService()
@@ -98,15 +105,10 @@ async def test_consumers_and_queues_added_and_removed_while_running(broker, queu
     """Against RabbitMQ: a queue and a consumer added after the start work at
     once; gets raced on one connection each take their own message; a
     removed consumer gets nothing more and its queue keeps what comes."""
-    received: list[bytes] = []
-
-    def consume(body, acker):
-        received.append(body)
-        acker.ack()
-
     amqp = AmqpService(
         AmqpConfig(), prefetch=5, reactor=reactor, connection_name="junebug-api test"
     )
+    received, consume = acking_consumer()
     amqp.startService()
     try:
         await amqp.when_connected(failures=3)
