@@ -99,20 +99,17 @@ class JunebugService(MultiService):
             )
 
         queue_names = {c.id: QueueNames.for_connector(c.connector_name) for c in settings}
-        all_queues = [q for names in queue_names.values() for q in names.by_role().values()]
         self.amqp = AmqpService(
             config.amqp_connection,
-            queues=all_queues,
-            consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
             connection_name=f"junebug-api {name}",
             metrics=metrics,
         )
-        # The delay queues, declared on every connect like the others.
+        # Every channel's queues (delay queues with their arguments), declared
+        # on every connect.
         for names in queue_names.values():
-            for queue, arguments in names.delay_queue_arguments().items():
-                Deferred.fromCoroutine(self.amqp.declare_queue(queue, arguments))
+            self.amqp.add_queues(names.declarations())
         self.channels = [
             Channel(
                 channel,

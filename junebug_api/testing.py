@@ -50,7 +50,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from junebug_api.amqp.protocol import encode_table
+from junebug_api.amqp.frames import encode_table
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.formats.vumi_messages import VumiMessage
