@@ -24,6 +24,8 @@ from twisted.internet.task import Clock
 from junebug_api.channels.message_status import status_event
 from junebug_api.state.memory_cache import InMemoryStateCache
 
+CHANNEL = "bc5c3a6c-5f0d-4a8a-9c8e-3b0f8a2c4d11"  # an old Junebug channel id
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -47,8 +49,7 @@ def events(message_id: str) -> list[tuple[str, bytes]]:
         "delivery_status": "delivered",
         "timestamp": "2026-11-26 13:23:19.000000",
     }
-    channel = "bc5c3a6c-5f0d-4a8a-9c8e-3b0f8a2c4d11"  # an old Junebug channel id
-    return [(e["event_id"], status_event(e, channel)) for e in (ack, report)]
+    return [(e["event_id"], status_event(e, CHANNEL)) for e in (ack, report)]
 
 
 def memory(n: int) -> None:
@@ -59,7 +60,7 @@ def memory(n: int) -> None:
     for _ in range(n):
         message_id = uuid.uuid4().hex
         for event_id, body in events(message_id):
-            cache.store_message_event(message_id, event_id, body)
+            cache.store_message_event(CHANNEL, message_id, event_id, body)
     gc.collect()
     after = rss_bytes()
     print(f"InMemoryStateCache: {n:,} messages with two events each")
@@ -86,9 +87,9 @@ async def redis(url: str) -> None:
         ids = [uuid.uuid4().hex for _ in range(n)]
         for message_id in ids:
             for event_id, body in events(message_id):
-                await cache.store_message_event(message_id, event_id, body)
+                await cache.store_message_event(CHANNEL, message_id, event_id, body)
         after = client.info("memory")["used_memory"]
-        usage = client.memory_usage(f"{prefix}status:{ids[0]}", samples=0)
+        usage = client.memory_usage(f"{prefix}events:{CHANNEL}:{ids[0]}", samples=0)
         print(f"RedisStateCache: {n:,} messages with two events each")
         print(f"  MEMORY USAGE of one message's hash: {usage} bytes")
         print(f"  used_memory growth per message: {(after - before) / n:,.0f} bytes")

@@ -29,6 +29,7 @@ from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.http.api import ApiCredentials, JunebugApi
+from junebug_api.http.routes import openapi_path_of
 from junebug_api.http.server import ApiSite, ListeningService, with_listen_backlog
 from junebug_api.observe.log import Redactor, logger, set_log_level
 from junebug_api.observe.metrics import NO_METRICS, Metrics, PrometheusMetrics
@@ -98,20 +99,17 @@ class JunebugService(MultiService):
             )
 
         queue_names = {c.id: QueueNames.for_connector(c.connector_name) for c in settings}
-        all_queues = [q for names in queue_names.values() for q in names.by_role().values()]
         self.amqp = AmqpService(
             config.amqp_connection,
-            queues=all_queues,
-            consumers={},
             prefetch=config.worker_concurrency,
             reactor=reactor,
             connection_name=f"junebug-api {name}",
             metrics=metrics,
         )
-        # The delay queues, declared on every connect like the others.
+        # Every channel's queues (delay queues with their arguments), declared
+        # on every connect.
         for names in queue_names.values():
-            for queue, arguments in names.delay_queue_arguments().items():
-                Deferred.fromCoroutine(self.amqp.declare_queue(queue, arguments))
+            self.amqp.add_queues(names.declarations())
         self.channels = [
             Channel(
                 channel,
@@ -179,6 +177,7 @@ class JunebugService(MultiService):
             metrics=metrics,
             metrics_path=config.metrics_path,
             metrics_auth=config.metrics_auth,
+            openapi_path=openapi_path_of(config),
         )
         site = ApiSite(
             api.resource(),
@@ -195,8 +194,8 @@ class JunebugService(MultiService):
         self.http.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
-        """Join twistd's application; with ``log_format: json``, give it the
-        JSON log observer, which twistd looks up on the application."""
+        """Join twistd's application; give it the log observer (text or JSON
+        lines, redacted), which twistd looks up on the application."""
         if self._log_observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)

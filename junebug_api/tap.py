@@ -52,7 +52,7 @@ def makeService(options: Options) -> Any:
     from junebug_api.http.limits import raise_open_file_limit
     from junebug_api.observe.log import (
         Redactor,
-        json_file_log_observer,
+        log_file_observer,
         logger,
         set_log_level,
         twistd_log_file,
@@ -85,10 +85,10 @@ def makeService(options: Options) -> Any:
 
     observer = None
     server_options = getattr(options, "parent", None)
-    if config.log_format == "json" and server_options is not None:
+    if server_options is not None:
         out = twistd_log_file(server_options)
         if out is not None:
-            observer = json_file_log_observer(
-                out, Redactor.for_config(config), config.connector_name
+            observer = log_file_observer(
+                config.log_format, out, Redactor.for_config(config), config.connector_name
             )
     return JunebugService(config, reactor, log_observer=observer)

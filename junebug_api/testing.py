@@ -50,7 +50,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from junebug_api.amqp.protocol import encode_table
+from junebug_api.amqp.frames import encode_table
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.formats.vumi_messages import VumiMessage
@@ -239,11 +239,13 @@ class BreakableStateCache:
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         return self._call("delete_event_info", message_id)
 
-    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
-        return self._call("store_message_event", message_id, event_id, event)
+    def store_message_event(
+        self, channel_id: str, message_id: str, event_id: str, event: bytes
+    ) -> Deferred[None]:
+        return self._call("store_message_event", channel_id, message_id, event_id, event)
 
-    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
-        return self._call("fetch_message_events", message_id)
+    def fetch_message_events(self, channel_id: str, message_id: str) -> Deferred[list[bytes]]:
+        return self._call("fetch_message_events", channel_id, message_id)
 
     def start(self) -> None:
         self.cache.start()

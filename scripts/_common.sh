@@ -8,9 +8,6 @@ VENV="${JUNEBUG_VENV:-$ROOT/.venv}"
 say() { printf 'junebug-api: %s\n' "$*" >&2; }
 
 LOCK_FILE="$ROOT/requirements/lock.txt"
-# What scripts/lock installs to resolve the lock (uv's output changes between
-# its releases, so one release of it).
-LOCK_TOOL="uv==0.13.10"
 
 need_python() {
     local python="$1"

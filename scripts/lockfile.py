@@ -4,14 +4,18 @@ runs in any virtualenv, before anything is installed.
 ``python scripts/lockfile.py extras LOCK`` prints the distributions installed
 beside this interpreter that the lock does not name (pip itself and
 junebug-api aside): scripts/_common.sh removes them, so that a virtualenv
-holds exactly the lock. tests/unit/test_dependencies.py checks the lock
-against setup.cfg with ``read``.
+holds exactly the lock; ``build-requires ROOT`` prints pyproject.toml's
+build requirements, for scripts/lock. ``declared`` reads what the lock is made from
+(setup.cfg, pyproject.toml): tests/unit/test_dependencies.py checks the lock
+against it, scripts/canary.py installs it.
 """
 
 from __future__ import annotations
 
+import configparser
 import re
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +56,24 @@ def read(lock: Path) -> dict[str, Pin]:
     return found
 
 
+def declared(root: Path) -> dict[str, list[str]]:
+    """The requirements the lock is made from, by group: setup.cfg's
+    ``install_requires`` and each extra, and pyproject.toml's ``build-system``."""
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg", encoding="utf-8")
+
+    def lines(value: str) -> list[str]:
+        stripped = (line.strip() for line in value.splitlines())
+        return [line for line in stripped if line and not line.startswith("#")]
+
+    found = {"install_requires": lines(cfg["options"]["install_requires"])}
+    for extra, value in cfg["options.extras_require"].items():
+        found[extra] = lines(value)
+    with open(root / "pyproject.toml", "rb") as f:
+        found["build-system"] = list(tomllib.load(f)["build-system"]["requires"])
+    return found
+
+
 def extras(lock: Path) -> list[str]:
     """Installed distributions that the lock does not name."""
     installed = {canonical(d.metadata["Name"] or "") for d in metadata.distributions()}
@@ -59,6 +81,9 @@ def extras(lock: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "extras":
-        sys.exit("usage: lockfile.py extras LOCK")
-    print(" ".join(extras(Path(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] == "extras":
+        print(" ".join(extras(Path(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-requires":
+        print("\n".join(declared(Path(sys.argv[2]))["build-system"]))
+    else:
+        sys.exit("usage: lockfile.py extras LOCK | build-requires PROJECT_ROOT")

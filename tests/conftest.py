@@ -77,15 +77,27 @@ def local_services(request: pytest.FixtureRequest) -> None:
         pytest.exit(started.stderr.strip() or "could not start RabbitMQ and Redis", returncode=1)
 
 
-@pytest.fixture
-def connector() -> Iterator[str]:
+def unused_name(prefix: str) -> Iterator[str]:
     """A connector name no other test uses; its queues are deleted afterwards."""
-    name = f"jbtest-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     yield name
     broker = Broker()
     for queue in QueueNames.for_connector(name).all():
         broker.delete(queue)
     broker.close()
+
+
+@pytest.fixture
+def connector() -> Iterator[str]:
+    """A connector name no other test uses; its queues are deleted afterwards."""
+    yield from unused_name("jbtest")
+
+
+@pytest.fixture
+def channel_id() -> Iterator[str]:
+    """A channel id (for ``channels:`` beside ``connector``) no other test
+    uses; its queues are deleted afterwards."""
+    yield from unused_name("jbchan")
 
 
 @pytest.fixture

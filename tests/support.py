@@ -163,10 +163,13 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         command_prefix: list[str] | None = None,
         allow_log_errors: bool = False,
+        twistd: str = TWISTD,
     ) -> None:
         """``command_prefix`` runs twistd under another command (``prlimit ...``);
         ``allow_log_errors`` is for a test that provokes a traceback on purpose:
-        otherwise :meth:`stop` fails the test when the log holds one."""
+        otherwise :meth:`stop` fails the test when the log holds one. ``twistd``:
+        another virtualenv's (default: the one running the tests)."""
+        self.twistd = twistd
         self.config = config
         self.command_prefix = command_prefix or []
         self.allow_log_errors = allow_log_errors
@@ -190,7 +193,7 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             [
                 *self.command_prefix,
-                TWISTD,
+                self.twistd,
                 "-n",
                 "--pidfile=",
                 f"--logfile={self.log_path}",

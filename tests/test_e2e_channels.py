@@ -420,7 +420,68 @@ async def test_message_status_written_by_one_process_is_read_from_another(
         assert code == 200
         assert status["result"]["last_event_type"] == "submitted"
         assert [e["channel_id"] for e in status["result"]["events"]] == [c]
-        assert redis_prefix.keys() and any(b"status:" in k for k in redis_prefix.keys())
+        assert any(f"events:{c}:{message_id}".encode() in k for k in redis_prefix.keys())
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("cache", ["memory", "redis"])
+@pytest_twisted.ensureDeferred
+async def test_message_status_is_per_channel(start, ids, sinks, redis_prefix, cache):
+    """Through another channel a message id answers exactly as an id never
+    used; the same id on two channels keeps two statuses. With Redis two
+    processes consume the .event queues: whichever stored an event, both answer."""
+    a, b, c = ids
+    shared = {
+        "state_cache_class": "junebug_api.state_cache.RedisStateCache",
+        "state_cache_config": {"url": REDIS_URL, "key_prefix": redis_prefix.prefix},
+    }
+    config = three_channels(ids, sinks, **(shared if cache == "redis" else {}))
+    broker = Broker()
+    try:
+        services = [start(config) for _ in range(2 if cache == "redis" else 1)]
+        code, answer, _ = await call(
+            services[0], "POST", f"/channels/{c}/messages", {"to": "1", "from": "2", "content": "x"}
+        )
+        assert code == 201
+        message_id = answer["result"]["message_id"]
+        # c's transport acks it; b's transport sends events naming the same id.
+        broker.publish(f"{c}.event", event_message(message_id, "ack"))
+        for _ in range(3):
+            broker.publish(f"{b}.event", event_message(message_id, "nack", nack_reason="b's"))
+
+        async def status(service: ServiceProcess, channel_id: str, mid: str) -> tuple[dict, str]:
+            path = f"/channels/{channel_id}/messages/{mid}"
+            code, answer, text = await call(service, "GET", path, token=token_for(channel_id, ids))
+            assert code == 200, text
+            return answer, text
+
+        await wait_for(lambda: sinks[2].at("/events"), what="c's event delivered")
+        for service in services:
+            c_status, _ = await status(service, c, message_id)
+            assert [(e["channel_id"], e["event_type"]) for e in c_status["result"]["events"]] == [
+                (c, "submitted")
+            ]
+            b_events = []
+            for _ in range(50):  # b's three events are stored, then dropped (no event URL)
+                b_status, _ = await status(service, b, message_id)
+                b_events = b_status["result"]["events"]
+                if len(b_events) == 3:
+                    break
+                await pause(0.1)
+            assert {(e["channel_id"], e["event_type"]) for e in b_events} == {(b, "rejected")}
+            assert len(b_events) == 3, b_events
+            # Through a, the id is unknown: the very answer of an id never used.
+            never = "0" * 32
+            through_a, _ = await status(service, a, message_id)
+            _, never_text = await status(service, a, never)
+            assert through_a == json.loads(never_text.replace(never, message_id))
+            assert through_a["result"] == {
+                "id": message_id,
+                "last_event_type": None,
+                "last_event_timestamp": None,
+                "events": [],
+            }
     finally:
         broker.close()
 

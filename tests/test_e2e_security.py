@@ -11,13 +11,14 @@ import ssl
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
 
-from .support import event_message, inbound_message, wait_for
+from .support import event_message, free_port, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 MESSAGE = {"to": "+1", "from": "2", "content": "x"}
@@ -298,3 +299,79 @@ async def test_no_secret_in_logs_health_or_answers(
     assert "mo_message_url" in exposed  # the config echo is there, masked
     leaked = sorted(secret for secret in secrets if secret in exposed)
     assert leaked == []
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest_twisted.ensureDeferred
+async def test_callback_urls_stay_private_with_rapidpro_down(
+    make_service, broker, channel_id, log_format
+):
+    """RapidPro's channel UUID (its path) and the tokens in a callback URL's
+    query are capabilities: the open /health shows scheme://host:port only,
+    the log (either format) neither, GET /channels/<id> the path with the
+    query values masked."""
+    origin = f"http://127.0.0.1:{free_port()}"  # nothing listens: RapidPro is down
+    mo_uuid, event_uuid, default_uuid = (str(uuid.uuid4()) for _ in range(3))
+    tokens = ("mo-qT0ken", "ev-qT0ken", "dev-qT0ken")
+    mo_url = f"{origin}/c/jn/{mo_uuid}/receive?token={tokens[0]}&lang=en"
+    event_url = f"{origin}/c/jn/{event_uuid}/event?token={tokens[1]}"
+    default_event_url = f"{origin}/c/jn/{default_uuid}/event?token={tokens[2]}"
+    service = make_service(
+        log_format=log_format,
+        log_level="DEBUG",
+        channels={
+            channel_id: {
+                "mo_url": mo_url,
+                "default_event_url": default_event_url,
+                "api_auth_token": "api-Token-8",
+            }
+        },
+    )
+    auth = {"Authorization": "Token api-Token-8"}
+    response = await treq.post(
+        f"{service.url}/channels/{channel_id}/messages",
+        data=json.dumps({**MESSAGE, "event_url": event_url}).encode(),
+        headers=auth,
+    )
+    message_id = json.loads(await response.text())["result"]["message_id"]
+    broker.publish(f"{channel_id}.inbound", inbound_message(channel_id))
+    broker.publish(f"{channel_id}.event", event_message(message_id, "ack"))
+    broker.publish(f"{channel_id}.event", event_message("no-event-info", "ack"))
+
+    async def health() -> dict:
+        return json.loads(await (await treq.get(service.url + "/health")).text())
+
+    async def failing() -> dict | None:
+        status = await health()
+        channel = status["channels"][channel_id]
+        both = channel["mo_message_url"].get("error") and channel["event_url"].get("error")
+        return status if both else None
+
+    status = None
+    for _ in range(200):
+        status = await failing()
+        if status is not None:
+            break
+        await pause(0.05)
+    assert status is not None, service.log()
+    health_text = json.dumps(status)
+    assert f"POST to {origin} failed" in status["channels"][channel_id]["mo_message_url"]["error"]
+    assert "/c/jn" not in health_text and "?" not in health_text, health_text
+
+    _, info = await call_json(service, f"/channels/{channel_id}", auth)
+    assert info["result"]["mo_url"] == f"{origin}/c/jn/{mo_uuid}/receive?token=***&lang=***"
+    assert info["result"]["default_event_url"] == f"{origin}/c/jn/{default_uuid}/event?token=***"
+
+    await wait_for(lambda: "c/jn/***/event?token=***" in service.log(), what="event failure")
+    log = service.log()
+    assert f"{origin}/c/jn/***/receive?token=***&lang=***" in log  # logged, masked
+    if log_format == "json":
+        assert all(json.loads(line) for line in log.splitlines())
+    for secret in (*tokens, mo_uuid, event_uuid, default_uuid):
+        assert secret not in log, secret
+        assert secret not in health_text, secret
+
+
+async def call_json(service, path: str, headers: dict) -> tuple[int, dict]:
+    response = await treq.get(service.url + path, headers=headers)
+    return response.code, json.loads(await response.text())

@@ -249,41 +249,63 @@ def test_memory_is_the_default():
 @pytest_twisted.ensureDeferred
 async def test_message_events_round_trip(case):
     cache = case.make()
-    assert await cache.fetch_message_events("m1") == []
-    await cache.store_message_event("m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
-    await cache.store_message_event("m1", "e2", b'{"event_type":"delivery_succeeded"}')
-    await cache.store_message_event("m2", "e3", b'{"event_type":"rejected"}')
+    assert await cache.fetch_message_events("a", "m1") == []
+    await cache.store_message_event("a", "m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
+    await cache.store_message_event("a", "m1", "e2", b'{"event_type":"delivery_succeeded"}')
+    await cache.store_message_event("a", "m2", "e3", b'{"event_type":"rejected"}')
     # The same event again (a redelivery) replaces, never duplicates.
-    await cache.store_message_event("m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
-    assert sorted(await cache.fetch_message_events("m1")) == sorted(
+    await cache.store_message_event("a", "m1", "e1", b'{"event_type":"submitted","n":"\xc3\xb1"}')
+    assert sorted(await cache.fetch_message_events("a", "m1")) == sorted(
         [b'{"event_type":"submitted","n":"\xc3\xb1"}', b'{"event_type":"delivery_succeeded"}']
     )
-    assert await cache.fetch_message_events("m2") == [b'{"event_type":"rejected"}']
-    assert await cache.fetch_message_events("unknown") == []
+    assert await cache.fetch_message_events("a", "m2") == [b'{"event_type":"rejected"}']
+    assert await cache.fetch_message_events("a", "unknown") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_events_are_per_channel(case):
+    cache = case.make()
+    await cache.store_message_event("a", "m1", "e1", b'{"channel_id":"a"}')
+    # Through another channel the id is unknown.
+    assert await cache.fetch_message_events("b", "m1") == []
+    # The same id on two channels (a transport's events name any id) keeps two statuses.
+    await cache.store_message_event("b", "m1", "e1", b'{"channel_id":"b"}')
+    await cache.store_message_event("b", "m1", "e2", b'{"channel_id":"b","n":2}')
+    assert await cache.fetch_message_events("a", "m1") == [b'{"channel_id":"a"}']
+    assert sorted(await cache.fetch_message_events("b", "m1")) == [
+        b'{"channel_id":"b","n":2}',
+        b'{"channel_id":"b"}',
+    ]
+    # A colon in a channel id (a connector_name may have one) joins no other's.
+    await cache.store_message_event("x:y", "z", "e1", b"1")
+    assert await cache.fetch_message_events("x", "y:z") == []
+    assert await cache.fetch_message_events("x:y", "z") == [b"1"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_message_events_expire_after_their_ttl(case):
     cache = case.make(message_status_ttl=1)
-    await cache.store_message_event("m1", "e1", b"{}")
-    assert await cache.fetch_message_events("m1") == [b"{}"]
+    await cache.store_message_event("a", "m1", "e1", b"{}")
+    await cache.store_message_event("b", "m1", "e1", b"{}")
+    assert await cache.fetch_message_events("a", "m1") == [b"{}"]
     await case.expire(cache, 1)
-    assert await cache.fetch_message_events("m1") == []
+    assert await cache.fetch_message_events("a", "m1") == []
+    assert await cache.fetch_message_events("b", "m1") == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_memory_message_events_ttl_is_renewed_on_read_and_write():
     case = MemoryCase()
     cache = case.make(message_status_ttl=10)
-    await cache.store_message_event("m1", "e1", b"1")
+    await cache.store_message_event("a", "m1", "e1", b"1")
     case.clock.advance(8)
-    assert await cache.fetch_message_events("m1") == [b"1"]  # renewed: 10 s from now
+    assert await cache.fetch_message_events("a", "m1") == [b"1"]  # renewed: 10 s from now
     case.clock.advance(8)
-    await cache.store_message_event("m1", "e2", b"2")  # renewed again
+    await cache.store_message_event("a", "m1", "e2", b"2")  # renewed again
     case.clock.advance(8)
-    assert sorted(await cache.fetch_message_events("m1")) == [b"1", b"2"]
+    assert sorted(await cache.fetch_message_events("a", "m1")) == [b"1", b"2"]
     case.clock.advance(10.5)
-    assert await cache.fetch_message_events("m1") == []
+    assert await cache.fetch_message_events("a", "m1") == []
 
 
 @pytest_twisted.ensureDeferred
@@ -292,19 +314,47 @@ async def test_redis_message_events_key_ttl_renewed_on_read_and_write(redis_keys
     case.opened = []
     cache = case.make(message_status_ttl=3600)
     try:
-        await cache.store_message_event("m1", "e1", b"1")
-        key = f"{redis_keys.prefix}status:m1".encode()
+        await cache.store_message_event("a", "m1", "e1", b"1")
+        key = f"{redis_keys.prefix}events:a:m1".encode()
         assert redis_keys.keys() == [key]
         assert 3590 < redis_keys.ttl(key) <= 3600
         redis_keys.client.expire(key, 100)
-        await cache.fetch_message_events("m1")
+        await cache.fetch_message_events("a", "m1")
         assert 3590 < redis_keys.ttl(key) <= 3600  # renewed by the read
         redis_keys.client.expire(key, 100)
-        await cache.store_message_event("m1", "e2", b"2")
+        await cache.store_message_event("a", "m1", "e2", b"2")
         assert 3590 < redis_keys.ttl(key) <= 3600  # and by the write
-        # An unknown message leaves no key behind.
-        await cache.fetch_message_events("m2")
+        # An unknown message, or one asked for through another channel,
+        # leaves no key behind.
+        await cache.fetch_message_events("a", "m2")
+        await cache.fetch_message_events("b", "m1")
         assert redis_keys.keys() == [key]
+    finally:
+        cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_statuses_of_the_version_before_answer_on_their_own_channel(redis_keys):
+    """After an upgrade, a status the previous version kept (one hash per
+    message id, every channel's events in it) answers on its own channel only,
+    until it expires; it is never renewed."""
+    case = RedisCase(redis_keys)
+    case.opened = []
+    cache = case.make(message_status_ttl=3600)
+    legacy = f"{redis_keys.prefix}status:m1"
+    a_ack = b'{"channel_id":"a","event_type":"submitted"}'
+    b_nack = b'{"channel_id":"b","event_type":"rejected"}'
+    redis_keys.client.hset(legacy, mapping={"e1": a_ack, "e2": b_nack})
+    redis_keys.client.expire(legacy, 100)
+    try:
+        assert await cache.fetch_message_events("a", "m1") == [a_ack]
+        assert await cache.fetch_message_events("b", "m1") == [b_nack]
+        assert await cache.fetch_message_events("c", "m1") == []
+        a_dr = b'{"channel_id":"a","event_type":"delivery_succeeded"}'
+        await cache.store_message_event("a", "m1", "e1", a_ack)  # redelivered: once only
+        await cache.store_message_event("a", "m1", "e3", a_dr)
+        assert sorted(await cache.fetch_message_events("a", "m1")) == sorted([a_ack, a_dr])
+        assert redis_keys.ttl(legacy.encode()) <= 100
     finally:
         cache.close()
 

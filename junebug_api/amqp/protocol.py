@@ -1,19 +1,22 @@
-"""txAMQP, made fit for this service: spec, codec fixes, delegate hooks, and
-the interface the client reports through.
+"""txAMQP, made fit for this service: the client, its channels, its delegate,
+and the interface the client reports through.
 
-txAMQP 0.8.2 has three problems this module mends, in our subclasses only:
+txAMQP 0.8.2 has four problems this module mends, in our subclasses only:
 
-- its wheel carries no AMQP spec XML: ours is package data, with RabbitMQ's
-  ``confirm`` class and ``basic.nack``;
-- its frame decoder turns bodies into ``str`` where they are valid UTF-8 and
-  then counts characters against the byte size, so a non-ASCII body never
-  arrives; and it knows only four of RabbitMQ's field-table types, so a
-  header such as ``x-death`` kills the connection. Our client decodes frames
-  itself: bodies stay bytes, tables take every 0-9-1 type;
+- its wheel carries no AMQP spec XML, its frame decoder breaks non-ASCII
+  bodies and most field-table types: our client decodes frames with
+  :mod:`junebug_api.amqp.frames`;
 - its stock delegate has no handler for the broker's ``basic.ack``/``nack``
   (publisher confirms), and its per-frame Deferred machinery is slow: our
   client handles deliveries, acks and nacks itself and writes publishes and
-  acks as bytes.
+  acks as bytes;
+- its channel lets a second synchronous method go out while the first waits
+  for its reply, and the replies then go to whichever caller waits first
+  (two ``basic.get`` at once took each other's messages): our channel keeps
+  AMQP's rule, one synchronous method in flight per channel, the next
+  waiting its turn (:class:`JunebugChannel`);
+- it keeps a closed channel's number taken: our client frees it once the
+  channel is closed, for the next channel to use.
 
 Publishing non-ASCII ``str`` corrupts frames in txAMQP; callers publish bytes.
 
@@ -24,160 +27,50 @@ The client reports to the owner of its connection through one interface,
 from __future__ import annotations
 
 import struct
-import warnings
-from collections.abc import Callable
-from decimal import Decimal
-from functools import cache
-from importlib.resources import files
-from io import BytesIO
 from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from txamqp.client import TwistedDelegate
+from txamqp.connection import Frame
+from txamqp.message import Message
+from txamqp.protocol import AMQClient
 
-from junebug_api.observe.log import logger
-
-# txAMQP still calls Twisted's deprecated returnValue; hide that one warning,
-# for txAMQP's own modules only, before they are imported.
-warnings.filterwarnings(
-    "ignore",
-    message=r"twisted\.internet\.defer\.returnValue was deprecated",
-    category=DeprecationWarning,
-    module=r"txamqp(\.|$)",
+from junebug_api.amqp.channel import ChannelGone, JunebugChannel
+from junebug_api.amqp.frames import (
+    BASIC,
+    BASIC_ACK,
+    BASIC_DELIVER,
+    BASIC_NACK,
+    BASIC_PUBLISH,
+    BASIC_REJECT,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    HEADERS_FLAG,
+    content_frames,
+    decode_frame,
+    encode_frame,
+    encode_table,
+    frame_bytes,
+    load_spec,
+    read_shortstr,
+    shortstr,
 )
-
-from txamqp import spec as txamqp_spec  # noqa: E402
-from txamqp.client import TwistedDelegate  # noqa: E402
-from txamqp.codec import Codec  # noqa: E402
-from txamqp.connection import Body, Frame, Header, Heartbeat, Method  # noqa: E402
-from txamqp.message import Message  # noqa: E402
-from txamqp.protocol import AMQClient, GarbageException  # noqa: E402
+from junebug_api.observe.log import logger
 
 log = logger(__name__)
 
-SPEC_FILE = "amqp0-9-1.xml"
-_FRAME_END = 206
-_FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY, _FRAME_HEARTBEAT = 1, 2, 3, 8
-
-
-@cache
-def load_spec() -> Any:
-    """The AMQP 0-9-1 spec (with RabbitMQ's extensions), loaded once."""
-    text = (files("junebug_api.amqp") / SPEC_FILE).read_text(encoding="utf-8")
-    return txamqp_spec.load_string(text, specfilename=SPEC_FILE)
-
-
-class FieldCodec(Codec):
-    """txAMQP's codec with every AMQP 0-9-1 field-table type RabbitMQ sends,
-    and writing strings and tables right: lengths in bytes (txAMQP counts
-    characters, so a non-ASCII queue name or vhost broke the frame), booleans
-    as booleans and integers as 64-bit (txAMQP sent both as 32-bit unsigned,
-    so ``x-single-active-consumer: true`` was refused)."""
-
-    def enc_str(self, fmt: str, s: str | bytes) -> None:
-        data = s if isinstance(s, bytes) else s.encode("utf-8")
-        self.pack(fmt, len(data))
-        self.write(data)
-
-    def encode_table(self, tbl: dict) -> None:
-        self.write(encode_table(tbl or {}))
-
-    def _value(self) -> Any:
-        kind = self.read(1)
-        reader = _TABLE_READERS.get(kind)
-        if reader is None:
-            raise ValueError(f"unknown field table type {kind!r}")
-        return reader(self)
-
-    def decode_table(self) -> dict:
-        size = self.decode_long()
-        start = self.nread
-        result = {}
-        while self.nread - start < size:
-            key = self.decode_shortstr()
-            result[key] = self._value()
-        return result
-
-    def decode_array(self) -> list:
-        size = self.decode_long()
-        start = self.nread
-        values = []
-        while self.nread - start < size:
-            values.append(self._value())
-        return values
-
-    def decode_longstr(self) -> str | bytes:
-        data = self.dec_bytes("!L")
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return data
-
-
-def _decimal(codec: FieldCodec) -> Decimal:
-    scale = codec.decode_octet()
-    return Decimal(codec.unpack("!i")).scaleb(-scale)
-
-
-_TABLE_READERS: dict[bytes, Callable[[FieldCodec], Any]] = {
-    b"t": lambda c: c.decode_octet() != 0,
-    b"b": lambda c: c.unpack("!b"),
-    b"B": lambda c: c.unpack("!B"),
-    b"s": lambda c: c.unpack("!h"),
-    b"u": lambda c: c.unpack("!H"),
-    b"I": lambda c: c.unpack("!i"),
-    b"i": lambda c: c.unpack("!I"),
-    b"l": lambda c: c.unpack("!q"),
-    b"L": lambda c: c.unpack("!Q"),
-    b"f": lambda c: c.unpack("!f"),
-    b"d": lambda c: c.unpack("!d"),
-    b"D": _decimal,
-    b"S": FieldCodec.decode_longstr,
-    b"x": lambda c: c.dec_bytes("!L"),
-    b"A": FieldCodec.decode_array,
-    b"T": lambda c: c.unpack("!Q"),
-    b"F": FieldCodec.decode_table,
-    b"V": lambda c: None,
-}
-
-
-def decode_frame(amqp_spec: Any, data: bytes) -> Frame:
-    """One whole frame (header, payload, end octet) as a txAMQP Frame.
-
-    Body payloads stay bytes; methods and headers decode with FieldCodec.
-    """
-    frame_type = data[0]
-    channel, size = struct.unpack_from("!HI", data, 1)
-    payload = data[7 : 7 + size]
-    if data[7 + size] != _FRAME_END:
-        raise GarbageException(f"frame error: expected frame end, got {data[7 + size]!r}")
-    if frame_type == _FRAME_BODY:
-        return Frame(channel, Body(payload))
-    if frame_type == _FRAME_HEARTBEAT:
-        return Frame(channel, Heartbeat())
-    codec = FieldCodec(BytesIO(payload))
-    klass = amqp_spec.classes.byid[codec.decode_short()]
-    if frame_type == _FRAME_METHOD:
-        method = klass.methods.byid[codec.decode_short()]
-        args = tuple(codec.decode(field.type) for field in method.fields)
-        return Frame(channel, Method(method, *args))
-    if frame_type == _FRAME_HEADER:
-        weight = codec.decode_short()
-        body_size = codec.decode_longlong()
-        present = []
-        while True:
-            flags = codec.decode_short()
-            present.extend(bool(flags >> bit & 1) for bit in range(15, 0, -1))
-            if not flags & 1:
-                break
-        properties = {
-            str(field.name): codec.decode(field.type)
-            for is_set, field in zip(present, klass.fields, strict=False)
-            if is_set
-        }
-        return Frame(channel, Header(klass, weight, body_size, **properties))
-    raise GarbageException(f"unknown frame type {frame_type}")
+__all__ = [
+    "ChannelGone",
+    "ConnectionEvents",
+    "JunebugAMQPClient",
+    "JunebugAMQPFactory",
+    "load_spec",
+]
 
 
 class JunebugDelegate(TwistedDelegate):
@@ -209,12 +102,16 @@ class JunebugDelegate(TwistedDelegate):
         payload = (
             struct.pack("!HH", 10, 11)
             + encode_table(properties)
-            + _shortstr(self.client.mechanism)
+            + shortstr(self.client.mechanism)
             + struct.pack("!I", len(response))
             + response
-            + _shortstr(self.client.locale)
+            + shortstr(self.client.locale)
         )
-        self.client.transport.write(_frame(_FRAME_METHOD, 0, payload))
+        self.client.transport.write(frame_bytes(FRAME_METHOD, 0, payload))
+
+    def connection_tune(self, channel: Any, message: Message) -> None:
+        self.client.channel_max = message.channel_max
+        super().connection_tune(channel, message)
 
     def connection_close(self, channel: Any, message: Message) -> None:
         # Remember why, so the owner can say it (a refused login, a forced close).
@@ -234,54 +131,6 @@ class JunebugDelegate(TwistedDelegate):
         # The broker cancels a consumer whose queue was deleted: start over.
         log.warn("The broker cancelled consumer {tag}", tag=message.consumer_tag)
         self.client.transport.loseConnection()
-
-
-_BASIC = 60
-_BASIC_PUBLISH, _BASIC_DELIVER, _BASIC_ACK, _BASIC_REJECT, _BASIC_NACK = 40, 60, 80, 90, 120
-_HEADERS_FLAG = 0x2000
-_HEADER_FLAGS = {
-    "content-type": 0x8000,
-    "headers": 0x2000,
-    "delivery-mode": 0x1000,
-    "message-id": 0x0080,
-}
-
-
-def _shortstr(text: str) -> bytes:
-    data = text.encode("utf-8")
-    if len(data) > 255:
-        raise ValueError(f"AMQP short string too long: {text[:40]!r}...")
-    return bytes((len(data),)) + data
-
-
-def encode_table(table: dict[str, Any]) -> bytes:
-    """An AMQP field table of strings, integers, booleans and tables, with
-    lengths counted in bytes (txAMQP counts characters)."""
-    parts = []
-    for key, value in table.items():
-        if isinstance(value, bool):
-            parts.append(_shortstr(key) + b"t" + bytes((1 if value else 0,)))
-        elif isinstance(value, int):
-            parts.append(_shortstr(key) + b"l" + struct.pack("!q", value))
-        elif isinstance(value, str):
-            data = value.encode("utf-8")
-            parts.append(_shortstr(key) + b"S" + struct.pack("!I", len(data)) + data)
-        elif isinstance(value, dict):
-            parts.append(_shortstr(key) + b"F" + encode_table(value))
-        else:
-            raise TypeError(f"field {key!r}: {type(value).__name__} values are not supported")
-    payload = b"".join(parts)
-    return struct.pack("!I", len(payload)) + payload
-
-
-def _frame(frame_type: int, channel: int, payload: bytes) -> bytes:
-    return struct.pack("!BHI", frame_type, channel, len(payload)) + payload + b"\xce"
-
-
-def _read_shortstr(data: bytes, offset: int) -> tuple[str, int]:
-    size = data[offset]
-    end = offset + 1 + size
-    return data[offset + 1 : end].decode("utf-8", "replace"), end
 
 
 class _IncomingDelivery:
@@ -372,6 +221,8 @@ class JunebugAMQPClient(AMQClient):
     failed set-up.
     """
 
+    channelClass = JunebugChannel
+
     def __init__(
         self,
         *args: Any,
@@ -389,12 +240,41 @@ class JunebugAMQPClient(AMQClient):
         self._incoming: dict[int, _IncomingDelivery] = {}
         self._publish_methods: dict[tuple[int, str, str], bytes] = {}
         self._last_input = self.clock.seconds()
+        # The broker's channel_max (connection.tune); 0 until then, or no limit.
+        self.channel_max = 0
 
     def channel(self, id: int) -> Deferred:
+        """Channel ``id``, made (not opened) if new: at once, so that a number
+        taken is taken before the caller's next line."""
         ch = self.channels.get(id)
-        if ch is not None:
-            return succeed(ch)
-        return super().channel(id)
+        if ch is None:
+            ch = self.channels[id] = self.channelFactory(id, self.outgoing, self)
+        return succeed(ch)
+
+    def new_channel(self, first: int = 1) -> Any:
+        """A new channel (not yet opened) on the lowest number from ``first``
+        on that no channel has (open, opening or closing); ValueError when
+        all up to the broker's ``channel_max`` are taken."""
+        limit = self.channel_max or 65535
+        for number in range(first, limit + 1):
+            if number not in self.channels:
+                ch = self.channels[number] = self.channelFactory(number, self.outgoing, self)
+                return ch
+        raise ValueError(f"all {limit} AMQP channels of the connection are in use")
+
+    async def close_channel(self, id: int) -> None:
+        """Close channel ``id`` (``channel.close``, after the method in flight
+        on it, if any) and free its number once the broker's ``close-ok`` came."""
+        ch = self.channels.get(id)
+        if ch is None or ch.closed:
+            self.channels.pop(id, None)
+            return
+        try:
+            await ch.channel_close()
+        finally:
+            ch.close(ChannelGone(f"AMQP channel {id} closed"))
+            if self.channels.get(id) is ch:
+                del self.channels[id]
 
     # -- input --------------------------------------------------------------
 
@@ -413,7 +293,7 @@ class JunebugAMQPClient(AMQClient):
                 break
             frame = bytes(buffer[offset : end + 1])
             offset = end + 1
-            if frame[-1] != _FRAME_END:
+            if frame[-1] != FRAME_END:
                 log.error("AMQP framing error from the broker; closing the connection")
                 self.transport.loseConnection()
                 del buffer[:]
@@ -424,47 +304,54 @@ class JunebugAMQPClient(AMQClient):
         del buffer[:offset]
 
     def _frame_received(self, frame: bytes) -> None:
+        """One frame: the hot ones here, the rest through txAMQP."""
         frame_type = frame[0]
         (channel,) = struct.unpack_from("!H", frame, 1)
-        if frame_type == _FRAME_METHOD:
-            class_id, method_id = struct.unpack_from("!HH", frame, 7)
-            if class_id == _BASIC:
-                if method_id == _BASIC_ACK or method_id == _BASIC_NACK:
-                    tag, bits = struct.unpack_from("!QB", frame, 11)
-                    self.events.publish_confirmed(tag, bool(bits & 1), method_id == _BASIC_ACK)
-                    return
-                if method_id == _BASIC_DELIVER:
-                    consumer_tag, at = _read_shortstr(frame, 11)
-                    tag, redelivered = struct.unpack_from("!QB", frame, at)
-                    self._incoming[channel] = _IncomingDelivery(
-                        consumer_tag, tag, bool(redelivered & 1)
-                    )
-                    return
-        elif frame_type == _FRAME_HEADER:
-            delivery = self._incoming.get(channel)
-            if delivery is not None:
-                (delivery.size,) = struct.unpack_from("!Q", frame, 11)
-                (flags,) = struct.unpack_from("!H", frame, 19)
-                if flags & _HEADERS_FLAG:
-                    # Only messages with headers (retries carry their
-                    # attempt count there) take the slow decoder.
-                    header = decode_frame(self.spec, frame).payload
-                    delivery.headers = dict(header.properties.get("headers") or {})
-                if delivery.size == 0:
-                    self._delivered(channel)
-                return
-        elif frame_type == _FRAME_BODY:
-            delivery = self._incoming.get(channel)
-            if delivery is not None:
-                body = frame[7:-1]
-                delivery.chunks.append(body)
-                delivery.received += len(body)
-                if delivery.received >= (delivery.size or 0):
-                    self._delivered(channel)
-                return
-        elif frame_type == _FRAME_HEARTBEAT:
-            return
-        self.frame_received(decode_frame(self.spec, frame))
+        if frame_type == FRAME_METHOD:
+            handled = self._basic_method(channel, frame)
+        elif frame_type == FRAME_HEADER or frame_type == FRAME_BODY:
+            handled = self._content(channel, frame_type, frame)
+        else:
+            handled = frame_type == FRAME_HEARTBEAT
+        if not handled:
+            self.frame_received(decode_frame(self.spec, frame))
+
+    def _basic_method(self, channel: int, frame: bytes) -> bool:
+        """``basic.ack``/``nack`` (confirms) and ``basic.deliver``; False for others."""
+        class_id, method_id = struct.unpack_from("!HH", frame, 7)
+        if class_id != BASIC:
+            return False
+        if method_id == BASIC_ACK or method_id == BASIC_NACK:
+            tag, bits = struct.unpack_from("!QB", frame, 11)
+            self.events.publish_confirmed(tag, bool(bits & 1), method_id == BASIC_ACK)
+            return True
+        if method_id == BASIC_DELIVER:
+            consumer_tag, at = read_shortstr(frame, 11)
+            tag, redelivered = struct.unpack_from("!QB", frame, at)
+            self._incoming[channel] = _IncomingDelivery(consumer_tag, tag, bool(redelivered & 1))
+            return True
+        return False
+
+    def _content(self, channel: int, frame_type: int, frame: bytes) -> bool:
+        """A content frame of a ``basic.deliver``; False for others' (``basic.get``)."""
+        delivery = self._incoming.get(channel)
+        if delivery is None:
+            return False
+        if frame_type == FRAME_HEADER:
+            (delivery.size,) = struct.unpack_from("!Q", frame, 11)
+            (flags,) = struct.unpack_from("!H", frame, 19)
+            if flags & HEADERS_FLAG:
+                # Only messages with headers (retries carry their attempt
+                # count there) take the slow decoder.
+                header = decode_frame(self.spec, frame).payload
+                delivery.headers = dict(header.properties.get("headers") or {})
+        else:
+            body = frame[7:-1]
+            delivery.chunks.append(body)
+            delivery.received += len(body)
+        if delivery.received >= (delivery.size or 0):
+            self._delivered(channel)
+        return True
 
     def _delivered(self, channel: int) -> None:
         delivery = self._incoming.pop(channel)
@@ -488,25 +375,8 @@ class JunebugAMQPClient(AMQClient):
         self.transport.write(self.encode_frame(frame))
 
     def encode_frame(self, frame: Frame) -> bytes:
-        """Method frames through FieldCodec (see there); other payloads encode
-        themselves, as in txAMQP."""
-        payload = frame.payload
-        buffer = BytesIO()
-        if isinstance(payload, Method):
-            codec = FieldCodec(buffer)
-            codec.encode_short(payload.method.klass.id)
-            codec.encode_short(payload.method.id)
-            for field, arg in zip(payload.method.fields, payload.args, strict=True):
-                codec.encode(field.type, arg)
-            codec.flush()
-            return _frame(_FRAME_METHOD, frame.channel, buffer.getvalue())
-        codec = Codec(buffer)
-        codec.encode_octet(self.spec.constants.bypyname[payload.type].id)
-        codec.encode_short(frame.channel)
-        payload.encode(codec)
-        codec.encode_octet(_FRAME_END)
-        codec.flush()
-        return buffer.getvalue()
+        """A frame of txAMQP's as bytes (see :func:`~junebug_api.amqp.frames.encode_frame`)."""
+        return encode_frame(self.spec, frame)
 
     # -- heartbeats without a timer reset per frame -------------------------
 
@@ -545,51 +415,30 @@ class JunebugAMQPClient(AMQClient):
         method = self._publish_methods.get(key)
         if method is None:
             payload = (
-                struct.pack("!HHH", _BASIC, _BASIC_PUBLISH, 0)
-                + _shortstr(exchange)
-                + _shortstr(routing_key)
+                struct.pack("!HHH", BASIC, BASIC_PUBLISH, 0)
+                + shortstr(exchange)
+                + shortstr(routing_key)
                 + bytes((1 if mandatory else 0,))
             )
-            method = self._publish_methods[key] = _frame(_FRAME_METHOD, channel, payload)
-        flags = 0
-        encoded = []
-        if "content-type" in properties:
-            flags |= 0x8000
-            encoded.append(_shortstr(properties["content-type"]))
-        if "headers" in properties:
-            flags |= 0x2000
-            encoded.append(encode_table(properties["headers"]))
-        if "delivery-mode" in properties:
-            flags |= 0x1000
-            encoded.append(bytes((properties["delivery-mode"],)))
-        if "message-id" in properties:
-            flags |= 0x0080
-            encoded.append(_shortstr(properties["message-id"]))
-        header = _frame(
-            _FRAME_HEADER,
-            channel,
-            struct.pack("!HHQH", _BASIC, 0, len(body), flags) + b"".join(encoded),
-        )
-        # frame_max 0 means no limit; a body frame then carries the whole body.
-        chunk = self.MAX_LENGTH - 8 if self.MAX_LENGTH > 8 else max(len(body), 1)
-        bodies = [
-            _frame(_FRAME_BODY, channel, body[i : i + chunk]) for i in range(0, len(body), chunk)
-        ]
-        return b"".join([method, header, *bodies])
+            method = self._publish_methods[key] = frame_bytes(FRAME_METHOD, channel, payload)
+        return method + content_frames(channel, body, properties, self.MAX_LENGTH)
 
     def ack(self, channel: int, delivery_tag: int, multiple: bool = False) -> None:
         """Write a ``basic.ack``."""
-        payload = struct.pack("!HHQB", _BASIC, _BASIC_ACK, delivery_tag, 1 if multiple else 0)
-        self.transport.write(_frame(_FRAME_METHOD, channel, payload))
+        payload = struct.pack("!HHQB", BASIC, BASIC_ACK, delivery_tag, 1 if multiple else 0)
+        self.transport.write(frame_bytes(FRAME_METHOD, channel, payload))
 
     def reject(self, channel: int, delivery_tag: int, requeue: bool = True) -> None:
         """Write a ``basic.reject``."""
-        payload = struct.pack("!HHQB", _BASIC, _BASIC_REJECT, delivery_tag, 1 if requeue else 0)
-        self.transport.write(_frame(_FRAME_METHOD, channel, payload))
+        payload = struct.pack("!HHQB", BASIC, BASIC_REJECT, delivery_tag, 1 if requeue else 0)
+        self.transport.write(frame_bytes(FRAME_METHOD, channel, payload))
 
     # -- the rest -----------------------------------------------------------
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
+        # The broker closed it (txAMQP answered close-ok): its number is free.
+        if self.channels.get(channel.id) is channel:
+            del self.channels[channel.id]
         self.events.channel_closed(channel.id, reason)
 
     def connectionMade(self) -> None:
@@ -639,9 +488,3 @@ class JunebugAMQPFactory(Factory):
             events=self.events,
             connection_name=self.connection_name,
         )
-
-
-def body_bytes(message: Message) -> bytes:
-    """A delivered message's body as bytes (txAMQP gives ``""`` when empty)."""
-    body = message.content.body
-    return body.encode("utf-8") if isinstance(body, str) else body

@@ -32,6 +32,7 @@ from junebug_api.delivery.outbound import OutboundSender
 from junebug_api.delivery.pause_while_down import PauseWhileDown, QueueControl
 from junebug_api.formats.message_ids import generate_message_id
 from junebug_api.formats.queue_names import QueueNames
+from junebug_api.formats.urls import mask_urls, url_origin
 from junebug_api.formats.vumi_messages import VumiMessage
 from junebug_api.http.api import ApiCredentials
 from junebug_api.observe.metrics import NO_METRICS, Metrics
@@ -105,14 +106,15 @@ class ChannelLog:
             "logger": self._channel_id,
             "level": _python_level(event.get("log_level")),
             "timestamp": event.get("log_time"),
-            "message": formatEvent(event),
+            # Log lines show URLs masked (formats.urls): these records too.
+            "message": mask_urls(formatEvent(event)),
         }
         failure = event.get("log_failure")
         if failure is not None:
             tb = failure.getTracebackObject()
             record["exception"] = {
                 "class": failure.type.__name__,
-                "instance": failure.getErrorMessage(),
+                "instance": mask_urls(failure.getErrorMessage()),
                 "stack": traceback.format_tb(tb)
                 if tb is not None
                 else failure.getTraceback().splitlines(),
@@ -309,7 +311,8 @@ class Channel:
             result = await handle(body)
         except Exception as e:
             state.last_failure = self._clock_seconds()
-            state.last_error = str(e)
+            # Shown on the open /health: a URL in it as scheme://host:port only.
+            state.last_error = mask_urls(str(e), url_origin)
             raise
         finally:
             state.in_flight -= 1
@@ -340,12 +343,13 @@ class Channel:
     async def _store_event(self, event: VumiMessage) -> None:
         event_id = event.get("event_id") or generate_message_id()
         await self._cache.store_message_event(
-            event["user_message_id"], event_id, status_event(event, self.id)
+            self.id, event["user_message_id"], event_id, status_event(event, self.id)
         )
 
     async def message_status(self, message_id: str) -> dict[str, Any]:
         """Old Junebug's status of one outbound message."""
-        events = await self._cache.fetch_message_events(message_id) if self._store_events else []
+        cache = self._cache
+        events = await cache.fetch_message_events(self.id, message_id) if self._store_events else []
         return message_status(message_id, events)
 
     # -- what GET /channels/<id> shows --------------------------------------

@@ -23,8 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from junebug_api.config.channels import IGNORED
-from junebug_api.config.model import redact_url
 from junebug_api.formats.queue_names import QueueNames
+from junebug_api.formats.urls import url_masked
 
 PROG = "junebug-api-import-channels"
 
@@ -59,7 +59,7 @@ def fetch_json(url: str, auth: tuple[str, str] | None, timeout: float) -> Any:
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
         request.add_header("Authorization", f"Basic {token}")
-    shown = redact_url(url)
+    shown = url_masked(url)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read(50 * 1024 * 1024)
@@ -124,14 +124,14 @@ def import_channels(
     except ValueError:
         valid = False
     if not valid:
-        raise ImportFailed(f"{redact_url(base)} is not an http:// or https:// URL")
+        raise ImportFailed(f"{url_masked(base)} is not an http:// or https:// URL")
     ids = fetch_json(f"{base}/channels/", auth, timeout)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ImportFailed(
-            f"{redact_url(base)} is not an old Junebug: GET /channels/ listed no channel ids"
+            f"{url_masked(base)} is not an old Junebug: GET /channels/ listed no channel ids"
         )
     out = [
-        f"# Channels of the old Junebug at {redact_url(base)}, for junebug-api's config file",
+        f"# Channels of the old Junebug at {url_masked(base)}, for junebug-api's config file",
         "# (written by junebug-api-import-channels). Add the top-level options (http_bind,",
         "# amqp, state_cache_*, api_auth_* ...); top-level values are every channel's defaults.",
     ]

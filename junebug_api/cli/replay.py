@@ -91,12 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     async def run(reactor: Any) -> None:
         amqp = AmqpService(
             config.amqp_connection,
-            queues=[target, source],
-            consumers={},
             prefetch=1,
             reactor=reactor,
             connection_name="junebug-api-replay",
         )
+        amqp.add_queues({target: {}, source: {}})
         amqp.startService()
         try:
             try:

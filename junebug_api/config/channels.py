@@ -31,14 +31,16 @@ from junebug_api.config.channel_options import ChannelEntry, ChannelOptions
 from junebug_api.config.checks import ConfigError
 from junebug_api.config.options import Option, options
 from junebug_api.config.structure import build
-from junebug_api.config.urls import redact_url
+from junebug_api.formats.urls import url_masked
 
 #: The top-level config (:class:`junebug_api.config.model.JunebugConfig`, a
 #: :class:`ChannelOptions` with ``channels`` and ``base_url_path``), not
 #: imported: config.model imports this module.
 TopLevelConfig = Any
 
-_CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]*$")
+#: What a channel id may be: it is a URL path segment (and the OpenAPI document
+#: says so).
+CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]*$")
 
 
 @attrs.frozen(kw_only=True)
@@ -88,7 +90,7 @@ IGNORED = {field.name: about.ignored for field, about, _ in options(ChannelEntry
 
 def check_channel_id(channel_id: Any) -> None:
     """A channel id is one URL path segment of unreserved characters."""
-    if not isinstance(channel_id, str) or not _CHANNEL_ID.match(channel_id):
+    if not isinstance(channel_id, str) or not CHANNEL_ID.match(channel_id):
         raise ConfigError(
             f"channels: channel id {channel_id!r} must be letters, digits, '.', '_', '~'"
             " or '-' (it is a URL path segment)"
@@ -185,7 +187,7 @@ def channel_entry(settings: ChannelSettings) -> dict[str, Any]:
 def public(settings: ChannelSettings) -> dict[str, Any]:
     """What ``GET /channels/<id>`` shows: ``id``, every option that is no
     secret (an aliased one under old Junebug's name: ``mo_url``), URLs
-    with their credentials masked, the transport ``config`` with its secrets
+    with their credentials and query values masked, the transport ``config`` with its secrets
     masked, and ``messages_path``."""
     shown: dict[str, Any] = {"id": settings.id}
     for field, about, _ in options(ChannelEntry):
@@ -193,7 +195,7 @@ def public(settings: ChannelSettings) -> dict[str, Any]:
             continue
         value = getattr(settings, field.name)
         if about.url and isinstance(value, str):
-            value = redact_url(value)
+            value = url_masked(value)
         shown[about.aliases[0] if about.aliases else field.name] = value
     shown["config"] = secrets.masked(settings.config)
     shown["messages_path"] = settings.messages_path

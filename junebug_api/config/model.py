@@ -56,7 +56,8 @@ from junebug_api.config.operations_options import LOG_FORMATS, LOG_LEVELS, Opera
 from junebug_api.config.options import leaves
 from junebug_api.config.redaction import describe
 from junebug_api.config.structure import build
-from junebug_api.config.urls import redact_url, url_problem
+from junebug_api.config.urls import url_problem
+from junebug_api.formats.urls import redact_url
 
 __all__ = [
     "AMQP_AUTH_MECHANISMS",

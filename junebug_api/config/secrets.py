@@ -24,7 +24,8 @@ import attrs
 
 from junebug_api.config.checks import ConfigError, read_regular_file
 from junebug_api.config.options import Option, options
-from junebug_api.config.urls import redact_url, url_secrets
+from junebug_api.config.urls import url_secrets
+from junebug_api.formats.urls import url_for_log
 
 SECRET_FILE_LIMIT = 65536
 """The largest secret file read, in bytes: a token, a password, a URL or a
@@ -161,7 +162,8 @@ def shown(about: Option, value: Any) -> Any:
 
 
 def _shown_url(value: Any) -> Any:
-    return redact_url(value) if isinstance(value, str) and value else value
+    # The config echo is a log line: a URL as log lines show it.
+    return url_for_log(value) if isinstance(value, str) and value else value
 
 
 def held_secrets(about: Option, value: Any) -> list[str]:

@@ -1,5 +1,6 @@
 """What every URL option must be: parseable, a port from 1 to 65535, valid
-percent-escapes; and URLs as the config echo shows them.
+percent-escapes; and the password a URL holds. How a URL is shown is
+:mod:`junebug_api.formats.urls`.
 
 A problem is returned as the text that follows the option's name
 (``"has an invalid port"``) and never repeats the URL: it may hold a password.
@@ -53,18 +54,6 @@ def http_url_problem(url: str) -> str | None:
     if parts.fragment or url.endswith("#"):
         return "must not have a #fragment (it is never sent)"
     return None
-
-
-def redact_url(url: str) -> str:
-    """A URL with its user info (a user name may be an API key) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in parts.netloc:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"***@{netloc}").geturl()
 
 
 def url_secrets(url: str) -> list[str]:

@@ -13,8 +13,9 @@ import attrs
 from twisted.internet.defer import CancelledError
 
 from junebug_api.delivery.consumer import DROPPED, HandlingFailed
-from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery, safe_url
+from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery
 from junebug_api.formats.junebug_formats import Unsendable, junebug_event, to_json
+from junebug_api.formats.urls import url_for_log
 from junebug_api.formats.vumi_messages import InvalidMessage, VumiMessage, parse_event
 from junebug_api.observe.log import debug_enabled, logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
@@ -105,11 +106,12 @@ class EventHandler:
                 info.url, payload, info.auth_token, self.timeout, target="event"
             )
         except DeliveryFailed as e:
+            url = url_for_log(info.url)
             raise HandlingFailed(
-                f"POST of {event['event_type']} event to {safe_url(info.url)} failed: {e.reason}",
+                f"POST of {event['event_type']} event to {url} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=event["user_message_id"],
-                url=safe_url(info.url),
+                url=url,
                 held=e.held,
                 wait=e.retry_after,
             ) from None

@@ -131,11 +131,6 @@ def split_credentials(url: str) -> tuple[bytes, bytes | None]:
     return clean.encode("utf-8"), f"Basic {token}".encode("ascii")
 
 
-def safe_url(url: str) -> str:
-    """The URL as it may be logged: without user info."""
-    return split_credentials(url)[0].decode("utf-8")
-
-
 class _QuietFactory(Factory):
     """The pool's protocol factory (a noisy Factory) without its "Starting
     factory" and "Stopping factory" log lines, one each per connection."""

@@ -9,8 +9,9 @@ import attrs
 from twisted.internet.defer import CancelledError
 
 from junebug_api.delivery.consumer import HandlingFailed
-from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery, safe_url
+from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery
 from junebug_api.formats.junebug_formats import Unsendable, junebug_message, to_json
+from junebug_api.formats.urls import url_for_log
 from junebug_api.formats.vumi_messages import InvalidMessage, parse_user_message
 from junebug_api.observe.log import debug_enabled, logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
@@ -61,11 +62,12 @@ class InboundHandler:
         try:
             await self.delivery.post_json(self.url, payload, self.auth_token, self.timeout)
         except DeliveryFailed as e:
+            url = url_for_log(self.url)
             raise HandlingFailed(
-                f"POST to {safe_url(self.url)} failed: {e.reason}",
+                f"POST to {url} failed: {e.reason}",
                 retryable=e.retryable,
                 message_id=message_id,
-                url=safe_url(self.url),
+                url=url,
                 held=e.held,
                 wait=e.retry_after,
             ) from None

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
+from junebug_api.formats.urls import format_origin, origin_parts
 from junebug_api.observe.log import logger
 
 log = logger(__name__)
@@ -30,28 +30,16 @@ log = logger(__name__)
 Destination = tuple[str, str, int]
 Listener = Callable[[Destination, bool], None]
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
 
 @lru_cache(maxsize=1024)
 def destination_of(url: str) -> Destination:
     """The (scheme, host, port) a URL's requests go to; no credentials, no path."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = DEFAULT_PORTS.get(scheme, 0)
-    return scheme, (parts.hostname or "").lower(), port
+    return origin_parts(url)
 
 
 def describe_destination(destination: Destination) -> str:
-    scheme, host, port = destination
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
+    """``scheme://host:port``, as the open ``/health`` shows a callback URL."""
+    return format_origin(*destination)
 
 
 def _utc(seconds: float) -> str:

@@ -19,25 +19,51 @@ from junebug_api.formats import vumi_messages
 from junebug_api.formats.api_errors import ApiUsageError, JsonDecodeError
 from junebug_api.formats.vumi_messages import VumiMessage
 
-_OPTIONAL_STRING = {"type": ["string", "null"]}
 
+def _optional_string(description: str) -> dict[str, Any]:
+    return {"type": ["string", "null"], "description": description}
+
+
+#: The body of ``POST .../messages``: what the service enforces, and what the
+#: OpenAPI document shows (its descriptions are annotations, not checks).
 OUTBOUND_SCHEMA: dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "type": "object",
     "properties": {
-        "to": _OPTIONAL_STRING,
-        "from": _OPTIONAL_STRING,
-        "group": _OPTIONAL_STRING,
-        "reply_to": _OPTIONAL_STRING,
-        "content": _OPTIONAL_STRING,
-        "event_url": _OPTIONAL_STRING,
-        "event_auth_token": _OPTIONAL_STRING,
-        "priority": {"type": ["integer", "string", "null"]},
-        "channel_data": {"type": ["object", "null"]},
+        "to": _optional_string("The recipient's address (an MSISDN for SMS and USSD)."),
+        "from": _optional_string(
+            "The sender's address; default: the channel's default_from_addr."
+            " Not used for a reply (it is the inbound message's to)."
+        ),
+        "group": _optional_string("The group the message is for, if the transport has any."),
+        "reply_to": _optional_string(
+            "The message_id of the inbound message this replies to (same session)."
+        ),
+        "content": _optional_string("The text; null for none (e.g. to close a session)."),
+        "event_url": _optional_string(
+            "An http(s) URL to POST this message's events to, instead of the channel's"
+            " default_event_url."
+        ),
+        "event_auth_token": _optional_string(
+            "Sent with those events as `Authorization: Token <event_auth_token>`."
+        ),
+        "priority": {
+            "type": ["integer", "string", "null"],
+            "description": "Accepted for old Junebug's clients and not used.",
+        },
+        "channel_data": {
+            "type": ["object", "null"],
+            "description": "The transport's own fields (vumi helper_metadata);"
+            " session_event (new, resume, close) and, for a reply, continue_session"
+            " (false closes the session) are read from it.",
+        },
     },
     "required": ["content"],
     "additionalProperties": False,
 }
+
+#: The error type of each schema error in a 400 answer.
+INVALID_BODY = "invalid_body"
 
 _validator = jsonschema.Draft7Validator(OUTBOUND_SCHEMA)
 
@@ -123,7 +149,7 @@ def _schema_errors(data: Any) -> list[dict]:
     try:
         return [
             {
-                "type": "invalid_body",
+                "type": INVALID_BODY,
                 "message": _shorten(e.message),
                 "schema_path": list(e.schema_path),
             }

@@ -112,6 +112,15 @@ class QueueNames:
             for delay, name in self.delay_queues(role).items()
         }
 
+    def declarations(self) -> dict[str, dict[str, Any]]:
+        """Every queue of the connector with its declare arguments (what
+        ``AmqpService.add_queues`` takes): the main and dead-letter queues
+        with none of their own, the delay queues with theirs."""
+        return {
+            **{queue: {} for queue in self.by_role().values()},
+            **self.delay_queue_arguments(),
+        }
+
     def all(self) -> list[str]:
         """Every queue the service declares for this connector; the config
         check keeps each name within AMQP's 255 bytes, so new queues belong here."""

@@ -5,7 +5,9 @@ Per channel: ``POST <messages path>`` (``/channels/<id>/messages``, or
 path>/<message_id>`` (message status), ``GET /channels/<id>`` (settings and
 status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
 Channels are set in the config file, so old Junebug's create, modify, delete
-and restart answer 405. Routes, the request timeout and turning every failure
+and restart answer 405. The routes come from the route table
+(:mod:`junebug_api.http.routes`), which also renders as the OpenAPI document at
+``openapi_path``; their handlers, the request timeout and turning every failure
 (routing errors included) into one of :mod:`junebug_api.formats.api_errors`, answered
 in Junebug's envelope, live here; what a message becomes is the channel's
 business (:mod:`junebug_api.channels.channel`, :mod:`junebug_api.delivery.outbound`).
@@ -46,7 +48,10 @@ from junebug_api.formats.api_errors import (
     answer_error,
     envelope,
 )
+from junebug_api.http.access import api_access
 from junebug_api.http.klein_resource import KleinAppResource
+from junebug_api.http.openapi import ServedDocument
+from junebug_api.http.routes import DEFAULT_OPENAPI_PATH, Route, RouteTable, api_routes, own_paths
 from junebug_api.observe.log import logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 
@@ -129,6 +134,7 @@ class JunebugApi:
         metrics: Metrics = NO_METRICS,
         metrics_path: str = "/metrics",
         metrics_auth: bool = False,
+        openapi_path: str | None = DEFAULT_OPENAPI_PATH,
     ) -> None:
         self._channels = {c.id: c for c in channels}
         self._credentials = credentials or ApiCredentials()
@@ -138,25 +144,24 @@ class JunebugApi:
         self._amqp_health = amqp_health or (lambda: health()["components"].get("amqp", {}))
         self._timeout = request_timeout
         self._clock = clock
-        self.app = app = Klein()
-        channel_path = "/channels/<channel_id>"
-        for channel in self._channels.values():
-            path = channel.messages_path
-            if path == f"/channels/{channel.id}/messages":
-                continue  # served by the /channels/<channel_id> routes below
-            for p in (path, path + "/"):
-                app.route(p, methods=["POST"], strict_slashes=False)(self._static(channel))
-            app.route(path + "/<message_id>", methods=["GET"], strict_slashes=False)(
-                self._static_status(channel)
+        self.routes = RouteTable(
+            api_routes(
+                own_paths=own_paths((c.id, c.messages_path) for c in self._channels.values()),
+                metrics_path=metrics_path if metrics.enabled else None,
+                openapi_path=openapi_path,
             )
-        for p in (f"{channel_path}/messages", f"{channel_path}/messages/"):
-            app.route(p, methods=["POST"], strict_slashes=False)(self.post_channel_message)
-        app.route(f"{channel_path}/messages/<message_id>", methods=["GET"], strict_slashes=False)(
-            self.get_message_status
         )
-        app.route("/channels/", methods=["GET"], strict_slashes=False)(self.list_channels)
+        self._openapi = ServedDocument(self.routes.routes)
+        self.app = app = Klein()
+        for route in self.routes.routes:
+            app.route(
+                route.klein_path,
+                methods=[route.method],
+                strict_slashes=False,
+                endpoint=route.operation_id,
+            )(self._handler(route))
+        channel_path = "/channels/<channel_id>"
         app.route("/channels/", methods=["POST"], strict_slashes=False)(self._read_only("create"))
-        app.route(channel_path, methods=["GET"], strict_slashes=False)(self.get_channel)
         app.route(channel_path, methods=["POST", "PUT", "PATCH"], strict_slashes=False)(
             self._read_only("modify")
         )
@@ -164,10 +169,6 @@ class JunebugApi:
         app.route(f"{channel_path}/restart", methods=["POST"], strict_slashes=False)(
             self._read_only("restart")
         )
-        app.route(f"{channel_path}/logs", methods=["GET"], strict_slashes=False)(self.get_logs)
-        app.route("/health", methods=["GET"], strict_slashes=False)(self.get_health)
-        if metrics.enabled:
-            app.route(metrics_path, methods=["GET"], strict_slashes=False)(self.get_metrics)
 
     def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
@@ -181,29 +182,32 @@ class JunebugApi:
             raise ChannelNotFound(f"channel {channel_id!r} not found")
         return channel
 
-    def _static(self, channel: ApiChannel) -> Callable[[IRequest], Any]:
-        def post(request: IRequest) -> Deferred[bytes] | bytes:
-            return self._post(channel, request)
+    def _handler(self, route: Route) -> Callable[..., Any]:
+        """The method answering ``route``; for a channel's path of its own,
+        with that channel's id."""
+        method = getattr(self, route.handler)
+        channel_id = route.channel
+        if channel_id is None:
+            return method
 
-        # Klein names endpoints after their function; each must be unique.
-        post.__name__ = f"post_message_{channel.id}"
-        return post
+        def for_channel(request: IRequest, **arguments: Any) -> Any:
+            return method(request, channel_id=channel_id, **arguments)
 
-    def _static_status(self, channel: ApiChannel) -> Callable[..., Any]:
-        def status(request: IRequest, message_id: str) -> Deferred[bytes] | bytes:
-            return self._status(channel, request, message_id)
-
-        status.__name__ = f"message_status_{channel.id}"
-        return status
+        return for_channel
 
     def _read_only(self, what: str) -> Callable[..., bytes]:
         def refuse(request: IRequest, channel_id: str | None = None) -> bytes:
-            request.setHeader(b"Allow", b"GET")
+            request.setHeader(b"Allow", self._allowed(request))
             error = ChannelsReadOnly(_READ_ONLY.format(what=what))
             return answer_error(request, error)
 
         refuse.__name__ = f"read_only_{what}"
         return refuse
+
+    def _allowed(self, request: IRequest) -> bytes:
+        """``Allow`` for a 405: the methods the route table serves the path with."""
+        path = b"/" + b"/".join(request.postpath)
+        return self.routes.allowed(path.decode("utf-8", "replace")).encode("ascii")
 
     @staticmethod
     def _refused(request: IRequest) -> bytes:
@@ -280,6 +284,16 @@ class JunebugApi:
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         return body
 
+    def get_openapi(self, request: IRequest) -> bytes:
+        """``openapi_path``: the OpenAPI document of these routes, with the
+        credentials the channels ask for now (never their values)."""
+        access = api_access(
+            (self._credentials.username, self._credentials.token),
+            self._metrics_auth,
+            {c.id: (c.credentials.username, c.credentials.token) for c in self._channels.values()},
+        )
+        return answer(request, HTTPStatus.OK, self._openapi.json(access))
+
     def get_health(self, request: IRequest) -> bytes:
         health = self._health()
         status = HTTPStatus.OK if health["health"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
@@ -292,8 +306,7 @@ class JunebugApi:
         elif failure.check(WerkzeugNotFound):
             error = NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         elif failure.check(WerkzeugMethodNotAllowed):
-            allowed = failure.value.valid_methods or []
-            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+            request.setHeader(b"Allow", self._allowed(request))
             error = MethodNotAllowed(
                 f"method {request.method.decode('ascii', 'replace')} is not allowed here"
             )

@@ -74,6 +74,11 @@ class KleinAppResource(Resource):
             OrderedDict()
         )
 
+    @property
+    def app(self) -> Klein:
+        """The Klein app served (its URL map shows the routes)."""
+        return self._app
+
     def render(self, request: IRequest) -> bytes | int:
         try:
             result = self._endpoint_result(request)

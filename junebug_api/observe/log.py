@@ -1,12 +1,12 @@
 """Log events of this package, filtered by the configured ``log_level``, and
-the ``log_format: json`` lines.
+the lines of the log file in ``log_format`` (text or JSON).
 
 Every module logs through ``Logger(namespace=__name__, observer=observer)``;
 ``set_log_level`` decides which of those events reach twistd's log. With
-``log_format: json`` twistd's log observer is replaced (through the
-application's ``ILogObserver`` component, which twistd looks up) by one that
-writes one JSON object per line to the same file; :class:`Redactor` keeps
-secrets out of those lines and out of Sentry.
+twistd's log observer is replaced (through the application's ``ILogObserver``
+component, which twistd looks up) by one that writes the same file: twistd's
+text lines, or with ``log_format: json`` one JSON object per line; either way
+:class:`Redactor` keeps secrets out of every line, and out of Sentry.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
     globalLogPublisher,
 )
 from twisted.python.logfile import LogFile
 
 from junebug_api.config.redaction import secret_values
+from junebug_api.formats.urls import mask_urls
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 observer = FilteringLogObserver(globalLogPublisher, [_predicate])
@@ -71,10 +73,14 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@\"']
 
 @attrs.frozen
 class Redactor:
-    """Takes secrets out of text: URL user info, and the config's own secrets.
+    """Takes secrets out of text: URL user info, the config's own secrets, and
+    what an http(s) URL may not show in a log (query values, identifiers in
+    its path: :func:`~junebug_api.formats.urls.url_for_log`).
 
     ``secrets`` are the literal values (passwords, tokens, URL passwords) the
-    config holds; any text that contains one gets ``***`` instead.
+    config holds; any text that contains one gets ``***`` instead. It is the
+    safety net under every log line and Sentry event: the code that logs a
+    URL shows it with ``url_for_log`` already.
     """
 
     secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
@@ -89,7 +95,10 @@ class Redactor:
         return cls(tuple(sorted(kept, key=len, reverse=True)))
 
     def text(self, text: str) -> str:
-        """``text`` without URL user info or any of the secrets."""
+        """``text`` without URL user info, http(s) query values and path
+        identifiers, or any of the secrets."""
+        if "://" in text:
+            text = mask_urls(text)
         if "@" in text:
             text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
         for secret in self.secrets:
@@ -155,6 +164,26 @@ def json_file_log_observer(
 ) -> ILogObserver:
     """A log observer writing :func:`json_log_line` lines to ``out``."""
     return FileLogObserver(out, lambda event: json_log_line(event, redactor, connector))
+
+
+def text_file_log_observer(out: IO[str], redactor: Redactor) -> ILogObserver:
+    """twistd's own text lines (``log_format: text``), each through ``redactor``."""
+
+    def line(event: dict) -> str | None:
+        text = formatEventAsClassicLogText(event)
+        return redactor.text(text) if text else text
+
+    return FileLogObserver(out, line)
+
+
+def log_file_observer(
+    log_format: str, out: IO[str], redactor: Redactor, connector: str | None = None
+) -> ILogObserver:
+    """The observer writing ``log_format`` (``text`` or ``json``) lines to
+    ``out``, every line through ``redactor``."""
+    if log_format == "json":
+        return json_file_log_observer(out, redactor, connector)
+    return text_file_log_observer(out, redactor)
 
 
 def twistd_log_file(server_options: Any) -> IO[str] | None:

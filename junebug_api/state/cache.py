@@ -1,7 +1,8 @@
 """The state cache interface: what the service keeps between messages.
 
 Inbound messages are kept for replies, the event info (where events go) of
-outbound ones, and each outbound message's events for its status.
+outbound ones, and each outbound message's events for its status, per
+channel: a message id asked for through another channel is unknown there.
 :class:`StateCache` is the interface; every call returns a Deferred, so a
 cache may live in this process (:mod:`junebug_api.state.memory_cache`) or
 elsewhere (:mod:`junebug_api.state.redis_cache`). ``state_cache_class`` names
@@ -58,13 +59,17 @@ class StateCache(Protocol):
     def delete_event_info(self, message_id: str) -> Deferred[None]:
         """Forget the event info of an outbound message."""
 
-    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
-        """Keep one event (its status JSON) of outbound ``message_id``; the same
-        ``event_id`` again replaces it. Renews the message's expiry."""
+    def store_message_event(
+        self, channel_id: str, message_id: str, event_id: str, event: bytes
+    ) -> Deferred[None]:
+        """Keep one event (its status JSON) of outbound ``message_id`` of
+        channel ``channel_id``; the same ``event_id`` again replaces it. Renews
+        the message's expiry."""
 
-    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
-        """Every kept event of ``message_id`` (in no particular order); renews
-        the expiry of a message that has any."""
+    def fetch_message_events(self, channel_id: str, message_id: str) -> Deferred[list[bytes]]:
+        """Every kept event of ``message_id`` on channel ``channel_id`` (in no
+        particular order; none for an id only another channel has); renews the
+        expiry of a message that has any."""
 
     def start(self) -> None:
         """Open connections and start timers (called when the service starts)."""

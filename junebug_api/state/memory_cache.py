@@ -1,8 +1,9 @@
 """The state cache in this process's memory: fast, not shared, not kept.
 
 :class:`InMemoryStateCache` implements :class:`~junebug_api.state.cache.StateCache`
-with three :class:`ExpiringMap` (inbound messages, event info, message
-status); configs name it ``junebug_api.state_cache.InMemoryStateCache``.
+with expiring maps (:class:`ExpiringMap`): inbound messages, event info,
+and one of message status per channel; configs name it
+``junebug_api.state_cache.InMemoryStateCache``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class InMemoryStateCache:
         self.store_event_info_enabled = store_event_info
         self._inbound = ExpiringMap(clock, timeout)
         self._event_info = ExpiringMap(clock, timeout)
-        self._status = ExpiringMap(clock, message_status_ttl)
+        self._clock = clock
+        self._status_ttl = message_status_ttl
+        #: Message status by channel id, then message id.
+        self._status: dict[str, ExpiringMap] = {}
 
     @classmethod
     def check_config(cls, config: dict, connector_name: str = "") -> dict:
@@ -150,21 +154,28 @@ class InMemoryStateCache:
         return succeed(None)
 
     # -- message status: the events of each outbound message ----------------
-    # One flat tuple per message, (event_id, json, event_id, json, ...): the
-    # smallest container for the usual two or three events.
+    # One map per channel (a message id asked for through another channel is
+    # not found), and one flat tuple per message, (event_id, json, event_id,
+    # json, ...): the smallest container for the usual two or three events.
 
-    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
-        stored = self._status.get(message_id) or ()
+    def store_message_event(
+        self, channel_id: str, message_id: str, event_id: str, event: bytes
+    ) -> Deferred[None]:
+        statuses = self._status.get(channel_id)
+        if statuses is None:
+            statuses = self._status[channel_id] = ExpiringMap(self._clock, self._status_ttl)
+        stored = statuses.get(message_id) or ()
         for i in range(0, len(stored), 2):
             if stored[i] == event_id:
                 stored = stored[:i] + stored[i + 2 :]
                 break
-        self._status.set(message_id, (*stored, event_id, event))
+        statuses.set(message_id, (*stored, event_id, event))
         return succeed(None)
 
-    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
-        stored = self._status.renew(message_id) or ()
-        return succeed(list(stored[1::2]))
+    def fetch_message_events(self, channel_id: str, message_id: str) -> Deferred[list[bytes]]:
+        statuses = self._status.get(channel_id)
+        stored = statuses.renew(message_id) if statuses is not None else None
+        return succeed(list((stored or ())[1::2]))
 
     def start(self) -> None:
         pass
@@ -179,5 +190,7 @@ class InMemoryStateCache:
     def close(self) -> Deferred[None]:
         self._inbound.clear()
         self._event_info.clear()
+        for statuses in self._status.values():
+            statuses.clear()
         self._status.clear()
         return succeed(None)

@@ -27,7 +27,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from junebug_api.config.model import ConfigError, redact_url
+from junebug_api.config.model import ConfigError
+from junebug_api.formats.urls import redact_url
 from junebug_api.formats.vumi_messages import VumiMessage, reply_source, reply_source_from_bytes
 from junebug_api.observe.log import logger
 from junebug_api.state.cache import DEFAULT_MESSAGE_STATUS_TTL, EventInfo, check_options
@@ -73,6 +74,42 @@ def parse_redis_url(url: str) -> dict[str, Any]:
         "username": unquote(parts.username) if parts.username else None,
         "tls": parts.scheme == "rediss",
     }
+
+
+def _check_numbers(options: dict) -> None:
+    for name in ("timeout", "operation_timeout"):
+        if options[name] <= 0:
+            raise ConfigError(f"state_cache_config.{name} must be greater than 0")
+    if options["min_replicas"] < 0:
+        raise ConfigError("state_cache_config.min_replicas must be 0 or more")
+    if not 1 <= options["pool_size"] <= 1000:
+        raise ConfigError("state_cache_config.pool_size must be from 1 to 1000")
+
+
+def _check_sentinels(options: dict) -> None:
+    """``sentinels`` a non-empty list of host:port with a ``service_name``;
+    ``service_name`` and ``sentinel_password`` only with them."""
+    sentinels = options["sentinels"]
+    if sentinels is None:
+        if options["service_name"] is not None or options["sentinel_password"] is not None:
+            raise ConfigError(
+                "state_cache_config.service_name and sentinel_password need sentinels"
+            )
+        return
+    if not sentinels or not all(isinstance(a, str) for a in sentinels):
+        raise ConfigError("state_cache_config.sentinels must be a non-empty list of host:port")
+    for address in sentinels:
+        parse_sentinel(address)
+    if not options["service_name"]:
+        raise ConfigError("state_cache_config.service_name is required with sentinels")
+
+
+def _check_readable(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"state_cache_config.tls_ca_file cannot be read: {e.strerror}") from None
 
 
 def parse_sentinel(address: str) -> tuple[str, int]:
@@ -167,35 +204,10 @@ class RedisStateCache:
             "min_replicas": options.get("min_replicas", 0),
         }
         parse_redis_url(result["url"])
-        for name in ("timeout", "operation_timeout"):
-            if result[name] <= 0:
-                raise ConfigError(f"state_cache_config.{name} must be greater than 0")
-        if result["min_replicas"] < 0:
-            raise ConfigError("state_cache_config.min_replicas must be 0 or more")
-        if not 1 <= result["pool_size"] <= 1000:
-            raise ConfigError("state_cache_config.pool_size must be from 1 to 1000")
-        sentinels = result["sentinels"]
-        if sentinels is not None:
-            if not sentinels or not all(isinstance(a, str) for a in sentinels):
-                raise ConfigError(
-                    "state_cache_config.sentinels must be a non-empty list of host:port"
-                )
-            for address in sentinels:
-                parse_sentinel(address)
-            if not result["service_name"]:
-                raise ConfigError("state_cache_config.service_name is required with sentinels")
-        elif result["service_name"] is not None or result["sentinel_password"] is not None:
-            raise ConfigError(
-                "state_cache_config.service_name and sentinel_password need sentinels"
-            )
+        _check_numbers(result)
+        _check_sentinels(result)
         if result["tls_ca_file"] is not None:
-            try:
-                with open(result["tls_ca_file"], "rb") as f:
-                    f.read(1)
-            except OSError as e:
-                raise ConfigError(
-                    f"state_cache_config.tls_ca_file cannot be read: {e.strerror}"
-                ) from None
+            _check_readable(result["tls_ca_file"])
         return result
 
     @classmethod
@@ -391,21 +403,33 @@ class RedisStateCache:
         return self._call(b"DEL", self._key(b"event:", message_id)).addCallback(_none)
 
     # -- message status: the events of each outbound message ----------------
-    # One hash per message (``<prefix>status:<message_id>``: event id ->
-    # status JSON), as old Junebug kept them; a Lua script writes (or reads)
-    # and renews the expiry in one round trip.
+    # One hash per channel and message (``<prefix>events:<channel>:<message_id>``:
+    # event id -> status JSON), so a message id asked for through another
+    # channel is not found; a Lua script writes (or reads) and renews the
+    # expiry in one round trip.
 
-    def store_message_event(self, message_id: str, event_id: str, event: bytes) -> Deferred[None]:
-        key = self._key(b"status:", message_id)
+    def _status_key(self, channel_id: str, message_id: str) -> bytes:
+        return b"%sevents:%s:%s" % (
+            self._prefix,
+            _status_key_part(channel_id),
+            message_id.encode("utf-8"),
+        )
+
+    def store_message_event(
+        self, channel_id: str, message_id: str, event_id: str, event: bytes
+    ) -> Deferred[None]:
+        key = self._status_key(channel_id, message_id)
         return self._call(
             b"EVAL", _STORE_EVENT, 1, key, event_id, event, self._status_expire
         ).addCallback(_none)
 
-    def fetch_message_events(self, message_id: str) -> Deferred[list[bytes]]:
-        key = self._key(b"status:", message_id)
-        return self._call(b"EVAL", _FETCH_EVENTS, 1, key, self._status_expire).addCallback(
-            _encoded_list
-        )
+    def fetch_message_events(self, channel_id: str, message_id: str) -> Deferred[list[bytes]]:
+        key = self._status_key(channel_id, message_id)
+        own = self._call(b"EVAL", _FETCH_EVENTS, 1, key, self._status_expire)
+        # Sent in the same turn (one pipeline): the key the version before
+        # per-channel status wrote; see _legacy_events.
+        legacy = self._call(b"HVALS", self._key(b"status:", message_id))
+        return Deferred.fromCoroutine(_merged_events(channel_id, own, legacy))
 
     # -- health -------------------------------------------------------------
 
@@ -484,3 +508,42 @@ class ReplicationError(Exception):
 
 def _none(_: object) -> None:
     return None
+
+
+def _status_key_part(channel_id: str) -> bytes:
+    """A channel id as a part of a status key: ``%`` and ``:`` escaped, so a
+    channel id with a colon (a top-level ``connector_name`` may have one)
+    cannot make two channels' keys meet."""
+    return channel_id.replace("%", "%25").replace(":", "%3A").encode("utf-8")
+
+
+async def _merged_events(channel_id: str, own: Deferred, legacy: Deferred) -> list[bytes]:
+    try:
+        values = _encoded_list(await own)
+    except BaseException:
+        legacy.addErrback(_none)  # its failure is the same news
+        raise
+    return values + _legacy_events(channel_id, _encoded_list(await legacy), values)
+
+
+def _legacy_events(channel_id: str, legacy: list[bytes], own: list[bytes]) -> list[bytes]:
+    """The events of ``channel_id`` in a hash the previous version wrote.
+
+    Before status was kept per channel, the events of a message id were kept
+    under ``<prefix>status:<message_id>``, whichever channel they came from.
+    Each status event names its channel, so those of this channel are still
+    answered (those also in the new hash once only); those of other channels
+    never are. Nothing writes or renews these keys any more: they expire
+    ``outbound_message_ttl`` after the previous version last touched them.
+    """
+    kept = []
+    for value in legacy:
+        if value in own:
+            continue
+        try:
+            event = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("channel_id") == channel_id:
+            kept.append(value)
+    return kept

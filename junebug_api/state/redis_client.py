@@ -79,28 +79,39 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
     line = buf[pos + 1 : end]
     pos = end + 2
     if kind == b"$":
-        size = int(line)
-        if size < 0:
-            return None, pos
-        if len(buf) < pos + size + 2:
-            raise IncompleteReply
-        return buf[pos : pos + size], pos + size + 2
-    if kind == b"+":
-        return line.decode("utf-8", "replace"), pos
-    if kind == b":":
-        return int(line), pos
-    if kind == b"-":
-        return RedisError(line.decode("utf-8", "replace")), pos
+        return _bulk_string(buf, int(line), pos)
     if kind == b"*":
-        count = int(line)
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            item, pos = parse_reply(buf, pos)
-            items.append(item)
-        return items, pos
-    raise RedisConnectionError(f"unexpected reply type {kind!r} from Redis")
+        return _array(buf, int(line), pos)
+    simple = _SIMPLE_REPLIES.get(kind)
+    if simple is None:
+        raise RedisConnectionError(f"unexpected reply type {kind!r} from Redis")
+    return simple(line), pos
+
+
+def _bulk_string(buf: bytes, size: int, pos: int) -> tuple[bytes | None, int]:
+    if size < 0:
+        return None, pos
+    if len(buf) < pos + size + 2:
+        raise IncompleteReply
+    return buf[pos : pos + size], pos + size + 2
+
+
+def _array(buf: bytes, count: int, pos: int) -> tuple[list[Reply] | None, int]:
+    if count < 0:
+        return None, pos
+    items = []
+    for _ in range(count):
+        item, pos = parse_reply(buf, pos)
+        items.append(item)
+    return items, pos
+
+
+#: The one-line replies: simple strings, integers and errors.
+_SIMPLE_REPLIES: dict[bytes, Callable[[bytes], Reply]] = {
+    b"+": lambda line: line.decode("utf-8", "replace"),
+    b":": int,
+    b"-": lambda line: RedisError(line.decode("utf-8", "replace")),
+}
 
 
 class RedisProtocol(protocol.Protocol):

@@ -122,7 +122,7 @@ def amqp_method(channel: int, klass: str, method: str, **args: Any) -> bytes:
     import struct
     from io import BytesIO
 
-    from junebug_api.amqp.protocol import FieldCodec, load_spec
+    from junebug_api.amqp.frames import FieldCodec, load_spec
 
     spec_method = load_spec().classes.byname[klass].methods.byname[method]
     buffer = BytesIO()
@@ -144,7 +144,7 @@ def amqp_content(
     and one body frame of a message."""
     import struct
 
-    from junebug_api.amqp.protocol import encode_table
+    from junebug_api.amqp.frames import encode_table
 
     flags, properties = 0, b""
     if headers:
@@ -180,6 +180,11 @@ class BrokerServer:
         self.published: list[tuple[str, bytes, dict]] = []
         self.confirm: str | None = "ack"
         self.exchange_error: tuple[int, str] | None = None
+        # A synchronous method that came on a channel whose previous one was
+        # not yet answered (AMQP 0-9-1 allows one): (channel, waiting, new).
+        self.overlaps: list[tuple[int, str, str]] = []
+        # While True, everything the broker sends waits for release().
+        self.holding = False
 
     def factory(self) -> ServerFactory:
         """The factory to listen with; each connection is kept in ``connections``."""
@@ -217,6 +222,9 @@ class BrokerServerConnection(Protocol):
         self.acks: list[tuple[int, int, bool]] = []
         self.rejects: list[tuple[int, int, bool]] = []
         self.methods: list[tuple[int, str]] = []  # (channel, "class.method") received
+        self.unanswered: dict[int, str] = {}  # channel -> its synchronous method in flight
+        self.gotten: dict[tuple[int, int], bytes] = {}  # (channel, tag) -> body, basic.get
+        self.held: list[bytes] = []
 
     # -- input ----------------------------------------------------------------
 
@@ -226,7 +234,7 @@ class BrokerServerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         import struct
 
-        from junebug_api.amqp.protocol import decode_frame, load_spec
+        from junebug_api.amqp.frames import decode_frame, load_spec
 
         self.buffer += data
         if not self.greeted:
@@ -264,6 +272,11 @@ class BrokerServerConnection(Protocol):
                 for f, a in zip(payload.method.fields, payload.args, strict=True)
             }
             self.methods.append((channel, name))
+            if payload.method.responses and not args.get("nowait"):
+                waiting = self.unanswered.get(channel)
+                if waiting is not None:
+                    self.broker.overlaps.append((channel, waiting, name))
+                self.unanswered[channel] = name
             self.method(channel, name, args)
         elif kind == "Header":
             self.publishing[channel]["properties"] = dict(payload.properties)
@@ -289,6 +302,7 @@ class BrokerServerConnection(Protocol):
         if name in reply:
             if name == "channel.open":
                 self.channels.add(channel)
+                self.delivery_tags.pop(channel, None)  # tags count per channel
             if name == "confirm.select":
                 self.confirming.add(channel)
             if name == "basic.qos":
@@ -380,6 +394,7 @@ class BrokerServerConnection(Protocol):
             return
         body = ready.pop(0)
         tag = self.delivery_tags[channel] = self.delivery_tags.get(channel, 0) + 1
+        self.gotten[(channel, tag)] = body
         self.send(
             amqp_method(channel, "basic", "get-ok", delivery_tag=tag, routing_key=args["queue"])
             + amqp_content(channel, body, {"attempt": 2})
@@ -417,6 +432,37 @@ class BrokerServerConnection(Protocol):
     # -- output ---------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        """Write ``data`` (frames), or keep it for :meth:`release` while the
+        broker holds its answers."""
+        if self.broker.holding:
+            self.held.append(data)
+            return
+        self._write(data)
+
+    def release(self) -> bool:
+        """Send everything held, in one write (the client reads it in one
+        go); whether there was anything."""
+        held, self.held = self.held, []
+        if held and not self.closed:
+            self._write(b"".join(held))
+        return bool(held)
+
+    def _write(self, data: bytes) -> None:
+        """Write frames; an answer to a synchronous method (or a
+        channel.close) ends that method's turn on its channel."""
+        import struct
+
+        from junebug_api.amqp.frames import load_spec
+
+        offset = 0
+        while offset < len(data):
+            (channel, size) = struct.unpack_from("!HI", data, offset + 1)
+            if data[offset] == 1:
+                class_id, method_id = struct.unpack_from("!HH", data, offset + 7)
+                method = load_spec().classes.byid[class_id].methods.byid[method_id]
+                if method.response or (class_id, method_id) == (20, 40):
+                    self.unanswered.pop(channel, None)
+            offset += size + 8
         self.transport.write(data)
 
     def close_channel(self, channel: int, code: int, text: str) -> None:
@@ -498,13 +544,12 @@ class AmqpSetup:
         settings.setdefault("heartbeat", 0)
         self.service = AmqpService(
             AmqpConnectionSettings(brokers=brokers, **settings),
-            list(queues),
-            {},
             7,
             self.net.reactor,
             connection_name="unit",
             random=random or Random(),
         )
+        self.service.add_queues({queue: {} for queue in queues})
         for queue in consumed:
             self.service.add_consumer(queue, self._consumer(queue), (prefetch or {}).get(queue))
 
@@ -521,6 +566,16 @@ class AmqpSetup:
         d = as_deferred(d)
         self.net.flush()
         return result_of(d)
+
+    def answer_held(self, rounds: int = 100) -> None:
+        """While the broker holds its answers: send them, a batch per
+        connection at a time, until no more come (each answer may let the
+        client send its next method)."""
+        for _ in range(rounds):
+            self.net.flush()
+            if not any([c.release() for c in self.broker.connections]):
+                return
+        raise AssertionError("the answers never ended")
 
     def connection(self, role: str) -> BrokerServerConnection:
         """The broker side of the service's ``publish`` or ``consume`` connection."""
@@ -546,8 +601,8 @@ class AmqpSetup:
 
 
 class FakeRedis:
-    """A Redis server in memory: strings with expiry, hashes, the state cache's
-    two Lua scripts (recognised by what they call), ``WAIT``, ``AUTH``,
+    """A Redis server in memory: strings with expiry, hashes (``HVALS``), the
+    state cache's two Lua scripts (recognised by what they call), ``WAIT``, ``AUTH``,
     ``SELECT``, ``ROLE``, and ``SENTINEL get-master-addr-by-name``.
 
     ``commands`` records every command received (as lists of bytes).
@@ -611,6 +666,8 @@ class FakeRedis:
                 del self.data[key]
                 self.expires.pop(key, None)
             return len(found)
+        if name == b"HVALS":
+            return list(self.data.get(args[1], {}).values())
         if name == b"WAIT":
             return self.replicas
         if self.readonly:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
+import trustme
+from cryptography import x509
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from junebug_api.amqp.connect import SetupFailed, explain, explain_channel_close
+from junebug_api.amqp.connect import (
+    CertificateRejected,
+    SetupFailed,
+    certificate_problem,
+    explain,
+    explain_channel_close,
+)
 from junebug_api.config.model import AmqpConfig, AmqpConnectionSettings
 
 PLAIN = AmqpConfig(hostname="rabbit", port=5672, username="junebug")
@@ -59,7 +68,7 @@ def close_message(code: int, text: str):
             Exception("closed"),
             TLS,
             client(lost=Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))),
-            "TLS: the certificate of rabbit:5671 is signed by an unknown CA",
+            "TLS: the certificate of rabbit:5671 failed verification",
         ),
         (
             Exception("closed"),
@@ -134,4 +143,47 @@ def test_explain_channel_close() -> None:
     missing = closed(404, "NOT_FOUND - no exchange 'vumi'")
     assert explain_channel_close(missing, "vumi", passive=True, kind="exchange") == (
         "exchange vumi does not exist (amqp_declare: passive): NOT_FOUND - no exchange 'vumi'"
+    )
+
+
+# -- a broker certificate we refuse, named for what is wrong with it -----------
+
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def certificate(ca: trustme.CA, *names: str, **dates: datetime) -> x509.Certificate:
+    """A certificate of ``ca`` for ``names`` (``not_before``/``not_after``)."""
+    pem = ca.issue_cert(*names, **dates).cert_chain_pems[0].bytes()
+    return x509.load_pem_x509_certificate(pem)
+
+
+@pytest.mark.parametrize(
+    ("alert", "dates", "named"),
+    [
+        (
+            45,
+            {"not_before": datetime(2029, 1, 1, tzinfo=UTC), "not_after": NOW - timedelta(days=3)},
+            "expired on 2030-05-29 12:00 UTC",
+        ),
+        (45, {}, "has expired (a certificate of its chain)"),  # the leaf is valid: its CA expired
+        (
+            42,
+            {"not_before": NOW + timedelta(hours=2), "not_after": NOW + timedelta(days=90)},
+            "is not valid before 2030-06-01 14:00 UTC",
+        ),
+        (48, {}, "is signed by an unknown CA"),
+        (42, {}, None),  # a bad certificate for another reason: OpenSSL's words stand
+        (80, {}, None),  # internal error: a host name mismatch (service_identity's)
+    ],
+)
+def test_certificate_problem(alert: int, dates: dict, named: str | None) -> None:
+    leaf = certificate(trustme.CA(), "rabbit", **dates)
+    problem = certificate_problem(alert, [leaf], NOW)
+    assert (problem and str(problem)) == named
+
+
+def test_a_rejected_certificate_is_one_sentence() -> None:
+    rejected = client(lost=Failure(CertificateRejected("expired on 2030-05-29 12:00 UTC")))
+    assert explain(Exception("closed"), TLS, SETTINGS, rejected) == (
+        "TLS: the certificate of rabbit:5671 expired on 2030-05-29 12:00 UTC"
     )

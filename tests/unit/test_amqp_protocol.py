@@ -11,7 +11,7 @@ import pytest
 from txamqp.connection import Body, Header, Heartbeat, Method
 from txamqp.protocol import GarbageException
 
-from junebug_api.amqp.protocol import FieldCodec, decode_frame, load_spec
+from junebug_api.amqp.frames import FieldCodec, decode_frame, load_spec
 
 from .helpers import result_of
 

@@ -1,20 +1,16 @@
 """AmqpService's publishing and ack bookkeeping: which confirm settles which
 publish, message ids, acks batched per reactor turn, blocked and busy
-publishing, publishes a lost connection fails; and consumers given with
-``add_consumer``. The service connects, as it would to RabbitMQ, to the
+publishing, publishes a lost connection fails. The service connects, as it would to RabbitMQ, to the
 in-memory broker of :mod:`tests.unit.helpers` (:class:`AmqpSetup`), which
 here leaves the confirms to the test: each one is a frame the test sends."""
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import pytest
-from twisted.internet.testing import StringTransport
 
-from junebug_api.amqp.service import AmqpService, PublishFailed, PublishRefused
-from junebug_api.config.model import AmqpConnectionSettings
+from junebug_api.amqp.service import PublishFailed, PublishRefused
 
 from .helpers import AmqpSetup, amqp_method, result_of
 
@@ -162,34 +158,3 @@ def test_max_unconfirmed_refuses_and_a_confirm_makes_room() -> None:
     assert unconfirmed(s) == 2
     confirm(s, 3)
     assert result_of(held) is None
-
-
-def test_a_consumer_added_before_start_gets_the_deliveries_of_its_queue() -> None:
-    """Consumers built after the service (they need its ``publish``) are
-    registered with add_consumer; the consuming connection hands them their
-    queue's deliveries. Once started, no consumer can be added."""
-    from twisted.internet.testing import MemoryReactorClock
-
-    reactor = MemoryReactorClock()
-    service = AmqpService(AmqpConnectionSettings(), [], {}, 1, reactor)
-    got: list[tuple[bytes, int]] = []
-    service.add_consumer("q", lambda body, acker: got.append((body, acker.delivery_tag)), 7)
-    service.startService()
-    try:
-        consuming = reactor.tcpClients[1][2]  # publish connects first, then consume
-        client = consuming.buildProtocol(None)
-        client.makeConnection(StringTransport())
-        deliver = struct.pack("!HH", 60, 60) + b"\x01q" + struct.pack("!QB", 9, 0) + b"\x00\x00"
-        header = struct.pack("!HHQH", 60, 0, 2, 0)
-        client.dataReceived(
-            b"".join(
-                struct.pack("!BHI", kind, 3, len(payload)) + payload + b"\xce"
-                for kind, payload in ((1, deliver), (2, header), (3, b"hi"))
-            )
-        )
-        assert got == [(b"hi", 9)]
-        with pytest.raises(RuntimeError, match="after the AMQP service started"):
-            service.add_consumer("other", lambda body, acker: None)
-    finally:
-        service.stopService()
-        reactor.advance(0)

@@ -67,11 +67,6 @@ def test_both_connections_open_and_declare_the_topology() -> None:
     assert any(e.get("consuming") == ", consuming ['c.event', 'c.inbound']" for e in events)
 
 
-def test_consumers_are_added_before_the_start_only(setup: AmqpSetup) -> None:
-    with pytest.raises(RuntimeError, match=r"consumer for c\.late added after"):
-        setup.service.add_consumer("c.late", lambda body, acker: None)
-
-
 def test_publish_is_confirmed_by_the_broker(setup: AmqpSetup) -> None:
     d = setup.service.publish("c.outbound", "Sawubona 👋".encode(), message_id="m1")
     assert setup.service.health()["unconfirmed_publishes"] == 1
@@ -161,12 +156,19 @@ def test_deliveries_reach_their_consumer_and_acks_are_batched(setup: AmqpSetup) 
     assert consumer.acks[-1] == (3, 3, False)
 
 
-def test_a_delivery_for_an_unknown_consumer_is_given_back(setup: AmqpSetup) -> None:
-    consumer = setup.broker.consumer("c.inbound")
-    consumer.deliver("c.inbound", b"x", consumer_tag="someone-else")
+def test_a_delivery_on_a_channel_without_a_consumer_is_given_back(setup: AmqpSetup) -> None:
+    """Deliveries go to the consumer of the channel they come on; one on any
+    other channel (here the control channel) goes back to its queue."""
+    consume = setup.connection("consume")
+    consume.send(
+        amqp_method(
+            2, "basic", "deliver", consumer_tag="someone-else", delivery_tag=1, routing_key="q"
+        )
+        + amqp_content(2, b"x")
+    )
     setup.net.flush()
     assert setup.received == []
-    assert consumer.rejects == [(3, 1, True)]
+    assert consume.rejects == [(2, 1, True)]
 
 
 def test_a_blocked_broker_refuses_api_publishes_and_holds_the_others(setup: AmqpSetup) -> None:
@@ -428,9 +430,9 @@ def test_queries_need_a_connection() -> None:
         result_of(as_deferred(s.service.queue_status("c.inbound")))
 
 
-def test_declare_queue_now_and_on_every_connect(setup: AmqpSetup) -> None:
+def test_add_queues_declares_now_and_on_every_connect(setup: AmqpSetup) -> None:
     args = {"x-message-ttl": 5000, "x-dead-letter-exchange": "vumi"}
-    assert setup.wait(setup.service.declare_queue("c.inbound.delay", args)) is None
+    assert setup.wait(setup.service.add_queues({"c.inbound.delay": args})) is None
     assert "c.inbound.delay" in setup.broker.queues
     del setup.broker.queues["c.inbound.delay"]
     setup.drop_all()
@@ -446,7 +448,7 @@ def test_many_queues_are_declared_over_several_channels() -> None:
     assert set(queues) <= set(s.broker.queues)
     publisher = s.connection("publish")
     lanes = {channel for channel, name in publisher.methods if name == "queue.declare"}
-    assert lanes == {2, 4, 5}  # the control channel and two more (60 queues / 20)
+    assert lanes == {2, 3, 4}  # the control channel and two more (60 queues / 20)
     assert publisher.channels == {1, 2}  # the lanes were closed again
 
 

@@ -109,7 +109,8 @@ def test_a_failing_rapidpro_degrades_the_channel_until_a_post_succeeds() -> None
     assert s.channel.mo_delivery.status() == {
         "health": "degraded",
         "in_flight": 0,
-        "error": f"POST to {MO} failed: HTTP 500",
+        # /health is open: the URL as scheme://host:port only.
+        "error": "POST to http://rapidpro.example:80 failed: HTTP 500",
     }
     health = s.channel.health({"health": "ok"})
     assert health["health"] == "degraded"
@@ -164,3 +165,19 @@ def test_a_channel_log_record_of_a_failure_without_a_traceback() -> None:
     assert record["exception"]["class"] == "ValueError"
     assert record["exception"]["instance"] == "bad"
     assert isinstance(record["exception"]["stack"], list)
+
+
+def test_a_channel_log_record_shows_urls_as_log_lines_do() -> None:
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    url = "http://rp.example/c/jn/0b9e6b6c-5b7a-4e39-9a4c-7d1c1f0a2b3c/receive?token=t0k3n"
+    log = ChannelLog("c", 2)
+    failure = Failure(ValueError(f"no answer from {url}"))
+    log.add({"log_format": "at {url}", "url": url, "log_level": LogLevel.warn})
+    log.add({"log_format": "oops", "log_level": LogLevel.error, "log_failure": failure})
+    failed, logged = log.newest(2)
+    assert logged["message"] == "at http://rp.example/c/jn/***/receive?token=***"
+    assert failed["exception"]["instance"] == (
+        "no answer from http://rp.example/c/jn/***/receive?token=***"
+    )

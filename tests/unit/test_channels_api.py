@@ -28,6 +28,9 @@ from .helpers import result_of
 
 BASE = "http://junebug.example"
 MO = "http://rapidpro.example/in"
+B_EVENTS = (
+    "https://ev:pw@rp.example:8443/c/jn/4a8e2c1e-63d5-4b1f-9b0e-2d5c8f7a1b23/event?token=tok3n&v=2"
+)
 RATES = {
     "inbound_message_rate",
     "outbound_message_rate",
@@ -114,7 +117,11 @@ class Harness:
         settings = channel_settings(
             {
                 "a": {"character_limit": 5, "label": "A", "metadata": {"k": "v"}},
-                "b": {"api_auth_token": "b-secret", "mo_url_auth_token": "mo-secret"},
+                "b": {
+                    "api_auth_token": "b-secret",
+                    "mo_url_auth_token": "mo-secret",
+                    "default_event_url": B_EVENTS,
+                },
             },
             mo_message_url=MO,
             default_from_addr="8110",
@@ -248,6 +255,11 @@ def test_channel_found_has_settings_without_secrets_and_status() -> None:
     result = data["result"]
     assert result["id"] == "b"
     assert result["mo_url"] == MO
+    # The channel's own credentials see the path; user info and query values never.
+    assert result["default_event_url"] == (
+        "https://***@rp.example:8443/c/jn/4a8e2c1e-63d5-4b1f-9b0e-2d5c8f7a1b23/event?token=***&v=***"
+    )
+    assert "tok3n" not in text and ":pw@" not in text
     status = result["status"]
     assert status["status"] == "ok"
     assert set(status["components"]) == {"amqp", "mo_message_url", "event_url"}
@@ -285,8 +297,8 @@ def test_message_status_lists_events_sorted_as_old_junebug() -> None:
         "m1", "delivery_report", "2026-11-26 13:23:19.000000", delivery_status="delivered"
     )
     # Stored out of order: the answer sorts by timestamp.
-    result_of(h.cache.store_message_event("m1", dr["event_id"], status_event(dr, "a")))
-    result_of(h.cache.store_message_event("m1", ack["event_id"], status_event(ack, "a")))
+    result_of(h.cache.store_message_event("a", "m1", dr["event_id"], status_event(dr, "a")))
+    result_of(h.cache.store_message_event("a", "m1", ack["event_id"], status_event(ack, "a")))
     code, data = h.call("GET", "/channels/a/messages/m1")
     assert (code, data["description"]) == (200, "message status")
     assert data["result"] == {
@@ -322,6 +334,22 @@ def test_unknown_message_status_is_200_with_nulls() -> None:
         "last_event_timestamp": None,
         "events": [],
     }
+
+
+def test_a_message_id_of_another_channel_is_unknown() -> None:
+    h = Harness()
+    ack = vumi_event("m1", "ack", "2026-11-26 13:23:18.500000")
+    result_of(h.cache.store_message_event("a", "m1", ack["event_id"], status_event(ack, "a")))
+    code, data = h.call("GET", "/channels/b/messages/m1", token="b-secret")
+    assert (code, data["description"]) == (200, "message status")
+    assert data["result"] == {
+        "id": "m1",
+        "last_event_type": None,
+        "last_event_timestamp": None,
+        "events": [],
+    }
+    _, data = h.call("GET", "/channels/a/messages/m1")
+    assert data["result"]["last_event_type"] == "submitted"
 
 
 def test_status_event_mapping() -> None:

@@ -673,7 +673,7 @@ def test_config_repr_hides_amqp_password(tmp_path: Path) -> None:
 
 
 def test_redact_url_hides_a_lone_user_name_too() -> None:
-    from junebug_api.config.model import redact_url
+    from junebug_api.formats.urls import redact_url
 
     assert redact_url("https://APIKEY123@rp.example/x") == "https://***@rp.example/x"
     assert redact_url("https://rp.example/x") == "https://rp.example/x"

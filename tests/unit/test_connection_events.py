@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from junebug_api.amqp.connection import AmqpConnection
 from junebug_api.amqp.protocol import (
     ConnectionEvents,
     JunebugAMQPClient,
@@ -24,7 +25,6 @@ from junebug_api.amqp.protocol import (
     JunebugDelegate,
     load_spec,
 )
-from junebug_api.amqp.service import AmqpConnection
 from junebug_api.config.model import AmqpConfig
 from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 

@@ -16,12 +16,10 @@ exactly the locked versions.
 
 from __future__ import annotations
 
-import configparser
 import importlib.util
 import os
 import subprocess
 import sys
-import tomllib
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -105,23 +103,7 @@ lockfile = load_lockfile()
 
 def declared() -> dict[str, list[Requirement]]:
     """setup.cfg's install_requires and extras, and the build's requires."""
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
-
-    def lines(value: str) -> list[Requirement]:
-        return [
-            Requirement(line.strip())
-            for line in value.splitlines()
-            if line.strip() and not line.strip().startswith("#")
-        ]
-
-    found = {"install_requires": lines(cfg["options"]["install_requires"])}
-    for extra, value in cfg["options.extras_require"].items():
-        found[extra] = lines(value)
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        build = tomllib.load(f)["build-system"]["requires"]
-    found["build-system"] = [Requirement(r) for r in build]
-    return found
+    return {g: [Requirement(r) for r in rs] for g, rs in lockfile.declared(ROOT).items()}
 
 
 def all_declared() -> list[Requirement]:

@@ -19,8 +19,9 @@ from junebug_api.testing import BreakableStateCache, FakeRapidPro, captured_logs
 
 from .helpers import HandlerRun, result_of
 
-EVENT_URL = "http://ev:secret@rp.example/events/1"
-SAFE_EVENT_URL = "http://rp.example/events/1"
+EVENT_URL = "http://ev:secret@rp.example/events/1?token=tok3n&x"
+# As a log line shows it: user info and query values masked.
+SAFE_EVENT_URL = "http://***@rp.example/events/1?token=***&***"
 DEFAULT_URL = "http://rp.example/default-events"
 
 
@@ -71,7 +72,7 @@ def test_event_goes_to_the_url_stored_with_its_message() -> None:
     result_of(h.cache.store_event_info("out-1", EventInfo(EVENT_URL, "ev-token")))
     assert result_of(h.handle(body_of(vumi_event()))) is None  # delivered
     [post] = h.rapidpro.requests
-    assert post.uri == b"/events/1"
+    assert post.uri == b"/events/1?token=tok3n&x"  # the real URL, query and all
     assert post.header("Authorization") == [b"Token ev-token"]
     assert json.loads(post.body) == {
         "event_type": "submitted",

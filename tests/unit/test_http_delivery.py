@@ -19,7 +19,6 @@ from twisted.web.client import ResponseNeverReceived
 from junebug_api.delivery.http_delivery import (
     DeliveryFailed,
     HttpDelivery,
-    safe_url,
     split_credentials,
 )
 from junebug_api.delivery.outages import OutageTracker, destination_of
@@ -34,13 +33,12 @@ def basic(user: str, password: str) -> bytes:
     return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
 
 
-# -- split_credentials / safe_url ---------------------------------------------------
+# -- split_credentials ---------------------------------------------------------
 
 
 def test_url_without_credentials() -> None:
     url = "https://rp.example/c/jn/uuid/receive?x=1"
     assert split_credentials(url) == (url.encode(), None)
-    assert safe_url(url) == url
 
 
 def test_url_with_credentials() -> None:
@@ -55,8 +53,6 @@ def test_url_credentials_percent_escapes_decoded() -> None:
     clean, auth = split_credentials(url)
     assert clean == b"http://rp.example/in"
     assert auth == basic("us@er", "p:ss/wñrd")
-    assert safe_url(url) == "http://rp.example/in"
-    assert "p%3Ass" not in safe_url(url)
 
 
 def test_url_with_user_only() -> None:

@@ -16,8 +16,9 @@ from junebug_api.testing import BreakableStateCache, FakeRapidPro, captured_logs
 
 from .helpers import HandlerRun, result_of
 
-URL = "http://user:secret@rp.example/c/jn/uuid/receive"
-SAFE_URL = "http://rp.example/c/jn/uuid/receive"
+URL = "http://user:secret@rp.example/c/jn/4a8e2c1e-63d5-4b1f-9b0e-2d5c8f7a1b23/receive?t=tok3n"
+# As a log line shows it: user info, the channel's UUID and query values masked.
+SAFE_URL = "http://***@rp.example/c/jn/***/receive?t=***"
 UNICODE_TEXT = "Sawubona, ngiyabonga 👋 ñ 漢字"
 
 
@@ -72,7 +73,7 @@ def test_message_is_cached_then_posted_as_junebug_json() -> None:
     cached = result_of(h.cache.fetch_inbound("in-1"))
     assert (cached["from_addr"], cached["to_addr"]) == ("+27820000001", "8110")  # for replies
     [post] = h.rapidpro.requests
-    assert post.uri == b"/c/jn/uuid/receive"
+    assert post.uri == b"/c/jn/4a8e2c1e-63d5-4b1f-9b0e-2d5c8f7a1b23/receive?t=tok3n"
     assert post.header("Authorization") == [b"Token tok"]
     assert json.loads(post.body) == {
         "to": "8110",

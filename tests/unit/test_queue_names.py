@@ -60,3 +60,14 @@ def test_without_retry_delays_there_are_no_delay_queues() -> None:
     names = QueueNames.for_connector("conn", retry_delays=())
     assert names.delay_queues("inbound") == {}
     assert names.all() == list(names.by_role().values())
+
+
+def test_declarations_are_every_queue_with_its_arguments() -> None:
+    names = QueueNames.for_connector("conn")
+    declarations = names.declarations()
+    assert list(declarations) == names.all()
+    assert declarations["conn.inbound.failed"] == {}
+    assert (
+        declarations["conn.inbound.retry.5"]
+        == names.delay_queue_arguments()["conn.inbound.retry.5"]
+    )

@@ -6,6 +6,7 @@ on a MemoryReactorClock."""
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -129,18 +130,79 @@ def test_event_info_round_trip_and_switched_off() -> None:
     assert off.redis.commands == []
 
 
-def test_message_events_are_kept_per_message_and_renewed_on_read(setup: Setup) -> None:
+def test_message_events_are_kept_per_channel_and_message_and_renewed_on_read(
+    setup: Setup,
+) -> None:
     store = setup.cache.store_message_event
-    assert setup.wait(store("out-1", "ev-1", b'{"status": "sent"}')) is None
-    setup.wait(store("out-1", "ev-2", b'{"status": "delivered"}'))
-    setup.wait(store("out-1", "ev-1", b'{"status": "sent again"}'))
-    key = b"t:c:status:out-1"
+    assert setup.wait(store("a", "out-1", "ev-1", b'{"status": "sent"}')) is None
+    setup.wait(store("a", "out-1", "ev-2", b'{"status": "delivered"}'))
+    setup.wait(store("a", "out-1", "ev-1", b'{"status": "sent again"}'))
+    setup.wait(store("b", "out-1", "ev-3", b'{"status": "of b"}'))  # the same id on b
+    key = b"t:c:events:a:out-1"
+    assert sorted(setup.redis.data) == [key, b"t:c:events:b:out-1"]
     assert setup.redis.ttl(key) == 600
     setup.net.advance(500)
-    events = setup.wait(setup.cache.fetch_message_events("out-1"))
+    events = setup.wait(setup.cache.fetch_message_events("a", "out-1"))
     assert sorted(events) == [b'{"status": "delivered"}', b'{"status": "sent again"}']
     assert setup.redis.ttl(key) == 600  # renewed by the read
-    assert setup.wait(setup.cache.fetch_message_events("other")) == []
+    assert setup.wait(setup.cache.fetch_message_events("b", "out-1")) == [b'{"status": "of b"}']
+    assert setup.wait(setup.cache.fetch_message_events("c", "out-1")) == []
+    assert setup.wait(setup.cache.fetch_message_events("a", "other")) == []
+
+
+def test_a_colon_in_a_channel_id_cannot_make_two_channels_keys_meet(setup: Setup) -> None:
+    # ("x:y", "z") and ("x", "y:z") would both be status ...:x:y:z unescaped.
+    setup.wait(setup.cache.store_message_event("x:y", "z", "e1", b"1"))
+    setup.wait(setup.cache.store_message_event("x%3Ay", "z", "e2", b"2"))
+    assert setup.wait(setup.cache.fetch_message_events("x", "y:z")) == []
+    assert setup.wait(setup.cache.fetch_message_events("x:y", "z")) == [b"1"]
+    assert b"t:c:events:x%3Ay:z" in setup.redis.data
+    assert b"t:c:events:x%253Ay:z" in setup.redis.data
+
+
+def status_json(channel_id: str, event_type: str) -> bytes:
+    return json.dumps({"channel_id": channel_id, "event_type": event_type}).encode()
+
+
+def test_statuses_the_version_before_wrote_answer_on_their_own_channel_only(
+    setup: Setup,
+) -> None:
+    # The previous version kept every channel's events of a message id in
+    # one hash, <prefix>status:<message_id>.
+    legacy = b"t:c:status:out-1"
+    setup.redis.data[legacy] = {
+        b"ev-1": status_json("a", "submitted"),
+        b"ev-2": status_json("b", "rejected"),
+        b"ev-3": b"not json",
+    }
+    setup.redis.expires[legacy] = setup.net.reactor.seconds() + 100
+    fetch = setup.cache.fetch_message_events
+    assert setup.wait(fetch("a", "out-1")) == [status_json("a", "submitted")]
+    assert setup.wait(fetch("b", "out-1")) == [status_json("b", "rejected")]
+    assert setup.wait(fetch("c", "out-1")) == []
+    # New events join them; an event in both hashes is answered once.
+    setup.wait(setup.cache.store_message_event("a", "out-1", "ev-1", status_json("a", "submitted")))
+    setup.wait(setup.cache.store_message_event("a", "out-1", "ev-4", status_json("a", "delivered")))
+    assert sorted(setup.wait(fetch("a", "out-1"))) == [
+        status_json("a", "delivered"),
+        status_json("a", "submitted"),
+    ]
+    assert setup.redis.ttl(legacy) == 100  # never renewed: it expires as it would have
+    setup.net.advance(100)
+    assert setup.wait(fetch("b", "out-1")) == []
+
+
+def test_a_failed_status_read_fails_once_and_leaves_no_unhandled_error(setup: Setup) -> None:
+    setup.redis.silent = True
+    with captured_logs() as events:
+        fetched = setup.cache.fetch_message_events("a", "out-1")
+        setup.net.flush()
+        setup.net.advance(5)
+        with pytest.raises(RedisConnectionError):
+            result_of(fetched)
+        del fetched
+        gc.collect()  # an unhandled failure of the second read would be logged here
+    assert not [e for e in events if e.get("log_failure") is not None]
 
 
 def test_auth_and_database_are_set_on_connect() -> None:

@@ -61,7 +61,7 @@ def test_one_connector_the_tree_holds_amqp_then_http() -> None:
     amqp, http = list(service)
     assert isinstance(amqp, AmqpService) and amqp is service.amqp
     assert isinstance(http, ListeningService) and http is service.http
-    assert sorted(amqp.queues) == sorted(QueueNames.for_connector("conn").by_role().values())
+    assert amqp.queues == QueueNames.for_connector("conn").declarations()
     # Its workers consume .inbound and .event; .outbound is the transport's.
     [channel] = service.channels
     assert sorted(channel.consumers) == ["conn.event", "conn.inbound"]
@@ -79,12 +79,10 @@ def test_each_channel_has_its_queues_workers_and_monitor() -> None:
         channels=json.dumps({"a": {}, "b": {"connector_name": "b-conn"}}),
         metrics_enabled="false",
     )
-    assert sorted(service.amqp.queues) == sorted(
-        [
-            *QueueNames.for_connector("a").by_role().values(),
-            *QueueNames.for_connector("b-conn").by_role().values(),
-        ]
-    )
+    assert service.amqp.queues == {
+        **QueueNames.for_connector("a").declarations(),
+        **QueueNames.for_connector("b-conn").declarations(),
+    }
     consumed = ["a.event", "a.inbound", "b-conn.event", "b-conn.inbound"]
     assert sorted(q for c in service.channels for q in c.consumers) == consumed
     assert sorted(w.queue for w in service.workers) == consumed

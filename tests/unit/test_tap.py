@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,30 +147,37 @@ def joined(options: Options) -> Application:
     return application
 
 
-def test_log_format_json_gives_twistd_a_json_observer_for_its_log_file(tmp_path: Path) -> None:
-    options = parsed([*REQUIRED, "--log-format", "json"])
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_twistd_gets_an_observer_writing_redacted_lines_to_its_log_file(
+    tmp_path: Path, log_format: str
+) -> None:
+    options = parsed([*REQUIRED, "--log-format", log_format])
     log_file = tmp_path / "twistd.log"
     options.parent = ServerOptions(logfile=str(log_file))
     observer = joined(options).getComponent(ILogObserver)
+    uuid = "0b9e6b6c-5b7a-4e39-9a4c-7d1c1f0a2b3c"
     observer(
         {
             "log_format": "POST to {url} failed",
-            "url": "http://user:secret@rp.example/in",
+            "url": f"http://user:secret@rp.example/c/jn/{uuid}/r?t=tok3n",
             "log_level": LogLevel.warn,
             "log_namespace": "junebug_api.delivery.inbound",
             "log_time": 0,
+            "log_system": "-",
         }
     )
     [line] = log_file.read_text().splitlines()
-    record = json.loads(line)
-    assert record["connector"] == "conn"
-    assert "rp.example/in failed" in record["message"]
-    assert "secret" not in line
+    assert "POST to http://***@rp.example/c/jn/***/r?t=*** failed" in line
+    assert "secret" not in line and "tok3n" not in line and uuid not in line
+    if log_format == "json":
+        assert json.loads(line)["connector"] == "conn"
+    else:  # twistd's own line
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[-\] POST", line), line
 
 
-def test_log_format_text_leaves_twistds_observer(tmp_path: Path) -> None:
+def test_syslog_leaves_twistds_observer() -> None:
     options = parsed(REQUIRED)
-    options.parent = ServerOptions(logfile=str(tmp_path / "twistd.log"))
+    options.parent = ServerOptions(syslog=True)
     assert joined(options).getComponent(ILogObserver) is None
 
 

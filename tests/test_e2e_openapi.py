@@ -1,0 +1,196 @@
+"""schemathesis against the real ``twistd junebug-api``: the service keeps to
+the OpenAPI document it serves.
+
+Two processes, each started once for the module: a single connector (with
+``base_url_path``, Basic and Token credentials, ``metrics_auth``) and
+``channels:`` (one channel with the top-level token, one asking for nothing).
+Every operation of each document gets the examples, coverage and fuzzing
+phases with positive and negative data (examples bounded to stay quick) and
+the checks not_a_server_error, status_code_conformance,
+content_type_conformance, response_schema_conformance and
+negative_data_rejection, and besides them response_headers_conformance,
+unsupported_method (405 with ``Allow``), allow_header_conformance and
+ignored_auth (401 without credentials). After them each process is still up
+and healthy, and its log holds no traceback (``ServiceProcess.stop`` checks).
+
+schemathesis runs as a library through its engine (the runner behind ``st
+run``): its pytest loader for a schema from a fixture sets pytest's
+``Item._nodeid``, which pytest 9.2 no longer has.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.engine import Status, events
+
+from junebug_api.formats.queue_names import QueueNames
+
+from .support import Broker, ServiceProcess, free_port
+
+CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+    "response_headers_conformance",
+    "unsupported_method",
+    "allow_header_conformance",
+    "ignored_auth",
+]
+MAX_EXAMPLES = 40
+TOKEN = "schemathesis-token"
+
+
+def _start(tmp_path: Path, config: dict[str, Any]) -> ServiceProcess:
+    config = {
+        "http_bind": f"127.0.0.1:{free_port()}",
+        "mo_message_url": "http://127.0.0.1:9/inbound",
+        "amqp_heartbeat": 10,
+        **config,
+    }
+    return ServiceProcess(tmp_path, config).start().wait_healthy()
+
+
+def _stop(service: ServiceProcess, connectors: list[str]) -> None:
+    """The process stayed up and healthy; stop it (failing on a traceback in
+    its log) and delete its queues."""
+    try:
+        assert service.process.poll() is None, f"the service exited:\n{service.log()}"
+        service.wait_healthy(timeout=5)
+        service.stop()
+    finally:
+        broker = Broker()
+        for connector in connectors:
+            for queue in QueueNames.for_connector(connector).all():
+                broker.delete(queue)
+        broker.close()
+
+
+@pytest.fixture(scope="module")
+def single_connector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    connector = f"jbtest-{uuid.uuid4().hex[:10]}"
+    service = _start(
+        tmp_path_factory.mktemp("single"),
+        {
+            "connector_name": connector,
+            "base_url_path": "/junebug",
+            "api_auth_username": "rapidpro",
+            "api_auth_password": "basic-secret",
+            "api_auth_token": TOKEN,
+            "metrics_auth": True,
+            "allow_expired_replies": True,
+            "character_limit": 160,
+        },
+    )
+    yield service
+    _stop(service, [connector])
+
+
+@pytest.fixture(scope="module")
+def channels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    sms, ussd = (f"jbtest-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    service = _start(
+        tmp_path_factory.mktemp("channels"),
+        {
+            "api_auth_token": TOKEN,
+            "default_from_addr": "8110",
+            "channels": {
+                "sms-za": {"connector_name": sms},
+                "ussd-ke": {"connector_name": ussd, "api_auth_token": None},
+            },
+        },
+    )
+    yield service
+    _stop(service, [sms, ussd])
+
+
+def _spread(case: Any) -> int:
+    """A number from the case's data, the same on every run."""
+    return zlib.crc32(repr((case.path_parameters, case.query, case.body)).encode())
+
+
+def _run(service: ServiceProcess, channel_ids: list[str]) -> Run:
+    """Run schemathesis against ``service``'s document."""
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+    schema.config.update(headers={"Authorization": f"Token {TOKEN}"})
+    schema.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+        max_examples=MAX_EXAMPLES,
+        database="none",
+    )
+    schema.config.checks.update(included_check_names=CHECKS)
+    schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+
+    @schema.hook
+    def map_case(context: Any, case: Any) -> Any:
+        """Positive cases mostly name a channel that exists (a made-up id is 404)."""
+        parameters = case.path_parameters or {}
+        meta = case.meta
+        positive = meta is not None and meta.generation.mode is GenerationMode.POSITIVE
+        if "channel_id" in parameters and positive and channel_ids:
+            choices = [*channel_ids, parameters["channel_id"]]
+            parameters["channel_id"] = choices[_spread(case) % len(choices)]
+        return case
+
+    run = Run()
+    for event in schemathesis.engine.from_schema(schema).execute():
+        run.see(event)
+    return run
+
+
+class Run:
+    """What a schemathesis run found: failures, and the answers per operation."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.statuses: dict[str, set[int]] = {}
+
+    def see(self, event: Any) -> None:
+        if isinstance(event, (events.NonFatalError, events.FatalError)):
+            self.failures.append(f"{type(event).__name__}: {event!r}")
+        if not isinstance(event, events.ScenarioFinished):
+            return
+        if event.status in (Status.FAILURE, Status.ERROR):
+            self.failures.append(_describe(event))
+        seen = self.statuses.setdefault(event.label, set())
+        for interaction in event.recorder.interactions.values():
+            if interaction.response is not None:
+                seen.add(interaction.response.status_code)
+
+
+def _describe(event: Any) -> str:
+    lines = [f"{event.label} ({event.phase}): {event.status}"]
+    for checks in event.recorder.checks.values():
+        for check in checks:
+            if check.status is Status.SUCCESS or check.failure_info is None:
+                continue
+            info = check.failure_info
+            lines.append(f"  {check.name}: {info.failure.title}: {info.failure.message}")
+            lines.append(f"    {info.code_sample}")
+    return "\n".join(lines)
+
+
+def test_single_connector_keeps_to_its_document(single_connector: ServiceProcess) -> None:
+    run = _run(single_connector, [])
+    assert run.failures == []
+    # Every operation was called, messages got through and bad ones were refused.
+    assert {201, 400} <= run.statuses["POST /junebug/messages"]
+    assert len(run.statuses) == 9, sorted(run.statuses)
+    assert all(200 in run.statuses[label] for label in ("GET /health", "GET /channels/"))
+
+
+def test_channels_keep_to_their_document(channels: ServiceProcess) -> None:
+    run = _run(channels, ["sms-za", "ussd-ke"])
+    assert run.failures == []
+    assert {201, 400, 404} <= run.statuses["POST /channels/{channel_id}/messages"]
+    assert {200, 404} <= run.statuses["GET /channels/{channel_id}"]
+    assert len(run.statuses) == 7, sorted(run.statuses)
