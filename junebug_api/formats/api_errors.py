@@ -105,6 +105,15 @@ class ChannelsReadOnly(ApiError):
     error_type = "MethodNotAllowed"
 
 
+class ChannelInConfigFile(ApiError):
+    """The channel API cannot change, delete or restart a channel of the
+    config file (the file would bring it back on the next start or reload)."""
+
+    status = HTTPStatus.FORBIDDEN
+    description = "channel in config file"
+    error_type = "ChannelInConfigFile"
+
+
 class RequestTooLarge(ApiError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     description = "request too large"

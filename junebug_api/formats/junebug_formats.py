@@ -81,18 +81,8 @@ def parse_outbound_request(body: bytes) -> dict[str, Any]:
     Raises JsonDecodeError for anything that is not JSON, and ApiUsageError
     listing every schema error otherwise.
     """
-    try:
-        data = _decoder.decode(body.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise JsonDecodeError(str(e)) from None
-    except RecursionError:
-        raise JsonDecodeError("the JSON is nested too deeply") from None
-    if _SURROGATE_ESCAPE.search(body):
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise JsonDecodeError("the JSON contains an unpaired UTF-16 surrogate") from None
-    errors = [] if _plainly_valid(data) else _schema_errors(data)
+    data = decode_json(body)
+    errors = [] if _plainly_valid(data) else schema_errors(_validator, data)
     if errors:
         raise ApiUsageError(errors[0]["message"], errors)
     if data.get("to") is None and data.get("reply_to") is None:
@@ -144,8 +134,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _schema_errors(data: Any) -> list[dict]:
-    """Every schema error, as Junebug reports them (type ``invalid_body``)."""
+def decode_json(body: bytes) -> Any:
+    """A request body's JSON; JsonDecodeError for anything else (bad UTF-8,
+    NaN, nesting too deep, an unpaired surrogate)."""
+    try:
+        data = _decoder.decode(body.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise JsonDecodeError(str(e)) from None
+    except RecursionError:
+        raise JsonDecodeError("the JSON is nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonDecodeError("the JSON contains an unpaired UTF-16 surrogate") from None
+    return data
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, data: Any) -> list[dict]:
+    """Every error ``validator`` finds in ``data``, as Junebug reports them
+    (type ``invalid_body``, with its ``schema_path``)."""
     try:
         return [
             {
@@ -153,7 +161,7 @@ def _schema_errors(data: Any) -> list[dict]:
                 "message": _shorten(e.message),
                 "schema_path": list(e.schema_path),
             }
-            for e in sorted(_validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
+            for e in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.path])
         ]
     except RecursionError:
         raise JsonDecodeError("the JSON is nested too deeply") from None

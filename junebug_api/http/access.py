@@ -49,33 +49,45 @@ class ApiAccess:
     metrics: Access = OPEN
     #: Each channel's own, by id.
     channels: Mapping[str, Access] = attrs.field(factory=dict)
+    #: The admin credentials (the channel API's), which also open every read route.
+    admin: Access = OPEN
 
     def of(self, route: Route) -> Access:
         """Who gets into ``route``: a channel route lets in any channel's
-        credentials (each channel checks its own)."""
+        credentials (each channel checks its own); a read route asking for
+        credentials also lets the admin ones in."""
+        if route.auth is Auth.ADMIN:
+            return self.admin
         if route.auth is Auth.API:
-            return self.api
+            return self._or_admin(self.api)
         if route.auth is Auth.METRICS:
-            return self.metrics
+            return self._or_admin(self.metrics)
         if route.auth is Auth.CHANNEL:
             if route.channel is not None:
-                return self.channels.get(route.channel, OPEN)
-            return _union(self.channels.values())
+                return self._or_admin(self.channels.get(route.channel, OPEN))
+            return self._or_admin(_union(self.channels.values()))
         return OPEN
+
+    def _or_admin(self, access: Access) -> Access:
+        if not access.schemes:
+            return access  # open to anyone: credentials change nothing
+        return Access(access.schemes | self.admin.schemes, access.open)
 
 
 def api_access(
     api: tuple[str | None, str | None],
     metrics_auth: bool,
     channels: Mapping[str, tuple[str | None, str | None]],
+    admin: tuple[str | None, str | None] = (None, None),
 ) -> ApiAccess:
     """Who gets in where, from the top-level ``(username, token)``, whether
-    metrics ask for them, and each channel's own pair."""
+    metrics ask for them, each channel's own pair and the admin pair."""
     top = Access.of([api])
     return ApiAccess(
         api=top,
         metrics=top if metrics_auth else OPEN,
         channels={cid: Access.of([pair]) for cid, pair in channels.items()},
+        admin=Access.of([admin]),
     )
 
 

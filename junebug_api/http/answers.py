@@ -15,6 +15,7 @@ import attrs
 from junebug_api.formats.api_errors import (
     ApiError,
     ApiUsageError,
+    ChannelInConfigFile,
     ChannelNotFound,
     InternalError,
     JsonDecodeError,
@@ -151,3 +152,28 @@ NOT_ALLOWED = Answer(
     name="MethodNotAllowed",
 )
 """What a path answers a method it is not served with."""
+
+BAD_CHANNEL = Answer(
+    HTTPStatus.BAD_REQUEST,
+    "The body is not JSON (JsonDecodeError), breaks the schema (one invalid_body error per"
+    " problem, with its schema_path), or gives settings a channels: entry could not have:"
+    " a URL that is not usable, a pair given alone, a connector name another channel has"
+    " (one invalid_body error naming the key).",
+    errors=(JsonDecodeError, ApiUsageError),
+    error_types=(INVALID_BODY,),
+    name="BadChannel",
+)
+CONFIG_CHANNEL = Answer(
+    HTTPStatus.FORBIDDEN,
+    "The channel is set in the config file: the API cannot change, delete or restart it.",
+    errors=(ChannelInConfigFile,),
+    name="ChannelInConfigFile",
+)
+STORE_DOWN = Answer(
+    HTTPStatus.SERVICE_UNAVAILABLE,
+    "The channel store (Redis, or channel_api_file) cannot be read or written, or the"
+    " request was not handled within request_timeout: try again (a change that timed out"
+    " may have been made).",
+    errors=(ServiceUnavailable, RequestTimedOut),
+    name="ChannelStoreUnavailable",
+)

@@ -4,9 +4,10 @@ Per channel: ``POST <messages path>`` (``/channels/<id>/messages``, or
 ``<base_url_path>/messages`` for the top-level connector), ``GET <messages
 path>/<message_id>`` (message status), ``GET /channels/<id>`` (settings and
 status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
-Channels are set in the config file, so old Junebug's create, modify, delete
-and restart answer 405. The routes come from the route table
-(:mod:`junebug_api.http.routes`), which also renders as the OpenAPI document at
+Old Junebug's create, modify, delete and restart answer 405 unless
+``channel_api`` is on (then :mod:`junebug_api.http.management` answers them,
+behind the admin credentials, which also open every read route). The routes
+come from the route table (:mod:`junebug_api.http.routes`), which also renders as the OpenAPI document at
 ``openapi_path``; their handlers, the request timeout and turning every failure
 (routing errors included) into one of :mod:`junebug_api.formats.api_errors`, answered
 in Junebug's envelope, live here; what a message becomes is the channel's
@@ -51,7 +52,14 @@ from junebug_api.formats.api_errors import (
 from junebug_api.http.access import api_access
 from junebug_api.http.klein_resource import KleinAppResource
 from junebug_api.http.openapi import ServedDocument
-from junebug_api.http.routes import DEFAULT_OPENAPI_PATH, Route, RouteTable, api_routes, own_paths
+from junebug_api.http.routes import (
+    DEFAULT_OPENAPI_PATH,
+    Auth,
+    Route,
+    RouteTable,
+    api_routes,
+    own_paths,
+)
 from junebug_api.observe.log import logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 
@@ -135,9 +143,14 @@ class JunebugApi:
         metrics_path: str = "/metrics",
         metrics_auth: bool = False,
         openapi_path: str | None = DEFAULT_OPENAPI_PATH,
+        admin_credentials: ApiCredentials | None = None,
+        management: Any = None,
     ) -> None:
         self._channels = {c.id: c for c in channels}
         self._credentials = credentials or ApiCredentials()
+        self._admin = admin_credentials or ApiCredentials()
+        # The handlers of the channel management routes (channel_api), if served.
+        self._management = management
         self._metrics = metrics
         self._metrics_auth = metrics_auth
         self._health = health
@@ -149,6 +162,7 @@ class JunebugApi:
                 own_paths=own_paths((c.id, c.messages_path) for c in self._channels.values()),
                 metrics_path=metrics_path if metrics.enabled else None,
                 openapi_path=openapi_path,
+                channel_api=management is not None,
             )
         )
         self._openapi = ServedDocument(self.routes.routes)
@@ -160,6 +174,12 @@ class JunebugApi:
                 strict_slashes=False,
                 endpoint=route.operation_id,
             )(self._handler(route))
+        if management is None:
+            self._refuse_management()
+
+    def _refuse_management(self) -> None:
+        """Old Junebug's create, modify, delete and restart: 405 (no ``channel_api``)."""
+        app = self.app
         channel_path = "/channels/<channel_id>"
         app.route("/channels/", methods=["POST"], strict_slashes=False)(self._read_only("create"))
         app.route(channel_path, methods=["POST", "PUT", "PATCH"], strict_slashes=False)(
@@ -185,7 +205,8 @@ class JunebugApi:
     def _handler(self, route: Route) -> Callable[..., Any]:
         """The method answering ``route``; for a channel's path of its own,
         with that channel's id."""
-        method = getattr(self, route.handler)
+        owner = self._management if route.auth is Auth.ADMIN else self
+        method = getattr(owner, route.handler)
         channel_id = route.channel
         if channel_id is None:
             return method
@@ -209,11 +230,13 @@ class JunebugApi:
         path = b"/" + b"/".join(request.postpath)
         return self.routes.allowed(path.decode("utf-8", "replace")).encode("ascii")
 
-    @staticmethod
-    def _refused(request: IRequest) -> bytes:
-        request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
-        error = Unauthorized("missing or wrong credentials")
-        return answer_error(request, error)
+    def _lets_in(self, credentials: ApiCredentials, request: IRequest) -> bool:
+        """Whether ``credentials`` (a channel's, the top-level ones) or the
+        admin ones let the request into a read route."""
+        authorization = request.getHeader(b"authorization")
+        if credentials.allow(authorization):
+            return True
+        return self._admin.required and self._admin.allow(authorization)
 
     def _created(self, result: dict[str, Any], request: IRequest) -> bytes:
         self._metrics.outbound_request(HTTPStatus.CREATED.value)
@@ -227,7 +250,7 @@ class JunebugApi:
     def _post(self, channel: ApiChannel, request: IRequest) -> Deferred[bytes] | bytes:
         if not channel.credentials.allow(request.getHeader(b"authorization")):
             self._metrics.outbound_request(HTTPStatus.UNAUTHORIZED.value)
-            return self._refused(request)
+            return refused(request)
         body = request.content.read()
         d = Deferred.fromCoroutine(channel.send(body))
         d.addTimeout(self._timeout, self._clock)
@@ -242,28 +265,28 @@ class JunebugApi:
     def _status(
         self, channel: ApiChannel, request: IRequest, message_id: str
     ) -> Deferred[bytes] | bytes:
-        if not channel.credentials.allow(request.getHeader(b"authorization")):
-            return self._refused(request)
+        if not self._lets_in(channel.credentials, request):
+            return refused(request)
         d = Deferred.fromCoroutine(_cache_answer(channel.message_status(message_id)))
         d.addTimeout(self._timeout, self._clock)
         d.addCallback(_ok, request, "message status")
         return d
 
     def list_channels(self, request: IRequest) -> bytes:
-        if not self._credentials.allow(request.getHeader(b"authorization")):
-            return self._refused(request)
+        if not self._lets_in(self._credentials, request):
+            return refused(request)
         return _ok(sorted(self._channels), request, "channels listed")
 
     def get_channel(self, request: IRequest, channel_id: str) -> bytes:
         channel = self._channel(channel_id)
-        if not channel.credentials.allow(request.getHeader(b"authorization")):
-            return self._refused(request)
+        if not self._lets_in(channel.credentials, request):
+            return refused(request)
         return _ok(channel.info(self._amqp_health()), request, "channel found")
 
     def get_logs(self, request: IRequest, channel_id: str) -> bytes:
         channel = self._channel(channel_id)
-        if not channel.credentials.allow(request.getHeader(b"authorization")):
-            return self._refused(request)
+        if not self._lets_in(channel.credentials, request):
+            return refused(request)
         values = request.args.get(b"n")
         n = None
         if values:
@@ -278,8 +301,8 @@ class JunebugApi:
     def get_metrics(self, request: IRequest) -> bytes:
         """``metrics_path``: the Prometheus exposition (behind the API
         credentials when ``metrics_auth`` is set)."""
-        if self._metrics_auth and not self._credentials.allow(request.getHeader(b"authorization")):
-            return self._refused(request)
+        if self._metrics_auth and not self._lets_in(self._credentials, request):
+            return refused(request)
         body, content_type = self._metrics.render()
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         return body
@@ -291,6 +314,7 @@ class JunebugApi:
             (self._credentials.username, self._credentials.token),
             self._metrics_auth,
             {c.id: (c.credentials.username, c.credentials.token) for c in self._channels.values()},
+            admin=(self._admin.username, self._admin.token),
         )
         return answer(request, HTTPStatus.OK, self._openapi.json(access))
 
@@ -326,6 +350,13 @@ class JunebugApi:
             # Not a routing error: the answer to a message POST.
             self._metrics.outbound_request(error.status.value)
         return answer_error(request, error)
+
+
+def refused(request: IRequest) -> bytes:
+    """The 401 answer to missing or wrong credentials."""
+    request.setHeader(b"WWW-Authenticate", b'Basic realm="junebug-api"')
+    error = Unauthorized("missing or wrong credentials")
+    return answer_error(request, error)
 
 
 def _redirect(request: IRequest, redirect: RequestRedirect) -> bytes:

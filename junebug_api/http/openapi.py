@@ -24,7 +24,7 @@ from junebug_api.formats.json_bodies import compact_json
 from junebug_api.formats.junebug_formats import parse_outbound_request
 from junebug_api.http.access import Access, ApiAccess, api_access
 from junebug_api.http.answers import NOT_ALLOWED, UNAUTHORIZED, Answer
-from junebug_api.http.openapi_schemas import BARE, EXAMPLES, MESSAGE_ID, REQUEST_EXAMPLES, SCHEMAS
+from junebug_api.http.openapi_schemas import BARE, BODY_EXAMPLES, EXAMPLES, MESSAGE_ID, SCHEMAS
 from junebug_api.http.routes import (
     PATH_PARAMETERS,
     Parameter,
@@ -42,13 +42,17 @@ SECURITY_SCHEMES = {
         "type": "http",
         "scheme": "basic",
         "description": "HTTP Basic with api_auth_username and api_auth_password (a channel's"
-        " own, if it sets them): what RapidPro's Junebug channel sends.",
+        " own, if it sets them): what RapidPro's Junebug channel sends. The channel"
+        " management routes ask for admin_username and admin_password instead, which"
+        " also open every read route.",
     },
     "token": {
         "type": "apiKey",
         "in": "header",
         "name": "Authorization",
-        "description": "`Authorization: Token <api_auth_token>` (a channel's own, if it sets one).",
+        "description": "`Authorization: Token <api_auth_token>` (a channel's own, if it sets"
+        " one). The channel management routes ask for `Token <admin_auth_token>` instead,"
+        " which also opens every read route.",
     },
 }
 
@@ -90,6 +94,8 @@ SAMPLE_MESSAGES: dict[str, str] = {
     "ServiceUnavailable": "message not sent: the broker refuses publishing (flow control)",
     "RequestTimedOut": "request not handled within 240 s",
     "InternalError": "internal error",
+    "ChannelInConfigFile": "channel 'sms-za' is set in the config file: change it there"
+    " (and reload), not over the API",
 }
 
 DESCRIPTION = """\
@@ -111,6 +117,10 @@ slashes. A method a path is not served with is answered 405 with `Allow`
 TAGS = [
     {"name": "messages", "description": "Sending messages and reading their status."},
     {"name": "channels", "description": "Old Junebug's channel routes."},
+    {
+        "name": "channel management",
+        "description": "Old Junebug's create, modify, delete and restart (channel_api).",
+    },
     {"name": "operations", "description": "Health, metrics and this document."},
 ]
 
@@ -123,11 +133,13 @@ def document_for_config(config: Any) -> dict[str, Any]:
         own_paths=own_paths((c.id, c.messages_path) for c in channels),
         metrics_path=config.metrics_path if config.metrics_enabled else None,
         openapi_path=openapi_path_of(config),
+        channel_api=config.channel_api,
     )
     access = api_access(
         (config.api_auth_username, config.api_auth_token),
         config.metrics_auth,
         {c.id: (c.api_auth_username, c.api_auth_token) for c in channels},
+        admin=(config.admin_username, config.admin_auth_token),
     )
     return openapi_document(routes, access)
 
@@ -150,6 +162,7 @@ class ServedDocument:
 def openapi_document(routes: Iterable[Route], access: ApiAccess) -> dict[str, Any]:
     """The OpenAPI document of ``routes``, with ``access``'s security (a new
     object each time: the caller may change it)."""
+    routes = tuple(routes)
     paths: dict[str, dict[str, Any]] = {}
     schemes: set[str] = set()
     shared: dict[str, Any] = {"MethodNotAllowed": _response(NOT_ALLOWED)}
@@ -168,7 +181,7 @@ def openapi_document(routes: Iterable[Route], access: ApiAccess) -> dict[str, An
                 "version": junebug_api.__version__,
                 "description": DESCRIPTION,
             },
-            "tags": TAGS,
+            "tags": [tag for tag in TAGS if tag["name"] in {r.tag for r in routes}],
             "paths": paths,
             "components": {
                 "schemas": SCHEMAS,
@@ -230,7 +243,7 @@ def _operation(route: Route, access: Access, shared: dict[str, Any]) -> dict[str
             "content": {
                 JSON: {
                     "schema": {"$ref": f"#/components/schemas/{route.request_body}"},
-                    "examples": REQUEST_EXAMPLES,
+                    "examples": BODY_EXAMPLES[route.request_body],
                 }
             },
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from junebug_api.config.channel_api import option_schema
+from junebug_api.config.channel_api import channel_body_schema, option_schema
 from junebug_api.config.channel_options import ChannelEntry
 from junebug_api.config.options import options
 from junebug_api.formats.junebug_formats import OUTBOUND_SCHEMA
@@ -224,6 +224,15 @@ SCHEMAS: dict[str, Any] = {
         "description": "An OpenAPI 3.1 document.",
     },
     "Redirect": _object({"location": _STRING}, "Where the resource is."),
+    "NewChannel": {
+        **channel_body_schema(create=True),
+        "description": "A channel to create: what a channels: entry holds (no <option>_file).",
+    },
+    "ChannelChanges": {
+        **channel_body_schema(create=False),
+        "description": "The settings to change (null unsets one); the others stay.",
+    },
+    "Empty": {"type": "object", "maxProperties": 0, "description": "Nothing."},
 }
 
 #: Schemas answered as they are, not as the envelope's ``result``.
@@ -329,7 +338,7 @@ EXAMPLES: dict[str, Any] = {
     "Redirect": {"location": "/channels/sms-za/messages"},
 }
 
-#: Examples of the request body, by name.
+#: Examples of the outbound message body, by name.
 REQUEST_EXAMPLES = {
     "send": {
         "summary": "A new message",
@@ -351,5 +360,29 @@ REQUEST_EXAMPLES = {
             "event_url": "https://rapidpro.example/c/jn/9d1e/event",
             "event_auth_token": "event-token",
         },
+    },
+}
+
+#: Examples of each request body, by its schema's name.
+BODY_EXAMPLES = {
+    "OutboundMessage": REQUEST_EXAMPLES,
+    "NewChannel": {
+        "create": {
+            "summary": "An SMS channel, as old Junebug took it",
+            "value": {
+                "type": "smpp",
+                "label": "SMS South Africa",
+                "config": {"system_id": "junebug", "password": "secret"},
+                "mo_url": "https://rapidpro.example/c/jn/9d1e/receive",
+                "mo_url_auth_token": "rapidpro-token",
+                "character_limit": 160,
+            },
+        }
+    },
+    "ChannelChanges": {
+        "move": {
+            "summary": "A new mo_url",
+            "value": {"mo_url": "https://rapidpro.example/c/jn/7a2b/receive"},
+        }
     },
 }

@@ -29,14 +29,17 @@ from werkzeug.routing import Map, Rule
 from junebug_api.config.channels import CHANNEL_ID
 from junebug_api.formats.api_errors import ApiUsageError
 from junebug_api.http.answers import (
+    BAD_CHANNEL,
     BAD_MESSAGE,
     CACHE_DOWN,
+    CONFIG_CHANNEL,
     EVERY_ROUTE,
     NO_SUCH_CHANNEL,
     NO_SUCH_PATH,
     NOT_SENT,
     PATH_NOT_UTF8,
     REPEATED_SLASHES,
+    STORE_DOWN,
     Answer,
 )
 
@@ -50,6 +53,7 @@ class Auth(enum.Enum):
     CHANNEL = "channel"  # the channel's own (the top-level ones unless it sets its own)
     API = "api"  # the top-level api_auth_* (GET /channels/ lists every channel)
     METRICS = "metrics"  # the top-level ones with metrics_auth, else nobody's
+    ADMIN = "admin"  # admin_* only: the channel API (admin ones also open every read route)
 
 
 @attrs.frozen
@@ -239,6 +243,80 @@ def _channel_routes() -> list[Route]:
     ]
 
 
+def _management_route(
+    method: str, path: str, name: str, summary: str, description: str, *answers: Answer
+) -> Route:
+    return Route(
+        method,
+        path,
+        name,
+        name,
+        Auth.ADMIN,
+        "channel management",
+        summary,
+        description + " Asks for the admin credentials (admin_auth_token or"
+        " admin_username/admin_password), never a channel's own.",
+        answers,
+        request_body=_BODIES.get(name),
+    )
+
+
+_BODIES = {"create_channel": "NewChannel", "modify_channel": "ChannelChanges"}
+
+_BY_ID = (CONFIG_CHANNEL, NO_SUCH_CHANNEL, STORE_DOWN)
+
+
+def _management_routes() -> list[Route]:
+    """Old Junebug's create, modify, delete and restart (with ``channel_api``)."""
+    return [
+        _management_route(
+            "POST",
+            "/channels/",
+            "create_channel",
+            "Create a channel",
+            "A new channel under a new id (a UUID), kept in the channel store (Redis or"
+            " channel_api_file) and served at once by this process, within seconds by"
+            " every other one on the same store. type and config are required (kept and"
+            " shown: junebug-api runs no transport); any other key a channels: entry"
+            " takes may be given. Its queues are named after its id unless it sets"
+            " connector_name.",
+            Answer(HTTPStatus.CREATED, "The channel created.", "Channel", "channel created"),
+            BAD_CHANNEL,
+            STORE_DOWN,
+        ),
+        _management_route(
+            "POST",
+            "/channels/{channel_id}",
+            "modify_channel",
+            "Change a channel",
+            "Changes the keys given (null unsets one); the others stay. Applies from the"
+            " next message on.",
+            Answer(HTTPStatus.OK, "The channel changed.", "Channel", "channel updated"),
+            BAD_CHANNEL,
+            *_BY_ID,
+        ),
+        _management_route(
+            "DELETE",
+            "/channels/{channel_id}",
+            "delete_channel",
+            "Delete a channel",
+            "Stops serving it: its routes answer 404, its consumers stop, messages in"
+            " work finish or go back to their queue. Its queues and their messages are kept.",
+            Answer(HTTPStatus.OK, "The channel is deleted.", "Empty", "channel deleted"),
+            *_BY_ID,
+        ),
+        _management_route(
+            "POST",
+            "/channels/{channel_id}/restart",
+            "restart_channel",
+            "Restart a channel",
+            "Stops and starts it with its stored settings (its consumers and queue monitor anew).",
+            Answer(HTTPStatus.OK, "The channel restarted.", "Empty", "channel restarted"),
+            *_BY_ID,
+        ),
+    ]
+
+
 def _health_route() -> Route:
     return Route(
         "GET",
@@ -313,13 +391,15 @@ def api_routes(
     own_paths: Mapping[str, str] | None = None,
     metrics_path: str | None = None,
     openapi_path: str | None = DEFAULT_OPENAPI_PATH,
+    channel_api: bool = False,
 ) -> list[Route]:
     """Every route served, in the document's order.
 
     ``own_paths``: channel id -> messages path, for each channel whose
     messages path is not ``/channels/<id>/messages`` (the top-level
     connector's ``<base_url_path>/messages``). ``metrics_path``: None while
-    metrics are off; ``openapi_path``: None when turned off.
+    metrics are off; ``openapi_path``: None when turned off; ``channel_api``:
+    whether the channel management routes are served.
     """
     own = sorted((own_paths or {}).items())
     routes: list[Route] = []
@@ -328,6 +408,8 @@ def api_routes(
         routes += _messages_routes(path.removesuffix("/messages"), suffix, channel_id)
     routes += _messages_routes("/channels/{channel_id}", "_channel", None)
     routes += _channel_routes()
+    if channel_api:
+        routes += _management_routes()
     routes.append(_health_route())
     if metrics_path:
         routes.append(_metrics_route(metrics_path))

@@ -304,6 +304,17 @@ class RedisStateCache:
             self._last_error = failure.getErrorMessage() or failure.type.__name__
         return failure
 
+    # -- for the channel API's store (channels.store.RedisCommands) -------------
+
+    @property
+    def key_prefix(self) -> bytes:
+        """The prefix of every key this deployment keeps in Redis."""
+        return self._prefix
+
+    def command(self, *args: bytes | str | int) -> Deferred:
+        """One Redis command on the cache's connection (pipelined, in order)."""
+        return self._call(*args)
+
     def _key(self, kind: bytes, message_id: str) -> bytes:
         return self._prefix + kind + message_id.encode("utf-8")
 
