@@ -7,11 +7,12 @@ status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
 Old Junebug's create, modify, delete and restart answer 405 unless
 ``channel_api`` is on (then :mod:`junebug_api.http.management` answers them,
 behind the admin credentials, which also open every read route). The routes
-come from the route table (:mod:`junebug_api.http.routes`), which also renders as the OpenAPI document at
-``openapi_path``; their handlers, the request timeout and turning every failure
-(routing errors included) into one of :mod:`junebug_api.formats.api_errors`, answered
-in Junebug's envelope, live here; what a message becomes is the channel's
-business (:mod:`junebug_api.channels.channel`, :mod:`junebug_api.delivery.outbound`).
+come from the route table (:mod:`junebug_api.http.routes`), which also renders
+as the OpenAPI document at ``openapi_path``; their handlers, the request
+timeout and turning every failure (routing errors included) into one of
+:mod:`junebug_api.formats.api_errors`, answered in Junebug's envelope, live
+here; what a message becomes is the channel's business
+(:mod:`junebug_api.channels.channel`, :mod:`junebug_api.delivery.outbound`).
 """
 
 from __future__ import annotations
