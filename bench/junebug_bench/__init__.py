@@ -10,6 +10,7 @@ virtualenv and installs nginx-light and wrk when they are missing::
     bench/run --compare-channels 100 [--quick]
     bench/run --compare-caches [--quick]
     bench/run --compare-metrics [other options]
+    bench/run --compare-channel-api [other options]
     bench/run [--tls] [--compare-code REF]
 
 Everything it starts lives in a temporary directory and talks over 127.0.0.1
@@ -87,6 +88,10 @@ RabbitMQ node and sink: with metrics on (the default), then with
 per phase with the difference in rate. What runs twice is the configuration
 the options describe (its processes, cache, balancer); the ``--tls`` and
 ``--compare-code`` ones run once, with metrics on, and are not compared.
+``--compare-channel-api`` does the same with ``channel_api`` off, then on
+(an admin token, channels kept in Redis or a channels file, the store polled
+every second; rows marked ``[channel_api]``): its cost to a channel's
+messages (issue 21 asks for at most 5% apart at outbound @64 and inbound).
 
 The package, one module per concern: ``plan`` (the command line: setups,
 phases, durations), ``rabbitmq``, ``nginx``, ``redis_keys`` and ``services``

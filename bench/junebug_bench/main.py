@@ -22,7 +22,15 @@ from .phases import Context, bare_phase, compare_channels, run_setup
 from .plan import Plan, parse_plan
 from .rabbitmq import Broker, RabbitNode
 from .redis_keys import RedisKeys, redis_server_pid
-from .report import RunFacts, cache_ratios, machine_line, metrics_cost, publish, report
+from .report import (
+    RunFacts,
+    cache_ratios,
+    channel_api_cost,
+    machine_line,
+    metrics_cost,
+    publish,
+    report,
+)
 from .results import Tally
 from .settings import POST_LUA, QUEUES, REDIS_URL, RESULTS, ROOT
 
@@ -60,6 +68,10 @@ def metrics_step(ctx: Context, tally: Tally) -> None:
     tally.extra += metrics_cost(tally.results)
 
 
+def channel_api_step(ctx: Context, tally: Tally) -> None:
+    tally.extra += channel_api_cost(tally.results)
+
+
 # The steps of a run, in order: when each runs, and what it does.
 STEPS: tuple[tuple[Callable[[Plan], bool], Callable[[Context, Tally], None]], ...] = (
     (lambda plan: "bare" in plan.phases, bare_step),
@@ -68,6 +80,7 @@ STEPS: tuple[tuple[Callable[[Plan], bool], Callable[[Context, Tally], None]], ..
     (lambda plan: plan.compare_caches, cache_ratios_step),
     (lambda plan: plan.uses_redis and plan.redis_round_trips, redis_step),
     (lambda plan: plan.compare_metrics, metrics_step),
+    (lambda plan: plan.compare_channel_api, channel_api_step),
 )
 
 

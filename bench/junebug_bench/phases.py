@@ -351,6 +351,16 @@ def service_options(ctx: Context, setup: Setup) -> dict[str, Any] | None:
         }
     if not setup.metrics:
         options = {**(options or {}), "metrics_enabled": False}
+    if setup.channel_api:
+        options = {**(options or {}), **channel_api_options(ctx, setup)}
+    return options
+
+
+def channel_api_options(ctx: Context, setup: Setup) -> dict[str, Any]:
+    """channel_api on: an admin token, and a channels file unless Redis keeps them."""
+    options: dict[str, Any] = {"channel_api": True, "admin_auth_token": "bench-admin-token"}
+    if setup.cache != "redis":
+        options["channel_api_file"] = str(ctx.tmp / f"channels-{setup.key}.yaml")
     return options
 
 

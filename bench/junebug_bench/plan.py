@@ -25,6 +25,8 @@ class Setup:
     code: str | None = None  # a git ref whose code runs instead (--compare-code)
     metrics: bool = True  # metrics_enabled (--compare-metrics runs both)
     metrics_off_of: str | None = None  # the key of the setup this one repeats with metrics off
+    channel_api: bool = False  # channel_api on (--compare-channel-api runs both)
+    channel_api_of: str | None = None  # the key of the setup this one repeats with channel_api
 
     def tag(self, processes: int | None = None, outbound: bool = False) -> str:
         """The suffix of row names; none for one process, memory, no balancer,
@@ -36,6 +38,7 @@ class Setup:
                 "tls" if self.tls else "",
                 self.code or "",
                 "" if self.metrics else "metrics off",
+                "channel_api" if self.channel_api else "",
             )
             if m
         ]
@@ -67,6 +70,7 @@ class Plan:
     compare_scaling: bool
     compare_caches: bool
     compare_metrics: bool
+    compare_channel_api: bool = False
 
     @property
     def single_via_balancer(self) -> bool:
@@ -157,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every phase with metrics on, then again with metrics_enabled: false",
     )
+    parser.add_argument(
+        "--compare-channel-api",
+        action="store_true",
+        help="every phase with channel_api off, then again with channel_api: true (admin"
+        " token, the store polled every second); try --phases outbound,inbound --connections 64",
+    )
     return parser
 
 
@@ -217,6 +227,18 @@ def chosen_setups(args: argparse.Namespace, phases: set[str]) -> Choice:
                 metrics_off_of=main.key,
             )
         )
+    if args.compare_channel_api:
+        setups.append(
+            Setup(
+                "channelapi",
+                main.label + ", channel_api",
+                main.processes,
+                main.cache,
+                main.balancer,
+                channel_api=True,
+                channel_api_of=main.key,
+            )
+        )
     return setups, phases, connection_counts(args.connections), bool(args.event_url)
 
 
@@ -260,4 +282,5 @@ def parse_plan(argv: list[str] | None = None) -> Plan:
         compare_scaling=args.compare_scaling,
         compare_caches=args.compare_caches,
         compare_metrics=args.compare_metrics,
+        compare_channel_api=args.compare_channel_api,
     )

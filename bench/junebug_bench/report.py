@@ -136,8 +136,29 @@ def metrics_pairs(results: list[SetupResult]) -> list[tuple[SetupResult, SetupRe
 
 def metrics_cost(results: list[SetupResult]) -> list[str]:
     """How much slower each phase ran with metrics on than off (--compare-metrics)."""
+    return on_off_cost("metrics", metrics_pairs(results))
+
+
+def channel_api_pairs(results: list[SetupResult]) -> list[tuple[SetupResult, SetupResult]]:
+    """Each channel_api configuration (on) beside the one it repeats (off), as
+    --compare-channel-api pairs them."""
+    by_key = {r.setup.key: r for r in results}
+    return [
+        (on, by_key[on.setup.channel_api_of])
+        for on in results
+        if on.setup.channel_api_of is not None and on.setup.channel_api_of in by_key
+    ]
+
+
+def channel_api_cost(results: list[SetupResult]) -> list[str]:
+    """How much slower each phase ran with channel_api on than off (--compare-channel-api)."""
+    return on_off_cost("channel_api", channel_api_pairs(results))
+
+
+def on_off_cost(what: str, pairs: list[tuple[SetupResult, SetupResult]]) -> list[str]:
+    """Each phase's rate (and CPU per operation) with ``what`` on vs off."""
     lines = []
-    for on_result, off_result in metrics_pairs(results):
+    for on_result, off_result in pairs:
         for on, off in paired_rows(on_result, off_result):
             assert on.rate and off.rate
             rate = (on.rate - off.rate) / off.rate * 100
@@ -148,7 +169,7 @@ def metrics_cost(results: list[SetupResult]) -> list[str]:
                     f" ({(on.cpu_ms - off.cpu_ms) / off.cpu_ms * 100:+.1f}%)"
                 )
             lines.append(
-                f"metrics on vs off, {on.name}: {on.rate:,.0f} vs {off.rate:,.0f} {on.unit}"
+                f"{what} on vs off, {on.name}: {on.rate:,.0f} vs {off.rate:,.0f} {on.unit}"
                 f" ({rate:+.1f}%){cpu}"
             )
     return lines

@@ -23,6 +23,7 @@ from junebug_bench.plan import Setup, parse_plan
 from junebug_bench.report import (
     RunFacts,
     cache_ratios,
+    channel_api_cost,
     channel_lines,
     metrics_cost,
     metrics_pairs,
@@ -256,3 +257,18 @@ def test_each_mode_chooses_its_setups_phases_and_connections(
 def test_bad_phases_are_a_usage_error():
     with pytest.raises(SystemExit):
         parse_plan(["--phases", "outbound,nonsense"])
+
+
+def test_compare_channel_api_runs_the_chosen_setup_again_with_channel_api_on():
+    plan = parse_plan(["--compare-channel-api", "--state-cache", "redis"])
+    off, on = plan.setups
+    assert (off.channel_api, on.channel_api, on.channel_api_of) == (False, True, off.key)
+    assert (on.processes, on.cache, on.balancer) == (off.processes, off.cache, off.balancer)
+    results = [
+        SetupResult(off, [measured(off, "outbound @64", 2000, "req/s")]),
+        SetupResult(on, [measured(on, "outbound @64", 1960, "req/s")]),
+    ]
+    assert results[1].rows[0].name == "outbound @64 [1p redis, channel_api]"
+    assert channel_api_cost(results) == [
+        "channel_api on vs off, outbound @64 [1p redis, channel_api]: 1,960 vs 2,000 req/s (-2.0%)"
+    ]
