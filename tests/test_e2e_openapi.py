@@ -1,9 +1,13 @@
 """schemathesis against the real ``twistd junebug-api``: the service keeps to
 the OpenAPI document it serves.
 
-Two processes, each started once for the module: a single connector (with
-``base_url_path``, Basic and Token credentials, ``metrics_auth``) and
-``channels:`` (one channel with the top-level token, one asking for nothing).
+Three processes, each started once for the module: a single connector (with
+``base_url_path``, Basic and Token credentials, ``metrics_auth``),
+``channels:`` (one channel with the top-level token, one asking for nothing),
+and ``channels:`` with the channel API (``channel_api``, channels kept in a
+file; the admin token is the one schemathesis sends everywhere, so it gets
+past the management routes and every read route; one channel is created
+before the run, so modify, restart and delete have one to work on).
 Every operation of each document gets the examples, coverage and fuzzing
 phases with positive and negative data (examples bounded to stay quick) and
 the checks not_a_server_error, status_code_conformance,
@@ -20,6 +24,8 @@ run``): its pytest loader for a schema from a fixture sets pytest's
 
 from __future__ import annotations
 
+import json
+import urllib.request
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -113,12 +119,51 @@ def channels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProces
     _stop(service, [sms, ussd])
 
 
+#: The connector names the channel API's positive cases get (a few, so that
+#: some clash and every queue made can be deleted afterwards).
+API_CONNECTORS = 4
+
+
+@pytest.fixture(scope="module")
+def channel_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, str]]:
+    sms = f"jbtest-{uuid.uuid4().hex[:10]}"
+    tmp = tmp_path_factory.mktemp("channel-api")
+    service = _start(
+        tmp,
+        {
+            "api_auth_token": TOKEN,
+            "admin_auth_token": TOKEN,
+            "channel_api": True,
+            "channel_api_file": str(tmp / "channels.yaml"),
+            "default_from_addr": "8110",
+            "channels": {"sms-za": {"connector_name": sms}},
+        },
+    )
+    prefix = f"jbtest-{uuid.uuid4().hex[:8]}"
+    service.connector_prefix = prefix
+    created = _admin_post(service, {"type": "smpp", "config": {}, "connector_name": f"{prefix}-x"})
+    yield service, created
+    _stop(service, [sms, f"{prefix}-x", *(f"{prefix}-{n}" for n in range(API_CONNECTORS))])
+
+
+def _admin_post(service: ServiceProcess, body: dict[str, Any]) -> str:
+    """Create a channel; its id."""
+    request = urllib.request.Request(
+        f"{service.url}/channels/",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Token {TOKEN}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())["result"]["id"]
+
+
 def _spread(case: Any) -> int:
     """A number from the case's data, the same on every run."""
     return zlib.crc32(repr((case.path_parameters, case.query, case.body)).encode())
 
 
-def _run(service: ServiceProcess, channel_ids: list[str]) -> Run:
+def _run(service: ServiceProcess, channel_ids: list[str], connectors: str | None = None) -> Run:
     """Run schemathesis against ``service``'s document."""
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
     schema.config.update(headers={"Authorization": f"Token {TOKEN}"})
@@ -139,6 +184,10 @@ def _run(service: ServiceProcess, channel_ids: list[str]) -> Run:
         if "channel_id" in parameters and positive and channel_ids:
             choices = [*channel_ids, parameters["channel_id"]]
             parameters["channel_id"] = choices[_spread(case) % len(choices)]
+        management = case.path in ("/channels/", "/channels/{channel_id}")
+        if connectors and positive and management and isinstance(case.body, dict):
+            # A channel the API starts declares queues named after its connector.
+            case.body["connector_name"] = f"{connectors}-{_spread(case) % API_CONNECTORS}"
         return case
 
     run = Run()
@@ -194,3 +243,16 @@ def test_channels_keep_to_their_document(channels: ServiceProcess) -> None:
     assert {201, 400, 404} <= run.statuses["POST /channels/{channel_id}/messages"]
     assert {200, 404} <= run.statuses["GET /channels/{channel_id}"]
     assert len(run.statuses) == 7, sorted(run.statuses)
+
+
+def test_the_channel_api_keeps_to_its_document(
+    channel_api: tuple[ServiceProcess, str],
+) -> None:
+    service, created = channel_api
+    run = _run(service, ["sms-za", created], connectors=service.connector_prefix)
+    assert run.failures == []
+    assert {201, 400} <= run.statuses["POST /channels/"]
+    assert {200, 400, 403, 404} <= run.statuses["POST /channels/{channel_id}"]
+    assert {403, 404} <= run.statuses["DELETE /channels/{channel_id}"]
+    assert {200, 403, 404} <= run.statuses["POST /channels/{channel_id}/restart"]
+    assert len(run.statuses) == 11, sorted(run.statuses)
