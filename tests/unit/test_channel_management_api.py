@@ -7,14 +7,21 @@ import base64
 import json
 from typing import Any
 
+import jsonschema
+from openapi_spec_validator import validate
 from treq.testing import StubTreq
 from twisted.internet.defer import DeferredLock
 from twisted.internet.task import Clock
 
 from junebug_api.channels.admin import ChannelAdmin
-from junebug_api.channels.store import store_for_config
+from junebug_api.channels.channel_api import ChannelApi
+from junebug_api.channels.store import FileChannelStore, RedisChannelStore, store_for_config
+from junebug_api.config.channel_api import channel_body_schema
 from junebug_api.http.api import ApiCredentials, JunebugApi
 from junebug_api.http.management import ChannelManagement
+from junebug_api.http.openapi import document_for_config
+from junebug_api.http.openapi_schemas import SCHEMAS
+from junebug_api.state.cache import make_state_cache
 
 from .channel_api_support import ADMIN_TOKEN, FakeRegistry, api_config
 from .helpers import result_of
@@ -140,3 +147,65 @@ def test_other_methods_are_405_with_allow(tmp_path: Any) -> None:
     response = result_of(d)
     assert response.code == 405
     assert response.headers.getRawHeaders("Allow") == ["DELETE, GET, HEAD, POST"]
+
+
+def test_the_document_has_the_management_routes_only_with_channel_api(tmp_path: Any) -> None:
+    config = api_config(
+        tmp_path, admin_username="root", admin_password="root-pw", api_auth_token="t"
+    )
+    document = document_for_config(config)
+    validate(document)
+    operations = {
+        (path, method): operation
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if isinstance(operation, dict) and "operationId" in operation
+    }
+    management = {
+        ("/channels/", "post"): "NewChannel",
+        ("/channels/{channel_id}", "post"): "ChannelChanges",
+        ("/channels/{channel_id}", "delete"): None,
+        ("/channels/{channel_id}/restart", "post"): None,
+    }
+    for key, body in management.items():
+        operation = operations[key]
+        assert operation["security"] == [{"basic": []}, {"token": []}]
+        assert "401" in operation["responses"]
+        if body is not None:
+            content = operation["requestBody"]["content"]["application/json"]
+            assert content["schema"] == {"$ref": f"#/components/schemas/{body}"}
+            for example in content["examples"].values():
+                jsonschema.validate(example["value"], channel_body_schema(body == "NewChannel"))
+    assert {"403", "404", "503"} <= set(
+        operations[("/channels/{channel_id}", "delete")]["responses"]
+    )
+    assert operations[("/channels/", "post")]["responses"].keys() >= {"201", "400", "503"}
+    # The admin credentials open the read routes too.
+    assert operations[("/channels/", "get")]["security"] == [{"basic": []}, {"token": []}]
+    assert "channel management" in {tag["name"] for tag in document["tags"]}
+    without = document_for_config(api_config(tmp_path, channel_api="false"))
+    validate(without)
+    assert ("/channels/", "post") not in {
+        (path, method) for path, item in without["paths"].items() for method in item
+    }
+    assert "channel management" not in {tag["name"] for tag in without["tags"]}
+
+
+def test_the_body_schemas_are_those_enforced() -> None:
+    for name, create in (("NewChannel", True), ("ChannelChanges", False)):
+        shown = {k: v for k, v in SCHEMAS[name].items() if k != "description"}
+        assert shown == {k: v for k, v in channel_body_schema(create).items()}
+
+
+def test_channel_api_for_config_picks_the_store(tmp_path: Any) -> None:
+    config = api_config(tmp_path)
+    registry = FakeRegistry(config)
+    assert isinstance(
+        ChannelApi.for_config(config, None, registry, Clock()).store, FileChannelStore
+    )
+    redis = api_config(tmp_path, state_cache_class="junebug_api.state_cache.RedisStateCache")
+    cache = make_state_cache(redis.state_cache_class, {}, clock=Clock(), connector_name="c")
+    api = ChannelApi.for_config(redis, cache, registry, Clock())
+    assert isinstance(api.store, RedisChannelStore)
+    management = api.management(lambda: {})
+    assert isinstance(management, ChannelManagement)
