@@ -672,6 +672,11 @@ class FakeRedis:
             return self.replicas
         if self.readonly:
             return ValueError("READONLY You can't write against a read only replica.")
+        if name in _HASH_COMMANDS:
+            return _HASH_COMMANDS[name](self.data.setdefault(args[1], {}), args[2:])
+        if name == b"INCR":
+            self.data[args[1]] = b"%d" % (int(self.data.get(args[1], b"0")) + 1)
+            return int(self.data[args[1]])
         if name == b"SET":
             key, value = args[1], args[2]
             self.data[key] = value
@@ -691,6 +696,25 @@ class FakeRedis:
                     self.expires[key] = self.clock.seconds() + int(rest[0])
                 return values
         return ValueError(f"ERR unknown command {name!r}")
+
+
+def _hdel(hash_: dict[bytes, bytes], fields: list[bytes]) -> int:
+    return sum(hash_.pop(field, None) is not None for field in fields)
+
+
+def _hset(hash_: dict[bytes, bytes], pairs: list[bytes]) -> int:
+    added = sum(field not in hash_ for field in pairs[::2])
+    hash_.update(zip(pairs[::2], pairs[1::2], strict=True))
+    return added
+
+
+#: The hash commands (the channel store's), by name: (hash, arguments) -> reply.
+_HASH_COMMANDS: dict[bytes, Callable[[dict[bytes, bytes], list[bytes]], Any]] = {
+    b"HGET": lambda hash_, args: hash_.get(args[0]),
+    b"HGETALL": lambda hash_, args: [part for item in hash_.items() for part in item],
+    b"HDEL": _hdel,
+    b"HSET": _hset,
+}
 
 
 def resp(reply: Any) -> bytes:
@@ -716,6 +740,8 @@ class FakeRedisConnection(Protocol):
         server.connections.append(self)
         self.buffer = b""
         self.closed = False
+        #: The commands since MULTI (None: not in a transaction).
+        self.queued: list[list[bytes]] | None = None
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed = True
@@ -728,7 +754,22 @@ class FakeRedisConnection(Protocol):
                 return
             self.server.commands.append(args)
             if not self.server.silent:
-                self.transport.write(resp(self.server.execute(args)))
+                self.transport.write(resp(self._reply(args)))
+
+    def _reply(self, args: list[bytes]) -> Any:
+        """A command's reply; between MULTI and EXEC, QUEUED (EXEC: their replies)."""
+        name = args[0].upper()
+        if name == b"MULTI":
+            self.queued = []
+            return "OK"
+        queued = self.queued
+        if queued is None:
+            return self.server.execute(args)
+        if name != b"EXEC":
+            queued.append(args)
+            return "QUEUED"
+        self.queued = None
+        return [self.server.execute(command) for command in queued]
 
     def _command(self) -> list[bytes] | None:
         """One whole command off the buffer (an array of bulk strings), or None."""

@@ -12,7 +12,12 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import Clock
 
 from junebug_api.channels.admin import ChannelAdmin
-from junebug_api.channels.store import FileChannelStore, StoreUnavailable, store_for_config
+from junebug_api.channels.store import (
+    FileChannelStore,
+    RedisChannelStore,
+    StoreUnavailable,
+    store_for_config,
+)
 from junebug_api.channels.sync import StoreSync
 from junebug_api.config.checks import ConfigError
 from junebug_api.formats.api_errors import (
@@ -217,3 +222,34 @@ def test_file_store_round_trip_and_errors(tmp_path: Any) -> None:
     path.mkdir()
     with pytest.raises(StoreUnavailable):
         run(store.put("a", {}))
+
+
+def test_redis_store_over_the_state_cache_connection() -> None:
+    """A hash of JSON entries and a version counter, each write in one MULTI/EXEC."""
+    from .test_redis_state_cache import PREFIX
+    from .test_redis_state_cache import Setup as RedisSetup
+
+    redis = RedisSetup().start()
+    store = RedisChannelStore(redis.cache)
+    assert redis.wait(Deferred.fromCoroutine(store.load())) == (None, {})
+    redis.wait(Deferred.fromCoroutine(store.put("a", {"label": "Sawubona 👋"})))
+    assert redis.wait(Deferred.fromCoroutine(store.version())) == b"1"
+    assert redis.wait(Deferred.fromCoroutine(store.get("a"))) == {"label": "Sawubona 👋"}
+    assert redis.wait(Deferred.fromCoroutine(store.get("b"))) is None
+    assert redis.wait(Deferred.fromCoroutine(store.load())) == (
+        b"1",
+        {"a": {"label": "Sawubona 👋"}},
+    )
+    assert redis.wait(Deferred.fromCoroutine(store.delete("a"))) is True
+    assert redis.wait(Deferred.fromCoroutine(store.delete("a"))) is False
+    assert redis.wait(Deferred.fromCoroutine(store.version())) == b"3"
+    names = [c[0] for c in redis.redis.commands if c[0] not in (b"PING", b"GET", b"HGET")]
+    assert names[-4:] == [b"MULTI", b"HDEL", b"INCR", b"EXEC"]
+    redis.redis.data[f"{PREFIX}channels".encode()] = {b"bad": b"[1]"}
+    with pytest.raises(ConfigError):
+        redis.wait(Deferred.fromCoroutine(store.load()))
+    redis.redis.silent = True
+    pending = Deferred.fromCoroutine(store.put("a", {}))
+    redis.net.reactor.advance(10)
+    with pytest.raises(StoreUnavailable):
+        redis.wait(pending)
