@@ -44,7 +44,7 @@ class Harness:
         admin = ChannelAdmin(store_for_config(config, None), self.registry, config, DeferredLock())
         admin_credentials = ApiCredentials("root", "root-pw", ADMIN_TOKEN)
         self.api = JunebugApi(
-            self.registry.channels(),
+            self.registry,
             lambda: {"health": "ok", "components": {"amqp": {"health": "ok"}}},
             30,
             clock,
