@@ -93,7 +93,11 @@ async def create(service: ServiceProcess, created: list[str], **body: Any) -> st
 
 async def send(service: ServiceProcess, channel_id: str, token: str = CHANNEL_TOKEN) -> int:
     code, _ = await call(
-        service, "POST", f"/channels/{channel_id}/messages", {"to": "+27", "content": "hi"}, token
+        service,
+        "POST",
+        f"/channels/{channel_id}/messages",
+        {"to": "+27", "from": "8110", "content": "hi"},
+        token,
     )
     return code
 
