@@ -171,8 +171,11 @@ class JunebugService(MultiService):
         )
 
     def _reloaded(self, config: JunebugConfig) -> None:
-        """A reload applied ``config``: the top-level credentials follow."""
+        """A reload applied ``config``: the top-level credentials follow, and
+        the API's channels its top-level defaults."""
         self.api.use_credentials(top_level_credentials(config))
+        if self.channel_api is not None:
+            self.channel_api.use_config(config)
 
     def setServiceParent(self, parent: Any) -> None:
         """Join twistd's application; give it the log observer (text or JSON

@@ -7,7 +7,7 @@ Three processes, each started once for the module: a single connector (with
 and ``channels:`` with the channel API (``channel_api``, channels kept in a
 file; the admin token is the one schemathesis sends everywhere, so it gets
 past the management routes and every read route; one channel is created
-before the run, so modify, restart and delete have one to work on).
+before the run for modify and restart, another for delete).
 Every operation of each document gets the examples, coverage and fuzzing
 phases with positive and negative data (examples bounded to stay quick) and
 the checks not_a_server_error, status_code_conformance,
@@ -125,7 +125,9 @@ API_CONNECTORS = 4
 
 
 @pytest.fixture(scope="module")
-def channel_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, str]]:
+def channel_api(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServiceProcess, list[str]]]:
     sms = f"jbtest-{uuid.uuid4().hex[:10]}"
     tmp = tmp_path_factory.mktemp("channel-api")
     service = _start(
@@ -141,9 +143,13 @@ def channel_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     )
     prefix = f"jbtest-{uuid.uuid4().hex[:8]}"
     service.connector_prefix = prefix
-    created = _admin_post(service, {"type": "smpp", "config": {}, "connector_name": f"{prefix}-x"})
+    created = [
+        _admin_post(service, {"type": "smpp", "config": {}, "connector_name": f"{prefix}-{name}"})
+        for name in ("kept", "deleted")
+    ]
     yield service, created
-    _stop(service, [sms, f"{prefix}-x", *(f"{prefix}-{n}" for n in range(API_CONNECTORS))])
+    names = [f"{prefix}-{n}" for n in ("kept", "deleted", *range(API_CONNECTORS))]
+    _stop(service, [sms, *names])
 
 
 def _admin_post(service: ServiceProcess, body: dict[str, Any]) -> str:
@@ -163,7 +169,12 @@ def _spread(case: Any) -> int:
     return zlib.crc32(repr((case.path_parameters, case.query, case.body)).encode())
 
 
-def _run(service: ServiceProcess, channel_ids: list[str], connectors: str | None = None) -> Run:
+def _run(
+    service: ServiceProcess,
+    channel_ids: list[str],
+    connectors: str | None = None,
+    deleted: str | None = None,
+) -> Run:
     """Run schemathesis against ``service``'s document."""
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
     schema.config.update(headers={"Authorization": f"Token {TOKEN}"})
@@ -175,25 +186,53 @@ def _run(service: ServiceProcess, channel_ids: list[str], connectors: str | None
     schema.config.checks.update(included_check_names=CHECKS)
     schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
 
+    targets = Targets(channel_ids, connectors, deleted)
+
     @schema.hook
     def map_case(context: Any, case: Any) -> Any:
         """Positive cases mostly name a channel that exists (a made-up id is 404)."""
         parameters = case.path_parameters or {}
         meta = case.meta
-        positive = meta is not None and meta.generation.mode is GenerationMode.POSITIVE
-        if "channel_id" in parameters and positive and channel_ids:
-            choices = [*channel_ids, parameters["channel_id"]]
-            parameters["channel_id"] = choices[_spread(case) % len(choices)]
-        management = case.path in ("/channels/", "/channels/{channel_id}")
-        if connectors and positive and management and isinstance(case.body, dict):
-            # A channel the API starts declares queues named after its connector.
-            case.body["connector_name"] = f"{connectors}-{_spread(case) % API_CONNECTORS}"
+        if meta is None or meta.generation.mode is not GenerationMode.POSITIVE:
+            return case
+        if "channel_id" in parameters and channel_ids:
+            parameters["channel_id"] = targets.channel(case, parameters["channel_id"])
+        if connectors and isinstance(case.body, dict):
+            targets.connector(case)
         return case
 
     run = Run()
     for event in schemathesis.engine.from_schema(schema).execute():
         run.see(event)
     return run
+
+
+class Targets:
+    """What positive cases name: channels that exist, and with the channel API
+    a few connector names for the channels it starts (their queues are deleted
+    afterwards); the first positive DELETE deletes ``deleted``, the others
+    leave the channel to change and restart alone."""
+
+    def __init__(self, channel_ids: list[str], connectors: str | None, deleted: str | None) -> None:
+        self.channel_ids = channel_ids
+        self.connectors = connectors
+        self.deleted = deleted
+
+    def channel(self, case: Any, made_up: str) -> str:
+        ids = self.channel_ids
+        if self.connectors is not None and case.method == "DELETE":
+            ids = ids[:1]  # the one to change and restart stays
+            if self.deleted is not None:
+                first, self.deleted = self.deleted, None
+                return first
+        choices = [*ids, made_up]
+        return choices[_spread(case) % len(choices)]
+
+    def connector(self, case: Any) -> None:
+        if case.path == "/channels/":
+            case.body["connector_name"] = f"{self.connectors}-{_spread(case) % API_CONNECTORS}"
+        elif case.path == "/channels/{channel_id}" and "connector_name" in case.body:
+            case.body["connector_name"] = f"{self.connectors}-kept"
 
 
 class Run:
@@ -248,11 +287,11 @@ def test_channels_keep_to_their_document(channels: ServiceProcess) -> None:
 def test_the_channel_api_keeps_to_its_document(
     channel_api: tuple[ServiceProcess, str],
 ) -> None:
-    service, created = channel_api
-    run = _run(service, ["sms-za", created], connectors=service.connector_prefix)
+    service, (kept, deleted) = channel_api
+    run = _run(service, ["sms-za", kept], connectors=service.connector_prefix, deleted=deleted)
     assert run.failures == []
     assert {201, 400} <= run.statuses["POST /channels/"]
     assert {200, 400, 403, 404} <= run.statuses["POST /channels/{channel_id}"]
-    assert {403, 404} <= run.statuses["DELETE /channels/{channel_id}"]
+    assert {200, 403, 404} <= run.statuses["DELETE /channels/{channel_id}"]
     assert {200, 403, 404} <= run.statuses["POST /channels/{channel_id}/restart"]
     assert len(run.statuses) == 11, sorted(run.statuses)

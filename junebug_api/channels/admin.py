@@ -113,7 +113,9 @@ class ChannelAdmin:
             raise bad_body(e) from None
         async with self._changing():
             await self._store.put(channel_id, channel_entry(settings))
-            return await self._registry.start(settings, API)
+            channel = await self._registry.start(settings, API)
+        log.info("Channel {channel} created over the channel API", channel=channel_id)
+        return channel
 
     async def modify(self, channel_id: str, body: Any) -> Any:
         """Change the keys a modify body gives; the running channel."""
@@ -126,8 +128,11 @@ class ChannelAdmin:
                 raise bad_body(e) from None
             await self._store.put(channel_id, channel_entry(settings))
             if self._registry.get(channel_id) is None:
-                return await self._registry.start(settings, API)
-            return await self._registry.change(settings)
+                channel = await self._registry.start(settings, API)
+            else:
+                channel = await self._registry.change(settings)
+        log.info("Channel {channel} changed over the channel API", channel=channel_id)
+        return channel
 
     async def delete(self, channel_id: str) -> None:
         """Forget a channel and stop serving it (its queues are kept)."""
@@ -139,6 +144,7 @@ class ChannelAdmin:
                 raise _not_found(channel_id)
             if running:
                 await self._registry.stop(channel_id)
+        log.info("Channel {channel} deleted over the channel API", channel=channel_id)
 
     async def restart(self, channel_id: str) -> None:
         """Stop and start a channel with its stored settings."""
@@ -147,12 +153,9 @@ class ChannelAdmin:
             stored = await self._stored(channel_id)
             if self._registry.get(channel_id) is not None:
                 await self._registry.restart(channel_id)
-                return
-            try:
-                settings = channel_settings(channel_id, stored, self._config)
-            except ConfigError as e:
-                raise bad_body(e) from None
-            await self._registry.start(settings, API)
+            else:
+                await self._registry.start(self._resolved(channel_id, stored), API)
+        log.info("Channel {channel} restarted over the channel API", channel=channel_id)
 
     # -- helpers ------------------------------------------------------------
 
@@ -179,6 +182,16 @@ class ChannelAdmin:
         if stored is None:
             raise _not_found(channel_id)
         return stored
+
+    def use_config(self, config: Any) -> None:
+        """The top-level config from now on (a reload changed its defaults)."""
+        self._config = config
+
+    def _resolved(self, channel_id: str, entry: Entry) -> ChannelSettings:
+        try:
+            return channel_settings(channel_id, entry, self._config)
+        except ConfigError as e:
+            raise bad_body(e) from None
 
     def _checked(self, channel_id: str, entry: Entry) -> ChannelSettings:
         """The settings of ``entry``, checked alone and against the other

@@ -58,6 +58,11 @@ class ChannelApi:
             self._clock,
         )
 
+    def use_config(self, config: JunebugConfig) -> None:
+        """A reload's config: the API's channels take its top-level defaults."""
+        self.admin.use_config(config)
+        self.sync.use_config(config)
+
     def start(self) -> None:
         """Start the stored channels, then follow the store."""
         self.sync.start()

@@ -82,6 +82,12 @@ class StoreSync:
             log.info("The channel store can be read again")
             self._trouble = None
 
+    def use_config(self, config: Any) -> None:
+        """The top-level config from now on (a reload changed the defaults):
+        the stored channels are resolved and applied again on the next poll."""
+        self._config = config
+        self._applied = _NEVER
+
     def _failed(self, problem: str) -> None:
         if problem != self._trouble:
             log.error(

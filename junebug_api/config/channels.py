@@ -142,6 +142,8 @@ def channel_settings(
     check_channel_id(channel_id)
     where = f"channels.{channel_id}"
     given = given_options(entry, where)
+    if given.get("connector_name", "") is None:
+        del given["connector_name"]  # null: the default, the channel's id
     ignored = {name: about.ignored for name, (_, about) in _ignored(given).items()}
     values = {
         **channel_defaults(config),

@@ -362,10 +362,15 @@ class JunebugApi:
         else:
             log.failure("Unexpected error handling a request", failure)
             error = InternalError("internal error")
-        if request.method == b"POST" and not failure.check(HTTPException):
+        if _message_post(request) and not failure.check(HTTPException):
             # Not a routing error: the answer to a message POST.
             self._metrics.outbound_request(error.status.value)
         return answer_error(request, error)
+
+
+def _message_post(request: IRequest) -> bool:
+    """Whether ``request`` sends a message (not a channel API call)."""
+    return request.method == b"POST" and request.path.rstrip(b"/").endswith(b"/messages")
 
 
 def refused(request: IRequest) -> bytes:

@@ -253,3 +253,23 @@ def test_redis_store_over_the_state_cache_connection() -> None:
     redis.net.reactor.advance(10)
     with pytest.raises(StoreUnavailable):
         redis.wait(pending)
+
+
+def test_a_null_connector_name_is_the_default(tmp_path: Any) -> None:
+    s = Setup(tmp_path)
+    channel = run(s.admin.create({**BODY, "connector_name": "own"}))
+    assert channel.settings.connector_name == "own"
+    channel = run(s.admin.modify("id-0", {"connector_name": None}))
+    assert channel.settings.connector_name == "id-0"
+
+
+def test_a_reload_gives_the_api_channels_its_defaults(tmp_path: Any) -> None:
+    s = Setup(tmp_path)
+    run(s.admin.create(BODY))
+    s.sync.start()
+    reloaded = api_config(tmp_path, mo_message_url="http://127.0.0.1:9/reloaded")
+    s.admin.use_config(reloaded)
+    s.sync.use_config(reloaded)
+    s.clock.advance(1)
+    assert s.registry.get("id-0").settings.mo_message_url == "http://127.0.0.1:9/reloaded"
+    s.sync.stop()
