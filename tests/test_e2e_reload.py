@@ -7,19 +7,15 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
 import yaml
 
-from junebug_api.formats.queue_names import QueueNames
-
-from .support import Broker, ServiceProcess, free_port, inbound_message, start_sink, wait_for
+from .support import Broker, ServiceProcess, free_port, inbound_message, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,24 +24,9 @@ NEW_TOKEN = "reload-t0ken-two"
 
 
 @pytest.fixture
-def ids() -> Iterator[list[str]]:
-    """Two channel ids no other test uses; their queues are deleted afterwards."""
-    base = f"jb-hup-{uuid.uuid4().hex[:8]}"
-    names = [f"{base}-a", f"{base}-b"]
-    yield names
-    broker = Broker()
-    for name in names:
-        for queue in QueueNames.for_connector(name).all():
-            broker.delete(queue)
-    broker.close()
-
-
-@pytest.fixture
-def sink() -> Iterator[Any]:
-    made, port, url = start_sink()
-    made.url = url
-    yield made
-    port.stopListening()
+def ids(channel_id: str, connector: str) -> list[str]:
+    """Two channel ids no other test uses (conftest deletes their queues afterwards)."""
+    return [channel_id, connector]
 
 
 @pytest.fixture
