@@ -14,8 +14,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from docutils import nodes
 from docutils.nodes import Node
+from sphinx import addnodes
 from sphinx.application import Sphinx
+from sphinx.transforms import SphinxTransform
 from sphinx.util.docutils import SphinxDirective
 
 from junebug_api.config.reference import (
@@ -122,6 +125,40 @@ class ConfigReference(SphinxDirective):
         return self.parse_text_to_nodes("\n".join(lines), allow_section_headings=True)
 
 
+_NO_LINKS = (nodes.title, nodes.reference, addnodes.desc_signature, addnodes.pending_xref)
+
+
+def _in_title_or_link(node: nodes.Node) -> bool:
+    """Whether ``node`` is in a title (copied into tables of contents, where
+    no link is resolved), a signature or a link already."""
+    parent = node.parent
+    while parent is not None:
+        if isinstance(parent, _NO_LINKS):
+            return True
+        parent = parent.parent
+    return False
+
+
+class LinkOptionNames(SphinxTransform):
+    """Every inline literal that is an option's name of several words
+    (````amqp_url````, ````amqp.port````) links to its entry, on every page."""
+
+    default_priority = 500
+
+    def apply(self, **kwargs: Any) -> None:
+        names = {row.name for row in reference_rows() if _NAME.fullmatch(row.name)}
+        for literal_node in list(self.document.findall(nodes.literal)):
+            name = literal_node.astext()
+            if name not in names or _in_title_or_link(literal_node):
+                continue
+            xref = addnodes.pending_xref(
+                "", refdomain="std", reftype="confval", reftarget=name, refexplicit=True
+            )
+            xref += literal_node.deepcopy()
+            literal_node.replace_self(xref)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("config-reference", ConfigReference)
+    app.add_transform(LinkOptionNames)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
