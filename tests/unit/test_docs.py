@@ -152,3 +152,5 @@ def test_the_readme_is_a_front_page() -> None:
     assert len(readme.splitlines()) <= README_MOST_LINES
     for needed in ("./scripts/run", "./scripts/test", "./scripts/docs", "Layout\n------"):
         assert needed in readme, needed
+    for page in DOCS.glob("*.rst"):  # its map of the docs names every page
+        assert f"``{page.name}``" in readme or page.name == "index.rst", page.name
