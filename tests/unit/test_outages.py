@@ -313,6 +313,22 @@ def test_pause_while_down_probes_then_resumes() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_a_stopped_gate_follows_its_destination_no_more() -> None:
+    """Its channel stopped or changed: the queue may have a new consumer,
+    which the old gate must neither pause nor resume."""
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
+    control = RecordingQueueControl()
+    gate = PauseWhileDown(
+        QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock, probe_interval=5.0
+    )
+    gate.stop()
+    tracker.failed(RAPIDPRO)
+    clock.advance(10)
+    tracker.succeeded(RAPIDPRO)
+    assert control.calls == []
+
+
 def test_pause_keeps_polling_an_empty_queue_and_stops_on_shutdown() -> None:
     clock = Clock()
     tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
