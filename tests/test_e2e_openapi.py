@@ -7,7 +7,8 @@ Three processes, each started once for the module: a single connector (with
 and ``channels:`` with the channel API (``channel_api``, channels kept in a
 file; the admin token is the one schemathesis sends everywhere, so it gets
 past the management routes and every read route; one channel is created
-before the run for modify and restart, another for delete).
+before the run for modify and restart, and one more before each positive
+delete).
 Every operation of each document gets the examples, coverage and fuzzing
 phases with positive and negative data (examples bounded to stay quick) and
 the checks not_a_server_error, status_code_conformance,
@@ -28,7 +29,7 @@ import json
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,7 @@ API_CONNECTORS = 4
 
 
 @pytest.fixture(scope="module")
-def channel_api(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ServiceProcess, list[str]]]:
+def channel_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, str]]:
     sms = f"jbtest-{uuid.uuid4().hex[:10]}"
     tmp = tmp_path_factory.mktemp("channel-api")
     service = _start(
@@ -143,13 +142,11 @@ def channel_api(
     )
     prefix = f"jbtest-{uuid.uuid4().hex[:8]}"
     service.connector_prefix = prefix
-    created = [
-        _admin_post(service, {"type": "smpp", "config": {}, "connector_name": f"{prefix}-{name}"})
-        for name in ("kept", "deleted")
-    ]
-    yield service, created
-    names = [f"{prefix}-{n}" for n in ("kept", "deleted", *range(API_CONNECTORS))]
-    _stop(service, [sms, *names])
+    service.made = []  # the connector names of the channels made for a DELETE
+    kept = _admin_post(service, {"type": "smpp", "config": {}, "connector_name": f"{prefix}-kept"})
+    yield service, kept
+    names = [f"{prefix}-{n}" for n in ("kept", *range(API_CONNECTORS))]
+    _stop(service, [sms, *names, *service.made])
 
 
 def _admin_post(service: ServiceProcess, body: dict[str, Any]) -> str:
@@ -173,7 +170,7 @@ def _run(
     service: ServiceProcess,
     channel_ids: list[str],
     connectors: str | None = None,
-    deleted: str | None = None,
+    make: Callable[[], str] | None = None,
 ) -> Run:
     """Run schemathesis against ``service``'s document."""
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
@@ -186,7 +183,7 @@ def _run(
     schema.config.checks.update(included_check_names=CHECKS)
     schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
 
-    targets = Targets(channel_ids, connectors, deleted)
+    targets = Targets(channel_ids, connectors, make)
 
     @schema.hook
     def map_case(context: Any, case: Any) -> Any:
@@ -210,21 +207,22 @@ def _run(
 class Targets:
     """What positive cases name: channels that exist, and with the channel API
     a few connector names for the channels it starts (their queues are deleted
-    afterwards); the first positive DELETE deletes ``deleted``, the others
-    leave the channel to change and restart alone."""
+    afterwards); a positive DELETE deletes a channel ``make`` makes for it, and
+    leaves the one to change and restart alone."""
 
-    def __init__(self, channel_ids: list[str], connectors: str | None, deleted: str | None) -> None:
+    def __init__(
+        self, channel_ids: list[str], connectors: str | None, make: Callable[[], str] | None
+    ) -> None:
         self.channel_ids = channel_ids
         self.connectors = connectors
-        self.deleted = deleted
+        self.make = make
 
     def channel(self, case: Any, made_up: str) -> str:
         ids = self.channel_ids
         if self.connectors is not None and case.method == "DELETE":
             ids = ids[:1]  # the one to change and restart stays
-            if self.deleted is not None:
-                first, self.deleted = self.deleted, None
-                return first
+            if self.make is not None and _spread(case) % 2:
+                return self.make()
         choices = [*ids, made_up]
         return choices[_spread(case) % len(choices)]
 
@@ -287,8 +285,14 @@ def test_channels_keep_to_their_document(channels: ServiceProcess) -> None:
 def test_the_channel_api_keeps_to_its_document(
     channel_api: tuple[ServiceProcess, str],
 ) -> None:
-    service, (kept, deleted) = channel_api
-    run = _run(service, ["sms-za", kept], connectors=service.connector_prefix, deleted=deleted)
+    service, kept = channel_api
+
+    def make() -> str:
+        connector = f"{service.connector_prefix}-d{len(service.made)}"
+        service.made.append(connector)
+        return _admin_post(service, {"type": "smpp", "config": {}, "connector_name": connector})
+
+    run = _run(service, ["sms-za", kept], connectors=service.connector_prefix, make=make)
     assert run.failures == []
     assert {201, 400} <= run.statuses["POST /channels/"]
     assert {200, 400, 403, 404} <= run.statuses["POST /channels/{channel_id}"]
