@@ -112,8 +112,7 @@ class ChannelAdmin:
         except ConfigError as e:
             raise bad_body(e) from None
         async with self._changing():
-            await self._store.put(channel_id, channel_entry(settings))
-            channel = await self._registry.start(settings, API)
+            channel = await self._put(settings, previous=None)
         log.info("Channel {channel} created over the channel API", channel=channel_id)
         return channel
 
@@ -126,11 +125,7 @@ class ChannelAdmin:
                 settings = self._checked(channel_id, modified_entry(stored, body))
             except ConfigError as e:
                 raise bad_body(e) from None
-            await self._store.put(channel_id, channel_entry(settings))
-            if self._registry.get(channel_id) is None:
-                channel = await self._registry.start(settings, API)
-            else:
-                channel = await self._registry.change(settings)
+            channel = await self._put(settings, previous=stored)
         log.info("Channel {channel} changed over the channel API", channel=channel_id)
         return channel
 
@@ -182,6 +177,22 @@ class ChannelAdmin:
         if stored is None:
             raise _not_found(channel_id)
         return stored
+
+    async def _put(self, settings: ChannelSettings, previous: Entry | None) -> Any:
+        """Store ``settings`` and run the channel on them; if the registry
+        refuses (a clash with a channel started meanwhile, queues that cannot
+        be declared), the store gets ``previous`` back and the answer is 400."""
+        await self._store.put(settings.id, channel_entry(settings))
+        try:
+            if self._registry.get(settings.id) is None:
+                return await self._registry.start(settings, API)
+            return await self._registry.change(settings)
+        except ConfigError as e:
+            if previous is None:
+                await self._store.delete(settings.id)
+            else:
+                await self._store.put(settings.id, previous)
+            raise bad_body(e) from None
 
     def use_config(self, config: Any) -> None:
         """The top-level config from now on (a reload changed its defaults)."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from junebug_api.config.channels import ChannelSettings, check_distinct, resolve_channels
+from junebug_api.config.checks import ConfigError
 from junebug_api.config.model import JunebugConfig, load_config
 from junebug_api.http.api import ApiCredentials
 
@@ -57,6 +58,8 @@ class FakeRegistry:
     def __init__(self, config: JunebugConfig) -> None:
         self._running: dict[str, tuple[FakeChannel, str]] = {}
         self.calls: list[tuple[str, str]] = []
+        #: Connector names it refuses, as if another channel had just taken them.
+        self.refuse: set[str] = set()
         for settings in resolve_channels(config):
             self._running[settings.id] = (FakeChannel(settings), "config")
 
@@ -71,7 +74,12 @@ class FakeRegistry:
         found = self._running.get(channel_id)
         return None if found is None else found[1]
 
+    def _check_free(self, settings: ChannelSettings) -> None:
+        if settings.connector_name in self.refuse:
+            raise ConfigError(f"channels.{settings.id}.connector_name is taken")
+
     async def start(self, settings: ChannelSettings, origin: str) -> FakeChannel:
+        self._check_free(settings)
         check_distinct([*(c.settings for c in self.channels()), settings])
         channel = FakeChannel(settings)
         self._running[settings.id] = (channel, origin)
@@ -79,6 +87,7 @@ class FakeRegistry:
         return channel
 
     async def change(self, settings: ChannelSettings) -> FakeChannel:
+        self._check_free(settings)
         channel = self._running[settings.id][0]
         channel.settings = settings
         self.calls.append(("change", settings.id))

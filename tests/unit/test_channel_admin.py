@@ -273,3 +273,16 @@ def test_a_reload_gives_the_api_channels_its_defaults(tmp_path: Any) -> None:
     s.clock.advance(1)
     assert s.registry.get("id-0").settings.mo_message_url == "http://127.0.0.1:9/reloaded"
     s.sync.stop()
+
+
+def test_a_registry_refusal_puts_the_store_back(tmp_path: Any) -> None:
+    """Another channel took the connector name between the check and the start."""
+    s = Setup(tmp_path)
+    run(s.admin.create(BODY))
+    s.registry.refuse = {"taken2"}
+    with pytest.raises(ApiUsageError):
+        run(s.admin.modify("id-0", {"connector_name": "taken2", "label": "x"}))
+    assert s.stored()["id-0"].get("label") is None
+    with pytest.raises(ApiUsageError):
+        run(s.admin.create({**BODY, "connector_name": "taken2"}))
+    assert set(s.stored()) == {"id-0"}
