@@ -183,7 +183,8 @@ class ChannelRegistry:
                 self._stop_running(channel_id, timeout) for channel_id in list(self._running)
             ]
         settling += [d for d in self._retiring.values() if d not in settling]
-        return sum(await gatherResults(settling))
+        # A settling someone else awaits (a stop under way) answers None here.
+        return sum(count or 0 for count in await gatherResults(settling))
 
     async def apply(self, wanted: Sequence[ChannelSettings], origin: str) -> None:
         """Make the channels of ``origin`` those of ``wanted``: start the new,

@@ -347,3 +347,16 @@ def test_log_router_files_nothing_for_a_stopped_channel() -> None:
     h.registry.log_router({"channel": "a", "log_format": "late", "log_level": None})
     h.registry.log_router({"queue": "a.inbound", "log_format": "late", "log_level": None})
     assert a.logs() == []
+
+
+def test_stop_all_waits_for_a_stop_under_way() -> None:
+    h = Harness(shutdown_timeout=5)
+    h.start("a")
+    h.rapidpro.hold = True
+    acker = h.deliver("a.inbound", inbound("a"))
+    stopping = Deferred.fromCoroutine(h.registry.stop("a"))
+    stopped = Deferred.fromCoroutine(h.registry.stop_all(5))
+    assert not stopped.called
+    h.clock.advance(5)
+    assert result_of(stopping) is None and result_of(stopped) == 0
+    assert acker.rejects == 1
