@@ -257,9 +257,12 @@ class ChannelRegistry:
             OtherConnectors(self._connectors, settings.id),
             old.channel if old is not None else None,
         )
+        declarations = channel.queues.declarations()
         try:
-            await self.amqp.add_queues(channel.queues.declarations())
+            await self.amqp.add_queues(declarations)
         except SetupFailed as e:
+            kept = old.channel.queues.declarations() if old is not None else {}
+            self.amqp.remove_queues([q for q in declarations if q not in kept])
             raise ConfigError(f"channels.{settings.id}: {e}") from None
         running = _Running(channel, origin, self._monitor(channel), channel_secret_values(settings))
         self.redactor.add(running.secrets)

@@ -360,3 +360,11 @@ def test_stop_all_waits_for_a_stop_under_way() -> None:
     h.clock.advance(5)
     assert result_of(stopping) is None and result_of(stopped) == 0
     assert acker.rejects == 1
+
+
+def test_a_channel_whose_queues_are_refused_is_one_line_and_declares_nothing() -> None:
+    h = Harness()
+    h.amqp.refused.add("b.inbound")
+    with pytest.raises(ConfigError, match=r"^channels\.b: the broker refused queue b\.inbound$"):
+        h.start("b")
+    assert h.registry.get("b") is None and h.amqp.queues == {} and h.amqp.consumers == {}
