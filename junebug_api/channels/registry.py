@@ -183,7 +183,8 @@ class ChannelRegistry:
                 self._stop_running(channel_id, timeout) for channel_id in list(self._running)
             ]
         settling += [d for d in self._retiring.values() if d not in settling]
-        return sum(await gatherResults(settling))
+        # A settling someone else awaits (a stop under way) answers None here.
+        return sum(count or 0 for count in await gatherResults(settling))
 
     async def apply(self, wanted: Sequence[ChannelSettings], origin: str) -> None:
         """Make the channels of ``origin`` those of ``wanted``: start the new,
@@ -256,9 +257,12 @@ class ChannelRegistry:
             OtherConnectors(self._connectors, settings.id),
             old.channel if old is not None else None,
         )
+        declarations = channel.queues.declarations()
         try:
-            await self.amqp.add_queues(channel.queues.declarations())
+            await self.amqp.add_queues(declarations)
         except SetupFailed as e:
+            kept = old.channel.queues.declarations() if old is not None else {}
+            self.amqp.remove_queues([q for q in declarations if q not in kept])
             raise ConfigError(f"channels.{settings.id}: {e}") from None
         running = _Running(channel, origin, self._monitor(channel), channel_secret_values(settings))
         self.redactor.add(running.secrets)

@@ -11,15 +11,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from junebug_api.amqp.service import PublishFailed
-from junebug_api.delivery.consumer import (
-    HandlingFailed,
-    MessageWorker,
-    RetryPolicy,
-    pick_delay,
-)
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
 from junebug_api.delivery.outages import OutageTracker, describe_destination, destination_of
+from junebug_api.delivery.outcomes import HandlingFailed
 from junebug_api.delivery.pause_while_down import PauseWhileDown
+from junebug_api.delivery.retry_policy import RetryPolicy, pick_delay
 from junebug_api.formats.queue_names import delay_queues
 from junebug_api.testing import (
     RecordingAcker,

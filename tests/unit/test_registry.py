@@ -347,3 +347,24 @@ def test_log_router_files_nothing_for_a_stopped_channel() -> None:
     h.registry.log_router({"channel": "a", "log_format": "late", "log_level": None})
     h.registry.log_router({"queue": "a.inbound", "log_format": "late", "log_level": None})
     assert a.logs() == []
+
+
+def test_stop_all_waits_for_a_stop_under_way() -> None:
+    h = Harness(shutdown_timeout=5)
+    h.start("a")
+    h.rapidpro.hold = True
+    acker = h.deliver("a.inbound", inbound("a"))
+    stopping = Deferred.fromCoroutine(h.registry.stop("a"))
+    stopped = Deferred.fromCoroutine(h.registry.stop_all(5))
+    assert not stopped.called
+    h.clock.advance(5)
+    assert result_of(stopping) is None and result_of(stopped) == 0
+    assert acker.rejects == 1
+
+
+def test_a_channel_whose_queues_are_refused_is_one_line_and_declares_nothing() -> None:
+    h = Harness()
+    h.amqp.refused.add("b.inbound")
+    with pytest.raises(ConfigError, match=r"^channels\.b: the broker refused queue b\.inbound$"):
+        h.start("b")
+    assert h.registry.get("b") is None and h.amqp.queues == {} and h.amqp.consumers == {}
