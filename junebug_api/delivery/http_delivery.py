@@ -17,9 +17,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionClosed,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -115,6 +120,15 @@ def answer_failure(code: int, headers: Headers, now: float) -> DeliveryFailed:
         status_class=status_class(code),
         outage=code >= 500,
     )
+
+
+def _timed_out(result: Any, timeout: float) -> Any:
+    """``addTimeout``'s ``onTimeoutCancel``: the POST was cancelled because its
+    time was up, whatever the failure its cancellation became (Twisted's
+    client reports a cancelled request as ResponseNeverReceived)."""
+    if isinstance(result, Failure):
+        raise TimeoutError(timeout, "Deferred")
+    return result
 
 
 @lru_cache(maxsize=1024)
@@ -355,19 +369,25 @@ class HttpDelivery:
         try:
             try:
                 posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
-                response = await posting.addTimeout(timeout, self._clock)
-            except TimeoutError:  # addTimeout turns its own cancellation into this
+                response = await posting.addTimeout(timeout, self._clock, _timed_out)
+            except TimeoutError:  # _timed_out: addTimeout's own cancellation
                 raise DeliveryFailed(
                     f"timed out after {timeout:g} s",
                     retryable=True,
                     status_class="timeout",
                     outage=True,
                 ) from None
+            except ConnectingCancelledError:
+                raise CancelledError() from None
             except (ConnectError, DNSLookupError, ConnectionClosed) as e:
                 raise DeliveryFailed(
                     f"connection failed: {type(e).__name__}", True, outage=True
                 ) from None
             except (ResponseNeverReceived, ResponseFailed) as e:
+                if any(r.check(CancelledError) for r in e.reasons):
+                    # Cancelled from outside (the shutdown drain, the hold
+                    # watchdog): no answer was waited for, so nothing failed.
+                    raise CancelledError() from None
                 reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
                 raise DeliveryFailed(
                     f"no response: {reasons}", retryable=True, outage=True

@@ -290,3 +290,66 @@ async def test_timeout_during_the_body_aborts_the_connection() -> None:
         assert reactor.seconds() - started < 5
     finally:
         await port.stopListening()
+
+
+class SilentServer(Protocol):
+    """A server that reads the request and never answers."""
+
+    def connectionMade(self) -> None:
+        self.factory.requests.append(Deferred())
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not self.factory.requests[-1].called:
+            self.factory.requests[-1].callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_post_is_cancelled_not_a_failure_nor_an_outage() -> None:
+    """The shutdown drain cancels a POST in flight: Twisted's client fails it
+    with ResponseNeverReceived wrapping CancelledError. That is no failed
+    attempt, no outage of the destination and no "timed out": it is
+    CancelledError, and the message goes back to its queue unacked."""
+    factory = ServerFactory.forProtocol(SilentServer)
+    factory.requests = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
+        delivery = HttpDelivery.create(reactor, 2, outages=outages)
+        url = f"http://127.0.0.1:{port.getHost().port}/in"
+        d = Deferred.fromCoroutine(delivery.post_json(url, b"{}", None, 30.0))
+        await wait_until(lambda: factory.requests and factory.requests[0].called)
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d
+        assert not outages.is_down(destination_of(url))
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_answer_to_the_request_is_timed_out_and_an_outage() -> None:
+    """Our own timeout, while the answer's headers are awaited, is "timed
+    out" (though Twisted's client reports the cancelled request as
+    ResponseNeverReceived)."""
+    factory = ServerFactory.forProtocol(SilentServer)
+    factory.requests = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
+        delivery = HttpDelivery.create(reactor, 2, outages=outages)
+        url = f"http://127.0.0.1:{port.getHost().port}/in"
+        with pytest.raises(DeliveryFailed) as info:
+            await delivery.post_json(url, b"{}", None, 0.3)
+        assert info.value.reason == "timed out after 0.3 s"
+        assert outages.is_down(destination_of(url))
+    finally:
+        await port.stopListening()
+
+
+async def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not met"
+        await deferLater(reactor, 0.01)
