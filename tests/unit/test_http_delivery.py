@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -303,47 +305,54 @@ class SilentServer(Protocol):
             self.factory.requests[-1].callback(None)
 
 
+@attrs.frozen
+class Silent:
+    """A SilentServer's URL, the requests it got, and a delivery with outage tracking."""
+
+    url: str
+    requests: list[Deferred]
+    delivery: HttpDelivery
+    outages: OutageTracker
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    factory = ServerFactory.forProtocol(SilentServer)
+    factory.requests = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
+    yield Silent(
+        f"http://127.0.0.1:{port.getHost().port}/in",
+        factory.requests,
+        HttpDelivery.create(reactor, 2, outages=outages),
+        outages,
+    )
+    port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_cancelled_post_is_cancelled_not_a_failure_nor_an_outage() -> None:
+async def test_a_cancelled_post_is_cancelled_not_a_failure_nor_an_outage(silent: Silent) -> None:
     """The shutdown drain cancels a POST in flight: Twisted's client fails it
     with ResponseNeverReceived wrapping CancelledError. That is no failed
     attempt, no outage of the destination and no "timed out": it is
     CancelledError, and the message goes back to its queue unacked."""
-    factory = ServerFactory.forProtocol(SilentServer)
-    factory.requests = []
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    try:
-        outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
-        delivery = HttpDelivery.create(reactor, 2, outages=outages)
-        url = f"http://127.0.0.1:{port.getHost().port}/in"
-        d = Deferred.fromCoroutine(delivery.post_json(url, b"{}", None, 30.0))
-        await wait_until(lambda: factory.requests and factory.requests[0].called)
-        d.cancel()
-        with pytest.raises(CancelledError):
-            await d
-        assert not outages.is_down(destination_of(url))
-    finally:
-        await port.stopListening()
+    d = Deferred.fromCoroutine(silent.delivery.post_json(silent.url, b"{}", None, 30.0))
+    await wait_until(lambda: silent.requests and silent.requests[0].called)
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    assert not silent.outages.is_down(destination_of(silent.url))
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_answer_to_the_request_is_timed_out_and_an_outage() -> None:
+async def test_no_answer_to_the_request_is_timed_out_and_an_outage(silent: Silent) -> None:
     """Our own timeout, while the answer's headers are awaited, is "timed
     out" (though Twisted's client reports the cancelled request as
     ResponseNeverReceived)."""
-    factory = ServerFactory.forProtocol(SilentServer)
-    factory.requests = []
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    try:
-        outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
-        delivery = HttpDelivery.create(reactor, 2, outages=outages)
-        url = f"http://127.0.0.1:{port.getHost().port}/in"
-        with pytest.raises(DeliveryFailed) as info:
-            await delivery.post_json(url, b"{}", None, 0.3)
-        assert info.value.reason == "timed out after 0.3 s"
-        assert outages.is_down(destination_of(url))
-    finally:
-        await port.stopListening()
+    with pytest.raises(DeliveryFailed) as info:
+        await silent.delivery.post_json(silent.url, b"{}", None, 0.3)
+    assert info.value.reason == "timed out after 0.3 s"
+    assert silent.outages.is_down(destination_of(silent.url))
 
 
 async def wait_until(condition: Any, timeout: float = 5.0) -> None:
