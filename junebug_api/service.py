@@ -10,30 +10,30 @@ AMQP connection; anything unfinished stays unacked and goes back to its queue.
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.components import Componentized
 
 from junebug_api.amqp.service import AmqpService
-from junebug_api.channels.channel import Channel, ChannelLogRouter, ChannelMetrics
+from junebug_api.channels.builder import ChannelBuilder
+from junebug_api.channels.registry import ChannelRegistry
+from junebug_api.channels.reload import ConfigReload, ConfigSource
 from junebug_api.config.channels import resolve_channels
 from junebug_api.config.model import JunebugConfig, describe
-from junebug_api.delivery.consumer import RetryPolicy
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
-from junebug_api.formats.queue_names import QueueNames
 from junebug_api.http.api import ApiCredentials, JunebugApi
-from junebug_api.http.routes import openapi_path_of
+from junebug_api.http.routes import openapi_path_of, own_paths
 from junebug_api.http.server import ApiSite, ListeningService, with_listen_backlog
 from junebug_api.observe.log import Redactor, logger, set_log_level
 from junebug_api.observe.metrics import NO_METRICS, Metrics, PrometheusMetrics
-from junebug_api.observe.queue_health import QueueMonitor
 from junebug_api.state.cache import StateCache, make_state_cache
 
 log = logger(__name__)
@@ -53,29 +53,32 @@ def _tune_garbage_collector() -> None:
 
 
 class JunebugService(MultiService):
-    """The whole service: API, AMQP, the channels' workers and the state cache."""
+    """The whole service: API, AMQP, the channel registry and the state cache.
+
+    ``redactor``: the log observer's (``tap.py`` makes one for both);
+    ``config_source``: where SIGHUP reads the config again (none: SIGHUP is
+    left alone).
+    """
 
     def __init__(
-        self, config: JunebugConfig, reactor: Any, log_observer: ILogObserver | None = None
+        self,
+        config: JunebugConfig,
+        reactor: Any,
+        log_observer: ILogObserver | None = None,
+        *,
+        redactor: Redactor | None = None,
+        config_source: ConfigSource | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
         self._log_observer = log_observer
-        settings = resolve_channels(config)
         name = config.connector_name or "channels"
-        self.redactor = Redactor.for_config(config)
+        self.redactor = redactor or Redactor.for_config(config)
         self.metrics: Metrics = (
             PrometheusMetrics(name, reactor) if config.metrics_enabled else NO_METRICS
         )
-        metrics = self.metrics
-        self.sentry = None
-        if config.sentry:
-            from junebug_api.observe.error_reporting import SentryReporter
-
-            self.sentry = SentryReporter(
-                config.sentry, config.sentry_environment, name, self.redactor
-            )
+        self.sentry = self._sentry(name)
         self.cache: StateCache = make_state_cache(
             config.state_cache_class,
             config.state_cache_config,
@@ -84,114 +87,81 @@ class JunebugService(MultiService):
             message_status_ttl=config.outbound_message_ttl,
         )
         self.outages = OutageTracker(reactor, probe_interval=config.delivery_probe_interval)
-        delivery = HttpDelivery.create(
-            reactor, config.worker_concurrency, metrics, outages=self.outages
-        )
-
-        def policy(attempt_timeout: float) -> RetryPolicy:
-            return RetryPolicy(
-                config.delivery_retry_delay,
-                config.delivery_retry_max_delay,
-                config.delivery_max_attempts,
-                max_age=config.delivery_max_age,
-                max_hold=config.delivery_max_hold,
-                attempt_timeout=attempt_timeout,
-            )
-
-        queue_names = {c.id: QueueNames.for_connector(c.connector_name) for c in settings}
         self.amqp = AmqpService(
             config.amqp_connection,
             prefetch=config.worker_concurrency,
             reactor=reactor,
             connection_name=f"junebug-api {name}",
-            metrics=metrics,
+            metrics=self.metrics,
         )
-        # Every channel's queues (delay queues with their arguments), declared
-        # on every connect.
-        for names in queue_names.values():
-            self.amqp.add_queues(names.declarations())
-        self.channels = [
-            Channel(
-                channel,
-                queues=queue_names[channel.id],
-                cache=self.cache,
-                delivery=delivery,
-                publish=self.amqp.publish,
-                inbound_policy=policy(config.mo_message_url_timeout),
-                event_policy=policy(config.event_url_timeout),
-                outages=self.outages,
-                control=self.amqp,
-                probe_interval=config.delivery_probe_interval,
-                max_body_size=config.max_request_size,
-                clock=reactor,
-                mo_message_url_timeout=config.mo_message_url_timeout,
-                event_url_timeout=config.event_url_timeout,
-                metric_window=config.metric_window,
-                max_logs=config.max_logs,
-                store_message_events=config.store_message_events,
-                metrics=metrics,
-                other_connectors=frozenset(
-                    c.connector_name for c in settings if c.connector_name != channel.connector_name
-                ),
-            )
-            for channel in settings
-        ]
-        self.workers = [w for c in self.channels for w in c.workers]
-        for channel in self.channels:
-            for queue, consumer in channel.consumers.items():
-                self.amqp.add_consumer(queue, consumer, channel.prefetch)
         self.amqp.setServiceParent(self)
-        self._log_router = ChannelLogRouter(self.channels)
-        # One monitor per channel: its queues by role, its gauges labelled with
-        # the channel; every queue is looked at once per interval.
-        self.queue_monitors = {
-            channel.id: QueueMonitor(
-                channel.queues.by_role(),
-                self.amqp.queue_info,
-                channel.last_taken,
-                reactor,
-                in_work=channel.in_work,
-                stuck_after=config.health_stuck_after,
-                interval=min(5.0, max(1.0, config.health_stuck_after / 4)),
-                metrics=ChannelMetrics(metrics, channel.id),
-            )
-            for channel in self.channels
-        }
-        metrics.watch(
+        delivery = HttpDelivery.create(
+            reactor, config.worker_concurrency, self.metrics, outages=self.outages
+        )
+        self.registry = ChannelRegistry(
+            ChannelBuilder(
+                config, self.cache, delivery, self.amqp, self.outages, reactor, self.metrics
+            ),
+            self.amqp,
+            reactor,
+            shutdown_timeout=config.shutdown_timeout,
+            stuck_after=config.health_stuck_after,
+            metrics=self.metrics,
+            redactor=self.redactor,
+        )
+        self.metrics.watch(
             connections=self.amqp.connection_metrics,
-            in_work=lambda: sum(w.in_flight for w in self.workers),
+            in_work=self.registry.in_work,
             cache_entries=getattr(self.cache, "entry_count", None),
         )
-        metrics.watch_channels(self.channels)
-
-        api = JunebugApi(
-            self.channels,
-            self.health,
-            config.request_timeout,
-            reactor,
-            amqp_health=self.amqp.health,
-            # GET /channels/ lists every channel: the top-level credentials.
-            credentials=ApiCredentials(
-                config.api_auth_username, config.api_auth_password, config.api_auth_token
-            ),
-            metrics=metrics,
-            metrics_path=config.metrics_path,
-            metrics_auth=config.metrics_auth,
-            openapi_path=openapi_path_of(config),
-        )
-        site = ApiSite(
-            api.resource(),
+        self.metrics.watch_channels(self.registry.channels)
+        self.api = self._api()
+        self.site = ApiSite(
+            self.api.resource(),
             clock=reactor,
             max_request_size=config.max_request_size,
             read_timeout=config.http_read_timeout,
             idle_timeout=config.http_idle_timeout,
             max_connections=config.http_max_connections,
         )
-        self.site = site
         self.http = ListeningService(
-            serverFromString(reactor, with_listen_backlog(config.http_endpoint)), site
+            serverFromString(reactor, with_listen_backlog(config.http_endpoint)), self.site
         )
         self.http.setServiceParent(self)
+        self.reload = (
+            ConfigReload(config_source, self.registry, self._reloaded)
+            if config_source is not None
+            else None
+        )
+
+    def _sentry(self, name: str) -> Any:
+        if not self.config.sentry:
+            return None
+        from junebug_api.observe.error_reporting import SentryReporter
+
+        config = self.config
+        return SentryReporter(config.sentry, config.sentry_environment, name, self.redactor)
+
+    def _api(self) -> JunebugApi:
+        config = self.config
+        return JunebugApi(
+            self.registry,
+            self.health,
+            config.request_timeout,
+            self._reactor,
+            amqp_health=self.amqp.health,
+            # GET /channels/ lists every channel: the top-level credentials.
+            credentials=top_level_credentials(config),
+            metrics=self.metrics,
+            metrics_path=config.metrics_path,
+            metrics_auth=config.metrics_auth,
+            openapi_path=openapi_path_of(config),
+            own_paths=own_paths((c.id, c.messages_path) for c in resolve_channels(config)),
+        )
+
+    def _reloaded(self, config: JunebugConfig) -> None:
+        """A reload applied ``config``: the top-level credentials follow."""
+        self.api.use_credentials(top_level_credentials(config))
 
     def setServiceParent(self, parent: Any) -> None:
         """Join twistd's application; give it the log observer (text or JSON
@@ -205,15 +175,49 @@ class JunebugService(MultiService):
         if self.sentry is not None:
             self.sentry.start()
         log.info("Starting junebug-api with config {config}", config=describe(self.config))
-        globalLogPublisher.addObserver(self._log_router)
-        open_channels = [c.id for c in self.channels if not c.credentials.required]
+        globalLogPublisher.addObserver(self.registry.log_router)
+        self.start_channels()
+        self._warn_of_settings()
+        self.cache.start()
+        try:
+            super().startService()
+        except (CannotListenError, OSError) as e:
+            self._cannot_listen(e)
+        if self.reload is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        _tune_garbage_collector()
+        paths = [c.settings.messages_path for c in self.registry.channels()]
+        log.info(
+            "Listening on {endpoint}; {count} channel(s), outbound messages at {paths}",
+            endpoint=self.config.http_endpoint,
+            count=len(paths),
+            paths=", ".join(paths[:5]) + (", ..." if len(paths) > 5 else ""),
+        )
+
+    def start_channels(self) -> None:
+        """Start the config file's channels (``startService`` does, before the
+        AMQP connections open: their queues and consumers are set up as they connect)."""
+        for settings in resolve_channels(self.config):
+            started = Deferred.fromCoroutine(self.registry.start(settings, "config"))
+            started.addErrback(_not_started, settings.id)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        """SIGHUP: reload the config in the reactor's thread."""
+        reload = self.reload
+        if reload is not None:
+            self._reactor.callFromThread(reload)
+
+    def _warn_of_settings(self) -> None:
+        """Channels whose messages API is open, options stored but not acted on."""
+        channels = self.registry.channels()
+        open_channels = [c.id for c in channels if not c.credentials.required]
         if open_channels:
             log.warn(
                 "The messages API is open for channel(s) {channels}: anyone who can reach it"
                 " can send messages. Set api_auth_username/api_auth_password or api_auth_token.",
                 channels=", ".join(open_channels),
             )
-        for channel in self.channels:
+        for channel in channels:
             for option, why in sorted(channel.settings.ignored.items()):
                 log.warn(
                     "Channel {channel}: {option} is ignored ({why})",
@@ -223,21 +227,6 @@ class JunebugService(MultiService):
                 )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
-        self.cache.start()
-        try:
-            super().startService()
-        except (CannotListenError, OSError) as e:
-            self._cannot_listen(e)
-        for monitor in self.queue_monitors.values():
-            monitor.start()
-        _tune_garbage_collector()
-        paths = [c.settings.messages_path for c in self.channels]
-        log.info(
-            "Listening on {endpoint}; {count} channel(s), outbound messages at {paths}",
-            endpoint=self.config.http_endpoint,
-            count=len(paths),
-            paths=", ".join(paths[:5]) + (", ..." if len(paths) > 5 else ""),
-        )
 
     def privilegedStartService(self) -> None:
         # twistd listens here, before startService (so ports below 1024 work).
@@ -271,12 +260,9 @@ class JunebugService(MultiService):
         }
         healthy = all(c.get("health") == "ok" for c in components.values())
         # A stuck queue is reported, but outbound still works: still "ok".
-        queues: dict[str, Any] = {}
-        for monitor in self.queue_monitors.values():
-            queues.update(monitor.status())
-        components["amqp"]["queues"] = queues
-        components["amqp"]["stuck"] = any(m.any_stuck for m in self.queue_monitors.values())
-        channels = {channel.id: channel.health(amqp) for channel in self.channels}
+        components["amqp"]["queues"] = self.registry.queue_status()
+        components["amqp"]["stuck"] = self.registry.any_stuck()
+        channels = {channel.id: channel.health(amqp) for channel in self.registry.channels()}
         return {
             "health": "ok" if healthy else "down",
             "components": components,
@@ -293,13 +279,9 @@ class JunebugService(MultiService):
                 count=unanswered,
                 timeout=timeout,
             )
-        for monitor in self.queue_monitors.values():
-            monitor.stop()
-        for channel in self.channels:
-            channel.inbound_gate.stop()
-        await self.amqp.stop_consuming()
-        drains = [Deferred.fromCoroutine(w.drain(timeout)) for w in self.workers]
-        cancelled = sum(await gatherResults(drains))
+        if self.reload is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+        cancelled = await self.registry.stop_all(timeout)
         if cancelled:
             log.warn(
                 "{count} message(s) still in work after {timeout} s go back to their queues",
@@ -308,7 +290,7 @@ class JunebugService(MultiService):
             )
         await self.amqp.stopService()
         await self.cache.close()
-        globalLogPublisher.removeObserver(self._log_router)
+        globalLogPublisher.removeObserver(self.registry.log_router)
         if self.sentry is not None:
             await self.sentry.stop(self._reactor)
         self.running = 0
@@ -316,3 +298,12 @@ class JunebugService(MultiService):
 
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
+
+
+def top_level_credentials(config: JunebugConfig) -> ApiCredentials:
+    """The top-level ``api_auth_*`` (``GET /channels/``, ``metrics_auth``)."""
+    return ApiCredentials(config.api_auth_username, config.api_auth_password, config.api_auth_token)
+
+
+def _not_started(failure: Any, channel_id: str) -> None:
+    log.failure("Channel {channel} of the config file could not start", failure, channel=channel_id)

@@ -28,10 +28,16 @@ class Options(usage.Options):
         *[[name.replace("_", "-"), None, None, text] for name, text in _HELP.items()],
     ]
 
-    def postOptions(self) -> None:
+    def load(self) -> JunebugConfig:
+        """The config from the file, the environment and these options (again
+        on SIGHUP); ConfigError if it is wrong."""
         cli = {name: self[name.replace("_", "-")] for name in _HELP}
+        return load_config(self["config"], cli=cli)
+
+    def postOptions(self) -> None:
         try:
-            self.config: JunebugConfig = load_config(self["config"], cli=cli)
+            #: The config as loaded (what a SIGHUP reload compares with).
+            self.config: JunebugConfig = self.load()
             from junebug_api.state.cache import load_state_cache_class
 
             cls = load_state_cache_class(self.config.state_cache_class)
@@ -83,12 +89,15 @@ def makeService(options: Options) -> Any:
         )
     config = attrs.evolve(config, http_max_connections=max_connections)
 
+    # One redactor for the log file and the service, which adds and removes
+    # the channels' secrets as they start and stop.
+    redactor = Redactor.for_config(config)
     observer = None
     server_options = getattr(options, "parent", None)
     if server_options is not None:
         out = twistd_log_file(server_options)
         if out is not None:
-            observer = log_file_observer(
-                config.log_format, out, Redactor.for_config(config), config.connector_name
-            )
-    return JunebugService(config, reactor, log_observer=observer)
+            observer = log_file_observer(config.log_format, out, redactor, config.connector_name)
+    return JunebugService(
+        config, reactor, log_observer=observer, redactor=redactor, config_source=options
+    )

@@ -10,6 +10,8 @@ records what it was given so that a test can assert on it:
 - :class:`RecordingAcker`: the ``Acker`` of one delivery.
 - :class:`RecordingQueueControl`: pausing, resuming and ``basic.get`` on
   consumed queues (what ``PauseWhileDown`` and ``Channel`` are given).
+- :class:`RecordingAmqp`: ``AmqpService`` as the channel registry and its
+  channels use it (queues declared, consumers by queue, publishes recorded).
 - :class:`BreakableStateCache`: a state cache (by default the real
   ``InMemoryStateCache``) that fails every operation while it is broken.
   The in-memory cache itself needs no fake: give tests an
@@ -26,6 +28,9 @@ records what it was given so that a test can assert on it:
   (whole, or split wherever the test likes) and reading what it wrote;
   :class:`RecordingConnectionEvents` hears what the client reports.
 - :func:`captured_logs`: the log events published while a block runs.
+- :class:`FixedChannels`: the channel directory ``JunebugApi`` looks
+  channels up in, holding the channels it is given (the service's is the
+  channel registry).
 
 Nothing here touches the network or a real reactor: drive time with
 ``twisted.internet.task.Clock``.
@@ -57,6 +62,23 @@ from junebug_api.formats.vumi_messages import VumiMessage
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 from junebug_api.state.cache import EventInfo, StateCache
 from junebug_api.state.memory_cache import InMemoryStateCache
+
+# -- channels ---------------------------------------------------------------
+
+
+class FixedChannels:
+    """A channel directory (:class:`~junebug_api.http.api.ChannelDirectory`)
+    of the channels given, in their order."""
+
+    def __init__(self, channels: Iterable[Any]) -> None:
+        self._channels = list(channels)
+
+    def get(self, channel_id: str) -> Any:
+        return next((c for c in self._channels if c.id == channel_id), None)
+
+    def channels(self) -> list[Any]:
+        return list(self._channels)
+
 
 # -- publishing -------------------------------------------------------------
 
@@ -190,6 +212,41 @@ class RecordingQueueControl:
         message = self.ready.pop(0)
         body, properties = message if isinstance(message, tuple) else (message, {})
         return body, properties, acker
+
+
+class RecordingAmqp(RecordingQueueControl):
+    """Stands in for ``AmqpService`` as the channel registry and the channels
+    it builds use it: ``queues`` declared now, ``consumers`` by queue (with
+    their prefetch), ``cancelled`` queues in order, and ``publish`` a
+    :class:`RecordingPublisher`. A consumer's cancel is confirmed at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.publish = RecordingPublisher()
+        self.queues: dict[str, dict[str, Any]] = {}
+        self.consumers: dict[str, tuple[Any, int | None]] = {}
+        self.cancelled: list[str] = []
+
+    def add_queues(self, queues: Any) -> Deferred[None]:
+        self.queues.update({name: dict(arguments) for name, arguments in queues.items()})
+        return succeed(None)
+
+    def remove_queues(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.queues.pop(name, None)
+
+    def add_consumer(self, queue: str, consumer: Any, prefetch: int | None = None) -> None:
+        if queue in self.consumers:
+            raise ValueError(f"{queue} has a consumer already")
+        self.consumers[queue] = (consumer, prefetch)
+
+    def remove_consumer(self, queue: str) -> Deferred[None]:
+        self.consumers.pop(queue, None)
+        self.cancelled.append(queue)
+        return succeed(None)
+
+    async def queue_info(self, queue: str) -> tuple[int, int]:
+        return 0, 1 if queue in self.consumers else 0
 
 
 # -- the state cache --------------------------------------------------------

@@ -300,7 +300,7 @@ async def test_json_logs_parse_and_hold_no_secrets(make_service, broker, connect
     assert retry["attempt"] == 1
     assert "HTTP 500" in retry["reason"]
     assert retry["error"] == retry["reason"]
-    # Credentials masked, as every log line shows a callback URL (README: Callback URLs).
+    # Credentials masked, as every log line shows a callback URL (docs/security.rst: Callback URLs).
     shown = sink.url.replace("http://", "http://***@") + "/inbound"
     assert retry["url"] == shown
     [dead] = [r for r in about if r["level"] == "error"]

@@ -170,7 +170,7 @@ async def test_long_rapidpro_outage_with_a_broker_restart(
             "delivery_max_hold": 10,
             "delivery_probe_interval": 5,
             # Message status (issue 14) keeps ~1 KB per event for its TTL by design
-            # (README: Many channels); this test measures what the outage holds.
+            # (docs/channels.rst); this test measures what the outage holds.
             "store_message_events": False,
         },
     ).start()

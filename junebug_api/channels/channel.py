@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -184,7 +184,8 @@ class Channel:
         max_logs: int,
         store_message_events: bool,
         metrics: Metrics = NO_METRICS,
-        other_connectors: frozenset[str] = frozenset(),
+        other_connectors: Container[str] = frozenset(),
+        previous: Channel | None = None,
     ) -> None:
         self.settings = settings
         self.id = settings.id
@@ -192,8 +193,10 @@ class Channel:
         self._cache = cache
         self._clock = clock
         self._store_events = store_message_events
-        self.rates = RateMeter(clock, metric_window, RATE_FIELDS)
-        self.log = ChannelLog(settings.id, max_logs)
+        # A changed channel (``previous``: it before the change) keeps its
+        # counts and log records.
+        self.rates = previous.rates if previous else RateMeter(clock, metric_window, RATE_FIELDS)
+        self.log = previous.log if previous else ChannelLog(settings.id, max_logs)
         self._max_logs = max_logs
         self.mo_delivery = DeliveryState(clock)
         self.event_delivery = DeliveryState(clock)
@@ -391,16 +394,29 @@ class ChannelLogRouter:
     """A log observer that files each log event about a channel in its log.
 
     An event is about a channel when it carries a ``channel`` field (a channel
-    id) or a ``queue`` field naming one of the channel's queues.
+    id) or a ``queue`` field naming one of the channel's queues. Channels are
+    added and removed as they start and stop.
     """
 
-    def __init__(self, channels: Iterable[Channel]) -> None:
+    def __init__(self, channels: Iterable[Channel] = ()) -> None:
         self._by_id: dict[str, Channel] = {}
         self._by_queue: dict[str, Channel] = {}
         for channel in channels:
-            self._by_id[channel.id] = channel
-            for queue in channel.queues.by_role().values():
-                self._by_queue[queue] = channel
+            self.add(channel)
+
+    def add(self, channel: Channel) -> None:
+        """File events about ``channel`` in its log (instead of a channel it replaces)."""
+        self._by_id[channel.id] = channel
+        for queue in channel.queues.by_role().values():
+            self._by_queue[queue] = channel
+
+    def remove(self, channel: Channel) -> None:
+        """File events about ``channel`` no more (unless another took its place)."""
+        if self._by_id.get(channel.id) is channel:
+            del self._by_id[channel.id]
+        for queue in channel.queues.by_role().values():
+            if self._by_queue.get(queue) is channel:
+                del self._by_queue[queue]
 
     def __call__(self, event: dict[str, Any]) -> None:
         channel = None

@@ -61,6 +61,12 @@ def channel_secret_values(settings: ChannelSettings) -> list[str]:
     return _held(settings)
 
 
+def top_level_secret_values(config: Any) -> list[str]:
+    """Every secret the config holds outside its channels' entries (the
+    channel registry adds each channel's as it starts)."""
+    return _held(config)
+
+
 def secret_values(config: Any) -> list[str]:
     """Every secret the config holds, its channels' included (those read from
     ``<option>_file`` too): what the log redactor takes out of any text."""

@@ -1,23 +1,21 @@
-"""The option reference, derived from the model: one row per option (for the
-README's tables and the docs), the README's tables as reStructuredText, and
-each command-line option's ``--help`` sentence.
-
-README.rst holds the tables between ``.. begin generated: <name>`` and
-``.. end generated: <name>`` comments; ``python -m junebug_api.config.reference
-README.rst`` writes them there, and a unit test fails when the README's differ.
+"""The option reference, derived from the model: one row per option (the
+docs' configuration reference, built by ``docs/_ext/config_reference.py``),
+grouped as the model groups them, and each command-line option's ``--help``
+sentence (the row's description, so ``--help`` and the docs say the same).
 """
 
 from __future__ import annotations
 
-import re
-import sys
-import textwrap
 from typing import Any
 
 import attrs
 
+from junebug_api.config.amqp_options import AmqpOptions
 from junebug_api.config.channel_options import ChannelEntry, ChannelOptions
+from junebug_api.config.delivery_options import DeliveryOptions
+from junebug_api.config.http_options import HttpOptions
 from junebug_api.config.model import JunebugConfig
+from junebug_api.config.operations_options import OperationsOptions
 from junebug_api.config.options import Leaf, Option, base_type, leaves
 from junebug_api.config.sources import sources
 
@@ -38,6 +36,10 @@ class Row:
     channel: str
     reload: bool
     description: str
+    #: Whether ``<name>_file`` may give it instead (secrets and URLs).
+    from_file: bool = False
+    #: Old Junebug names a channel entry may use instead.
+    aliases: tuple[str, ...] = ()
 
 
 def type_text(hint: Any) -> str:
@@ -98,6 +100,8 @@ def _row(leaf: Leaf, env: str | None, channel: str) -> Row:
         channel=channel,
         reload=leaf.about.reload,
         description=leaf.about.description,
+        from_file=leaf.about.from_file,
+        aliases=leaf.about.aliases,
     )
 
 
@@ -120,126 +124,42 @@ def reference_rows() -> list[Row]:
     return option_rows() + channel_rows()
 
 
-# -- the README's tables ------------------------------------------------------
-
-_NAMES = {row.name for row in reference_rows()}
-# Option names of more than one word: single words (channels, type) are
-# ordinary words too often.
-_NAME = re.compile(r"(?<![\w.`<])([a-z][a-z0-9]*(?:[_.][a-z0-9]+)+)(?![\w`>])")
-
-
-def _literals(text: str) -> str:
-    """``text`` with every option name of several words in it as an RST literal."""
-    return _NAME.sub(lambda m: f"``{m[1]}``" if m[1] in _NAMES else m[1], text)
+#: The model's groups of top-level options, in the model's order, each with
+#: the title the reference gives it.
+GROUPS = (
+    ("Channel options (each channel's own, or every channel's default)", ChannelOptions),
+    ("HTTP, channels and the channel API", HttpOptions),
+    ("Delivery and the state cache", DeliveryOptions),
+    ("AMQP", AmqpOptions),
+    ("Logs, Sentry, metrics and health", OperationsOptions),
+)
 
 
-def _meaning(row: Row) -> str:
-    notes = [row.accepts] if row.accepts else []
-    if row.secret == "yes":
-        notes.append("secret")
-    elif row.secret == "in the URL":
-        notes.append("URL credentials masked")
-    elif row.secret != "no":
-        notes.append(f"secrets: {row.secret}")
-    if row.channel.startswith("yes") and "channel id" in row.channel:
-        notes.append("channel: its own, default the channel id")
-    elif row.channel.startswith("yes"):
-        notes.append("channel")
-    if row.reload and row.channel != "only":
-        notes.append("reload")
-    suffix = f" [{'; '.join(notes)}]" if notes else ""
-    return _literals(row.description) + suffix
-
-
-def _table(rows: list[Row], widths: tuple[int, int, int], heads: tuple[str, ...]) -> str:
-    border = "  ".join("=" * w for w in widths)
-    lines = [
-        border,
-        "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip(),
-        border,
-    ]
-    for row in rows:
-        cells = [
-            [f"``{row.name}``"],
-            textwrap.wrap(row.default, widths[1]),
-            textwrap.wrap(_meaning(row), widths[2], break_on_hyphens=False),
-        ]
-        for i in range(max(len(c) for c in cells)):
-            parts = [
-                (c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, widths, strict=True)
-            ]
-            lines.append("  ".join(parts).rstrip())
-    lines.append(border)
-    return "\n".join(lines) + "\n"
-
-
-def render_option_table() -> str:
-    """The README's table of the top-level options."""
+def option_groups() -> list[tuple[str, list[Row]]]:
+    """The top-level options' rows by group (see :data:`GROUPS`)."""
     rows = option_rows()
-    width = max(len(r.name) for r in rows) + 4
-    return _table(rows, (width, 26, 64), ("option", "default", "meaning"))
+    groups = []
+    for title, cls in GROUPS:
+        names = set(attrs.fields_dict(cls))
+        groups.append((title, [r for r in rows if r.name.partition(".")[0] in names]))
+    return groups
 
 
-def render_channel_table() -> str:
-    """The README's table of the options only a channel has."""
-    rows = channel_rows()
-    width = max(len(r.name) for r in rows) + 4
-    return _table(rows, (width, 10, 72), ("option", "default", "meaning"))
-
-
-TABLES = {"options": render_option_table, "channel options": render_channel_table}
-"""The README's generated tables by the name in their markers."""
-
-
-def _markers(name: str) -> tuple[str, str]:
-    return f".. begin generated: {name}\n\n", f"\n.. end generated: {name}\n"
-
-
-def generated_section(text: str, name: str) -> str:
-    """What README ``text`` holds between the markers of table ``name``."""
-    begin, end = _markers(name)
-    start = text.index(begin) + len(begin)
-    return text[start : text.index(end, start)]
-
-
-def with_tables(text: str) -> str:
-    """README ``text`` with every generated table as the model gives it now."""
-    for name, render in TABLES.items():
-        begin, end = _markers(name)
-        start = text.index(begin) + len(begin)
-        text = text[:start] + render() + text[text.index(end, start) :]
-    return text
-
-
-# -- --help -------------------------------------------------------------------
+def file_sentence(dotted: str) -> str:
+    """The sentence of ``<option>_file``."""
+    return f"Reads {dotted} from this file."
 
 
 def help_texts() -> dict[str, str]:
-    """Each command-line option's flat name -> its ``--help`` sentence."""
+    """Each command-line option's flat name -> its ``--help`` text: the
+    option's sentence, then its range and default in brackets."""
     texts = {}
     for source in sources(JunebugConfig):
         about = source.leaf.about
         if source.name.endswith("_file") and source.dotted != source.leaf.dotted:
-            texts[source.name] = f"Reads {source.leaf.dotted} from this file."
+            texts[source.name] = file_sentence(source.leaf.dotted)
             continue
         default = default_text(source.leaf.field, about)
         accepts = f"{about.text}; " if about.text else ""
         texts[source.name] = f"{about.description} [{accepts}default: {default}]"
     return texts
-
-
-def main(argv: list[str]) -> None:
-    """``python -m junebug_api.config.reference [README.rst]``: print the
-    tables, or write them into the README."""
-    if not argv:
-        for render in TABLES.values():
-            print(render())
-        return
-    with open(argv[0], encoding="utf-8") as f:
-        text = f.read()
-    with open(argv[0], "w", encoding="utf-8") as f:
-        f.write(with_tables(text))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])

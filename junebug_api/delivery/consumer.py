@@ -495,14 +495,17 @@ class MessageWorker:
 
     # -- stopping ---------------------------------------------------------------
 
-    async def drain(self, timeout: float) -> int:
+    async def drain(self, timeout: float, *, release: bool = False) -> int:
         """Wait up to ``timeout`` s for messages in work; cancel the rest.
 
         Messages waiting for a retry are given up at once, and those still in
-        work after ``timeout`` are cancelled: both stay unacked, so the broker
-        requeues them when the connection closes. Returns how many were given up.
+        work after ``timeout`` are cancelled. At shutdown both stay unacked,
+        so the broker requeues them when the connection closes; with
+        ``release`` (one channel stops while the connection stays) they are
+        rejected back to their queue now. Returns how many were given up.
         """
         self._stopping = True
+        held = list(self._deliveries)
         given_up = len(self._waiting)
         for wait in list(self._waiting):
             wait.cancel()
@@ -522,4 +525,7 @@ class MessageWorker:
         left = [d.work for d in self._deliveries if d.work is not None]
         for work in left:
             work.cancel()
+        if release:
+            for delivery in held:
+                delivery.reject()  # nothing for one settled already
         return given_up + len(left)

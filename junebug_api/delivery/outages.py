@@ -70,6 +70,11 @@ class OutageTracker:
         """Call ``listener(destination, down)`` whenever a destination goes down or up."""
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        """Call ``listener`` no more (its channel stopped)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def is_down(self, destination: Destination) -> bool:
         state = self._states.get(destination)
         return state is not None and state.down_since is not None

@@ -7,7 +7,7 @@ the broker confirmed it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,9 +52,10 @@ class OutboundSender:
     #: ``channel_id`` of the Junebug JSON answered; None: the connector name.
     channel_id: str | None = None
     #: The connector names of the other channels sharing this process's state
-    #: cache: an inbound message from one of them is not this channel's to
-    #: reply to (old Junebug kept inbound messages per channel).
-    other_connectors: frozenset[str] = frozenset()
+    #: cache (a live view: channels come and go): an inbound message from one
+    #: of them is not this channel's to reply to (old Junebug kept inbound
+    #: messages per channel).
+    other_connectors: Container[str] = frozenset()
 
     #: The queue messages are published to: the connector's ``.outbound``.
     routing_key: str = attrs.field(init=False)

@@ -161,7 +161,9 @@ class PauseWhileDown:
         self._schedule_probe()
 
     def stop(self) -> None:
-        """No more probes (shutdown); a paused consumer stays paused."""
+        """No more probes and no more following the destination (shutdown, or
+        its channel stopped); a paused consumer stays paused."""
         self._stopped = True
+        self.outages.unsubscribe(self._changed)
         self._cancel_timer()
         self._wake_waiters()

@@ -4,6 +4,9 @@ Per channel: ``POST <messages path>`` (``/channels/<id>/messages``, or
 ``<base_url_path>/messages`` for the top-level connector), ``GET <messages
 path>/<message_id>`` (message status), ``GET /channels/<id>`` (settings and
 status) and ``GET /channels/<id>/logs``; ``GET /channels/`` lists them.
+Each request looks its channel up in the channel registry
+(:class:`ChannelDirectory`), so a channel started, changed or stopped while
+the process runs is served accordingly from the next request on.
 Channels are set in the config file, so old Junebug's create, modify, delete
 and restart answer 405. The routes come from the route table
 (:mod:`junebug_api.http.routes`), which also renders as the OpenAPI document at
@@ -18,7 +21,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -51,7 +54,7 @@ from junebug_api.formats.api_errors import (
 from junebug_api.http.access import api_access
 from junebug_api.http.klein_resource import KleinAppResource
 from junebug_api.http.openapi import ServedDocument
-from junebug_api.http.routes import DEFAULT_OPENAPI_PATH, Route, RouteTable, api_routes, own_paths
+from junebug_api.http.routes import DEFAULT_OPENAPI_PATH, Route, RouteTable, api_routes
 from junebug_api.observe.log import logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 
@@ -117,15 +120,26 @@ class ApiChannel(Protocol):
     def logs(self, n: int) -> list[dict[str, Any]]: ...
 
 
+class ChannelDirectory(Protocol):
+    """Where the API finds the channels running now, per request (the channel
+    registry: channels start and stop while the process runs)."""
+
+    def get(self, channel_id: str) -> ApiChannel | None: ...
+
+    def channels(self) -> Sequence[ApiChannel]: ...
+
+
 _READ_ONLY = "channels are set in the config file; junebug-api cannot {what} them over HTTP"
 
 
 class JunebugApi:
-    """The Klein app of one service instance."""
+    """The Klein app of one service instance; ``own_paths``: channel id ->
+    messages path of the channels served at a path of their own (the
+    top-level connector's ``<base_url_path>/messages``, fixed until a restart)."""
 
     def __init__(
         self,
-        channels: Iterable[ApiChannel],
+        channels: ChannelDirectory,
         health: HealthCheck,
         request_timeout: float,
         clock: Any,
@@ -135,8 +149,9 @@ class JunebugApi:
         metrics_path: str = "/metrics",
         metrics_auth: bool = False,
         openapi_path: str | None = DEFAULT_OPENAPI_PATH,
+        own_paths: Mapping[str, str] | None = None,
     ) -> None:
-        self._channels = {c.id: c for c in channels}
+        self._channels = channels
         self._credentials = credentials or ApiCredentials()
         self._metrics = metrics
         self._metrics_auth = metrics_auth
@@ -146,7 +161,7 @@ class JunebugApi:
         self._clock = clock
         self.routes = RouteTable(
             api_routes(
-                own_paths=own_paths((c.id, c.messages_path) for c in self._channels.values()),
+                own_paths=own_paths,
                 metrics_path=metrics_path if metrics.enabled else None,
                 openapi_path=openapi_path,
             )
@@ -169,6 +184,10 @@ class JunebugApi:
         app.route(f"{channel_path}/restart", methods=["POST"], strict_slashes=False)(
             self._read_only("restart")
         )
+
+    def use_credentials(self, credentials: ApiCredentials) -> None:
+        """The top-level credentials from now on (a reload changed them)."""
+        self._credentials = credentials
 
     def resource(self) -> KleinAppResource:
         """The twisted.web resource that serves this API."""
@@ -252,7 +271,7 @@ class JunebugApi:
     def list_channels(self, request: IRequest) -> bytes:
         if not self._credentials.allow(request.getHeader(b"authorization")):
             return self._refused(request)
-        return _ok(sorted(self._channels), request, "channels listed")
+        return _ok(sorted(c.id for c in self._channels.channels()), request, "channels listed")
 
     def get_channel(self, request: IRequest, channel_id: str) -> bytes:
         channel = self._channel(channel_id)
@@ -290,7 +309,10 @@ class JunebugApi:
         access = api_access(
             (self._credentials.username, self._credentials.token),
             self._metrics_auth,
-            {c.id: (c.credentials.username, c.credentials.token) for c in self._channels.values()},
+            {
+                c.id: (c.credentials.username, c.credentials.token)
+                for c in self._channels.channels()
+            },
         )
         return answer(request, HTTPStatus.OK, self._openapi.json(access))
 

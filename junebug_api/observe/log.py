@@ -16,10 +16,11 @@ import os
 import re
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-import attrs
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -33,7 +34,7 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-from junebug_api.config.redaction import secret_values
+from junebug_api.config.redaction import top_level_secret_values
 from junebug_api.formats.urls import mask_urls
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
@@ -71,28 +72,50 @@ def debug_enabled() -> bool:
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@\"']+@")
 
 
-@attrs.frozen
 class Redactor:
     """Takes secrets out of text: URL user info, the config's own secrets, and
     what an http(s) URL may not show in a log (query values, identifiers in
     its path: :func:`~junebug_api.formats.urls.url_for_log`).
 
     ``secrets`` are the literal values (passwords, tokens, URL passwords) the
-    config holds; any text that contains one gets ``***`` instead. It is the
-    safety net under every log line and Sentry event: the code that logs a
-    URL shows it with ``url_for_log`` already.
+    config and the running channels hold; any text that contains one gets
+    ``***`` instead. It is the safety net under every log line and Sentry
+    event: the code that logs a URL shows it with ``url_for_log`` already.
+    Channels come and go while the process runs, so their secrets are added
+    (:meth:`add`) and removed (:meth:`remove`): each value is counted, so one
+    that two holders share stays until both are gone.
     """
 
-    secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._held: Counter[str] = Counter()
+        #: The values taken out, longest first (a tuple: replaced, never changed in place).
+        self.secrets: tuple[str, ...] = ()
+        self.add(secrets)
+
+    def __repr__(self) -> str:
+        return f"<Redactor of {len(self.secrets)} secret(s)>"
 
     @classmethod
     def for_config(cls, config: Any) -> Redactor:
-        """The secrets of a :class:`~junebug_api.config.model.JunebugConfig`
-        and of its channels (those from ``<option>_file`` too)."""
-        values = secret_values(config)
-        # Very short values ("guest", "x") would mangle ordinary words.
-        kept = {v for v in values if v and len(v) >= 4 and v != "guest"}
-        return cls(tuple(sorted(kept, key=len, reverse=True)))
+        """The top-level secrets of a :class:`~junebug_api.config.model.JunebugConfig`
+        (those from ``<option>_file`` too); each channel's are added as it starts."""
+        return cls(top_level_secret_values(config))
+
+    def add(self, values: Iterable[str]) -> None:
+        """Take ``values`` out of every text from now on."""
+        self._held.update(_kept(values))
+        self._order()
+
+    def remove(self, values: Iterable[str]) -> None:
+        """Forget ``values`` once (one :meth:`add` of them); a value still added
+        by another holder stays."""
+        self._held.subtract(_kept(values))
+        for value in [v for v, count in self._held.items() if count <= 0]:
+            del self._held[value]
+        self._order()
+
+    def _order(self) -> None:
+        self.secrets = tuple(sorted(self._held, key=len, reverse=True))
 
     def text(self, text: str) -> str:
         """``text`` without URL user info, http(s) query values and path
@@ -117,6 +140,12 @@ class Redactor:
         if value is None or isinstance(value, (bool, int, float)):
             return value
         return self.text(str(value))
+
+
+def _kept(values: Iterable[str]) -> list[str]:
+    """The values worth redacting: very short ones ("guest", "x") would
+    mangle ordinary words."""
+    return [v for v in set(values) if v and len(v) >= 4 and v != "guest"]
 
 
 # -- log_format: json ------------------------------------------------------------

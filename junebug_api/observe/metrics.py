@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from junebug_api import __version__
@@ -63,10 +63,14 @@ class Metrics:
     ) -> None:
         """The last passive declare of the queue with role ``role`` (of ``channel``)."""
 
-    def watch_channels(self, channels: Any) -> None:
-        """Per-channel series read at scrape time from the channels (objects
-        with ``id``, ``rates.totals``, ``mo_delivery``, ``event_delivery``); the
-        ``channel`` label takes only the configured channels' ids."""
+    def watch_channels(self, channels: Callable[[], Iterable[Any]]) -> None:
+        """Per-channel series read at scrape time from the channels running
+        then (``channels()``: objects with ``id``, ``rates.totals``,
+        ``mo_delivery``, ``event_delivery``); the ``channel`` label takes only
+        running channels' ids."""
+
+    def forget_channel(self, channel_id: str) -> None:
+        """A channel stopped: its queue series (:meth:`queue_depth`) go."""
 
     def watch(
         self,
@@ -276,6 +280,8 @@ class PrometheusMetrics(Metrics):
             for outcome in OUTCOMES:
                 self._consumed.touch(role, outcome)
         self._Gauge = Gauge
+        # The (channel, queue role) labels the queue gauges have series for.
+        self._queue_labels: set[tuple[str, str]] = set()
 
     # -- events -------------------------------------------------------------
 
@@ -310,6 +316,7 @@ class PrometheusMetrics(Metrics):
     def queue_depth(
         self, role: str, ready: int, consumers: int, stuck: bool, channel: str = ""
     ) -> None:
+        self._queue_labels.add((channel, role))
         self._queue_ready.labels(channel, role).set(ready)
         self._queue_consumers.labels(channel, role).set(consumers)
         self._queue_stuck.labels(channel, role).set(1 if stuck else 0)
@@ -364,8 +371,14 @@ class PrometheusMetrics(Metrics):
                 registry=registry,
             ).set_function(cache_entries)
 
-    def watch_channels(self, channels: Any) -> None:
-        self.registry.register(_ChannelCollector(list(channels)))
+    def watch_channels(self, channels: Callable[[], Iterable[Any]]) -> None:
+        self.registry.register(_ChannelCollector(channels))
+
+    def forget_channel(self, channel_id: str) -> None:
+        for labels in [k for k in self._queue_labels if k[0] == channel_id]:
+            self._queue_labels.discard(labels)
+            for gauge in (self._queue_ready, self._queue_consumers, self._queue_stuck):
+                gauge.remove(*labels)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -377,7 +390,7 @@ class _ChannelCollector:
     """Each channel's message counts (old Junebug's seven kinds), deliveries
     in flight and delivery health, collected at scrape time."""
 
-    def __init__(self, channels: list[Any]) -> None:
+    def __init__(self, channels: Callable[[], Iterable[Any]]) -> None:
         self._channels = channels
 
     def describe(self) -> list:
@@ -402,7 +415,7 @@ class _ChannelCollector:
             "1 while a channel's last POST to the target (mo, event) failed.",
             labels=["channel", "target"],
         )
-        for channel in self._channels:
+        for channel in self._channels():
             for kind, total in channel.rates.totals.items():
                 messages.add_metric([channel.id, kind], total)
             for target, state in (("mo", channel.mo_delivery), ("event", channel.event_delivery)):

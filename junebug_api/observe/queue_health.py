@@ -68,6 +68,7 @@ class QueueMonitor:
     _states: list[_QueueState] = attrs.field(factory=list, init=False)
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
     _running: Deferred | None = attrs.field(default=None, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         now = self.clock.seconds()
@@ -85,6 +86,9 @@ class QueueMonitor:
         )
 
     def stop(self) -> None:
+        """No more looks; a look under way reports nothing more (its channel's
+        series may be gone from the metrics)."""
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -101,13 +105,16 @@ class QueueMonitor:
     async def refresh(self) -> None:
         """Ask the broker about every queue and update ``stuck``."""
         for state in self._states:
+            if self._stopped:
+                return
             try:
                 ready, consumers = await self.query(state.name)
             except Exception as e:
                 state.ready = state.consumers = None
                 log.debug("Cannot look at queue {queue}: {error}", queue=state.name, error=e)
                 continue
-            self._update(state, ready, consumers)
+            if not self._stopped:
+                self._update(state, ready, consumers)
 
     def _update(self, state: _QueueState, ready: int, consumers: int) -> None:
         now = self.clock.seconds()

@@ -19,7 +19,7 @@ from junebug_api.http.api import ApiCredentials, JunebugApi
 from junebug_api.http.server import ApiSite
 from junebug_api.state.cache import EventInfo
 from junebug_api.state.memory_cache import InMemoryStateCache
-from junebug_api.testing import RecordingPublisher, captured_logs
+from junebug_api.testing import FixedChannels, RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -60,7 +60,9 @@ class Harness:
             cache=self.cache,
             publish=self.publish,
         )
-        self.api = JunebugApi([SenderChannel(sender)], lambda: self.health, TIMEOUT, self.clock)
+        self.api = JunebugApi(
+            FixedChannels([SenderChannel(sender)]), lambda: self.health, TIMEOUT, self.clock
+        )
         self.http = StubTreq(self.api.resource())
 
     def request(self, method: str, url: str, body: Any = None) -> Deferred:

@@ -41,7 +41,7 @@ class Setup:
             max_logs=5,
             metrics=self.metrics,
         )
-        self.metrics.watch_channels([self.channel])
+        self.metrics.watch_channels(lambda: [self.channel])
 
     def consume(self, queue: str, message: dict) -> RecordingAcker:
         acker = RecordingAcker()

@@ -244,9 +244,10 @@ def test_channel_secrets_from_files(tmp_path) -> None:
     cfg = load(channels={"a": {"mo_url": MO, "mo_url_auth_token_file": str(token)}})
     [a] = resolve_channels(cfg)
     assert a.mo_message_url_auth_token == "s3cret-from-file"
+    from junebug_api.config.redaction import channel_secret_values
     from junebug_api.observe.log import Redactor
 
-    assert Redactor.for_config(cfg).text("x s3cret-from-file y") == "x *** y"
+    assert Redactor(channel_secret_values(a)).text("x s3cret-from-file y") == "x *** y"
     with pytest.raises(ConfigError, match=r"^channels\.a: set mo_message_url_auth_token or"):
         load(
             channels={

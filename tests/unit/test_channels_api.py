@@ -22,7 +22,7 @@ from junebug_api.http.api import ApiCredentials, JunebugApi
 from junebug_api.observe.log import logger
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 from junebug_api.state.memory_cache import InMemoryStateCache
-from junebug_api.testing import RecordingPublisher
+from junebug_api.testing import FixedChannels, RecordingPublisher
 
 from .helpers import result_of
 
@@ -141,7 +141,7 @@ class Harness:
         }
         self.health = {"health": "ok", "components": {"amqp": {"health": "ok"}}}
         self.api = JunebugApi(
-            self.channels.values(),
+            FixedChannels(self.channels.values()),
             lambda: self.health,
             30,
             self.clock,

@@ -94,6 +94,7 @@ class Served:
     def __init__(self, config: JunebugConfig) -> None:
         self.config = config
         self.service = JunebugService(config, MemoryReactorClock())
+        self.service.start_channels()
         self.resource = self.service.site.resource
         self.http = StubTreq(self.resource)
 

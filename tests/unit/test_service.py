@@ -53,6 +53,17 @@ def service_for(reactor: Any = None, **options: Any) -> JunebugService:
     return JunebugService(config(**options), reactor or MemoryReactorClock())
 
 
+def with_channels(**options: Any) -> JunebugService:
+    """A service whose config file's channels are started (its connections not)."""
+    service = service_for(**options)
+    service.start_channels()
+    return service
+
+
+def workers(service: JunebugService) -> list[Any]:
+    return [w for c in service.registry.channels() for w in c.workers]
+
+
 # -- what the tree holds ----------------------------------------------------------
 
 
@@ -61,21 +72,23 @@ def test_one_connector_the_tree_holds_amqp_then_http() -> None:
     amqp, http = list(service)
     assert isinstance(amqp, AmqpService) and amqp is service.amqp
     assert isinstance(http, ListeningService) and http is service.http
+    assert service.registry.channels() == []  # started with the service
+    service.start_channels()
     assert amqp.queues == QueueNames.for_connector("conn").declarations()
     # Its workers consume .inbound and .event; .outbound is the transport's.
-    [channel] = service.channels
+    [channel] = service.registry.channels()
     assert sorted(channel.consumers) == ["conn.event", "conn.inbound"]
-    assert sorted(channel.consumers.values(), key=id) == sorted(service.workers, key=id)
-    assert sorted(w.queue for w in service.workers) == ["conn.event", "conn.inbound"]
-    assert [c.id for c in service.channels] == ["conn"]
-    assert list(service.queue_monitors) == ["conn"]
+    assert sorted(channel.consumers.values(), key=id) == sorted(workers(service), key=id)
+    assert sorted(w.queue for w in workers(service)) == ["conn.event", "conn.inbound"]
+    assert [c.id for c in service.registry.channels()] == ["conn"]
+    assert list(service.registry.queue_status()) == list(channel.queues.by_role().values())
     assert isinstance(service.cache, InMemoryStateCache)
     assert isinstance(service.metrics, PrometheusMetrics)
     assert service.sentry is None
 
 
 def test_each_channel_has_its_queues_workers_and_monitor() -> None:
-    service = service_for(
+    service = with_channels(
         channels=json.dumps({"a": {}, "b": {"connector_name": "b-conn"}}),
         metrics_enabled="false",
     )
@@ -84,14 +97,16 @@ def test_each_channel_has_its_queues_workers_and_monitor() -> None:
         **QueueNames.for_connector("b-conn").declarations(),
     }
     consumed = ["a.event", "a.inbound", "b-conn.event", "b-conn.inbound"]
-    assert sorted(q for c in service.channels for q in c.consumers) == consumed
-    assert sorted(w.queue for w in service.workers) == consumed
-    assert len(service.workers) == 4
-    assert sorted(service.queue_monitors) == ["a", "b"]
+    assert sorted(q for c in service.registry.channels() for q in c.consumers) == consumed
+    assert sorted(w.queue for w in workers(service)) == consumed
+    assert len(workers(service)) == 4
+    monitored = {q.split(".")[0] for q in service.registry.queue_status()}
+    assert monitored == {"a", "b-conn"}
     assert service.metrics is NO_METRICS
     # Each channel refuses replies to the other's inbound messages.
-    others = {c.id: c.sender.other_connectors for c in service.channels}
-    assert others == {"a": frozenset({"b-conn"}), "b": frozenset({"a"})}
+    a, b = service.registry.channels()
+    assert "b-conn" in a.sender.other_connectors and "a" not in a.sender.other_connectors
+    assert "a" in b.sender.other_connectors and "b-conn" not in b.sender.other_connectors
 
 
 def test_the_state_cache_is_the_configured_class() -> None:
@@ -103,7 +118,7 @@ def test_the_state_cache_is_the_configured_class() -> None:
 
 
 def test_health_is_down_until_amqp_connects_and_shows_every_channel() -> None:
-    service = service_for(channels=json.dumps({"a": {}, "b": {}}))
+    service = with_channels(channels=json.dumps({"a": {}, "b": {}}))
     health = service.health()
     assert health["health"] == "down"
     assert health["components"]["amqp"]["health"] != "ok"
@@ -168,12 +183,12 @@ def inbound_body(message_id: str) -> bytes:
 def test_shutdown_stops_listening_then_lets_work_finish_then_closes_amqp() -> None:
     """SIGTERM: the port closes first; messages in work get shutdown_timeout
     to finish while AMQP stays open (their acks need it); only then does the
-    AMQP service stop, and what did not finish stays unacked for the broker."""
+    AMQP service stop, and what did not finish goes back to its queue."""
     reactor = MemoryReactorClock()
     service = service_for(reactor, shutdown_timeout=5, mo_message_url_timeout=30)
     service.privilegedStartService()
     service.startService()
-    worker = next(w for w in service.workers if w.queue == "conn.inbound")
+    worker = next(w for w in workers(service) if w.queue == "conn.inbound")
     acker = RecordingAcker()
     worker(inbound_body("in-1"), acker)  # its POST to RapidPro never gets an answer
     assert worker.in_flight == 1
@@ -192,7 +207,7 @@ def test_shutdown_stops_listening_then_lets_work_finish_then_closes_amqp() -> No
         assert not service.amqp.running
         reactor.advance(0)
     assert result_of(stopped) is None
-    assert (acker.acks, acker.rejects) == (0, 0)  # back to its queue on close
+    assert (acker.acks, acker.rejects) == (0, 1)  # back to its queue
     lines = [e["log_format"] for e in logged if e.get("log_namespace") == "junebug_api.service"]
     assert lines[-2].startswith("{count} message(s) still in work after {timeout} s")
     assert lines[-1] == "junebug-api stopped"
