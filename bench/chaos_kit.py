@@ -459,6 +459,14 @@ class ChaosRun:
 
     # -- counting ------------------------------------------------------
 
+    def answers(self) -> str:
+        """How each RapidPro host answered: status -> POSTs."""
+        kinds = ["channels 0-1 (flapping)", "channel 2 (throttling)", "the others"]
+        return "; ".join(
+            f"{kind}: {dict(sorted(Counter(p.status for p in host.posts).items()))}"
+            for kind, host in zip(kinds, self.hosts, strict=True)
+        )
+
     def posts(self) -> list[Post]:
         return [p for host in self.hosts for p in host.posts]
 

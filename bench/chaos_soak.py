@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> ChaosPlan:
     parser.add_argument("--rounds", type=int, default=30, help="the sending is spread over")
     parser.add_argument("--round-gap", type=float, default=2.0, help="seconds between rounds")
     parser.add_argument("--throttle-for", type=float, default=40.0, help="seconds of 429s")
+    parser.add_argument(
+        "--flap-for", type=float, default=None, help="seconds of flapping (default: the sending)"
+    )
     args = parser.parse_args(argv)
     if args.channels < 3 or args.rounds < 3:
         parser.error("--channels and --rounds must be at least 3")
@@ -53,6 +56,7 @@ def parse_args(argv: list[str] | None) -> ChaosPlan:
         rounds=args.rounds,
         round_gap=args.round_gap,
         throttle_for=args.throttle_for,
+        flap_for=args.rounds * args.round_gap if args.flap_for is None else args.flap_for,
         restart_broker_after=args.rounds // 3,
         kill_service_after=2 * args.rounds // 3,
     )
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     for text in chaos.chaos_notes:
         print(text)
+    print(f"RapidPro answers (status: POSTs): {chaos.answers()}")
     print(f"transport publishes tried again after a broker error: {chaos.transport.retried}")
     problems = zeros(result) + log_errors
     print("RESULT: " + ("; ".join(problems) if problems else "0 lost, 0 crossed, 0 stranded"))

@@ -43,10 +43,11 @@ class EventHandler:
     on_event: Callable[[VumiMessage], Awaitable[None]] | None = None
     #: Called with each event once delivered or dropped (channel rates).
     on_done: Callable[[VumiMessage], None] | None = None
-    #: Also read event info a version before per-channel keys stored (it names
-    #: no channel): only for a channel that shares the state cache with no
-    #: other, so an event can never reach another channel's event URL.
-    legacy_event_info: bool = False
+    #: Asked at each lookup: also read event info a version before per-channel
+    #: keys stored (it names no channel)? Only while the channel shares the
+    #: state cache with no other, so an event never reaches another channel's
+    #: event URL.
+    legacy_event_info: Callable[[], bool] = lambda: False
 
     async def __call__(self, body: bytes) -> str | None:
         event = self._parse(body)
@@ -94,7 +95,7 @@ class EventHandler:
             if self.on_event is not None:
                 await self.on_event(event)
             info = await self.cache.fetch_event_info(
-                self.channel_id, message_id, legacy=self.legacy_event_info
+                self.channel_id, message_id, legacy=self.legacy_event_info()
             )
         except CancelledError:
             raise
