@@ -204,7 +204,7 @@ async def test_redis_keys_ttl_and_prefix(redis_keys):
         assert keys == sorted(
             [
                 f"{redis_keys.prefix}inbound:{message['message_id']}".encode(),
-                f"{redis_keys.prefix}event:m1".encode(),
+                f"{redis_keys.prefix}event-info:ch:m1".encode(),
             ]
         )
         for key in keys:
@@ -228,7 +228,7 @@ async def test_default_key_prefix_names_the_connector():
     cache.start()
     try:
         await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", None))
-        assert keys.keys() == [f"junebug:{connector}:event:m1".encode()]
+        assert keys.keys() == [f"junebug:{connector}:event-info:ch:m1".encode()]
     finally:
         cache.close()
         keys.clean()
