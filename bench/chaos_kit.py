@@ -3,12 +3,13 @@ restart and a SIGKILL, then a count per channel (issue 20 item 7).
 
 Used by ``bench/chaos_soak.py`` (minutes, by hand) and
 ``tests/test_e2e_chaos.py`` (seconds, in the suite), with other numbers
-(:class:`ChaosPlan`). It runs in the Twisted reactor, against the machine's
-RabbitMQ (127.0.0.1:5672, guest/guest; it is restarted once with
-``rabbitmqctl stop_app``/``start_app``) and Redis (127.0.0.1:6379, the
-state cache, keys under a prefix of the run's own that expire in 10 minutes),
-and the real service (``twistd -n junebug-api``, SIGKILLed once and started
-again on the same config).
+(:class:`ChaosPlan`). It runs in the Twisted reactor, against a RabbitMQ
+(:class:`BrokerControl`: the machine's, 127.0.0.1:5672, by default; the
+test gives a node of its own, so that the restart leaves other tests alone)
+which it restarts once, Redis (127.0.0.1:6379, the state cache, keys under a
+prefix of the run's own that expire in 10 minutes), and the real service
+(``twistd -n junebug-api``, SIGKILLed once and started again on the same
+config).
 
 The RapidPro stand-ins: channels 0 and 1 share one host that flaps (500 and
 200 in turns of ``flap_period`` seconds, for ``flap_for`` seconds from its
@@ -47,7 +48,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import pika
@@ -182,13 +183,45 @@ def throttling(seconds: float) -> Answer:
     return answer
 
 
+class BrokerControl(Protocol):
+    """The RabbitMQ a run uses: where it listens, how it restarts, what its
+    queues hold."""
+
+    port: int
+    params: pika.ConnectionParameters
+
+    def restart(self) -> None:
+        """Stop and start it (every connection drops; queues stay)."""
+
+    def queue_counts(self, names: list[str]) -> dict[str, tuple[int, int]]:
+        """name -> (ready, unacked) of its queues ``names``."""
+
+
+class LocalBroker:
+    """The machine's RabbitMQ (127.0.0.1:5672, guest), through ``rabbitmqctl``."""
+
+    port = 5672
+    params = AMQP_PARAMS
+
+    def restart(self) -> None:
+        try:
+            rabbitmqctl("stop_app")
+            time.sleep(1.5)
+        finally:
+            rabbitmqctl("start_app")
+
+    def queue_counts(self, names: list[str]) -> dict[str, tuple[int, int]]:
+        return queue_counts(names)
+
+
 class Transport:
     """A vumi transport stand-in on the machine's broker: publishes with
     confirms (reconnecting and trying again through a broker restart) and
     takes what the service publishes to ``.outbound``. One connection, used
     from reactor threads one call at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: pika.ConnectionParameters) -> None:
+        self._params = params
         self._lock = threading.Lock()
         self._connection: Any = None
         self._channel: Any = None
@@ -196,7 +229,7 @@ class Transport:
 
     def _open(self) -> Any:
         if self._connection is None or not self._connection.is_open:
-            self._connection = pika.BlockingConnection(AMQP_PARAMS)
+            self._connection = pika.BlockingConnection(self._params)
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
         return self._channel
@@ -295,8 +328,15 @@ class ChannelCount:
 class ChaosRun:
     """One run of a :class:`ChaosPlan`; :meth:`run` returns the table rows."""
 
-    def __init__(self, plan: ChaosPlan, tmp: Path, note: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        plan: ChaosPlan,
+        tmp: Path,
+        note: Callable[[str], None] = print,
+        broker: BrokerControl | None = None,
+    ) -> None:
         self.plan = plan
+        self.broker = broker if broker is not None else LocalBroker()
         self.tmp = tmp
         self.note_out = note
         self.run_id = secrets.token_hex(3)
@@ -308,7 +348,7 @@ class ChaosRun:
         self.by_id = {c.id: c for c in self.channels}
         self.hosts: list[Host] = []
         self.ports: list[Any] = []
-        self.transport = Transport()
+        self.transport = Transport(self.broker.params)
         self.service: ServiceProcess | None = None
         self.chaos_notes: list[str] = []
         self.stranded: dict[str, int] = {}
@@ -342,6 +382,7 @@ class ChaosRun:
             }
         return {
             "http_bind": f"127.0.0.1:{free_port()}",
+            "amqp": {"hostname": "127.0.0.1", "port": self.broker.port},
             "amqp_heartbeat": 10,
             "delivery_retry_delay": 0.2,
             "delivery_retry_max_delay": 1,
@@ -434,13 +475,9 @@ class ChaosRun:
     # -- chaos ---------------------------------------------------------
 
     async def restart_broker(self) -> None:
-        self.note("broker: stop_app")
+        self.note("broker: restarting")
         at = time.monotonic()
-        try:
-            await deferToThread(rabbitmqctl, "stop_app")
-            await sleep(1.5)
-        finally:
-            await deferToThread(rabbitmqctl, "start_app")
+        await deferToThread(self.broker.restart)
         await deferToThread(self.service.wait_healthy, 90)
         took = time.monotonic() - at
         self.chaos_notes.append(f"broker restarted; service healthy again {took:.1f} s later")
@@ -508,7 +545,7 @@ class ChaosRun:
         ]
         deadline = time.monotonic() + self.plan.settle_limit
         while True:
-            counts = await deferToThread(queue_counts, watched)
+            counts = await deferToThread(self.broker.queue_counts, watched)
             in_work = await messages_in_work(self.service.url, watched)
             self.stranded = {
                 c.id: sum(
@@ -590,7 +627,7 @@ class ChaosRun:
         stop.append(True)
         await transport
         if self.missing():
-            depths = await deferToThread(queue_counts, self.queues())
+            depths = await deferToThread(self.broker.queue_counts, self.queues())
             self.chaos_notes.append(
                 f"not delivered within {plan.drain_limit:g} s: {self.missing()};"
                 f" queues (ready, unacked): { {q: n for q, n in depths.items() if any(n)} }"
