@@ -131,6 +131,28 @@ def _timed_out(result: Any, timeout: float) -> Any:
     return result
 
 
+def _no_answer(error: Exception, timeout: float) -> Exception:
+    """What a POST that got no answer raises: DeliveryFailed saying why, or
+    CancelledError when it was cancelled from outside (the shutdown drain,
+    the hold watchdog: no answer was waited for, so nothing failed)."""
+    if isinstance(error, TimeoutError):  # _timed_out: addTimeout's own cancellation
+        return DeliveryFailed(
+            f"timed out after {timeout:g} s", retryable=True, status_class="timeout", outage=True
+        )
+    if isinstance(error, ConnectingCancelledError):
+        return CancelledError()
+    if isinstance(error, (ConnectError, DNSLookupError, ConnectionClosed)):
+        return DeliveryFailed(f"connection failed: {type(error).__name__}", True, outage=True)
+    if isinstance(error, (ResponseNeverReceived, ResponseFailed)):
+        if any(r.check(CancelledError) for r in error.reasons):
+            return CancelledError()
+        reasons = ", ".join(r.getErrorMessage() for r in error.reasons) or type(error).__name__
+        return DeliveryFailed(f"no response: {reasons}", retryable=True, outage=True)
+    if isinstance(error, SchemeNotSupported):
+        return DeliveryFailed(f"cannot POST there: {error}", retryable=False)
+    return error
+
+
 @lru_cache(maxsize=1024)
 def split_credentials(url: str) -> tuple[bytes, bytes | None]:
     """The URL without user info, and a Basic Authorization value if it had any."""
@@ -370,30 +392,8 @@ class HttpDelivery:
             try:
                 posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
                 response = await posting.addTimeout(timeout, self._clock, _timed_out)
-            except TimeoutError:  # _timed_out: addTimeout's own cancellation
-                raise DeliveryFailed(
-                    f"timed out after {timeout:g} s",
-                    retryable=True,
-                    status_class="timeout",
-                    outage=True,
-                ) from None
-            except ConnectingCancelledError:
-                raise CancelledError() from None
-            except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-                raise DeliveryFailed(
-                    f"connection failed: {type(e).__name__}", True, outage=True
-                ) from None
-            except (ResponseNeverReceived, ResponseFailed) as e:
-                if any(r.check(CancelledError) for r in e.reasons):
-                    # Cancelled from outside (the shutdown drain, the hold
-                    # watchdog): no answer was waited for, so nothing failed.
-                    raise CancelledError() from None
-                reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-                raise DeliveryFailed(
-                    f"no response: {reasons}", retryable=True, outage=True
-                ) from None
-            except SchemeNotSupported as e:
-                raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
+            except Exception as e:
+                raise _no_answer(e, timeout) from None
             code = response.code
             if not 200 <= code < 300:
                 raise answer_failure(code, response.headers, self._clock.seconds())
