@@ -16,7 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from junebug_api.formats.queue_names import QueueNames
 
 from .rabbit_node import RabbitNode
-from .support import Broker, health, inbound_message, pause, wait_for
+from .support import Broker, event_message, health, inbound_message, pause, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 SUFFIXES = ("outbound", "inbound", "event", "inbound.failed", "event.failed")
@@ -263,3 +263,61 @@ async def test_dead_letter_during_an_alarm_waits_unacked_for_the_unblock(
     finally:
         fresh.close()
     assert_clean(service.log())
+
+
+async def post_message_to(service, **fields):
+    body = {"to": "+1", "from": "2", "content": "x", **fields}
+    response = await treq.post(service.url + MESSAGES, data=json.dumps(body).encode())
+    return response.code, json.loads(await response.text())
+
+
+@pytest_twisted.ensureDeferred
+async def test_broker_restart(make_service, node, connector, sink):
+    # On a node of its own: the machine's broker serves the other tests
+    # running at the same time (pytest -n 2).
+    service = make_service(amqp_url=node.url, default_event_url=f"{sink.url}/event")
+    code, _ = await post_message_to(service, content="before")
+    assert code == 201
+    stopped = node.ctl("stop_app", timeout=120)
+    assert stopped.returncode == 0, stopped.stdout
+    try:
+
+        async def health_code() -> int:
+            response = await treq.get(service.url + "/health")
+            await response.text()
+            return response.code
+
+        codes = []
+
+        async def poll():
+            codes.append(await health_code())
+            return codes[-1] == 503
+
+        deadline = time.monotonic() + 15
+        while not await poll():
+            assert time.monotonic() < deadline, codes
+        code, answer = await post_message_to(service, content="during outage")
+        assert code == 503
+        assert answer["description"] == "service unavailable"
+    finally:
+        started = node.ctl("start_app", timeout=120)
+        assert started.returncode == 0, started.stdout
+    deadline = time.monotonic() + 40
+    while (await treq.get(service.url + "/health")).code != 200:
+        assert time.monotonic() < deadline, "service did not reconnect"
+        await pause()
+    fresh = node.broker()
+    try:
+        code, answer = await post_message_to(service, content="after")
+        assert code == 201, answer
+        contents = []
+        while (got := fresh.get(f"{connector}.outbound")) is not None:
+            contents.append(json.loads(got[1])["content"])
+        assert contents == ["before", "after"]
+        inbound = inbound_message(connector)
+        fresh.publish(f"{connector}.inbound", inbound)
+        await wait_for(lambda: sink.at("/inbound"), what="inbound after the restart")
+        fresh.publish(f"{connector}.event", event_message(answer["result"]["message_id"], "ack"))
+        await wait_for(lambda: sink.at("/event"), what="event after the restart")
+    finally:
+        fresh.close()

@@ -13,7 +13,7 @@ import treq
 from twisted.internet import reactor
 from twisted.web.server import Site
 
-from .support import TWISTD, Broker, event_message, free_port, inbound_message, pause, wait_for
+from .support import TWISTD, free_port, inbound_message, wait_for
 
 MESSAGES = "/channels/test-channel/messages"
 
@@ -22,10 +22,6 @@ async def post_message(service, **fields):
     body = {"to": "+1", "from": "2", "content": "x", **fields}
     response = await treq.post(service.url + MESSAGES, data=json.dumps(body).encode())
     return response.code, json.loads(await response.text())
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest_twisted.ensureDeferred
@@ -152,55 +148,6 @@ async def test_unroutable_outbound_is_503(make_service, broker, connector):
     assert code == 503
     assert answer["description"] == "service unavailable"
     assert "unroutable" in answer["result"]["errors"][0]["message"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_broker_restart(make_service, broker, connector, sink):
-    service = make_service(default_event_url=f"{sink.url}/event")
-    code, _ = await post_message(service, content="before")
-    assert code == 201
-    broker.close()
-    rabbitmqctl("stop_app")
-    try:
-
-        async def health_code() -> int:
-            response = await treq.get(service.url + "/health")
-            await response.text()
-            return response.code
-
-        codes = []
-
-        async def poll():
-            codes.append(await health_code())
-            return codes[-1] == 503
-
-        deadline = time.monotonic() + 15
-        while not await poll():
-            assert time.monotonic() < deadline, codes
-        code, answer = await post_message(service, content="during outage")
-        assert code == 503
-        assert answer["description"] == "service unavailable"
-    finally:
-        rabbitmqctl("start_app")
-    deadline = time.monotonic() + 40
-    while (await treq.get(service.url + "/health")).code != 200:
-        assert time.monotonic() < deadline, "service did not reconnect"
-        await pause()
-    fresh = Broker()
-    try:
-        code, answer = await post_message(service, content="after")
-        assert code == 201, answer
-        contents = []
-        while (got := fresh.get(f"{connector}.outbound")) is not None:
-            contents.append(json.loads(got[1])["content"])
-        assert contents == ["before", "after"]
-        inbound = inbound_message(connector)
-        fresh.publish(f"{connector}.inbound", inbound)
-        await wait_for(lambda: sink.at("/inbound"), what="inbound after the restart")
-        fresh.publish(f"{connector}.event", event_message(answer["result"]["message_id"], "ack"))
-        await wait_for(lambda: sink.at("/event"), what="event after the restart")
-    finally:
-        fresh.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -76,6 +76,8 @@ def _fields(row: Row) -> list[str]:
     fields.append(f":Secret: {_secret(row)}")
     if row.channel != "only":
         fields.append(f":Per channel: {escaped(row.channel)}")
+        reload = "applies a change" if row.reload else "needs a restart"
+        fields.append(f":SIGHUP reload: {reload} (see :ref:`channels-at-runtime`)")
     if row.aliases:
         fields.append(f":Also: {', '.join(literal(a) for a in row.aliases)} (old Junebug's name)")
     if row.from_file:

@@ -16,9 +16,9 @@ import attrs
 
 from junebug_api.channels.channel import Channel
 from junebug_api.config.channels import ChannelSettings
-from junebug_api.delivery.consumer import RetryPolicy
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.observe.metrics import NO_METRICS, Metrics
 from junebug_api.state.cache import StateCache

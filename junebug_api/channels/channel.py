@@ -23,13 +23,14 @@ from twisted.logger import LogLevel, formatEvent
 
 from junebug_api.channels.message_status import message_status, status_event
 from junebug_api.config.channels import ChannelSettings
-from junebug_api.delivery.consumer import MessageWorker, RetryPolicy
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.events import EventHandler
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.inbound import InboundHandler
 from junebug_api.delivery.outages import OutageTracker, destination_of
 from junebug_api.delivery.outbound import OutboundSender
 from junebug_api.delivery.pause_while_down import PauseWhileDown, QueueControl
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.formats.message_ids import generate_message_id
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.formats.urls import mask_urls, url_origin

@@ -236,7 +236,11 @@ class ChannelRegistry:
                     "Channel {channel} could not be {what}", failure, channel=channel_id, what=what
                 )
 
-        return Deferred.fromCoroutine(step).addErrback(failed)
+        def done(_: Any) -> None:
+            if what != "stopped":  # a stop says so itself
+                log.info("Channel {channel} {what}", channel=channel_id, what=what)
+
+        return Deferred.fromCoroutine(step).addCallbacks(done, failed)
 
     # -- the steps --------------------------------------------------------------
 
@@ -281,14 +285,15 @@ class ChannelRegistry:
         """Stop channel ``channel_id`` at once (KeyError if not running); the
         Deferred fires once its messages in work are settled."""
         async with self._lock:
-            return self._stop_running(channel_id, self.shutdown_timeout)
+            settled = self._stop_running(channel_id, self.shutdown_timeout)
+        log.info("Channel {channel} stopped", channel=channel_id)
+        return settled
 
     def _stop_running(self, channel_id: str, timeout: float) -> Deferred[int]:
         running = self._running.pop(channel_id)
         self._index_connectors()
         settled = self._retire(running, keep={}, timeout=timeout)
         self.metrics.forget_channel(channel_id)
-        log.info("Channel {channel} stopped", channel=channel_id)
         return settled
 
     def _retire(self, running: _Running, keep: Container[str], timeout: float) -> Deferred[int]:

@@ -72,7 +72,9 @@ class ConfigReload:
 
     def __call__(self) -> Deferred[None]:
         """Reload (the SIGHUP handler's call); reloads asked meanwhile run after it."""
-        return Deferred.fromCoroutine(self.reload())
+        return Deferred.fromCoroutine(self.reload()).addErrback(
+            lambda failure: log.failure("SIGHUP: the reload failed", failure)
+        )
 
     async def reload(self) -> None:
         async with self._lock:

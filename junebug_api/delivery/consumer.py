@@ -26,8 +26,7 @@ was taken.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -36,12 +35,13 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from junebug_api.amqp.service import Acker, PublishFailed
-from junebug_api.config.delivery_options import DELIVERY_HOLD_GRACE
 from junebug_api.delivery.headers import (
     FAILED_AT_HEADER,
     SOURCE_QUEUE_HEADER,
     Budget,
 )
+from junebug_api.delivery.outcomes import DROPPED, Handler, HandlingFailed
+from junebug_api.delivery.retry_policy import RetryPolicy, pick_delay
 from junebug_api.delivery.watchdog import Delivery, HoldWatchdog
 from junebug_api.formats.message_ids import generate_message_id
 from junebug_api.formats.queue_names import failed_queue
@@ -58,39 +58,6 @@ HELD_DELAYS = (5, 20)
 MAX_RELEASE_DELAY = 30.0
 
 
-class HandlingFailed(Exception):
-    """A message could not be handled; ``retryable`` says if another try may help.
-
-    ``held``: no attempt was made, or only a probe, because the destination
-    is down or throttling; such a failure spends no attempt. ``wait``: the
-    seconds the destination asked for (or until its next probe), if known.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        retryable: bool,
-        message_id: str | None = None,
-        url: str | None = None,
-        held: bool = False,
-        wait: float | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
-        self.message_id = message_id
-        #: Where the failed POST went, without credentials (for log fields).
-        self.url = url
-        self.held = held
-        self.wait = wait
-
-
-#: What a handler returns for a message it handled by dropping it on purpose
-#: (an event with nowhere to go); anything else it returns means delivered.
-DROPPED = "dropped"
-
-Handler = Callable[[bytes], Awaitable[Any]]
 Publish = Callable[..., Deferred]
 
 
@@ -99,41 +66,6 @@ class HoldGate(Protocol):
 
     def wait_paused(self) -> Deferred[None]:
         """Fires once the queue's consumer is paused (at once if it is)."""
-
-
-@attrs.frozen
-class RetryPolicy:
-    """Exponential backoff with jitter, capped; the budgets of a message.
-
-    ``max_attempts`` counts attempts made while the destination was up;
-    ``max_age`` (s) is the longest a message may wait since its first
-    failure; ``max_hold`` (s) is the longest a delivery stays unacked for
-    retries in the process; ``attempt_timeout`` (s) is what one attempt may take.
-    """
-
-    delay: float = 1.0
-    max_delay: float = 60.0
-    max_attempts: int = 10
-    max_age: float = 86400.0
-    max_hold: float = 60.0
-    attempt_timeout: float = 10.0
-
-    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (from 1).
-
-        The ceiling doubles per attempt up to ``max_delay``; the wait is
-        between half the ceiling and the ceiling, so workers do not retry in
-        lockstep.
-        """
-        ceiling = min(self.max_delay, self.delay * 2 ** (attempt - 1))
-        return ceiling / 2 + rand() * ceiling / 2
-
-    @property
-    def hold_limit(self) -> float:
-        """The longest any delivery stays unacked: ``max_hold`` (or one
-        attempt's timeout, if longer) and DELIVERY_HOLD_GRACE more to settle it.
-        The config keeps it within half the broker's ``consumer_timeout``."""
-        return max(self.max_hold, self.attempt_timeout) + DELIVERY_HOLD_GRACE
 
 
 def _safe_message_id(message_id: str | None) -> str:
@@ -145,15 +77,6 @@ def _safe_message_id(message_id: str | None) -> str:
         except UnicodeEncodeError:
             pass
     return generate_message_id()
-
-
-def pick_delay(delays: list[int], wanted: float) -> int:
-    """The longest delay of ``delays`` (sorted) not over ``wanted``, else the shortest."""
-    chosen = delays[0]
-    for delay in delays:
-        if delay <= wanted:
-            chosen = delay
-    return chosen
 
 
 @attrs.define(eq=False)

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 import attrs
 from twisted.internet.defer import CancelledError
 
-from junebug_api.delivery.consumer import DROPPED, HandlingFailed
 from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery
+from junebug_api.delivery.outcomes import DROPPED, HandlingFailed
 from junebug_api.formats.junebug_formats import Unsendable, junebug_event, to_json
 from junebug_api.formats.urls import url_for_log
 from junebug_api.formats.vumi_messages import InvalidMessage, VumiMessage, parse_event

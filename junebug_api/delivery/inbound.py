@@ -8,8 +8,8 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import CancelledError
 
-from junebug_api.delivery.consumer import HandlingFailed
 from junebug_api.delivery.http_delivery import DeliveryFailed, HttpDelivery
+from junebug_api.delivery.outcomes import HandlingFailed
 from junebug_api.formats.junebug_formats import Unsendable, junebug_message, to_json
 from junebug_api.formats.urls import url_for_log
 from junebug_api.formats.vumi_messages import InvalidMessage, parse_user_message

@@ -96,6 +96,8 @@ class PauseWhileDown:
         self._lock.run(lambda: Deferred.fromCoroutine(self._do_pause()))
 
     async def _do_pause(self) -> None:
+        if self._stopped:
+            return  # its channel stopped: the queue may have another consumer now
         try:
             await self.control.pause_consumer(self.queue)
         except Exception as e:
@@ -121,6 +123,8 @@ class PauseWhileDown:
         self._lock.run(lambda: Deferred.fromCoroutine(self._do_resume()))
 
     async def _do_resume(self) -> None:
+        if self._stopped:
+            return
         try:
             await self.control.resume_consumer(self.queue)
         except Exception as e:

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from junebug_api.amqp.service import Acker, AmqpService
 from junebug_api.config.model import AmqpConfig, AmqpConnectionSettings
-from junebug_api.delivery.consumer import HandlingFailed
+from junebug_api.delivery.outcomes import HandlingFailed
 from junebug_api.testing import FakeRapidPro
 
 

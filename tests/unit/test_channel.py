@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from junebug_api.channels.channel import ChannelLog, ChannelMetrics
-from junebug_api.delivery.consumer import RetryPolicy
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.observe.metrics import PrometheusMetrics
 from junebug_api.state.cache import EventInfo, InMemoryStateCache
 from junebug_api.testing import FakeRapidPro, RecordingAcker, RecordingPublisher

@@ -14,9 +14,9 @@ from junebug_api.channels.channel import Channel, ChannelLog, ChannelLogRouter, 
 from junebug_api.channels.message_status import message_status, status_event
 from junebug_api.config.channels import resolve_channels
 from junebug_api.config.model import load_config
-from junebug_api.delivery.consumer import RetryPolicy
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.http.api import ApiCredentials, JunebugApi
 from junebug_api.observe.log import logger

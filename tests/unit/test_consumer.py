@@ -9,7 +9,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from junebug_api.amqp.service import PublishFailed
-from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
+from junebug_api.delivery.consumer import MessageWorker
+from junebug_api.delivery.outcomes import HandlingFailed
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.testing import RecordingAcker, RecordingPublisher, captured_logs
 
 from .helpers import result_of

@@ -6,6 +6,7 @@ README stays a front page."""
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,18 @@ def test_the_readme_is_a_front_page() -> None:
         assert needed in readme, needed
     for page in DOCS.glob("*.rst"):  # its map of the docs names every page
         assert f"``{page.name}``" in readme or page.name == "index.rst", page.name
+
+
+def test_the_readmes_layout_names_every_module() -> None:
+    """README "Layout" maps the code: every module of junebug_api is in it,
+    and every module it names exists."""
+    readme = (ROOT / "README.rst").read_text(encoding="utf-8")
+    layout = readme[readme.index("Layout\n------") :]
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "junebug_api").rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    named = set(re.findall(r"``(junebug_api/[\w/]+\.py)``", layout))
+    assert modules - named == set(), "README Layout: add these"
+    assert named - modules == set(), "README Layout: these are gone"

@@ -11,8 +11,8 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from junebug_api.delivery.consumer import DROPPED
 from junebug_api.delivery.events import EventHandler
+from junebug_api.delivery.outcomes import DROPPED
 from junebug_api.observe.log import set_log_level
 from junebug_api.state.cache import EventInfo
 from junebug_api.testing import BreakableStateCache, FakeRapidPro, captured_logs

@@ -16,8 +16,10 @@ from twisted.internet.task import Clock
 from junebug_api.amqp.service import PublishFailed
 from junebug_api.config.checks import ConfigError
 from junebug_api.config.delivery_options import DELIVERY_HOLD_GRACE, check_hold_bound
-from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
+from junebug_api.delivery.outcomes import HandlingFailed
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.delivery.watchdog import Delivery, HoldWatchdog
 from junebug_api.formats.queue_names import delay_queues
 from junebug_api.observe.metrics import Metrics

@@ -11,15 +11,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from junebug_api.amqp.service import PublishFailed
-from junebug_api.delivery.consumer import (
-    HandlingFailed,
-    MessageWorker,
-    RetryPolicy,
-    pick_delay,
-)
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, FIRST_FAILURE_HEADER, HOLDS_HEADER
 from junebug_api.delivery.outages import OutageTracker, describe_destination, destination_of
+from junebug_api.delivery.outcomes import HandlingFailed
 from junebug_api.delivery.pause_while_down import PauseWhileDown
+from junebug_api.delivery.retry_policy import RetryPolicy, pick_delay
 from junebug_api.formats.queue_names import delay_queues
 from junebug_api.testing import (
     RecordingAcker,
@@ -311,6 +308,22 @@ def test_pause_while_down_probes_then_resumes() -> None:
     assert not gate.paused
     assert control.calls == [f"pause {QUEUE}", f"get {QUEUE}", f"get {QUEUE}", f"resume {QUEUE}"]
     assert clock.getDelayedCalls() == []
+
+
+def test_a_stopped_gate_follows_its_destination_no_more() -> None:
+    """Its channel stopped or changed: the queue may have a new consumer,
+    which the old gate must neither pause nor resume."""
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
+    control = RecordingQueueControl()
+    gate = PauseWhileDown(
+        QUEUE, RAPIDPRO, tracker, control, lambda b, a: succeed(None), clock, probe_interval=5.0
+    )
+    gate.stop()
+    tracker.failed(RAPIDPRO)
+    clock.advance(10)
+    tracker.succeeded(RAPIDPRO)
+    assert control.calls == []
 
 
 def test_pause_keeps_polling_an_empty_queue_and_stops_on_shutdown() -> None:

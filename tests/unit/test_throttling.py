@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from junebug_api.delivery.consumer import HandlingFailed, MessageWorker, RetryPolicy
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.headers import ATTEMPTS_HEADER, HOLDS_HEADER
 from junebug_api.delivery.http_delivery import (
     MAX_RETRY_AFTER,
@@ -24,7 +24,9 @@ from junebug_api.delivery.http_delivery import (
 )
 from junebug_api.delivery.inbound import InboundHandler
 from junebug_api.delivery.outages import OutageTracker, destination_of
+from junebug_api.delivery.outcomes import HandlingFailed
 from junebug_api.delivery.pause_while_down import PauseWhileDown
+from junebug_api.delivery.retry_policy import RetryPolicy
 from junebug_api.formats.queue_names import delay_queues
 from junebug_api.testing import (
     BreakableStateCache,
