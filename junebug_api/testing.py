@@ -55,6 +55,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from junebug_api.amqp.connect import SetupFailed
 from junebug_api.amqp.frames import encode_table
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
@@ -218,17 +219,26 @@ class RecordingAmqp(RecordingQueueControl):
     """Stands in for ``AmqpService`` as the channel registry and the channels
     it builds use it: ``queues`` declared now, ``consumers`` by queue (with
     their prefetch), ``cancelled`` queues in order, and ``publish`` a
-    :class:`RecordingPublisher`. A consumer's cancel is confirmed at once."""
+    :class:`RecordingPublisher`. A consumer's cancel is confirmed at once;
+    a queue in ``refused`` is refused as a broker refuses one declared with
+    other arguments."""
 
     def __init__(self) -> None:
         super().__init__()
         self.publish = RecordingPublisher()
         self.queues: dict[str, dict[str, Any]] = {}
+        #: Queues the broker refuses to declare (SetupFailed names them).
+        self.refused: set[str] = set()
         self.consumers: dict[str, tuple[Any, int | None]] = {}
         self.cancelled: list[str] = []
 
     def add_queues(self, queues: Any) -> Deferred[None]:
         self.queues.update({name: dict(arguments) for name, arguments in queues.items()})
+        refused = sorted(self.refused.intersection(queues))
+        for name in refused:
+            self.queues.pop(name)
+        if refused:
+            return fail(SetupFailed(f"the broker refused queue {refused[0]}"))
         return succeed(None)
 
     def remove_queues(self, names: Iterable[str]) -> None:

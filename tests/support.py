@@ -135,9 +135,16 @@ class RapidProSink(Resource):
         status = self.statuses.pop(0) if self.statuses else 200
         request.setResponseCode(status)
         if self.delay:
-            deferLater(reactor, self.delay, lambda: None).addCallback(
-                lambda _: (request.write(b'{"ok": true}'), request.finish())
-            )
+            # The client may give up first (a timeout, a stopped channel).
+            gone: list[Any] = []
+            request.notifyFinish().addErrback(gone.append)
+
+            def answer(_: Any) -> None:
+                if not gone:
+                    request.write(b'{"ok": true}')
+                    request.finish()
+
+            deferLater(reactor, self.delay, lambda: None).addCallback(answer)
             return NOT_DONE_YET
         return b'{"ok": true}'
 

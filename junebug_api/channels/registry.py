@@ -187,7 +187,8 @@ class ChannelRegistry:
                 self._stop_running(channel_id, timeout) for channel_id in list(self._running)
             ]
         settling += [d for d in self._retiring.values() if d not in settling]
-        return sum(await gatherResults(settling))
+        # A settling someone else awaits (a stop under way) answers None here.
+        return sum(count or 0 for count in await gatherResults(settling))
 
     async def apply(self, wanted: Sequence[ChannelSettings], origin: str) -> None:
         """Make the channels of ``origin`` those of ``wanted``: start the new,
@@ -260,10 +261,15 @@ class ChannelRegistry:
             OtherConnectors(self._connectors, settings.id),
             old.channel if old is not None else None,
         )
+        declarations = channel.queues.declarations()
         try:
-            await self.amqp.add_queues(channel.queues.declarations())
+            await self.amqp.add_queues(declarations)
         except SetupFailed as e:
+            kept = old.channel.queues.declarations() if old is not None else {}
+            self.amqp.remove_queues([q for q in declarations if q not in kept])
             raise ConfigError(f"channels.{settings.id}: {e}") from None
+        if old is None or old.channel.settings.ignored != settings.ignored:
+            _warn_of_ignored(settings)
         running = _Running(channel, origin, self._monitor(channel), channel_secret_values(settings))
         self.redactor.add(running.secrets)
         self.log_router.add(channel)
@@ -351,6 +357,16 @@ class ChannelRegistry:
         self._connectors.clear()
         for channel_id, running in self._running.items():
             self._connectors[running.channel.settings.connector_name] = channel_id
+
+
+def _warn_of_ignored(settings: ChannelSettings) -> None:
+    for option, why in sorted(settings.ignored.items()):
+        log.warn(
+            "Channel {channel}: {option} is ignored ({why})",
+            channel=settings.id,
+            option=option,
+            why=why,
+        )
 
 
 def _settle_failed(failure: Any, channel_id: str) -> int:

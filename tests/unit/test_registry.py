@@ -359,3 +359,33 @@ def test_other_connectors_is_true_while_another_channel_runs() -> None:
     assert others and "conn-b" in others and "conn-a" not in others
     del connectors["conn-b"]
     assert not others
+
+
+def test_stop_all_waits_for_a_stop_under_way() -> None:
+    h = Harness(shutdown_timeout=5)
+    h.start("a")
+    h.rapidpro.hold = True
+    acker = h.deliver("a.inbound", inbound("a"))
+    stopping = Deferred.fromCoroutine(h.registry.stop("a"))
+    stopped = Deferred.fromCoroutine(h.registry.stop_all(5))
+    assert not stopped.called
+    h.clock.advance(5)
+    assert result_of(stopping) is None and result_of(stopped) == 0
+    assert acker.rejects == 1
+
+
+def test_a_channel_whose_queues_are_refused_is_one_line_and_declares_nothing() -> None:
+    h = Harness()
+    h.amqp.refused.add("b.inbound")
+    with pytest.raises(ConfigError, match=r"^channels\.b: the broker refused queue b\.inbound$"):
+        h.start("b")
+    assert h.registry.get("b") is None and h.amqp.queues == {} and h.amqp.consumers == {}
+
+
+def test_options_stored_but_not_acted_on_are_named_as_a_channel_starts() -> None:
+    h = Harness()
+    with captured_logs() as logged:
+        h.start("a", amqp_queue="copy-here")
+        h.run(h.registry.change(h.settings("a", amqp_queue="copy-here", character_limit=5)))
+    ignored = [e for e in logged if "is ignored" in e.get("log_format", "")]
+    assert [(e["channel"], e["option"]) for e in ignored] == [("a", "amqp_queue")]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from treq.testing import StubTreq
 from twisted.application.service import Application
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -222,3 +223,51 @@ def test_the_json_log_observer_is_given_to_twistds_application() -> None:
     application = Application("junebug-api")
     service.setServiceParent(application)
     assert application.getComponent(ILogObserver) is observer
+
+
+# -- SIGHUP -----------------------------------------------------------------------
+
+
+class ReactorWithThreads(MemoryReactorClock):
+    """callFromThread runs at once (the signal handler's way into the reactor)."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class Source:
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.next = config
+
+    def load(self) -> Any:
+        return self.next
+
+
+def test_sighup_reloads_channels_and_the_top_level_credentials() -> None:
+    """The handler is installed while the service runs and put back on stop."""
+    import signal
+
+    reactor = ReactorWithThreads()
+    source = Source(config(channels=json.dumps({"a": {}}), api_auth_token="top-token-1"))
+    service = JunebugService(source.config, reactor, config_source=source)
+    before = signal.getsignal(signal.SIGHUP)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler) and handler != before
+        source.next = config(channels=json.dumps({"b": {}}), api_auth_token="top-token-2")
+        handler(signal.SIGHUP, None)  # as the signal would
+        reactor.advance(0)
+        assert [c.id for c in service.registry.channels()] == ["b"]
+        assert "top-token-2" in service.redactor.secrets  # b's own token (inherited)
+        http = StubTreq(service.site.resource)
+        d = http.get("http://j.example/channels/", headers={"Authorization": "Token top-token-2"})
+        http.flush()
+        assert result_of(d).code == 200
+    finally:
+        stopped = service.stopService()
+        reactor.advance(1)
+        assert stopped.called
+    assert signal.getsignal(signal.SIGHUP) == before
