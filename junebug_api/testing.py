@@ -290,14 +290,18 @@ class BreakableStateCache:
     def delete_inbound(self, message_id: str) -> Deferred[None]:
         return self._call("delete_inbound", message_id)
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
-        return self._call("store_event_info", message_id, info)
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
+        return self._call("store_event_info", channel_id, message_id, info)
 
-    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
-        return self._call("fetch_event_info", message_id)
+    def fetch_event_info(
+        self, channel_id: str, message_id: str, *, legacy: bool = False
+    ) -> Deferred[EventInfo | None]:
+        if self.failure is not None:
+            return fail(self.failure)
+        return self.cache.fetch_event_info(channel_id, message_id, legacy=legacy)
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
-        return self._call("delete_event_info", message_id)
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
+        return self._call("delete_event_info", channel_id, message_id)
 
     def store_message_event(
         self, channel_id: str, message_id: str, event_id: str, event: bytes
