@@ -208,7 +208,8 @@ class JunebugService(MultiService):
             self._reactor.callFromThread(reload)
 
     def _warn_of_settings(self) -> None:
-        """Channels whose messages API is open, options stored but not acted on."""
+        """Channels whose messages API is open (the registry names each
+        channel's options stored but not acted on as it starts)."""
         channels = self.registry.channels()
         open_channels = [c.id for c in channels if not c.credentials.required]
         if open_channels:
@@ -217,14 +218,6 @@ class JunebugService(MultiService):
                 " can send messages. Set api_auth_username/api_auth_password or api_auth_token.",
                 channels=", ".join(open_channels),
             )
-        for channel in channels:
-            for option, why in sorted(channel.settings.ignored.items()):
-                log.warn(
-                    "Channel {channel}: {option} is ignored ({why})",
-                    channel=channel.id,
-                    option=option,
-                    why=why,
-                )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
 

@@ -264,6 +264,8 @@ class ChannelRegistry:
             kept = old.channel.queues.declarations() if old is not None else {}
             self.amqp.remove_queues([q for q in declarations if q not in kept])
             raise ConfigError(f"channels.{settings.id}: {e}") from None
+        if old is None or old.channel.settings.ignored != settings.ignored:
+            _warn_of_ignored(settings)
         running = _Running(channel, origin, self._monitor(channel), channel_secret_values(settings))
         self.redactor.add(running.secrets)
         self.log_router.add(channel)
@@ -351,6 +353,16 @@ class ChannelRegistry:
         self._connectors.clear()
         for channel_id, running in self._running.items():
             self._connectors[running.channel.settings.connector_name] = channel_id
+
+
+def _warn_of_ignored(settings: ChannelSettings) -> None:
+    for option, why in sorted(settings.ignored.items()):
+        log.warn(
+            "Channel {channel}: {option} is ignored ({why})",
+            channel=settings.id,
+            option=option,
+            why=why,
+        )
 
 
 def _settle_failed(failure: Any, channel_id: str) -> int:

@@ -368,3 +368,12 @@ def test_a_channel_whose_queues_are_refused_is_one_line_and_declares_nothing() -
     with pytest.raises(ConfigError, match=r"^channels\.b: the broker refused queue b\.inbound$"):
         h.start("b")
     assert h.registry.get("b") is None and h.amqp.queues == {} and h.amqp.consumers == {}
+
+
+def test_options_stored_but_not_acted_on_are_named_as_a_channel_starts() -> None:
+    h = Harness()
+    with captured_logs() as logged:
+        h.start("a", amqp_queue="copy-here")
+        h.run(h.registry.change(h.settings("a", amqp_queue="copy-here", character_limit=5)))
+    ignored = [e for e in logged if "is ignored" in e.get("log_format", "")]
+    assert [(e["channel"], e["option"]) for e in ignored] == [("a", "amqp_queue")]
