@@ -128,6 +128,7 @@ class JunebugService(MultiService):
             serverFromString(reactor, with_listen_backlog(config.http_endpoint)), self.site
         )
         self.http.setServiceParent(self)
+        self._stopping = False
         self.reload = (
             ConfigReload(config_source, self.registry, self._reloaded)
             if config_source is not None
@@ -202,10 +203,15 @@ class JunebugService(MultiService):
             started.addErrback(_not_started, settings.id)
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        """SIGHUP: reload the config in the reactor's thread."""
-        reload = self.reload
-        if reload is not None:
-            self._reactor.callFromThread(reload)
+        """SIGHUP: reload the config in the reactor's thread; ignored (one
+        line) once the service is stopping."""
+        self._reactor.callFromThread(self._reload_unless_stopping)
+
+    def _reload_unless_stopping(self) -> None:
+        if self._stopping:
+            log.warn("SIGHUP ignored: the service is stopping")
+        elif self.reload is not None:
+            self.reload()
 
     def _warn_of_settings(self) -> None:
         """Channels whose messages API is open (the registry names each
@@ -263,6 +269,9 @@ class JunebugService(MultiService):
         }
 
     async def _stop(self) -> None:
+        # SIGHUP keeps its handler (which now ignores it) until the very end:
+        # its default action would end the process while messages in work finish.
+        self._stopping = True
         timeout = self.config.shutdown_timeout
         await self.http.stopService()
         unanswered = await self.site.drain(timeout)
@@ -272,8 +281,6 @@ class JunebugService(MultiService):
                 count=unanswered,
                 timeout=timeout,
             )
-        if self.reload is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
         cancelled = await self.registry.stop_all(timeout)
         if cancelled:
             log.warn(
@@ -286,6 +293,8 @@ class JunebugService(MultiService):
         globalLogPublisher.removeObserver(self.registry.log_router)
         if self.sentry is not None:
             await self.sentry.stop(self._reactor)
+        if self.reload is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
         self.running = 0
         log.info("junebug-api stopped")
 
