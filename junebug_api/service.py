@@ -27,6 +27,7 @@ from junebug_api.channels.registry import ChannelRegistry
 from junebug_api.channels.reload import ConfigReload, ConfigSource
 from junebug_api.config.channels import resolve_channels
 from junebug_api.config.model import JunebugConfig, describe
+from junebug_api.config.redaction import top_level_secret_values
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.http.api import ApiCredentials, JunebugApi
@@ -161,8 +162,11 @@ class JunebugService(MultiService):
         )
 
     def _reloaded(self, config: JunebugConfig) -> None:
-        """A reload applied ``config``: the top-level credentials follow."""
+        """A reload applied ``config``: the top-level credentials follow, and
+        its top-level secrets are redacted from now on (the old ones still are)."""
         self.api.use_credentials(top_level_credentials(config))
+        redacted = self.redactor.secrets
+        self.redactor.add([s for s in top_level_secret_values(config) if s not in redacted])
 
     def setServiceParent(self, parent: Any) -> None:
         """Join twistd's application; give it the log observer (text or JSON

@@ -305,3 +305,26 @@ def test_a_sighup_while_messages_in_work_finish_on_stop_is_ignored() -> None:
     lines = [e["log_format"] for e in logged]
     assert "SIGHUP ignored: the service is stopping" in lines
     assert not [line for line in lines if "could not be" in line or "config reloaded" in line]
+
+
+def test_a_sighup_redacts_the_new_top_level_secrets_at_once() -> None:
+    """The top-level ``api_auth_token`` a reload brings (``GET /channels/``'s)
+    is redacted from then on, though every channel has a token of its own;
+    the old one stays redacted too (a log line may still quote it)."""
+    import signal
+
+    reactor = ReactorWithThreads()
+    channels = json.dumps({"a": {"api_auth_token": "a-own-token"}})
+    source = Source(config(channels=channels, api_auth_token="top-token-1"))
+    service = JunebugService(source.config, reactor, config_source=source)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        source.next = config(channels=channels, api_auth_token="top-token-2")
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        reactor.advance(0)
+        assert service.redactor.text("top-token-2 top-token-1") == "*** ***"
+    finally:
+        stopped = service.stopService()
+        reactor.advance(1)
+        assert stopped.called
