@@ -20,9 +20,9 @@ from junebug_api.state.redis_cache import (
     RedisStateCache,
     RedisUnavailable,
     ReplicationError,
-    parse_redis_url,
 )
 from junebug_api.state.redis_client import RedisConnectionError
+from junebug_api.state.redis_options import parse_redis_url
 from junebug_api.testing import captured_logs
 
 from .helpers import FakeNetwork, FakeRedis, result_of
