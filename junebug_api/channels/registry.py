@@ -194,6 +194,14 @@ class ChannelRegistry:
         """Make the channels of ``origin`` those of ``wanted``: start the new,
         change those whose settings differ, stop those gone. Each channel
         that cannot be is one log line; the other origin's channels stay."""
+        # Decided once the steps asked before are done (the config file's
+        # channels still starting when a SIGHUP comes, say), so that none is
+        # started twice or left as it was; the steps run in that order after.
+        async with self._lock:
+            steps = self._steps_to(wanted, origin)
+        await DeferredList(steps, consumeErrors=True)
+
+    def _steps_to(self, wanted: Sequence[ChannelSettings], origin: str) -> list[Deferred[Any]]:
         by_id = {settings.id: settings for settings in wanted}
         steps: list[Deferred[Any]] = []
         for channel_id, running in list(self._running.items()):
@@ -203,7 +211,7 @@ class ChannelRegistry:
             step = self._apply_one(settings, origin)
             if step is not None:
                 steps.append(self._step(step[0], settings.id, step[1]))
-        await DeferredList(steps, consumeErrors=True)
+        return steps
 
     def _apply_one(self, settings: ChannelSettings, origin: str) -> tuple[str, Any] | None:
         running = self._running.get(settings.id)
