@@ -28,6 +28,7 @@ from junebug_api.channels.registry import ChannelRegistry
 from junebug_api.channels.reload import ConfigReload, ConfigSource
 from junebug_api.config.channels import resolve_channels
 from junebug_api.config.model import JunebugConfig, describe
+from junebug_api.config.redaction import top_level_secret_values
 from junebug_api.delivery.http_delivery import HttpDelivery
 from junebug_api.delivery.outages import OutageTracker
 from junebug_api.http.api import ApiCredentials, JunebugApi
@@ -135,6 +136,7 @@ class JunebugService(MultiService):
             serverFromString(reactor, with_listen_backlog(config.http_endpoint)), self.site
         )
         self.http.setServiceParent(self)
+        self._stopping = False
         self.reload = (
             ConfigReload(config_source, self.registry, self._reloaded)
             if config_source is not None
@@ -172,8 +174,11 @@ class JunebugService(MultiService):
 
     def _reloaded(self, config: JunebugConfig) -> None:
         """A reload applied ``config``: the top-level credentials follow, and
-        the API's channels its top-level defaults."""
+        its top-level secrets are redacted from now on (the old ones still are),
+        and the API's channels take its top-level defaults."""
         self.api.use_credentials(top_level_credentials(config))
+        redacted = self.redactor.secrets
+        self.redactor.add([s for s in top_level_secret_values(config) if s not in redacted])
         if self.channel_api is not None:
             self.channel_api.use_config(config)
 
@@ -218,13 +223,19 @@ class JunebugService(MultiService):
             started.addErrback(_not_started, settings.id)
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        """SIGHUP: reload the config in the reactor's thread."""
-        reload = self.reload
-        if reload is not None:
-            self._reactor.callFromThread(reload)
+        """SIGHUP: reload the config in the reactor's thread; ignored (one
+        line) once the service is stopping."""
+        self._reactor.callFromThread(self._reload_unless_stopping)
+
+    def _reload_unless_stopping(self) -> None:
+        if self._stopping:
+            log.warn("SIGHUP ignored: the service is stopping")
+        elif self.reload is not None:
+            self.reload()
 
     def _warn_of_settings(self) -> None:
-        """Channels whose messages API is open, options stored but not acted on."""
+        """Channels whose messages API is open (the registry names each
+        channel's options stored but not acted on as it starts)."""
         channels = self.registry.channels()
         open_channels = [c.id for c in channels if not c.credentials.required]
         if open_channels:
@@ -233,14 +244,6 @@ class JunebugService(MultiService):
                 " can send messages. Set api_auth_username/api_auth_password or api_auth_token.",
                 channels=", ".join(open_channels),
             )
-        for channel in channels:
-            for option, why in sorted(channel.settings.ignored.items()):
-                log.warn(
-                    "Channel {channel}: {option} is ignored ({why})",
-                    channel=channel.id,
-                    option=option,
-                    why=why,
-                )
         if self.config.middlewares:
             log.warn("middlewares are not supported by junebug-api and are ignored")
 
@@ -286,6 +289,9 @@ class JunebugService(MultiService):
         }
 
     async def _stop(self) -> None:
+        # SIGHUP keeps its handler (which now ignores it) until the very end:
+        # its default action would end the process while messages in work finish.
+        self._stopping = True
         timeout = self.config.shutdown_timeout
         await self.http.stopService()
         unanswered = await self.site.drain(timeout)
@@ -295,8 +301,6 @@ class JunebugService(MultiService):
                 count=unanswered,
                 timeout=timeout,
             )
-        if self.reload is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
         if self.channel_api is not None:
             self.channel_api.stop()
         cancelled = await self.registry.stop_all(timeout)
@@ -311,6 +315,8 @@ class JunebugService(MultiService):
         globalLogPublisher.removeObserver(self.registry.log_router)
         if self.sentry is not None:
             await self.sentry.stop(self._reactor)
+        if self.reload is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
         self.running = 0
         log.info("junebug-api stopped")
 

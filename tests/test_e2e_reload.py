@@ -14,6 +14,9 @@ import pytest
 import pytest_twisted
 import treq
 import yaml
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from .support import Broker, ServiceProcess, free_port, inbound_message, wait_for
 
@@ -147,3 +150,28 @@ async def test_sighup_with_a_broken_file_or_a_restart_option_is_one_line(start, 
     [line] = lines(service, "need(s) a restart")
     assert "request_timeout" in line and "character_limit" not in line
     assert await post(service, a) == 400  # "hi" is now over the limit of 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_during_a_graceful_stop_does_not_end_the_process(start, ids, sink) -> None:
+    """logrotate's ``kill -HUP`` while SIGTERM's stop lets a message in work
+    finish: the process is not ended by SIGHUP's default action; the stop
+    runs its course (its message back to its queue) as without it."""
+    a, _ = ids
+    broker = Broker()
+    try:
+        sink.delay = 5.0  # a's message stays in work through the stop
+        service = start({"shutdown_timeout": 2, "channels": {a: {"mo_url": f"{sink.url}/a"}}})
+        broker.publish(f"{a}.inbound", inbound_message(a, content="in work"))
+        await wait_for(lambda: sink.at("/a"), 5.0, "a's inbound POST")
+        service.signal(signal.SIGTERM)
+        # Past the HTTP drain (0.5 s), inside the 2 s given to the message in work.
+        await deferLater(reactor, 1.0, lambda: None)
+        service.signal(signal.SIGHUP)
+        # twistd ends itself with the signal that stopped it, once the stop is done.
+        assert await deferToThread(service.process.wait, 10) == -signal.SIGTERM
+        assert lines(service, "SIGHUP ignored: the service is stopping")
+        assert lines(service, "junebug-api stopped")
+        await wait_for(lambda: broker.count(f"{a}.inbound") == 1, 3.0, "a's message queued")
+    finally:
+        broker.close()

@@ -193,7 +193,7 @@ import txredisapi
 from twisted.internet import defer, reactor, task
 
 from junebug_api.state.redis_client import FixedLocator, RedisClient
-from junebug_api.state.redis_cache import parse_redis_url
+from junebug_api.state.redis_options import parse_redis_url
 
 
 def cpu():

@@ -74,6 +74,10 @@ class OtherConnectors:
         owner = self._connectors.get(name) if isinstance(name, str) else None
         return owner is not None and owner != self._own
 
+    def __bool__(self) -> bool:
+        """True while another channel runs (shares the state cache)."""
+        return any(owner != self._own for owner in self._connectors.values())
+
 
 @attrs.define(eq=False)
 class _Running:
@@ -190,6 +194,14 @@ class ChannelRegistry:
         """Make the channels of ``origin`` those of ``wanted``: start the new,
         change those whose settings differ, stop those gone. Each channel
         that cannot be is one log line; the other origin's channels stay."""
+        # Decided once the steps asked before are done (the config file's
+        # channels still starting when a SIGHUP comes, say), so that none is
+        # started twice or left as it was; the steps run in that order after.
+        async with self._lock:
+            steps = self._steps_to(wanted, origin)
+        await DeferredList(steps, consumeErrors=True)
+
+    def _steps_to(self, wanted: Sequence[ChannelSettings], origin: str) -> list[Deferred[Any]]:
         by_id = {settings.id: settings for settings in wanted}
         steps: list[Deferred[Any]] = []
         for channel_id, running in list(self._running.items()):
@@ -199,7 +211,7 @@ class ChannelRegistry:
             step = self._apply_one(settings, origin)
             if step is not None:
                 steps.append(self._step(step[0], settings.id, step[1]))
-        await DeferredList(steps, consumeErrors=True)
+        return steps
 
     def _apply_one(self, settings: ChannelSettings, origin: str) -> tuple[str, Any] | None:
         running = self._running.get(settings.id)
@@ -264,6 +276,8 @@ class ChannelRegistry:
             kept = old.channel.queues.declarations() if old is not None else {}
             self.amqp.remove_queues([q for q in declarations if q not in kept])
             raise ConfigError(f"channels.{settings.id}: {e}") from None
+        if old is None or old.channel.settings.ignored != settings.ignored:
+            _warn_of_ignored(settings)
         running = _Running(channel, origin, self._monitor(channel), channel_secret_values(settings))
         self.redactor.add(running.secrets)
         self.log_router.add(channel)
@@ -351,6 +365,16 @@ class ChannelRegistry:
         self._connectors.clear()
         for channel_id, running in self._running.items():
             self._connectors[running.channel.settings.connector_name] = channel_id
+
+
+def _warn_of_ignored(settings: ChannelSettings) -> None:
+    for option, why in sorted(settings.ignored.items()):
+        log.warn(
+            "Channel {channel}: {option} is ignored ({why})",
+            channel=settings.id,
+            option=option,
+            why=why,
+        )
 
 
 def _settle_failed(failure: Any, channel_id: str) -> int:

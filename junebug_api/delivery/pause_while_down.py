@@ -154,6 +154,11 @@ class PauseWhileDown:
         except Exception as e:
             log.debug("No probe from {queue}: {error}", queue=self.queue, error=e)
             got = None
+        if got is not None and self._stopped:
+            # Its channel stopped (or changed) while the get was on its way:
+            # back to the queue, for the queue's next consumer to deliver.
+            got[2].reject()
+            return
         if got is not None:
             body, _, acker = got
             try:

@@ -19,19 +19,18 @@ master) and the new master is used.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from junebug_api.config.model import ConfigError
 from junebug_api.formats.urls import redact_url
 from junebug_api.formats.vumi_messages import VumiMessage, reply_source, reply_source_from_bytes
 from junebug_api.observe.log import logger
-from junebug_api.state.cache import DEFAULT_MESSAGE_STATUS_TTL, EventInfo, check_options
+from junebug_api.state.cache import DEFAULT_MESSAGE_STATUS_TTL, EventInfo
+from junebug_api.state.redis_options import parse_redis_url, parse_sentinel, redis_cache_options
 
 log = logger(__name__)
 
@@ -51,76 +50,6 @@ def _encoded_list(values: Any) -> list[bytes]:
     return [v.encode("utf-8") if isinstance(v, str) else v for v in values or []]
 
 
-def parse_redis_url(url: str) -> dict[str, Any]:
-    """``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://``) as
-    connection arguments."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError("state_cache_config.url must start with redis:// or rediss://")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError("state_cache_config.url has an invalid port") from None
-    if parts.query or parts.fragment:
-        raise ConfigError("state_cache_config.url must not have a ?query or #fragment")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ConfigError("state_cache_config.url must end with a database number")
-    return {
-        "host": parts.hostname or "127.0.0.1",
-        "port": port,
-        "dbid": int(path) if path else 0,
-        "password": unquote(parts.password) if parts.password else None,
-        "username": unquote(parts.username) if parts.username else None,
-        "tls": parts.scheme == "rediss",
-    }
-
-
-def _check_numbers(options: dict) -> None:
-    for name in ("timeout", "operation_timeout"):
-        if options[name] <= 0:
-            raise ConfigError(f"state_cache_config.{name} must be greater than 0")
-    if options["min_replicas"] < 0:
-        raise ConfigError("state_cache_config.min_replicas must be 0 or more")
-    if not 1 <= options["pool_size"] <= 1000:
-        raise ConfigError("state_cache_config.pool_size must be from 1 to 1000")
-
-
-def _check_sentinels(options: dict) -> None:
-    """``sentinels`` a non-empty list of host:port with a ``service_name``;
-    ``service_name`` and ``sentinel_password`` only with them."""
-    sentinels = options["sentinels"]
-    if sentinels is None:
-        if options["service_name"] is not None or options["sentinel_password"] is not None:
-            raise ConfigError(
-                "state_cache_config.service_name and sentinel_password need sentinels"
-            )
-        return
-    if not sentinels or not all(isinstance(a, str) for a in sentinels):
-        raise ConfigError("state_cache_config.sentinels must be a non-empty list of host:port")
-    for address in sentinels:
-        parse_sentinel(address)
-    if not options["service_name"]:
-        raise ConfigError("state_cache_config.service_name is required with sentinels")
-
-
-def _check_readable(path: str) -> None:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ConfigError(f"state_cache_config.tls_ca_file cannot be read: {e.strerror}") from None
-
-
-def parse_sentinel(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) of a Sentinel; ConfigError if it is not one."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"state_cache_config.sentinels: {address!r} is not host:port")
-    return host, int(port)
-
-
 class RedisStateCache:
     """The state cache in Redis; see the module docstring.
 
@@ -133,20 +62,6 @@ class RedisStateCache:
     ``rediss://`` instead of the system's), ``sentinels`` (``host:port``
     list), ``service_name`` and ``sentinel_password`` (Redis Sentinel).
     """
-
-    OPTIONS: ClassVar[dict[str, type]] = {
-        "url": str,
-        "timeout": float,
-        "store_event_info": bool,
-        "key_prefix": str,
-        "operation_timeout": float,
-        "pool_size": int,
-        "tls_ca_file": str,
-        "sentinels": list,
-        "service_name": str,
-        "sentinel_password": str,
-        "min_replicas": int,
-    }
 
     def __init__(
         self,
@@ -189,26 +104,7 @@ class RedisStateCache:
     @classmethod
     def check_config(cls, config: dict, connector_name: str = "") -> dict:
         """The options with defaults filled in; ConfigError if any is wrong."""
-        options = check_options(cls.__name__, config, cls.OPTIONS)
-        result = {
-            "url": options.get("url", "redis://127.0.0.1:6379/0"),
-            "timeout": options.get("timeout", 86400),
-            "store_event_info": options.get("store_event_info", True),
-            "key_prefix": options.get("key_prefix", f"junebug:{connector_name}:"),
-            "operation_timeout": options.get("operation_timeout", 5.0),
-            "pool_size": options.get("pool_size", 10),
-            "tls_ca_file": options.get("tls_ca_file"),
-            "sentinels": options.get("sentinels"),
-            "service_name": options.get("service_name"),
-            "sentinel_password": options.get("sentinel_password"),
-            "min_replicas": options.get("min_replicas", 0),
-        }
-        parse_redis_url(result["url"])
-        _check_numbers(result)
-        _check_sentinels(result)
-        if result["tls_ca_file"] is not None:
-            _check_readable(result["tls_ca_file"])
-        return result
+        return redis_cache_options(cls.__name__, config, connector_name)
 
     @classmethod
     def from_config(
@@ -399,19 +295,37 @@ class RedisStateCache:
     def delete_inbound(self, message_id: str) -> Deferred[None]:
         return self._call(b"DEL", self._key(b"inbound:", message_id)).addCallback(_none)
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
+    # -- event info: where each outbound message's events go, per channel ----
+    # ``<prefix>event-info:<channel>:<message_id>``; the version before
+    # per-channel event info wrote ``<prefix>event:<message_id>``, which a
+    # lookup with ``legacy`` still reads (such keys expire ``timeout`` after
+    # that version wrote them).
+
+    def _event_info_key(self, channel_id: str, message_id: str) -> bytes:
+        return b"%sevent-info:%s:%s" % (
+            self._prefix,
+            _channel_key_part(channel_id),
+            message_id.encode("utf-8"),
+        )
+
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
         if not self.store_event_info_enabled:
             return succeed(None)
         value = json.dumps([info.url, info.auth_token], separators=(",", ":")).encode("utf-8")
-        return self._set(self._key(b"event:", message_id), value)
+        return self._set(self._event_info_key(channel_id, message_id), value)
 
-    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
-        return self._get(self._key(b"event:", message_id)).addCallback(
-            lambda data: None if data is None else EventInfo(*json.loads(data))
-        )
+    def fetch_event_info(
+        self, channel_id: str, message_id: str, *, legacy: bool = False
+    ) -> Deferred[EventInfo | None]:
+        own = self._get(self._event_info_key(channel_id, message_id))
+        if not legacy:
+            return own.addCallback(_event_info)
+        # Looked up in the same turn: one MGET.
+        old = self._get(self._key(b"event:", message_id))
+        return Deferred.fromCoroutine(_first_event_info(own, old))
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
-        return self._call(b"DEL", self._key(b"event:", message_id)).addCallback(_none)
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
+        return self._call(b"DEL", self._event_info_key(channel_id, message_id)).addCallback(_none)
 
     # -- message status: the events of each outbound message ----------------
     # One hash per channel and message (``<prefix>events:<channel>:<message_id>``:
@@ -422,7 +336,7 @@ class RedisStateCache:
     def _status_key(self, channel_id: str, message_id: str) -> bytes:
         return b"%sevents:%s:%s" % (
             self._prefix,
-            _status_key_part(channel_id),
+            _channel_key_part(channel_id),
             message_id.encode("utf-8"),
         )
 
@@ -521,8 +435,23 @@ def _none(_: object) -> None:
     return None
 
 
-def _status_key_part(channel_id: str) -> bytes:
-    """A channel id as a part of a status key: ``%`` and ``:`` escaped, so a
+def _event_info(data: bytes | None) -> EventInfo | None:
+    return None if data is None else EventInfo(*json.loads(data))
+
+
+async def _first_event_info(own: Deferred, old: Deferred) -> EventInfo | None:
+    """The channel's own entry, else the legacy one (both already asked for)."""
+    try:
+        data = await own
+    except BaseException:
+        old.addErrback(_none)  # its failure is the same news
+        raise
+    legacy = await old
+    return _event_info(data if data is not None else legacy)
+
+
+def _channel_key_part(channel_id: str) -> bytes:
+    """A channel id as a part of a key: ``%`` and ``:`` escaped, so a
     channel id with a colon (a top-level ``connector_name`` may have one)
     cannot make two channels' keys meet."""
     return channel_id.replace("%", "%25").replace(":", "%3A").encode("utf-8")

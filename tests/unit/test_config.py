@@ -710,7 +710,7 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     assert cfg.default_event_auth_token == "ev-token"
     assert cfg.amqp_settings.password == "rabbit"
     assert cfg.state_cache_config == {"url": "redis://:r%3Ae%2Fd%40is@127.0.0.1:6379/2"}
-    from junebug_api.state.redis_cache import parse_redis_url
+    from junebug_api.state.redis_options import parse_redis_url
 
     assert parse_redis_url(cfg.state_cache_config["url"])["password"] == "r:e/d@is"
     logged = str(describe(cfg))

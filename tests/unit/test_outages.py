@@ -419,3 +419,43 @@ def test_a_held_message_without_delay_queues_or_gate_goes_back_at_once() -> None
     worker(BODY, acker)
     assert (acker.acks, acker.rejects) == (0, 1)
     assert publish.published == []  # no attempt spent, nothing dead-lettered
+
+
+class SlowGetControl(RecordingQueueControl):
+    """Answers each ``get`` once told to (``answer``), as a broker far away does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[Deferred[Any]] = []
+
+    async def get(self, queue: str) -> Any:
+        self.calls.append(f"get {queue}")
+        d: Deferred[Any] = Deferred()
+        self.gets.append(d)
+        return await d
+
+
+def test_a_probe_taken_after_its_gate_stopped_goes_back_to_its_queue() -> None:
+    """The channel stopped or changed while its probe's ``basic.get`` was on
+    its way: the message it took is not delivered with the old settings by
+    a worker already drained (nothing would release it if that failed, until
+    the watchdog), but goes back to its queue for the channel's next consumer."""
+    clock = Clock()
+    tracker = OutageTracker(clock, threshold=1, probe_interval=5.0)
+    control = SlowGetControl()
+    probes: list[bytes] = []
+
+    def probe(body: bytes, acker: Any) -> Deferred[None]:
+        probes.append(body)
+        return succeed(None)
+
+    gate = PauseWhileDown(QUEUE, RAPIDPRO, tracker, control, probe, clock, probe_interval=5.0)
+    tracker.failed(RAPIDPRO)
+    clock.advance(5)
+    assert control.calls == [f"pause {QUEUE}", f"get {QUEUE}"]
+    gate.stop()
+    acker = RecordingAcker()
+    control.gets[0].callback((b"taken late", {}, acker))
+    assert probes == []
+    assert (acker.acks, acker.rejects) == (0, 1)
+    assert clock.getDelayedCalls() == []

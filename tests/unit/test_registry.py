@@ -46,7 +46,7 @@ def inbound(connector: str, message_id: str = "in-1") -> bytes:
 
 
 class Harness:
-    def __init__(self, shutdown_timeout: float = 5) -> None:
+    def __init__(self, shutdown_timeout: float = 5, amqp: RecordingAmqp | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         cli = {
@@ -57,7 +57,7 @@ class Harness:
         }
         self.config = load_config(None, environ={}, cli=cli)
         self.rapidpro = FakeRapidPro()
-        self.amqp = RecordingAmqp()
+        self.amqp = amqp or RecordingAmqp()
         self.metrics = PrometheusMetrics("t", self.clock)
         self.redactor = Redactor()
         outages = OutageTracker(self.clock)
@@ -349,6 +349,18 @@ def test_log_router_files_nothing_for_a_stopped_channel() -> None:
     assert a.logs() == []
 
 
+def test_other_connectors_is_true_while_another_channel_runs() -> None:
+    from junebug_api.channels.registry import OtherConnectors
+
+    connectors = {"conn-a": "a"}
+    others = OtherConnectors(connectors, "a")
+    assert not others  # a alone: its event lookups may read legacy event info
+    connectors["conn-b"] = "b"
+    assert others and "conn-b" in others and "conn-a" not in others
+    del connectors["conn-b"]
+    assert not others
+
+
 def test_stop_all_waits_for_a_stop_under_way() -> None:
     h = Harness(shutdown_timeout=5)
     h.start("a")
@@ -368,3 +380,58 @@ def test_a_channel_whose_queues_are_refused_is_one_line_and_declares_nothing() -
     with pytest.raises(ConfigError, match=r"^channels\.b: the broker refused queue b\.inbound$"):
         h.start("b")
     assert h.registry.get("b") is None and h.amqp.queues == {} and h.amqp.consumers == {}
+
+
+def test_options_stored_but_not_acted_on_are_named_as_a_channel_starts() -> None:
+    h = Harness()
+    with captured_logs() as logged:
+        h.start("a", amqp_queue="copy-here")
+        h.run(h.registry.change(h.settings("a", amqp_queue="copy-here", character_limit=5)))
+    ignored = [e for e in logged if "is ignored" in e.get("log_format", "")]
+    assert [(e["channel"], e["option"]) for e in ignored] == [("a", "amqp_queue")]
+
+
+class SlowDeclaringAmqp(RecordingAmqp):
+    """Declares a queue once told to (``declared``), as a connection still opening does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Deferred[None]] = []
+
+    def add_queues(self, queues: Any) -> Deferred[None]:
+        super().add_queues(queues)
+        d: Deferred[None] = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def declared(self) -> None:
+        while self.waiting:
+            self.waiting.pop(0).callback(None)
+
+
+@pytest.mark.parametrize("wanted", [[{"character_limit": 10}], []])
+def test_a_sighup_while_the_config_files_channels_still_start_applies_to_them(
+    wanted: list[dict[str, Any]],
+) -> None:
+    """A reload soon after the start, its queues still being declared: channel
+    ``a`` (still starting) is changed or stopped as the new file says, not
+    started twice ("runs already") nor left as it was."""
+    amqp = SlowDeclaringAmqp()
+    h = Harness(amqp=amqp)
+    started = Deferred.fromCoroutine(h.registry.start(h.settings("a"), "config"))
+    with captured_logs() as logged:
+        applied = Deferred.fromCoroutine(
+            h.registry.apply([h.settings("a", **entry) for entry in wanted], "config")
+        )
+        for _ in range(3):
+            amqp.declared()
+            h.clock.advance(0)
+        h.clock.advance(5)
+    result_of(started)
+    assert result_of(applied) is None
+    errors = [e for e in logged if e["log_level"].name in ("error", "critical")]
+    assert errors == []
+    if wanted:
+        assert h.registry.get("a").settings.character_limit == 10
+    else:
+        assert h.registry.get("a") is None

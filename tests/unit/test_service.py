@@ -271,3 +271,60 @@ def test_sighup_reloads_channels_and_the_top_level_credentials() -> None:
         reactor.advance(1)
         assert stopped.called
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_a_sighup_while_messages_in_work_finish_on_stop_is_ignored() -> None:
+    """logrotate's ``kill -HUP`` during a graceful stop: the process keeps its
+    handler (SIGHUP's default action would end it at once, messages already
+    delivered then unacked and delivered again) until the stop is over, and
+    the signal changes no channel."""
+    import signal
+
+    reactor = ReactorWithThreads()
+    source = Source(
+        config(channels=json.dumps({"a": {}}), shutdown_timeout=5, mo_message_url_timeout=30)
+    )
+    service = JunebugService(source.config, reactor, config_source=source)
+    before = signal.getsignal(signal.SIGHUP)
+    service.privilegedStartService()
+    service.startService()
+    worker = next(w for w in workers(service) if w.queue == "a.inbound")
+    worker(inbound_body("in-1"), RecordingAcker())  # its POST never gets an answer
+    with captured_logs() as logged:
+        stopped = service.stopService()
+        reactor.advance(0.5)  # the HTTP drain is over; messages in work finish now
+        assert not stopped.called
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler) and handler not in (before, signal.SIG_DFL)
+        source.next = config(channels=json.dumps({"b": {}}))
+        handler(signal.SIGHUP, None)
+        reactor.advance(0)
+        reactor.advance(5)
+    assert result_of(stopped) is None
+    assert signal.getsignal(signal.SIGHUP) == before
+    lines = [e["log_format"] for e in logged]
+    assert "SIGHUP ignored: the service is stopping" in lines
+    assert not [line for line in lines if "could not be" in line or "config reloaded" in line]
+
+
+def test_a_sighup_redacts_the_new_top_level_secrets_at_once() -> None:
+    """The top-level ``api_auth_token`` a reload brings (``GET /channels/``'s)
+    is redacted from then on, though every channel has a token of its own;
+    the old one stays redacted too (a log line may still quote it)."""
+    import signal
+
+    reactor = ReactorWithThreads()
+    channels = json.dumps({"a": {"api_auth_token": "a-own-token"}})
+    source = Source(config(channels=channels, api_auth_token="top-token-1"))
+    service = JunebugService(source.config, reactor, config_source=source)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        source.next = config(channels=channels, api_auth_token="top-token-2")
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        reactor.advance(0)
+        assert service.redactor.text("top-token-2 top-token-1") == "*** ***"
+    finally:
+        stopped = service.stopService()
+        reactor.advance(1)
+        assert stopped.called
