@@ -263,6 +263,10 @@ class Outbound:
     def content(self, index: int) -> str:
         return f"soak {self.run_id} outbound {index}"
 
+    def body(self, index: int) -> dict[str, Any]:
+        """The request body of message ``index``."""
+        return {"to": "+27820000002", "from": "8110", "content": self.content(index)}
+
     async def run(self) -> None:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = IN_FLIGHT
@@ -278,7 +282,7 @@ class Outbound:
             await self._send(todo.popleft(), pool)
 
     async def _send(self, index: int, pool: HTTPConnectionPool) -> None:
-        body = json.dumps({"to": "+27820000002", "from": "8110", "content": self.content(index)})
+        body = json.dumps(self.body(index))
         while time.monotonic() < self.deadline:
             try:
                 response = await treq.post(

@@ -486,6 +486,55 @@ async def test_message_status_is_per_channel(start, ids, sinks, redis_prefix, ca
         broker.close()
 
 
+@pytest.mark.parametrize("cache", ["memory", "redis"])
+@pytest_twisted.ensureDeferred
+async def test_an_event_never_reaches_another_channels_event_url(
+    start, ids, sinks, redis_prefix, cache
+):
+    """Event info is per channel: an event on b's or c's queue naming a
+    message sent through a goes to that channel's default event URL (or
+    nowhere), never to a's event URL nor with a's token (issue 20, loose end)."""
+    a, b, c = ids
+    shared = {
+        "state_cache_class": "junebug_api.state_cache.RedisStateCache",
+        "state_cache_config": {"url": REDIS_URL, "key_prefix": redis_prefix.prefix},
+    }
+    service = start(three_channels(ids, sinks, **(shared if cache == "redis" else {})))
+    broker = Broker()
+    try:
+        body = {
+            "to": "1",
+            "from": "2",
+            "content": "x",
+            "event_url": f"{sinks[0].url}/a-events",
+            "event_auth_token": "ev-a-s3cret",
+        }
+        code, answer, text = await call(
+            service, "POST", f"/channels/{a}/messages", body, token=SECRETS["api"]
+        )
+        assert code == 201, text
+        message_id = answer["result"]["message_id"]
+        broker.publish(f"{b}.event", event_message(message_id, "nack", nack_reason="b's"))
+        broker.publish(f"{c}.event", event_message(message_id, "ack"))
+        await wait_for(lambda: sinks[2].at("/events"), what="c's event at c's default URL")
+        await wait_for(
+            lambda: f"of message {message_id}; dropped" in service.log(),
+            what="b's event dropped (b has no event URL)",
+        )
+        broker.publish(f"{a}.event", event_message(message_id, "ack"))
+        await wait_for(lambda: sinks[0].at("/a-events"), what="a's event at a's URL")
+        [own] = sinks[0].at("/a-events")
+        assert own["headers"]["authorization"] == "Token ev-a-s3cret"
+        assert own["json"]["channel_id"] == a
+        [at_c] = sinks[2].at("/events")
+        assert at_c["headers"]["authorization"] == f"Token {SECRETS['event']}"
+        assert at_c["json"]["channel_id"] == c
+        assert not any("ev-a-s3cret" in str(r["headers"]) for r in sinks[1].requests)
+        assert not any("ev-a-s3cret" in str(r["headers"]) for r in sinks[2].requests)
+    finally:
+        broker.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_store_message_events_false_keeps_none(start, ids, sinks):
     config = three_channels(ids, sinks, store_message_events=False)

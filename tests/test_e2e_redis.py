@@ -231,8 +231,8 @@ async def test_rediss_with_own_ca(tmp_path):
                 timeout=15,
                 what="a TLS connection",
             )
-            await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
-            assert await cache.fetch_event_info("m1") == EventInfo("http://rp/e", "t")
+            await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", "t"))
+            assert await cache.fetch_event_info("ch", "m1") == EventInfo("http://rp/e", "t")
         finally:
             await cache.close()
     finally:

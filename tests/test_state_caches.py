@@ -127,20 +127,20 @@ async def test_inbound_round_trip(case):
 @pytest_twisted.ensureDeferred
 async def test_event_info_round_trip(case):
     cache = case.make()
-    await cache.store_event_info("m1", EventInfo("http://rp/e?x=1", "tök"))
-    await cache.store_event_info("m2", EventInfo("http://rp/e2", None))
-    assert await cache.fetch_event_info("m1") == EventInfo("http://rp/e?x=1", "tök")
-    assert await cache.fetch_event_info("m2") == EventInfo("http://rp/e2", None)
-    assert await cache.fetch_event_info("m3") is None
-    await cache.delete_event_info("m1")
-    assert await cache.fetch_event_info("m1") is None
+    await cache.store_event_info("ch", "m1", EventInfo("http://rp/e?x=1", "tök"))
+    await cache.store_event_info("ch", "m2", EventInfo("http://rp/e2", None))
+    assert await cache.fetch_event_info("ch", "m1") == EventInfo("http://rp/e?x=1", "tök")
+    assert await cache.fetch_event_info("ch", "m2") == EventInfo("http://rp/e2", None)
+    assert await cache.fetch_event_info("ch", "m3") is None
+    await cache.delete_event_info("ch", "m1")
+    assert await cache.fetch_event_info("ch", "m1") is None
 
 
 @pytest_twisted.ensureDeferred
 async def test_store_event_info_false_stores_nothing(case):
     cache = case.make(store_event_info=False)
-    await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
-    assert await cache.fetch_event_info("m1") is None
+    await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", "t"))
+    assert await cache.fetch_event_info("ch", "m1") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -148,11 +148,11 @@ async def test_entries_expire_after_timeout(case):
     cache = case.make(timeout=1)
     message = inbound_message("c")
     await cache.store_inbound(message)
-    await cache.store_event_info("m1", EventInfo("http://rp/e", None))
+    await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", None))
     assert await cache.fetch_inbound(message["message_id"]) is not None
     await case.expire(cache, 1)
     assert await cache.fetch_inbound(message["message_id"]) is None
-    assert await cache.fetch_event_info("m1") is None
+    assert await cache.fetch_event_info("ch", "m1") is None
 
 
 @pytest.mark.parametrize(
@@ -199,12 +199,12 @@ async def test_redis_keys_ttl_and_prefix(redis_keys):
     try:
         message = inbound_message("c")
         await store.store_inbound(message)
-        await store.store_event_info("m1", EventInfo("http://rp/e", None))
+        await store.store_event_info("ch", "m1", EventInfo("http://rp/e", None))
         keys = redis_keys.keys()
         assert keys == sorted(
             [
                 f"{redis_keys.prefix}inbound:{message['message_id']}".encode(),
-                f"{redis_keys.prefix}event:m1".encode(),
+                f"{redis_keys.prefix}event-info:ch:m1".encode(),
             ]
         )
         for key in keys:
@@ -227,8 +227,8 @@ async def test_default_key_prefix_names_the_connector():
     )
     cache.start()
     try:
-        await cache.store_event_info("m1", EventInfo("http://rp/e", None))
-        assert keys.keys() == [f"junebug:{connector}:event:m1".encode()]
+        await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", None))
+        assert keys.keys() == [f"junebug:{connector}:event-info:ch:m1".encode()]
     finally:
         cache.close()
         keys.clean()
@@ -369,11 +369,11 @@ async def test_lookups_of_one_turn_share_one_mget(redis_keys):
     try:
         messages = [inbound_message("c") for _ in range(5)]
         await gatherResults([cache.store_inbound(m) for m in messages])
-        await cache.store_event_info("m1", EventInfo("http://rp/e", "t"))
+        await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", "t"))
         ids = [m["message_id"] for m in messages]
         found = await gatherResults(
             [cache.fetch_inbound(i) for i in [*ids, "unknown"]]
-            + [cache.fetch_event_info("m1"), cache.fetch_event_info("m2")]
+            + [cache.fetch_event_info("ch", "m1"), cache.fetch_event_info("ch", "m2")]
         )
         assert [f["message_id"] for f in found[:5]] == ids
         assert found[5:] == [None, EventInfo("http://rp/e", "t"), None]
@@ -394,6 +394,6 @@ async def test_min_replicas_fails_writes_no_replica_confirmed(redis_keys):
     cache = case.make(min_replicas=1, operation_timeout=0.4)
     try:
         with pytest.raises(ReplicationError, match="only 0 of 1 replica"):
-            await cache.store_event_info("m1", EventInfo("http://rp/e", None))
+            await cache.store_event_info("ch", "m1", EventInfo("http://rp/e", None))
     finally:
         cache.close()

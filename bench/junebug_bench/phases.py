@@ -371,7 +371,7 @@ def setup_outbound(
         result.outbound[len(g)] = rows
         result.rows += rows
     if redis is not None:
-        events = redis.count("event:")
+        events = redis.count("event-info:")
         result.rows[-1].notes.append(f"Redis: {events:,} event-info keys under the prefix")
 
 

@@ -255,8 +255,8 @@ class AmqpService(Service):
             frames = connection.client.encode_publish(
                 PUBLISH_CHANNEL, EXCHANGE, routing_key, body, properties
             )
-        except (TypeError, ValueError) as e:
-            return fail(PublishFailed(f"cannot encode the message: {e}"))
+        except Exception as e:  # struct.error, OverflowError, ...: never unhandled
+            return fail(PublishFailed(f"cannot encode the message: {type(e).__name__}: {e}"))
         busy = self._busy(connection)
         if busy is not None:
             if refuse_if_busy:

@@ -238,6 +238,7 @@ class Channel:
             metrics=metrics,
             on_event=self._store_event if store_message_events else None,
             on_done=self._event_done,
+            legacy_event_info=lambda: not other_connectors,
         )
         # .inbound has one destination: while it is down, stop taking messages.
         self.inbound_gate = PauseWhileDown(

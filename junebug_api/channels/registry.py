@@ -74,6 +74,10 @@ class OtherConnectors:
         owner = self._connectors.get(name) if isinstance(name, str) else None
         return owner is not None and owner != self._own
 
+    def __bool__(self) -> bool:
+        """True while another channel runs (shares the state cache)."""
+        return any(owner != self._own for owner in self._connectors.values())
+
 
 @attrs.define(eq=False)
 class _Running:

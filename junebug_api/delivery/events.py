@@ -1,6 +1,7 @@
 """Events: from ``<connector>.event`` to the event URL of their message.
 
-The URL is the one stored when the outbound message was sent, else
+The URL is the one this channel stored when the outbound message was sent
+(an event naming another channel's message does not find it), else
 ``default_event_url``; an event with neither is logged and dropped, as the
 spec says.
 """
@@ -42,6 +43,11 @@ class EventHandler:
     on_event: Callable[[VumiMessage], Awaitable[None]] | None = None
     #: Called with each event once delivered or dropped (channel rates).
     on_done: Callable[[VumiMessage], None] | None = None
+    #: Asked at each lookup: also read event info a version before per-channel
+    #: keys stored (it names no channel)? Only while the channel shares the
+    #: state cache with no other, so an event never reaches another channel's
+    #: event URL.
+    legacy_event_info: Callable[[], bool] = lambda: False
 
     async def __call__(self, body: bytes) -> str | None:
         event = self._parse(body)
@@ -88,7 +94,9 @@ class EventHandler:
         try:
             if self.on_event is not None:
                 await self.on_event(event)
-            info = await self.cache.fetch_event_info(message_id)
+            info = await self.cache.fetch_event_info(
+                self.channel_id, message_id, legacy=self.legacy_event_info()
+            )
         except CancelledError:
             raise
         except Exception as e:

@@ -19,6 +19,8 @@ from typing import Any
 
 import attrs
 
+from junebug_api.formats.urls import mask_urls
+
 ATTEMPTS_HEADER = "x-junebug-attempts"
 FIRST_FAILURE_HEADER = "x-junebug-first-failure"
 HOLDS_HEADER = "x-junebug-holds"
@@ -35,10 +37,13 @@ MAX_REASON = 1000
 
 
 def header_text(text: str, limit: int = MAX_REASON) -> str:
-    """``text`` as a header string: ASCII (others backslash-escaped), at most ``limit``."""
+    """``text`` as a header string: ASCII (others backslash-escaped), every
+    URL in it shown as in logs (:func:`~junebug_api.formats.urls.url_for_log`:
+    whoever reads ``.failed`` may not see callback credentials), at most
+    ``limit`` characters."""
     # Kept ASCII so that a peer counting characters as bytes (txAMQP did)
     # still reads an intact frame.
-    return text.encode("ascii", "backslashreplace").decode("ascii")[:limit]
+    return mask_urls(text.encode("ascii", "backslashreplace").decode("ascii"))[:limit]
 
 
 def _count(value: Any) -> int | None:

@@ -17,9 +17,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionClosed,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -115,6 +120,37 @@ def answer_failure(code: int, headers: Headers, now: float) -> DeliveryFailed:
         status_class=status_class(code),
         outage=code >= 500,
     )
+
+
+def _timed_out(result: Any, timeout: float) -> Any:
+    """``addTimeout``'s ``onTimeoutCancel``: the POST was cancelled because its
+    time was up, whatever the failure its cancellation became (Twisted's
+    client reports a cancelled request as ResponseNeverReceived)."""
+    if isinstance(result, Failure):
+        raise TimeoutError(timeout, "Deferred")
+    return result
+
+
+def _no_answer(error: Exception, timeout: float) -> Exception:
+    """What a POST that got no answer raises: DeliveryFailed saying why, or
+    CancelledError when it was cancelled from outside (the shutdown drain,
+    the hold watchdog: no answer was waited for, so nothing failed)."""
+    if isinstance(error, TimeoutError):  # _timed_out: addTimeout's own cancellation
+        return DeliveryFailed(
+            f"timed out after {timeout:g} s", retryable=True, status_class="timeout", outage=True
+        )
+    if isinstance(error, ConnectingCancelledError):
+        return CancelledError()
+    if isinstance(error, (ConnectError, DNSLookupError, ConnectionClosed)):
+        return DeliveryFailed(f"connection failed: {type(error).__name__}", True, outage=True)
+    if isinstance(error, (ResponseNeverReceived, ResponseFailed)):
+        if any(r.check(CancelledError) for r in error.reasons):
+            return CancelledError()
+        reasons = ", ".join(r.getErrorMessage() for r in error.reasons) or type(error).__name__
+        return DeliveryFailed(f"no response: {reasons}", retryable=True, outage=True)
+    if isinstance(error, SchemeNotSupported):
+        return DeliveryFailed(f"cannot POST there: {error}", retryable=False)
+    return error
 
 
 @lru_cache(maxsize=1024)
@@ -355,25 +391,9 @@ class HttpDelivery:
         try:
             try:
                 posting = Deferred.fromCoroutine(self._post(clean_url, headers, body))
-                response = await posting.addTimeout(timeout, self._clock)
-            except TimeoutError:  # addTimeout turns its own cancellation into this
-                raise DeliveryFailed(
-                    f"timed out after {timeout:g} s",
-                    retryable=True,
-                    status_class="timeout",
-                    outage=True,
-                ) from None
-            except (ConnectError, DNSLookupError, ConnectionClosed) as e:
-                raise DeliveryFailed(
-                    f"connection failed: {type(e).__name__}", True, outage=True
-                ) from None
-            except (ResponseNeverReceived, ResponseFailed) as e:
-                reasons = ", ".join(r.getErrorMessage() for r in e.reasons) or type(e).__name__
-                raise DeliveryFailed(
-                    f"no response: {reasons}", retryable=True, outage=True
-                ) from None
-            except SchemeNotSupported as e:
-                raise DeliveryFailed(f"cannot POST there: {e}", retryable=False) from None
+                response = await posting.addTimeout(timeout, self._clock, _timed_out)
+            except Exception as e:
+                raise _no_answer(e, timeout) from None
             code = response.code
             if not 200 <= code < 300:
                 raise answer_failure(code, response.headers, self._clock.seconds())

@@ -79,7 +79,7 @@ class OutboundSender:
             await self._publish(message_id, message, event_info=False, stored=None)
         else:
             info = EventInfo(event_url, request.get("event_auth_token"))
-            stored = self.cache.store_event_info(message_id, info)
+            stored = self.cache.store_event_info(self._channel, message_id, info)
             if self._cache_down():
                 # Known trouble: no publish before the state is written, or every
                 # retry of RapidPro's would send the message once more.
@@ -90,7 +90,12 @@ class OutboundSender:
                 await self._publish(message_id, message, event_info=True, stored=stored)
         if debug_enabled():
             log.debug("Sent outbound message {message_id}", message_id=message_id)
-        return junebug_message(message, self.channel_id or self.connector_name)
+        return junebug_message(message, self._channel)
+
+    @property
+    def _channel(self) -> str:
+        """The channel id: event info is kept under it."""
+        return self.channel_id or self.connector_name
 
     async def _publish(
         self, message_id: str, message: VumiMessage, *, event_info: bool, stored: Deferred | None
@@ -124,13 +129,13 @@ class OutboundSender:
             "Outbound message {message_id} not sent: {error}",
             message_id=message_id,
             error=error,
-            channel=self.channel_id or self.connector_name,
+            channel=self._channel,
         )
         if event_info:
             try:
                 if stored is not None:
                     await stored  # the delete must not overtake the write
-                await self.cache.delete_event_info(message_id)
+                await self.cache.delete_event_info(self._channel, message_id)
             except CancelledError:
                 raise
             except Exception:
@@ -151,7 +156,7 @@ class OutboundSender:
                 " on {queue})",
                 message_id=message_id,
                 queue=self.routing_key,
-                channel=self.channel_id or self.connector_name,
+                channel=self._channel,
             )
 
     async def _stored(self, message_id: str, stored: Deferred) -> None:
@@ -167,7 +172,7 @@ class OutboundSender:
                 " (answered 503; a retry sends it again): {error}",
                 message_id=message_id,
                 error=e,
-                channel=self.channel_id or self.connector_name,
+                channel=self._channel,
             )
             raise ServiceUnavailable("state cache unavailable") from None
 
@@ -205,7 +210,7 @@ class OutboundSender:
                 action=action,
                 message_id=message_id,
                 error=e,
-                channel=self.channel_id or self.connector_name,
+                channel=self._channel,
             )
             raise ServiceUnavailable("state cache unavailable") from None
 

@@ -50,13 +50,19 @@ class StateCache(Protocol):
     def delete_inbound(self, message_id: str) -> Deferred[None]:
         """Forget an inbound message."""
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
-        """Remember where events for outbound ``message_id`` go."""
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
+        """Remember where events for outbound ``message_id`` of channel
+        ``channel_id`` go."""
 
-    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
-        """The stored event info, or None."""
+    def fetch_event_info(
+        self, channel_id: str, message_id: str, *, legacy: bool = False
+    ) -> Deferred[EventInfo | None]:
+        """The event info ``channel_id`` stored for ``message_id``, or None:
+        an event naming another channel's message never finds it. ``legacy``:
+        also the entry a version before per-channel event info wrote (it names
+        no channel), for a channel that shares the cache with no other."""
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
         """Forget the event info of an outbound message."""
 
     def store_message_event(

@@ -140,17 +140,23 @@ class InMemoryStateCache:
         self._inbound.delete(message_id)
         return succeed(None)
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
+    # Event info is kept per channel: one key holds the channel id and the
+    # message id (NUL cannot be in a channel id's URL path segment).
+
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
         if self.store_event_info_enabled:
-            self._event_info.set(message_id, (info.url, info.auth_token))
+            self._event_info.set(f"{channel_id}\0{message_id}", (info.url, info.auth_token))
         return succeed(None)
 
-    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
-        data = self._event_info.get(message_id)
+    def fetch_event_info(
+        self, channel_id: str, message_id: str, *, legacy: bool = False
+    ) -> Deferred[EventInfo | None]:
+        # Nothing outlives the process here: there are no legacy entries.
+        data = self._event_info.get(f"{channel_id}\0{message_id}")
         return succeed(None if data is None else EventInfo(*data))
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
-        self._event_info.delete(message_id)
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
+        self._event_info.delete(f"{channel_id}\0{message_id}")
         return succeed(None)
 
     # -- message status: the events of each outbound message ----------------

@@ -284,19 +284,37 @@ class RedisStateCache:
     def delete_inbound(self, message_id: str) -> Deferred[None]:
         return self._call(b"DEL", self._key(b"inbound:", message_id)).addCallback(_none)
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
+    # -- event info: where each outbound message's events go, per channel ----
+    # ``<prefix>event-info:<channel>:<message_id>``; the version before
+    # per-channel event info wrote ``<prefix>event:<message_id>``, which a
+    # lookup with ``legacy`` still reads (such keys expire ``timeout`` after
+    # that version wrote them).
+
+    def _event_info_key(self, channel_id: str, message_id: str) -> bytes:
+        return b"%sevent-info:%s:%s" % (
+            self._prefix,
+            _channel_key_part(channel_id),
+            message_id.encode("utf-8"),
+        )
+
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
         if not self.store_event_info_enabled:
             return succeed(None)
         value = json.dumps([info.url, info.auth_token], separators=(",", ":")).encode("utf-8")
-        return self._set(self._key(b"event:", message_id), value)
+        return self._set(self._event_info_key(channel_id, message_id), value)
 
-    def fetch_event_info(self, message_id: str) -> Deferred[EventInfo | None]:
-        return self._get(self._key(b"event:", message_id)).addCallback(
-            lambda data: None if data is None else EventInfo(*json.loads(data))
-        )
+    def fetch_event_info(
+        self, channel_id: str, message_id: str, *, legacy: bool = False
+    ) -> Deferred[EventInfo | None]:
+        own = self._get(self._event_info_key(channel_id, message_id))
+        if not legacy:
+            return own.addCallback(_event_info)
+        # Looked up in the same turn: one MGET.
+        old = self._get(self._key(b"event:", message_id))
+        return Deferred.fromCoroutine(_first_event_info(own, old))
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
-        return self._call(b"DEL", self._key(b"event:", message_id)).addCallback(_none)
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
+        return self._call(b"DEL", self._event_info_key(channel_id, message_id)).addCallback(_none)
 
     # -- message status: the events of each outbound message ----------------
     # One hash per channel and message (``<prefix>events:<channel>:<message_id>``:
@@ -307,7 +325,7 @@ class RedisStateCache:
     def _status_key(self, channel_id: str, message_id: str) -> bytes:
         return b"%sevents:%s:%s" % (
             self._prefix,
-            _status_key_part(channel_id),
+            _channel_key_part(channel_id),
             message_id.encode("utf-8"),
         )
 
@@ -406,8 +424,23 @@ def _none(_: object) -> None:
     return None
 
 
-def _status_key_part(channel_id: str) -> bytes:
-    """A channel id as a part of a status key: ``%`` and ``:`` escaped, so a
+def _event_info(data: bytes | None) -> EventInfo | None:
+    return None if data is None else EventInfo(*json.loads(data))
+
+
+async def _first_event_info(own: Deferred, old: Deferred) -> EventInfo | None:
+    """The channel's own entry, else the legacy one (both already asked for)."""
+    try:
+        data = await own
+    except BaseException:
+        old.addErrback(_none)  # its failure is the same news
+        raise
+    legacy = await old
+    return _event_info(data if data is not None else legacy)
+
+
+def _channel_key_part(channel_id: str) -> bytes:
+    """A channel id as a part of a key: ``%`` and ``:`` escaped, so a
     channel id with a colon (a top-level ``connector_name`` may have one)
     cannot make two channels' keys meet."""
     return channel_id.replace("%", "%25").replace(":", "%3A").encode("utf-8")

@@ -162,7 +162,7 @@ def amqp_content(
 
 class BrokerServer:
     """A whole broker, in memory, for the AMQP service's connections (where
-    ``junebug_api.testing.FakeBroker`` feeds one client frames): answers the handshake
+    ``junebug_api.amqp.testing.FakeBroker`` feeds one client frames): answers the handshake
     and the channel, exchange, queue and basic methods; records what clients
     publish, ack and reject; delivers on demand.
 

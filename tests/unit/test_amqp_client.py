@@ -20,7 +20,8 @@ from junebug_api.amqp.protocol import (
     encode_table,
     load_spec,
 )
-from junebug_api.testing import FakeBroker, RecordingConnectionEvents, captured_logs
+from junebug_api.amqp.testing import FakeBroker, RecordingConnectionEvents
+from junebug_api.testing import captured_logs
 
 from .helpers import amqp_content, amqp_method
 

@@ -22,7 +22,7 @@ from txamqp.client import Closed
 from junebug_api.amqp.channel import ChannelGone
 from junebug_api.amqp.frames import load_spec
 from junebug_api.amqp.protocol import JunebugAMQPClient, JunebugDelegate
-from junebug_api.testing import RecordingConnectionEvents
+from junebug_api.amqp.testing import RecordingConnectionEvents
 
 from .helpers import AmqpSetup, as_deferred, result_of
 

@@ -85,6 +85,19 @@ def test_unencodable_headers_fail_without_taking_a_tag() -> None:
     assert result_of(good) is None
 
 
+@pytest.mark.parametrize(
+    "value", [2**64, -(2**63) - 1], ids=["over an unsigned long long", "under a long long"]
+)
+def test_a_header_struct_cannot_pack_is_a_failed_publish(value: int) -> None:
+    """struct.error (no TypeError or ValueError) is PublishFailed too: the
+    caller's error path, never an unhandled exception."""
+    s = connected()
+    bad = s.service.publish("c.outbound", b"x", headers={"x-junebug-attempts": value})
+    with pytest.raises(PublishFailed, match="cannot encode the message: "):
+        result_of(bad)
+    assert written(s) == []
+
+
 def test_acks_are_batched_with_multiple_for_a_leading_run() -> None:
     s = connected()
     consume = s.connection("consume")

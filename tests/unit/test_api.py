@@ -169,7 +169,7 @@ def test_event_url_is_stored_for_the_message() -> None:
     )
     assert code == 201
     message_id = data["result"]["message_id"]
-    info = result_of(h.cache.fetch_event_info(message_id))
+    info = result_of(h.cache.fetch_event_info("conn", message_id))
     assert info == EventInfo("https://rp.example/events", "tok")
 
 
@@ -231,7 +231,7 @@ def test_publish_failed_is_503_and_event_info_deleted() -> None:
     h.http.flush()
     [sent] = publish.pending
     # It was stored before the publish was answered...
-    assert result_of(h.cache.fetch_event_info(sent.message_id)) == EventInfo(
+    assert result_of(h.cache.fetch_event_info("conn", sent.message_id)) == EventInfo(
         "http://rp.example/events", None
     )
     publish.nack(PublishFailed("broker down"))
@@ -244,7 +244,7 @@ def test_publish_failed_is_503_and_event_info_deleted() -> None:
         {"type": "ServiceUnavailable", "message": "message not sent: broker down"}
     ]
     # ... and is gone again.
-    assert result_of(h.cache.fetch_event_info(sent.message_id)) is None
+    assert result_of(h.cache.fetch_event_info("conn", sent.message_id)) is None
 
 
 def test_publish_refused_is_503_with_retry_after() -> None:

@@ -124,7 +124,7 @@ def test_a_failing_rapidpro_degrades_the_channel_until_a_post_succeeds() -> None
 
 def test_events_go_to_their_url_count_by_kind_and_make_the_message_status() -> None:
     s = Setup()
-    result_of(s.cache.store_event_info("out-1", EventInfo("http://rapidpro.example/own", "t")))
+    result_of(s.cache.store_event_info("c", "out-1", EventInfo("http://rapidpro.example/own", "t")))
     events = [
         vumi_event("out-1", "ack", "2026-01-01 00:00:01", transport_name="c"),
         vumi_event(

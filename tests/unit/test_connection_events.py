@@ -25,8 +25,8 @@ from junebug_api.amqp.protocol import (
     JunebugDelegate,
     load_spec,
 )
+from junebug_api.amqp.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 from junebug_api.config.model import AmqpConfig
-from junebug_api.testing import RecordingConnectionEvents, confirm_frame, delivery_frames
 
 EVENTS = sorted(
     name

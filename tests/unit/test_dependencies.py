@@ -31,7 +31,7 @@ from packaging.version import Version
 from twisted.internet.task import Clock
 
 from junebug_api.amqp.protocol import JunebugAMQPClient, JunebugDelegate, load_spec
-from junebug_api.testing import RecordingConnectionEvents
+from junebug_api.amqp.testing import RecordingConnectionEvents
 
 RETURN_VALUE_DEPRECATION = "twisted.internet.defer.returnValue was deprecated"
 AMQP_MODULES = [

@@ -67,9 +67,20 @@ def debug_logging() -> Iterator[None]:
     set_log_level("info")
 
 
+def test_an_event_naming_another_channels_message_goes_to_its_own_default_url() -> None:
+    h = Harness(default_url=DEFAULT_URL)
+    result_of(h.cache.store_event_info("other", "out-1", EventInfo(EVENT_URL, "ev-token")))
+    assert result_of(h.handle(body_of(vumi_event()))) is None
+    [post] = h.rapidpro.requests
+    assert (post.uri, post.header("Authorization")) == (
+        b"/default-events",
+        [b"Token default-token"],
+    )
+
+
 def test_event_goes_to_the_url_stored_with_its_message() -> None:
     h = Harness(default_url=DEFAULT_URL)
-    result_of(h.cache.store_event_info("out-1", EventInfo(EVENT_URL, "ev-token")))
+    result_of(h.cache.store_event_info("chan", "out-1", EventInfo(EVENT_URL, "ev-token")))
     assert result_of(h.handle(body_of(vumi_event()))) is None  # delivered
     [post] = h.rapidpro.requests
     assert post.uri == b"/events/1?token=tok3n&x"  # the real URL, query and all
@@ -180,7 +191,7 @@ def test_a_failed_post_names_the_event_type_and_the_url_without_its_secret(
     code: int, retryable: bool
 ) -> None:
     h = Harness(code)
-    result_of(h.cache.store_event_info("out-1", EventInfo(EVENT_URL, None)))
+    result_of(h.cache.store_event_info("chan", "out-1", EventInfo(EVENT_URL, None)))
     failure = h.failure(body_of(vumi_event()))
     assert failure.retryable is retryable
     assert failure.url == SAFE_EVENT_URL

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -16,13 +18,16 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
+from junebug_api.delivery.consumer import MessageWorker
 from junebug_api.delivery.http_delivery import (
     DeliveryFailed,
     HttpDelivery,
     split_credentials,
 )
 from junebug_api.delivery.outages import OutageTracker, destination_of
-from junebug_api.testing import FakeRapidPro
+from junebug_api.delivery.outcomes import HandlingFailed
+from junebug_api.delivery.retry_policy import RetryPolicy
+from junebug_api.testing import FakeRapidPro, RecordingAcker, RecordingPublisher, captured_logs
 
 from .helpers import result_of
 
@@ -290,3 +295,105 @@ async def test_timeout_during_the_body_aborts_the_connection() -> None:
         assert reactor.seconds() - started < 5
     finally:
         await port.stopListening()
+
+
+class SilentServer(Protocol):
+    """A server that reads the request and never answers."""
+
+    def connectionMade(self) -> None:
+        self.factory.requests.append(Deferred())
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not self.factory.requests[-1].called:
+            self.factory.requests[-1].callback(None)
+
+
+@attrs.frozen
+class Silent:
+    """A SilentServer's URL, the requests it got, and a delivery with outage tracking."""
+
+    url: str
+    requests: list[Deferred]
+    delivery: HttpDelivery
+    outages: OutageTracker
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    factory = ServerFactory.forProtocol(SilentServer)
+    factory.requests = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    outages = OutageTracker(reactor, threshold=1, probe_interval=5.0)
+    yield Silent(
+        f"http://127.0.0.1:{port.getHost().port}/in",
+        factory.requests,
+        HttpDelivery.create(reactor, 2, outages=outages),
+        outages,
+    )
+    port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_post_is_cancelled_not_a_failure_nor_an_outage(silent: Silent) -> None:
+    """The shutdown drain cancels a POST in flight: Twisted's client fails it
+    with ResponseNeverReceived wrapping CancelledError. That is no failed
+    attempt, no outage of the destination and no "timed out": it is
+    CancelledError, and the message goes back to its queue unacked."""
+    d = Deferred.fromCoroutine(silent.delivery.post_json(silent.url, b"{}", None, 30.0))
+    await wait_until(lambda: silent.requests and silent.requests[0].called)
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    assert not silent.outages.is_down(destination_of(silent.url))
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_answer_to_the_request_is_timed_out_and_an_outage(silent: Silent) -> None:
+    """Our own timeout, while the answer's headers are awaited, is "timed
+    out" (though Twisted's client reports the cancelled request as
+    ResponseNeverReceived)."""
+    with pytest.raises(DeliveryFailed) as info:
+        await silent.delivery.post_json(silent.url, b"{}", None, 0.3)
+    assert info.value.reason == "timed out after 0.3 s"
+    assert silent.outages.is_down(destination_of(silent.url))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_the_drain_cancels_mid_post_is_no_attempt_no_outage(
+    silent: Silent,
+) -> None:
+    """The shutdown drain cancels a delivery whose POST waits for its answer:
+    nothing is published (no delay queue, no .failed: no attempt counted), the
+    delivery is neither acked nor rejected (the closing connection gives it
+    back to its queue), its destination is not down, and no log line says
+    "timed out"."""
+
+    async def handler(body: bytes) -> None:
+        try:
+            await silent.delivery.post_json(silent.url, body, None, 30.0)
+        except DeliveryFailed as e:
+            raise HandlingFailed(e.reason, retryable=e.retryable, held=e.held) from None
+
+    publish = RecordingPublisher()
+    worker = MessageWorker(
+        "conn.inbound", handler, publish, RetryPolicy(1.0, 60.0, 5, max_hold=20), reactor
+    )
+    acker = RecordingAcker()
+    with captured_logs() as logged:
+        worker(b'{"message_id": "m-1"}', acker)
+        await wait_until(lambda: silent.requests and silent.requests[0].called)
+        assert await Deferred.fromCoroutine(worker.drain(0)) == 1
+    assert publish.published == []
+    assert (acker.acks, acker.rejects) == (0, 0)
+    assert worker.in_flight == 0
+    assert not silent.outages.is_down(destination_of(silent.url))
+    assert not [e for e in logged if "timed out" in str(e.get("log_format", ""))]
+
+
+async def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not met"
+        await deferLater(reactor, 0.01)

@@ -137,6 +137,29 @@ def test_a_dead_letter_publish_that_fails_late_releases_the_message() -> None:
     assert [e["message_id"] for e in errors(logged)] == ["m-1"]
 
 
+def test_urls_in_a_failed_reason_are_masked_as_in_logs() -> None:
+    """An error whose text holds a callback URL (user info, a token in the
+    query, RapidPro's channel UUID in the path) parks the message on .failed
+    with the URL shown as log lines show it."""
+    secret_url = (
+        "https://rp:pw-s3cret@rapidpro.example/c/jn/0f3c2f7e-1234-4a5b-9c8d-abcdef012345"
+        "/receive?token=tok-s3cret"
+    )
+    handler = ScriptedHandler(
+        HandlingFailed(f"could not reach {secret_url}.", retryable=False, message_id="m-1")
+    )
+    worker, _, publish = make_worker(handler, delay=10, max_delay=10)
+    acker = RecordingAcker()
+    with captured_logs():
+        worker(BODY, acker)
+    assert settled(acker) == (1, 0)
+    [parked] = publish.published
+    assert parked.routing_key == FAILED
+    reason = parked.headers["x-junebug-reason"]
+    assert "s3cret" not in reason and "0f3c2f7e" not in reason
+    assert "https://***@rapidpro.example/c/jn/***/receive?token=***." in reason
+
+
 def test_an_error_building_headers_parks_the_message_on_failed() -> None:
     """A reason that is no text (a handler's bug) breaks the header building:
     the message goes to .failed with the error as its reason."""

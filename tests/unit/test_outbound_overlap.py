@@ -30,12 +30,12 @@ class HandCache:
         self.deleted: list[str] = []
         self.state = health
 
-    def store_event_info(self, message_id: str, info: EventInfo) -> Deferred[None]:
+    def store_event_info(self, channel_id: str, message_id: str, info: EventInfo) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.writes.append((message_id, info, d))
         return d
 
-    def delete_event_info(self, message_id: str) -> Deferred[None]:
+    def delete_event_info(self, channel_id: str, message_id: str) -> Deferred[None]:
         self.deleted.append(message_id)
         return succeed(None)
 

@@ -116,16 +116,16 @@ def test_the_lookups_of_one_turn_go_out_as_one_mget(setup: Setup) -> None:
 def test_event_info_round_trip_and_switched_off() -> None:
     s = Setup().start()
     info = EventInfo("http://rp/events", "s3cret")
-    assert s.wait(s.cache.store_event_info("out-1", info)) is None
-    assert s.redis.data[b"t:c:event:out-1"] == b'["http://rp/events","s3cret"]'
-    assert s.redis.ttl(b"t:c:event:out-1") == 86400  # the default timeout
-    assert s.wait(s.cache.fetch_event_info("out-1")) == info
-    assert s.wait(s.cache.delete_event_info("out-1")) is None
-    assert s.wait(s.cache.fetch_event_info("out-1")) is None
+    assert s.wait(s.cache.store_event_info("ch", "out-1", info)) is None
+    assert s.redis.data[b"t:c:event-info:ch:out-1"] == b'["http://rp/events","s3cret"]'
+    assert s.redis.ttl(b"t:c:event-info:ch:out-1") == 86400  # the default timeout
+    assert s.wait(s.cache.fetch_event_info("ch", "out-1")) == info
+    assert s.wait(s.cache.delete_event_info("ch", "out-1")) is None
+    assert s.wait(s.cache.fetch_event_info("ch", "out-1")) is None
 
     off = Setup(store_event_info=False).start()
     off.redis.commands.clear()
-    assert result_of(off.cache.store_event_info("out-1", info)) is None
+    assert result_of(off.cache.store_event_info("ch", "out-1", info)) is None
     off.net.flush()
     assert off.redis.commands == []
 
@@ -256,13 +256,31 @@ def test_with_no_connection_a_call_fails_after_the_operation_timeout() -> None:
         result_of(d)
 
 
+def test_event_info_is_per_channel_and_legacy_keys_read_only_when_asked() -> None:
+    s = Setup().start()
+    s.wait(s.cache.store_event_info("a", "out-1", EventInfo("http://rp/a", "tok-a")))
+    assert s.wait(s.cache.fetch_event_info("b", "out-1")) is None
+    assert s.wait(s.cache.fetch_event_info("b", "out-1", legacy=True)) is None
+    # The key a version before per-channel event info wrote (no channel in it).
+    s.redis.data[b"t:c:event:out-2"] = b'["http://rp/old","tok-old"]'
+    assert s.wait(s.cache.fetch_event_info("b", "out-2")) is None
+    assert s.wait(s.cache.fetch_event_info("b", "out-2", legacy=True)) == EventInfo(
+        "http://rp/old", "tok-old"
+    )
+    # The channel's own entry comes first.
+    s.redis.data[b"t:c:event:out-1"] = b'["http://rp/old","tok-old"]'
+    assert s.wait(s.cache.fetch_event_info("a", "out-1", legacy=True)) == EventInfo(
+        "http://rp/a", "tok-a"
+    )
+
+
 def test_a_failed_mget_fails_every_lookup_in_it(setup: Setup) -> None:
     setup.redis.silent = True
-    lookups = [setup.cache.fetch_event_info(f"out-{n}") for n in range(2)]
+    lookups = [setup.cache.fetch_event_info("ch", f"out-{n}") for n in range(2)]
     setup.net.flush()
     setup.net.advance(5)
     assert [c for c in setup.redis.commands if c[0] == b"MGET"] == [
-        [b"MGET", b"t:c:event:out-0", b"t:c:event:out-1"]
+        [b"MGET", b"t:c:event-info:ch:out-0", b"t:c:event-info:ch:out-1"]
     ]
     for d in lookups:
         with pytest.raises(RedisConnectionError):
@@ -272,7 +290,7 @@ def test_a_failed_mget_fails_every_lookup_in_it(setup: Setup) -> None:
 def test_close_fails_the_calls_waiting_for_a_connection() -> None:
     s = Setup(listen=False)
     s.cache.start()
-    d = s.cache.store_event_info("out-1", EventInfo("http://rp/e"))
+    d = s.cache.store_event_info("ch", "out-1", EventInfo("http://rp/e"))
     assert result_of(s.cache.close()) is None
     with pytest.raises(RedisConnectionError, match="the Redis client was stopped"):
         result_of(d)
@@ -294,7 +312,7 @@ def test_min_replicas_waits_once_per_turn_and_fails_without_them() -> None:
     assert [result_of(d) for d in writes] == [None, None, None]
     assert s.sent(b"WAIT") == [[b"WAIT", b"1", b"2500"]]
     s.redis.replicas = 0
-    lost = s.cache.store_event_info("out-1", EventInfo("http://rp/e"))
+    lost = s.cache.store_event_info("ch", "out-1", EventInfo("http://rp/e"))
     s.net.flush()
     with pytest.raises(ReplicationError, match="only 0 of 1 replica"):
         result_of(lost)

@@ -349,6 +349,18 @@ def test_log_router_files_nothing_for_a_stopped_channel() -> None:
     assert a.logs() == []
 
 
+def test_other_connectors_is_true_while_another_channel_runs() -> None:
+    from junebug_api.channels.registry import OtherConnectors
+
+    connectors = {"conn-a": "a"}
+    others = OtherConnectors(connectors, "a")
+    assert not others  # a alone: its event lookups may read legacy event info
+    connectors["conn-b"] = "b"
+    assert others and "conn-b" in others and "conn-a" not in others
+    del connectors["conn-b"]
+    assert not others
+
+
 def test_stop_all_waits_for_a_stop_under_way() -> None:
     h = Harness(shutdown_timeout=5)
     h.start("a")

@@ -176,14 +176,23 @@ def test_inbound_expires() -> None:
 def test_event_info_store_fetch_delete() -> None:
     clock = Clock()
     cache = InMemoryStateCache(clock, timeout=100)
-    result_of(cache.store_event_info("out-1", EventInfo("http://rp/events", "tok")))
-    result_of(cache.store_event_info("out-2", EventInfo("http://rp/other")))
-    assert result_of(cache.fetch_event_info("out-1")) == EventInfo("http://rp/events", "tok")
-    assert result_of(cache.fetch_event_info("out-2")) == EventInfo("http://rp/other", None)
-    result_of(cache.delete_event_info("out-1"))
-    assert result_of(cache.fetch_event_info("out-1")) is None
+    result_of(cache.store_event_info("ch", "out-1", EventInfo("http://rp/events", "tok")))
+    result_of(cache.store_event_info("ch", "out-2", EventInfo("http://rp/other")))
+    assert result_of(cache.fetch_event_info("ch", "out-1")) == EventInfo("http://rp/events", "tok")
+    assert result_of(cache.fetch_event_info("ch", "out-2")) == EventInfo("http://rp/other", None)
+    result_of(cache.delete_event_info("ch", "out-1"))
+    assert result_of(cache.fetch_event_info("ch", "out-1")) is None
     clock.advance(100)
-    assert result_of(cache.fetch_event_info("out-2")) is None
+    assert result_of(cache.fetch_event_info("ch", "out-2")) is None
+
+
+def test_event_info_is_per_channel() -> None:
+    cache = InMemoryStateCache(Clock())
+    result_of(cache.store_event_info("a", "out-1", EventInfo("http://rp/a", "tok-a")))
+    assert result_of(cache.fetch_event_info("b", "out-1")) is None
+    assert result_of(cache.fetch_event_info("b", "out-1", legacy=True)) is None
+    result_of(cache.delete_event_info("b", "out-1"))
+    assert result_of(cache.fetch_event_info("a", "out-1")) == EventInfo("http://rp/a", "tok-a")
 
 
 def test_event_info_repr_hides_token() -> None:
@@ -192,8 +201,8 @@ def test_event_info_repr_hides_token() -> None:
 
 def test_store_event_info_false_stores_nothing() -> None:
     cache = InMemoryStateCache(Clock(), store_event_info=False)
-    result_of(cache.store_event_info("out-1", EventInfo("http://rp/events", "tok")))
-    assert result_of(cache.fetch_event_info("out-1")) is None
+    result_of(cache.store_event_info("ch", "out-1", EventInfo("http://rp/events", "tok")))
+    assert result_of(cache.fetch_event_info("ch", "out-1")) is None
     assert cache.entry_count() == 0
 
 
@@ -201,7 +210,7 @@ def test_close_clears_everything() -> None:
     clock = Clock()
     cache = InMemoryStateCache(clock)
     result_of(cache.store_inbound(INBOUND))
-    result_of(cache.store_event_info("out-1", EventInfo("http://rp/events")))
+    result_of(cache.store_event_info("ch", "out-1", EventInfo("http://rp/events")))
     assert len(clock.getDelayedCalls()) == 2
     result_of(cache.close())
     assert clock.getDelayedCalls() == []

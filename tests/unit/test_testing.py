@@ -8,17 +8,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from junebug_api.amqp.protocol import ConnectionEvents
-from junebug_api.testing import (
+from junebug_api.amqp.testing import (
     FRAME_METHOD,
-    BreakableStateCache,
-    CuttableSite,
     FakeBroker,
-    FakeRapidPro,
     RecordingConnectionEvents,
     confirm_frame,
     delivery_frames,
     heartbeat_frame,
 )
+from junebug_api.testing import BreakableStateCache, CuttableSite, FakeRapidPro
 
 from .helpers import result_of
 
