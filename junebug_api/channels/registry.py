@@ -288,6 +288,9 @@ class ChannelRegistry:
             self._retire(old, keep, self.shutdown_timeout).addErrback(_settle_failed, settings.id)
         for queue, worker in channel.consumers.items():
             self.amqp.add_consumer(queue, worker, channel.prefetch)
+        # Its RapidPro down already (changed or restarted during an outage):
+        # paused and probing from the start, as the channel it replaces was.
+        channel.inbound_gate.wait_paused()
         running.monitor.start()
         return channel
 

@@ -18,7 +18,7 @@ from junebug_api.channels.registry import ChannelRegistry
 from junebug_api.config.channels import ChannelSettings, channel_settings
 from junebug_api.config.checks import ConfigError
 from junebug_api.config.model import load_config
-from junebug_api.delivery.outages import OutageTracker
+from junebug_api.delivery.outages import OutageTracker, destination_of
 from junebug_api.formats.queue_names import QueueNames
 from junebug_api.http.api import ApiCredentials, JunebugApi
 from junebug_api.observe.log import Redactor
@@ -60,7 +60,7 @@ class Harness:
         self.amqp = amqp or RecordingAmqp()
         self.metrics = PrometheusMetrics("t", self.clock)
         self.redactor = Redactor()
-        outages = OutageTracker(self.clock)
+        self.outages = outages = OutageTracker(self.clock)
         builder = ChannelBuilder(
             self.config,
             InMemoryStateCache(self.clock),
@@ -435,3 +435,20 @@ def test_a_sighup_while_the_config_files_channels_still_start_applies_to_them(
         assert h.registry.get("a").settings.character_limit == 10
     else:
         assert h.registry.get("a") is None
+
+
+def test_a_channel_changed_while_its_rapidpro_is_down_starts_paused() -> None:
+    """A token rotated (or a restart) while RapidPro is down and the inbound
+    queue paused: the new consumer is paused at once and probes, rather than
+    taking a prefetch window of messages only to give each back."""
+    h = Harness()
+    old = h.start("a", mo_url_auth_token="old-token-secret")
+    for _ in range(h.outages.threshold):
+        h.outages.failed(destination_of(MO))
+    h.clock.advance(0)
+    assert old.inbound_gate.paused
+    new = h.run(h.registry.change(h.settings("a", mo_url_auth_token="new-t0ken")))
+    assert new.inbound_gate.paused
+    assert h.amqp.calls == ["pause a.inbound", "pause a.inbound"]
+    h.clock.advance(h.config.delivery_probe_interval)
+    assert h.amqp.calls[-1] == "get a.inbound"  # the new gate probes
