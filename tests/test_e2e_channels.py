@@ -124,6 +124,56 @@ def token_for(channel_id: str, ids: list[str]) -> str | None:
     return SECRETS["api"] if channel_id == ids[0] else None
 
 
+async def each_sends_on_its_own_queue(service, broker, ids: list[str]) -> dict[str, str]:
+    """Outbound: each channel's message lands on its own queue; its id by channel."""
+    sent = {}
+    for channel_id in ids:
+        slash = "/" if channel_id == ids[1] else ""
+        code, answer, _ = await call(
+            service,
+            "POST",
+            f"/channels/{channel_id}/messages{slash}",
+            {"to": "+2782", "from": "8110", "content": f"to {channel_id}"},
+            token=token_for(channel_id, ids),
+        )
+        assert (code, answer["description"]) == (201, "message submitted"), answer
+        assert answer["result"]["channel_id"] == channel_id
+        sent[channel_id] = answer["result"]["message_id"]
+    for channel_id in ids:
+        message = await broker.wait_json(f"{channel_id}.outbound")
+        assert message["content"] == f"to {channel_id}"
+        assert message["transport_name"] == channel_id
+        assert message["message_id"] == sent[channel_id]
+    return sent
+
+
+async def each_receives_at_its_own_url(broker, sinks, ids: list[str]) -> None:
+    """Inbound: from each channel's queue to its own mo_message_url."""
+    for channel_id in ids:
+        broker.publish(
+            f"{channel_id}.inbound", inbound_message(channel_id, content=f"from {channel_id}")
+        )
+    for sink, channel_id in zip(sinks, ids, strict=True):
+        [request] = await wait_for(lambda s=sink: s.at("/inbound"), what="an inbound POST")
+        assert request["json"]["content"] == f"from {channel_id}"
+        assert request["json"]["channel_id"] == channel_id
+    assert sinks[1].at("/inbound")[0]["headers"]["authorization"] == f"Token {SECRETS['mo']}"
+    assert "authorization" not in sinks[0].at("/inbound")[0]["headers"]
+
+
+async def no_secret_in_settings(service, ids: list[str]) -> None:
+    """Settings and status: no secret anywhere."""
+    for channel_id in ids:
+        code, info, text = await call(
+            service, "GET", f"/channels/{channel_id}", token=token_for(channel_id, ids)
+        )
+        assert (code, info["description"]) == (200, "channel found")
+        assert info["result"]["id"] == channel_id
+        assert info["result"]["status"]["status"] in ("ok", "degraded")
+        for secret in SECRETS.values():
+            assert secret not in text
+
+
 @pytest_twisted.ensureDeferred
 async def test_three_channels_in_one_process(start, ids, sinks):
     broker = Broker()
@@ -136,37 +186,8 @@ async def test_three_channels_in_one_process(start, ids, sinks):
             sorted(ids),
         )
 
-        # Outbound: each channel's message lands on its own queue.
-        sent = {}
-        for channel_id in ids:
-            slash = "/" if channel_id == ids[1] else ""
-            code, answer, _ = await call(
-                service,
-                "POST",
-                f"/channels/{channel_id}/messages{slash}",
-                {"to": "+2782", "from": "8110", "content": f"to {channel_id}"},
-                token=token_for(channel_id, ids),
-            )
-            assert (code, answer["description"]) == (201, "message submitted"), answer
-            assert answer["result"]["channel_id"] == channel_id
-            sent[channel_id] = answer["result"]["message_id"]
-        for channel_id in ids:
-            message = await broker.wait_json(f"{channel_id}.outbound")
-            assert message["content"] == f"to {channel_id}"
-            assert message["transport_name"] == channel_id
-            assert message["message_id"] == sent[channel_id]
-
-        # Inbound: from each channel's queue to its own mo_message_url.
-        for channel_id in ids:
-            broker.publish(
-                f"{channel_id}.inbound", inbound_message(channel_id, content=f"from {channel_id}")
-            )
-        for sink, channel_id in zip(sinks, ids, strict=True):
-            [request] = await wait_for(lambda s=sink: s.at("/inbound"), what="an inbound POST")
-            assert request["json"]["content"] == f"from {channel_id}"
-            assert request["json"]["channel_id"] == channel_id
-        assert sinks[1].at("/inbound")[0]["headers"]["authorization"] == f"Token {SECRETS['mo']}"
-        assert "authorization" not in sinks[0].at("/inbound")[0]["headers"]
+        sent = await each_sends_on_its_own_queue(service, broker, ids)
+        await each_receives_at_its_own_url(broker, sinks, ids)
 
         # Message status: the ack and the delivery report, as old Junebug answered.
         c = ids[2]
@@ -246,16 +267,7 @@ async def test_three_channels_in_one_process(start, ids, sinks):
         assert a_logs["description"] == "logs retrieved"
         assert not any(b in r["message"] for r in a_logs["result"])
 
-        # Settings and status: no secret anywhere.
-        for channel_id in ids:
-            code, info, text = await call(
-                service, "GET", f"/channels/{channel_id}", token=token_for(channel_id, ids)
-            )
-            assert (code, info["description"]) == (200, "channel found")
-            assert info["result"]["id"] == channel_id
-            assert info["result"]["status"]["status"] in ("ok", "degraded")
-            for secret in SECRETS.values():
-                assert secret not in text
+        await no_secret_in_settings(service, ids)
         _, info, _ = await call(service, "GET", f"/channels/{ids[0]}", token=SECRETS["api"])
         assert info["result"]["label"] == "Channel A"
         assert info["result"]["status"]["outbound_message_rate"] >= 0

@@ -645,57 +645,74 @@ class FakeRedis:
         name = args[0].upper()
         for key in self.data.copy():
             self._expire(key)
-        if name == b"AUTH":
-            return "OK" if args[-1].decode() == self.password else ValueError("WRONGPASS")
-        if name == b"SELECT":
-            return "OK"
-        if name == b"PING":
-            return "PONG"
-        if name == b"ROLE":
-            return [self.role, 0, []]
-        if name == b"SENTINEL":
-            address = self.masters.get(args[2])
-            return None if address is None else [address[0].encode(), str(address[1]).encode()]
-        if name == b"GET":
-            return self.data.get(args[1])
-        if name == b"MGET":
-            return [self.data.get(key) for key in args[1:]]
-        if name == b"DEL":
-            found = [key for key in args[1:] if key in self.data]
-            for key in found:
-                del self.data[key]
-                self.expires.pop(key, None)
-            return len(found)
-        if name == b"HVALS":
-            return list(self.data.get(args[1], {}).values())
-        if name == b"WAIT":
-            return self.replicas
+        read = self._reads().get(name)
+        if read is not None:
+            return read(args)
         if self.readonly:
             return ValueError("READONLY You can't write against a read only replica.")
         if name in _HASH_COMMANDS:
             return _HASH_COMMANDS[name](self.data.setdefault(args[1], {}), args[2:])
-        if name == b"INCR":
-            self.data[args[1]] = b"%d" % (int(self.data.get(args[1], b"0")) + 1)
-            return int(self.data[args[1]])
-        if name == b"SET":
-            key, value = args[1], args[2]
-            self.data[key] = value
-            self.expires.pop(key, None)
-            if len(args) == 5 and args[3].upper() == b"EX":
-                self.expires[key] = self.clock.seconds() + int(args[4])
-            return "OK"
-        if name == b"EVAL":
-            script, key, rest = args[1], args[3], args[4:]
-            if b"HSET" in script:  # field, value, seconds
-                self.data.setdefault(key, {})[rest[0]] = rest[1]
-                self.expires[key] = self.clock.seconds() + int(rest[2])
-                return 1
-            if b"HVALS" in script:  # seconds
-                values = list(self.data.get(key, {}).values())
-                if values:
-                    self.expires[key] = self.clock.seconds() + int(rest[0])
-                return values
+        write = self._writes().get(name)
+        if write is not None:
+            return write(args)
         return ValueError(f"ERR unknown command {name!r}")
+
+    def _reads(self) -> dict[bytes, Callable[[list[bytes]], Any]]:
+        """The commands a read-only replica answers too, by name."""
+        return {
+            b"AUTH": lambda args: (
+                "OK" if args[-1].decode() == self.password else ValueError("WRONGPASS")
+            ),
+            b"SELECT": lambda args: "OK",
+            b"PING": lambda args: "PONG",
+            b"ROLE": lambda args: [self.role, 0, []],
+            b"SENTINEL": self._sentinel,
+            b"GET": lambda args: self.data.get(args[1]),
+            b"MGET": lambda args: [self.data.get(key) for key in args[1:]],
+            b"DEL": self._delete,
+            b"HVALS": lambda args: list(self.data.get(args[1], {}).values()),
+            b"WAIT": lambda args: self.replicas,
+        }
+
+    def _writes(self) -> dict[bytes, Callable[[list[bytes]], Any]]:
+        return {b"INCR": self._incr, b"SET": self._set, b"EVAL": self._eval}
+
+    def _sentinel(self, args: list[bytes]) -> Any:
+        address = self.masters.get(args[2])
+        return None if address is None else [address[0].encode(), str(address[1]).encode()]
+
+    def _delete(self, args: list[bytes]) -> int:
+        found = [key for key in args[1:] if key in self.data]
+        for key in found:
+            del self.data[key]
+            self.expires.pop(key, None)
+        return len(found)
+
+    def _incr(self, args: list[bytes]) -> int:
+        self.data[args[1]] = b"%d" % (int(self.data.get(args[1], b"0")) + 1)
+        return int(self.data[args[1]])
+
+    def _set(self, args: list[bytes]) -> str:
+        key, value = args[1], args[2]
+        self.data[key] = value
+        self.expires.pop(key, None)
+        if len(args) == 5 and args[3].upper() == b"EX":
+            self.expires[key] = self.clock.seconds() + int(args[4])
+        return "OK"
+
+    def _eval(self, args: list[bytes]) -> Any:
+        """The state cache's two scripts, recognised by what they call."""
+        script, key, rest = args[1], args[3], args[4:]
+        if b"HSET" in script:  # field, value, seconds
+            self.data.setdefault(key, {})[rest[0]] = rest[1]
+            self.expires[key] = self.clock.seconds() + int(rest[2])
+            return 1
+        if b"HVALS" in script:  # seconds
+            values = list(self.data.get(key, {}).values())
+            if values:
+                self.expires[key] = self.clock.seconds() + int(rest[0])
+            return values
+        return ValueError("ERR unknown script")
 
 
 def _hdel(hash_: dict[bytes, bytes], fields: list[bytes]) -> int:
