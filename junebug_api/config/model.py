@@ -93,7 +93,7 @@ __all__ = [
 @attrs.frozen(kw_only=True, slots=False)
 class JunebugConfig(OperationsOptions, AmqpOptions, DeliveryOptions, HttpOptions, ChannelOptions):
     """Every option of the service: the groups' fields, channel options first
-    (see the README's option table, generated from them)."""
+    (the docs' configuration reference is generated from them)."""
 
 
 def option_names() -> list[tuple[str, str]]:

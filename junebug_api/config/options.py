@@ -32,7 +32,7 @@ OPTION = "junebug_api.option"
 class Option:
     """What one option is, besides its name, type and default (the field's)."""
 
-    #: One sentence on what it does (``--help``, the README, the docs).
+    #: One sentence on what it does (``--help`` and the docs' reference).
     description: str
     #: The checks of its value (attrs validators that describe themselves).
     checks: tuple[Check, ...] = ()
