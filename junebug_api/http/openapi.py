@@ -295,7 +295,7 @@ def _response(*answers: Answer) -> dict[str, Any]:
         response["content"] = {
             first.media_type or JSON: {
                 "schema": {"$ref": f"#/components/schemas/{first.result}"},
-                **_example(first.result),
+                **_example(first.result, first.status),
             }
         }
     elif first.result is not None:
@@ -303,8 +303,11 @@ def _response(*answers: Answer) -> dict[str, Any]:
     return response
 
 
-def _example(name: str) -> dict[str, Any]:
-    return {"example": EXAMPLES[name]} if name in EXAMPLES else {}
+def _example(name: str, status: HTTPStatus) -> dict[str, Any]:
+    """The example of schema ``name`` as answered with ``status`` (``"Health 503"``),
+    else its one example."""
+    example = EXAMPLES.get(f"{name} {status.value}", EXAMPLES.get(name))
+    return {} if example is None else {"example": example}
 
 
 def _envelope_schema(status: HTTPStatus, description: Any, result: Any) -> dict[str, Any]:

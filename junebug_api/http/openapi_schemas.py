@@ -329,6 +329,27 @@ EXAMPLES: dict[str, Any] = {
             }
         },
     },
+    # /health's 503: the AMQP connection lost.
+    "Health 503": {
+        "health": "down",
+        "components": {
+            "amqp": {
+                "health": "down",
+                "state": "connecting",
+                "host": "rabbitmq:5672",
+                "vhost": "/",
+            },
+            "deliveries": {"health": "ok", "destinations_down": {}},
+        },
+        "channels": {
+            "sms-za": {
+                "health": "down",
+                "amqp": {"health": "down"},
+                "mo_message_url": {"health": "ok", "in_flight": 0},
+                "event_url": {"health": "ok", "in_flight": 0},
+            }
+        },
+    },
     "Metrics": (
         "# HELP junebug_outbound_requests_total Answers to POST .../messages, by HTTP"
         " status code.\n"

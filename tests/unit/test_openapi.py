@@ -298,8 +298,9 @@ def test_every_example_fits_its_schema() -> None:
                 validator.validate(example)
                 checked += 1
     assert checked >= 20
-    for name, example in EXAMPLES.items():
-        _validator(document, f"/components/schemas/{name}").validate(example)
+    for name, example in EXAMPLES.items():  # "Health 503": Health's, as answered with 503
+        schema = name.split(" ")[0]
+        _validator(document, f"/components/schemas/{schema}").validate(example)
 
 
 TOKEN = {"Authorization": "Token token-secret-2"}
